@@ -1,0 +1,256 @@
+//! The admin API (SPEC §5) on its own listener: mint, read, list and revoke keys, plus
+//! `/healthz` and `/readyz`. Every `/v1/` call needs an admin bearer token.
+
+mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::cache::KeyCache;
+use crate::clock::Clock;
+use crate::keys::{mint, KeyRecord, KeyStore, MasterKey, SecretString, StoreError};
+use crate::metrics::{KeyChange, Metrics};
+use crate::problem::{self, ErrorCode};
+
+/// What the admin handlers share.
+pub struct AdminState {
+    pub store: Arc<dyn KeyStore>,
+    pub cache: Arc<KeyCache>,
+    pub master: Arc<MasterKey>,
+    pub metrics: Metrics,
+    pub clock: Arc<dyn Clock>,
+    /// SHA-256 of every accepted admin token.
+    pub token_hashes: Vec<[u8; 32]>,
+    /// The proxy listener, probed by `/readyz`.
+    pub proxy_addr: SocketAddr,
+}
+
+tokio::task_local! {
+    /// The request id of the admin request being served, for error bodies.
+    static REQUEST_ID: String;
+}
+
+/// An admin API failure; rendered as problem+json by [`IntoResponse`].
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("send Authorization: Bearer <admin token>")]
+    Unauthorized,
+    #[error("no key with this id or public key")]
+    NotFound,
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("one or more fields are invalid")]
+    Validation(std::collections::BTreeMap<String, String>),
+    #[error("a key with this public key or secret already exists")]
+    Conflict,
+    #[error("the key store is unavailable")]
+    StoreUnavailable,
+}
+
+impl AdminError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unauthorized => ErrorCode::Unauthorized,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::MalformedJson(_) => ErrorCode::MalformedJson,
+            Self::Validation(_) => ErrorCode::ValidationFailed,
+            Self::Conflict => ErrorCode::Conflict,
+            Self::StoreUnavailable => ErrorCode::StoreUnavailable,
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Conflict,
+            StoreError::NotFound => Self::NotFound,
+            other => {
+                tracing::error!(error = %other, "admin store operation failed");
+                Self::StoreUnavailable
+            }
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
+        let errors = match &self {
+            Self::Validation(e) => Some(e),
+            _ => None,
+        };
+        let body = problem::render(code, &self.to_string(), &request_id, errors);
+        let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, body).into_response();
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(problem::CONTENT_TYPE));
+        if matches!(self, Self::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// The admin router; tests can drive it with `oneshot` without a socket.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/{id}", get(get_key))
+        .route("/v1/keys/{id}/revoke", post(revoke_key))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_admin));
+    Router::new()
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .merge(v1)
+        .fallback(|| async { AdminError::NotFound })
+        .layer(middleware::from_fn(with_request_id))
+        .with_state(state)
+}
+
+async fn with_request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn require_admin(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Result<Response, AdminError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(AdminError::Unauthorized)?;
+    let hash = SecretString::new(token.to_owned()).sha256();
+    // Check every accepted hash so the time taken does not say which one matched.
+    let accepted = state
+        .token_hashes
+        .iter()
+        .fold(false, |ok, h| crate::keys::secret::ct_eq(h, &hash) | ok);
+    if !accepted {
+        return Err(AdminError::Unauthorized);
+    }
+    Ok(next.run(req).await)
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let store_ok = state.store.ping().await.is_ok();
+    let probe = if state.proxy_addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], state.proxy_addr.port()))
+    } else {
+        state.proxy_addr
+    };
+    let proxy_ok = tokio::net::TcpStream::connect(probe).await.is_ok();
+    let status = if store_ok && proxy_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(json!({"store": store_ok, "proxy_listener": proxy_ok}))).into_response()
+}
+
+fn rfc3339(t: Option<OffsetDateTime>) -> Value {
+    t.and_then(|t| t.format(&Rfc3339).ok()).map_or(Value::Null, Value::String)
+}
+
+/// A record as the admin API shows it; the secret only when just minted.
+pub fn key_json(r: &KeyRecord, secret: Option<&SecretString>) -> Value {
+    let mut v = json!({
+        "id": r.id,
+        "public_key": r.public_key,
+        "secret_prefix": r.secret_prefix,
+        "owner": r.owner,
+        "name": r.name,
+        "description": r.description,
+        "scopes": r.scopes,
+        "ip_allow_list": r.ip_allow_list.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "expires_at": rfc3339(r.expires_at),
+        "environment": r.environment.as_str(),
+        "auth": r.auth.as_str(),
+        "metadata": r.metadata,
+        "created_at": rfc3339(Some(r.created_at)),
+        "updated_at": rfc3339(Some(r.updated_at)),
+        "revoked_at": rfc3339(r.revoked_at),
+        "last_used_at": rfc3339(r.last_used_at),
+        "total_requests": r.total_requests,
+    });
+    if let (Some(s), Some(obj)) = (secret, v.as_object_mut()) {
+        obj.insert("secret".into(), Value::String(s.expose().to_owned()));
+    }
+    v
+}
+
+async fn create_key(State(state): State<Arc<AdminState>>, body: Bytes) -> Result<Response, AdminError> {
+    let now = state.clock.now();
+    let new = validate::create_body(&body, now)?;
+    let (record, secret) = mint(&state.master, new, now);
+    state.store.insert(&record).await?;
+    state.metrics.key_changed(KeyChange::Created);
+    tracing::info!(key_id = %record.id, owner = %record.owner, "key created");
+    Ok((StatusCode::CREATED, axum::Json(key_json(&record, Some(&secret)))).into_response())
+}
+
+async fn find(state: &AdminState, id: &str) -> Result<KeyRecord, AdminError> {
+    let found = if id.starts_with("pk_") {
+        state.store.get_by_public_key(id).await?
+    } else {
+        state.store.get_by_id(id).await?
+    };
+    found.ok_or(AdminError::NotFound)
+}
+
+async fn get_key(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Response, AdminError> {
+    let record = find(&state, &id).await?;
+    Ok(axum::Json(key_json(&record, None)).into_response())
+}
+
+async fn list_keys(
+    State(state): State<Arc<AdminState>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, AdminError> {
+    let (owner, cursor, limit) = validate::list_query(&q)?;
+    let page = state.store.list(owner, cursor, limit).await?;
+    let items: Vec<Value> = page.items.iter().map(|r| key_json(r, None)).collect();
+    Ok(axum::Json(json!({"items": items, "next_cursor": page.next_cursor})).into_response())
+}
+
+async fn revoke_key(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Response, AdminError> {
+    let mut record = find(&state, &id).await?;
+    if record.revoked_at.is_none() {
+        let now = state.clock.now();
+        record.revoked_at = Some(now);
+        record.updated_at = now;
+        state.store.update(&record).await?;
+        state.metrics.key_changed(KeyChange::Revoked);
+        tracing::info!(key_id = %record.id, "key revoked");
+    }
+    // Invalidate even when it was already revoked: a stale entry must never outlive this call.
+    state.cache.invalidate(&record).await;
+    Ok(axum::Json(key_json(&record, None)).into_response())
+}

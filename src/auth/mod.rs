@@ -1,0 +1,326 @@
+//! Authentication of a request: credential parsing and the pure checks of SPEC §3.4.
+//!
+//! [`parse_credentials`] is step 3, [`check_key`] steps 5–8 plus nonce extraction, and
+//! [`check_scope`] step 10. None of them does I/O or knows pingora: the proxy looks the key
+//! up (step 4) and records the nonce (step 9) between them.
+
+pub mod client_ip;
+pub mod signing;
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::HeaderMap;
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::keys::secret::ct_eq;
+use crate::keys::{scopes_grant, ActiveKey, AuthKind, AuthKinds};
+use crate::problem::ErrorCode;
+
+pub const H_PUBLIC_KEY: &str = "x-api-public-key";
+pub const H_SIGNATURE: &str = "x-api-signature";
+pub const H_TIMESTAMP: &str = "x-api-timestamp";
+pub const H_NONCE: &str = "x-api-nonce";
+pub const H_API_KEY: &str = "x-api-key";
+
+/// Every header that carries a credential; removed before forwarding by default.
+pub const CREDENTIAL_HEADERS: [&str; 6] = [
+    H_PUBLIC_KEY,
+    H_SIGNATURE,
+    H_TIMESTAMP,
+    H_NONCE,
+    H_API_KEY,
+    "authorization",
+];
+
+/// Why a request was not authenticated. `Display` is the client-facing `detail`: it never
+/// holds secrets, expected signatures or stored data.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    MissingCredentials(&'static str),
+    #[error("this route does not accept {0} keys")]
+    KindNotAccepted(&'static str),
+    #[error("{0}")]
+    MalformedCredentials(&'static str),
+    #[error("no key matches these credentials")]
+    UnknownKey,
+    #[error("this key has been revoked")]
+    Revoked,
+    #[error("this key has expired")]
+    Expired,
+    #[error("client address {0} is not in this key's allow-list")]
+    IpNotAllowed(IpAddr),
+    #[error("x-api-timestamp is more than {0} s away from the gateway's clock")]
+    StaleTimestamp(u64),
+    #[error("the signature does not match the request")]
+    BadSignature,
+    #[error("{0}")]
+    MissingNonce(&'static str),
+    #[error("this nonce has already been used with this key")]
+    ReplayedNonce,
+    #[error("this route requires scope {0}")]
+    InsufficientScope(String),
+    #[error("the key store cannot be reached and this key is not cached")]
+    StoreUnavailable,
+}
+
+impl AuthError {
+    /// The contract's code for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::MissingCredentials(_) | Self::KindNotAccepted(_) => ErrorCode::MissingCredentials,
+            Self::MalformedCredentials(_) => ErrorCode::MalformedCredentials,
+            Self::UnknownKey => ErrorCode::UnknownKey,
+            Self::Revoked => ErrorCode::RevokedKey,
+            Self::Expired => ErrorCode::ExpiredKey,
+            Self::IpNotAllowed(_) => ErrorCode::IpNotAllowed,
+            Self::StaleTimestamp(_) => ErrorCode::StaleTimestamp,
+            Self::BadSignature => ErrorCode::BadSignature,
+            Self::MissingNonce(_) => ErrorCode::MissingNonce,
+            Self::ReplayedNonce => ErrorCode::ReplayedNonce,
+            Self::InsufficientScope(_) => ErrorCode::InsufficientScope,
+            Self::StoreUnavailable => ErrorCode::StoreUnavailable,
+        }
+    }
+}
+
+/// Credentials as presented, checked for shape only (step 3).
+#[derive(Debug)]
+pub enum Credentials<'a> {
+    /// `x-api-public-key` + `x-api-signature` (+ timestamp and nonce for `hmac-v1`).
+    Signed {
+        public_key: &'a str,
+        signature: [u8; 32],
+        timestamp: Option<&'a str>,
+        nonce: Option<&'a str>,
+    },
+    /// `Authorization: Bearer` or `x-api-key`: only the hash of the secret is kept.
+    Bearer { secret_hash: [u8; 32] },
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, AuthError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| AuthError::MalformedCredentials("credential headers must be visible ASCII"))
+        })
+        .transpose()
+}
+
+fn is_valid_nonce(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Step 3: finds the credentials and checks their shape.
+pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthError> {
+    if let Some(public_key) = header(headers, H_PUBLIC_KEY)? {
+        if !crate::keys::secret::is_public_key_shaped(public_key) {
+            return Err(AuthError::MalformedCredentials(
+                "x-api-public-key must be pk_live_ or pk_test_ followed by 24 letters or digits",
+            ));
+        }
+        let Some(sig) = header(headers, H_SIGNATURE)? else {
+            return Err(AuthError::MissingCredentials("x-api-signature is missing"));
+        };
+        let signature = signing::parse_signature(sig).ok_or(AuthError::MalformedCredentials(
+            "x-api-signature must be 64 hex characters",
+        ))?;
+        let timestamp = header(headers, H_TIMESTAMP)?;
+        if timestamp.is_some_and(|t| t.is_empty() || t.len() > 12 || !t.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(AuthError::MalformedCredentials(
+                "x-api-timestamp must be Unix time in seconds, decimal",
+            ));
+        }
+        let nonce = header(headers, H_NONCE)?;
+        if nonce.is_some_and(|n| !is_valid_nonce(n)) {
+            return Err(AuthError::MalformedCredentials(
+                "x-api-nonce must be 1-64 characters of A-Z a-z 0-9 _ -",
+            ));
+        }
+        return Ok(Credentials::Signed {
+            public_key,
+            signature,
+            timestamp,
+            nonce,
+        });
+    }
+    let bearer = match header(headers, "authorization")? {
+        Some(value) => {
+            let (scheme, token) = value.split_once(' ').ok_or(AuthError::MalformedCredentials(
+                "Authorization must be \"Bearer <secret>\"",
+            ))?;
+            if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+                return Err(AuthError::MalformedCredentials(
+                    "Authorization must be \"Bearer <secret>\"",
+                ));
+            }
+            Some(token.trim())
+        }
+        None => header(headers, H_API_KEY)?,
+    };
+    match bearer {
+        Some(secret) if !secret.is_empty() => Ok(Credentials::Bearer {
+            secret_hash: crate::keys::SecretString::new(secret.to_owned()).sha256(),
+        }),
+        Some(_) => Err(AuthError::MalformedCredentials("x-api-key is empty")),
+        None if headers.contains_key(H_SIGNATURE) => Err(AuthError::MissingCredentials(
+            "x-api-public-key is missing",
+        )),
+        None => Err(AuthError::MissingCredentials(
+            "send x-api-public-key and x-api-signature, or a bearer secret",
+        )),
+    }
+}
+
+/// The request as verification sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    /// Uppercase HTTP method.
+    pub method: &'a str,
+    /// Path and query exactly as on the request line.
+    pub target: &'a str,
+    pub body: &'a [u8],
+    pub client_ip: IpAddr,
+}
+
+/// Time windows from `[signing]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub clock_skew: Duration,
+    pub body_nonce_retention: Duration,
+}
+
+/// A nonce to record once the signature has verified (step 9), and for how long.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NonceClaim<'a> {
+    pub value: Cow<'a, str>,
+    pub ttl: Duration,
+}
+
+#[derive(Deserialize)]
+struct BodyNonce {
+    nonce: Option<serde_json::Value>,
+}
+
+fn body_nonce(body: &[u8]) -> Result<String, AuthError> {
+    if body.is_empty() {
+        return Err(AuthError::MissingNonce("hmac-body requests need a JSON body with a nonce"));
+    }
+    let parsed: BodyNonce = serde_json::from_slice(body)
+        .map_err(|_| AuthError::MissingNonce("the body must be a JSON object with a nonce field"))?;
+    match parsed.nonce {
+        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(_) => Err(AuthError::MissingNonce("nonce must be a number or a non-empty string")),
+        None => Err(AuthError::MissingNonce("the body has no nonce field")),
+    }
+}
+
+/// Steps 4½–8 for a key that was found: kind, revocation, expiry, allow-list, timestamp,
+/// signature. Returns the nonce to record, if the key's scheme has one.
+pub fn check_key<'a>(
+    key: &ActiveKey,
+    creds: &Credentials<'a>,
+    req: &RequestParts<'a>,
+    accepted: AuthKinds,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Option<NonceClaim<'a>>, AuthError> {
+    let record = &key.record;
+    if !accepted.contains(record.auth) {
+        return Err(AuthError::KindNotAccepted(record.auth.as_str()));
+    }
+    let (timestamp, nonce) = match (record.auth, creds) {
+        (AuthKind::Bearer, Credentials::Bearer { .. }) => (None, None),
+        (AuthKind::Bearer, Credentials::Signed { .. }) => {
+            return Err(AuthError::MissingCredentials(
+                "this key authenticates with a bearer secret, not a signature",
+            ))
+        }
+        (AuthKind::HmacV1, Credentials::Signed { timestamp, nonce, .. }) => {
+            let t = timestamp.ok_or(AuthError::MissingCredentials("x-api-timestamp is missing"))?;
+            let n = nonce.ok_or(AuthError::MissingCredentials("x-api-nonce is missing"))?;
+            (Some(t), Some(n))
+        }
+        (AuthKind::HmacBody, Credentials::Signed { .. }) => (None, None),
+        // The bearer index holds only bearer keys; a signed key reached by hash is a bug.
+        (_, Credentials::Bearer { .. }) => return Err(AuthError::UnknownKey),
+    };
+
+    // Step 5.
+    if record.revoked_at.is_some() {
+        return Err(AuthError::Revoked);
+    }
+    if record.expires_at.is_some_and(|exp| exp <= now) {
+        return Err(AuthError::Expired);
+    }
+    // Step 6.
+    if !record.ip_allow_list.is_empty()
+        && !client_ip::is_in(req.client_ip, &record.ip_allow_list)
+    {
+        return Err(AuthError::IpNotAllowed(req.client_ip.to_canonical()));
+    }
+    // Step 7.
+    if let Some(t) = timestamp {
+        let skew = policy.clock_skew.as_secs();
+        let sent: i64 = t.parse().unwrap_or(i64::MAX);
+        if sent.abs_diff(now.unix_timestamp()) > skew {
+            return Err(AuthError::StaleTimestamp(skew));
+        }
+    }
+    // Step 8.
+    match creds {
+        Credentials::Bearer { secret_hash } => {
+            if !key.bearer_hash.is_some_and(|h| ct_eq(&h, secret_hash)) {
+                return Err(AuthError::BadSignature);
+            }
+            Ok(None)
+        }
+        Credentials::Signed { signature, .. } => {
+            let secret = key
+                .secret
+                .as_ref()
+                .ok_or(AuthError::BadSignature)?
+                .expose()
+                .as_bytes();
+            let expected = match (timestamp, nonce) {
+                (Some(t), Some(n)) => signing::mac_v1(secret, t, n, req.method, req.target, req.body),
+                _ => signing::mac_body(secret, req.body),
+            };
+            if !ct_eq(&expected, signature) {
+                return Err(AuthError::BadSignature);
+            }
+            // Step 9's input; recorded by the caller only now that the signature verified.
+            let claim = match nonce {
+                Some(n) => NonceClaim {
+                    value: Cow::Borrowed(n),
+                    ttl: policy.clock_skew * 2,
+                },
+                None => NonceClaim {
+                    value: Cow::Owned(body_nonce(req.body)?),
+                    ttl: policy.body_nonce_retention,
+                },
+            };
+            Ok(Some(claim))
+        }
+    }
+}
+
+/// Step 10: the key's scopes grant the route's scope (a route without a scope needs none).
+pub fn check_scope(key: &ActiveKey, route_scope: Option<&str>) -> Result<(), AuthError> {
+    match route_scope {
+        Some(s) if !scopes_grant(&key.record.scopes, s) => {
+            Err(AuthError::InsufficientScope(s.to_owned()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,214 @@
+//! The key cache: moka in front of a [`KeyStore`], with positive entries (`cache.ttl`),
+//! negative entries for unknown credentials (`cache.negative_ttl`), and explicit
+//! invalidation on every admin change.
+//!
+//! Entries hold an [`ActiveKey`], i.e. the secret already unsealed, so a cached key costs no
+//! store I/O and no decryption. Two maps because a key is found either by public key or, for
+//! bearer keys, by the SHA-256 of the presented secret.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::Expiry;
+
+use crate::config::CacheConfig;
+use crate::keys::{ActiveKey, KeyRecord, KeyStore, MasterKey, StoreError};
+use crate::metrics::{CacheResult, Metrics};
+
+/// A cached lookup result: the key, or `None` for "no such key" (negative entry).
+type Entry = Option<Arc<ActiveKey>>;
+
+/// Positive entries live `ttl`, negative ones `negative_ttl`.
+struct TtlByKind {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl<K> Expiry<K, Entry> for TtlByKind {
+    fn expire_after_create(&self, _: &K, value: &Entry, _: Instant) -> Option<Duration> {
+        Some(if value.is_some() { self.ttl } else { self.negative_ttl })
+    }
+}
+
+fn build_cache<K>(cfg: &CacheConfig) -> Cache<K, Entry>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+{
+    Cache::builder()
+        .max_capacity(cfg.capacity)
+        .expire_after(TtlByKind {
+            ttl: cfg.ttl,
+            negative_ttl: cfg.negative_ttl,
+        })
+        .build()
+}
+
+/// Why a lookup could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored secret cannot be opened: {0}")]
+    Seal(#[from] crate::keys::secret::SecretError),
+}
+
+/// Looks keys up through moka, filling from the store on a miss.
+pub struct KeyCache {
+    store: Arc<dyn KeyStore>,
+    master: Arc<MasterKey>,
+    metrics: Metrics,
+    by_public: Cache<String, Entry>,
+    by_hash: Cache<[u8; 32], Entry>,
+}
+
+impl KeyCache {
+    pub fn new(store: Arc<dyn KeyStore>, master: Arc<MasterKey>, metrics: Metrics, cfg: &CacheConfig) -> Self {
+        Self {
+            store,
+            master,
+            metrics,
+            by_public: build_cache(cfg),
+            by_hash: build_cache(cfg),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    fn activate(&self, record: Option<KeyRecord>) -> Result<Entry, LookupError> {
+        record
+            .map(|r| ActiveKey::open(r, &self.master).map(Arc::new))
+            .transpose()
+            .map_err(LookupError::from)
+    }
+
+    fn count(&self, hit: Option<&Entry>) {
+        self.metrics.cache(match hit {
+            Some(Some(_)) => CacheResult::Hit,
+            Some(None) => CacheResult::NegativeHit,
+            None => CacheResult::Miss,
+        });
+    }
+
+    /// The key with this public key; `Ok(None)` if there is none.
+    pub async fn by_public_key(&self, public_key: &str) -> Result<Entry, LookupError> {
+        let cached = self.by_public.get(public_key).await;
+        self.count(cached.as_ref());
+        if let Some(entry) = cached {
+            return Ok(entry);
+        }
+        // Concurrent misses for one key share a single store read.
+        self.by_public
+            .try_get_with_by_ref(public_key, async {
+                let record = self.store.get_by_public_key(public_key).await.inspect_err(|_| {
+                    self.metrics.store_error("get_by_public_key");
+                })?;
+                self.activate(record)
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    /// The bearer key whose secret hashes to `hash`; `Ok(None)` if there is none.
+    pub async fn by_secret_hash(&self, hash: &[u8; 32]) -> Result<Entry, LookupError> {
+        let cached = self.by_hash.get(hash).await;
+        self.count(cached.as_ref());
+        if let Some(entry) = cached {
+            return Ok(entry);
+        }
+        self.by_hash
+            .try_get_with_by_ref(hash, async {
+                let record = self.store.get_by_secret_hash(hash).await.inspect_err(|_| {
+                    self.metrics.store_error("get_by_secret_hash");
+                })?;
+                self.activate(record)
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    /// Drops every entry that could describe `record`, so the next request reads the store.
+    pub async fn invalidate(&self, record: &KeyRecord) {
+        self.by_public.invalidate(record.public_key.as_str()).await;
+        if let Some(hash) = record.bearer_hash() {
+            self.by_hash.invalidate(&hash).await;
+        }
+    }
+}
+
+/// moka shares one init error between concurrent callers; rebuild an owned one.
+fn unshare(e: Arc<LookupError>) -> LookupError {
+    match &*e {
+        LookupError::Store(StoreError::Conflict) => LookupError::Store(StoreError::Conflict),
+        LookupError::Store(StoreError::NotFound) => LookupError::Store(StoreError::NotFound),
+        LookupError::Store(StoreError::Unavailable(m)) => LookupError::Store(StoreError::Unavailable(m.clone())),
+        LookupError::Store(StoreError::Corrupt(m)) => LookupError::Store(StoreError::Corrupt(m.clone())),
+        LookupError::Seal(s) => LookupError::Store(StoreError::Corrupt(s.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{mint, AuthKind, EmbeddedStore, Environment, NewKey};
+    use time::OffsetDateTime;
+
+    fn cfg() -> CacheConfig {
+        CacheConfig {
+            capacity: 100,
+            ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(600),
+        }
+    }
+
+    fn new_key() -> NewKey {
+        NewKey {
+            owner: "acme".into(),
+            name: "k".into(),
+            description: None,
+            scopes: vec![],
+            ip_allow_list: vec![],
+            expires_at: None,
+            environment: Environment::Test,
+            auth: AuthKind::HmacV1,
+            metadata: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_misses_negatives_and_invalidation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&dir.path().join("k.db")).unwrap());
+        let (mk, _) = MasterKey::generate();
+        let mk = Arc::new(mk);
+        let metrics = Metrics::new().unwrap();
+        let cache = KeyCache::new(Arc::clone(&store), Arc::clone(&mk), metrics.clone(), &cfg());
+        let count = |r: &str| metrics.cache_requests.with_label_values(&[r]).get();
+
+        let (record, secret) = mint(&mk, new_key(), OffsetDateTime::now_utc());
+        store.insert(&record).await.unwrap();
+
+        let got = cache.by_public_key(&record.public_key).await.unwrap().unwrap();
+        assert_eq!(got.secret.as_ref(), Some(&secret), "secret unsealed on fill");
+        assert_eq!((count("miss"), count("hit")), (1, 0));
+        cache.by_public_key(&record.public_key).await.unwrap();
+        assert_eq!((count("miss"), count("hit")), (1, 1));
+
+        assert!(cache.by_public_key("pk_test_nobodynobodynobodynob").await.unwrap().is_none());
+        assert!(cache.by_public_key("pk_test_nobodynobodynobodynob").await.unwrap().is_none());
+        assert_eq!(count("negative_hit"), 1);
+
+        // A change made through the store is seen only after invalidation.
+        let mut revoked = record.clone();
+        revoked.revoked_at = Some(OffsetDateTime::now_utc());
+        store.update(&revoked).await.unwrap();
+        let stale = cache.by_public_key(&record.public_key).await.unwrap().unwrap();
+        assert!(stale.record.revoked_at.is_none());
+        cache.invalidate(&record).await;
+        let fresh = cache.by_public_key(&record.public_key).await.unwrap().unwrap();
+        assert!(fresh.record.revoked_at.is_some());
+    }
+}

@@ -1,0 +1,4 @@
+//! Command-line subcommands beyond `serve`: `demo` and `sign`.
+
+pub mod demo;
+pub mod sign;

@@ -1,0 +1,249 @@
+//! The config file as written (SPEC §6): serde structs, unknown keys refused, named defaults.
+//! Nothing here is trusted; [`super::validate`] turns it into the runtime config.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    #[serde(default)]
+    pub(crate) server: ServerFile,
+    #[serde(default)]
+    pub(crate) admin: AdminFile,
+    #[serde(default)]
+    pub(crate) metrics: MetricsFile,
+    #[serde(default)]
+    pub(crate) store: StoreFile,
+    #[serde(default)]
+    pub(crate) cache: CacheFile,
+    #[serde(default)]
+    pub(crate) signing: SigningFile,
+    #[serde(default)]
+    pub(crate) secrets: SecretsFile,
+    #[serde(default)]
+    pub(crate) upstreams: Vec<UpstreamFile>,
+    #[serde(default)]
+    pub(crate) routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerFile {
+    #[serde(default = "default_listen")]
+    pub(crate) listen: String,
+    #[serde(default = "default_threads")]
+    pub(crate) threads: usize,
+    #[serde(default = "default_max_body_bytes")]
+    pub(crate) max_body_bytes: u64,
+    #[serde(default)]
+    pub(crate) trusted_proxies: Vec<String>,
+    #[serde(default = "default_shutdown_grace")]
+    pub(crate) shutdown_grace: String,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            threads: default_threads(),
+            max_body_bytes: default_max_body_bytes(),
+            trusted_proxies: Vec::new(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_max_body_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_shutdown_grace() -> String {
+    "10s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminFile {
+    #[serde(default = "default_admin_listen")]
+    pub(crate) listen: String,
+    #[serde(default)]
+    pub(crate) token_sha256: Vec<String>,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token_sha256: Vec::new(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetricsFile {
+    #[serde(default = "default_metrics_listen")]
+    pub(crate) listen: String,
+}
+
+impl Default for MetricsFile {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9902".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoreFile {
+    #[serde(default = "default_store_kind")]
+    pub(crate) kind: String,
+    #[serde(default = "default_store_path")]
+    pub(crate) path: String,
+    /// One URL, or several for a cluster.
+    pub(crate) url: Option<UrlOrList>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum UrlOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        Self {
+            kind: default_store_kind(),
+            path: default_store_path(),
+            url: None,
+        }
+    }
+}
+
+fn default_store_kind() -> String {
+    "embedded".into()
+}
+fn default_store_path() -> String {
+    "data/keygate.db".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CacheFile {
+    #[serde(default = "default_capacity")]
+    pub(crate) capacity: u64,
+    #[serde(default = "default_ttl")]
+    pub(crate) ttl: String,
+    #[serde(default = "default_negative_ttl")]
+    pub(crate) negative_ttl: String,
+    #[serde(default = "default_stale_if_error")]
+    pub(crate) stale_if_error: String,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        Self {
+            capacity: default_capacity(),
+            ttl: default_ttl(),
+            negative_ttl: default_negative_ttl(),
+            stale_if_error: default_stale_if_error(),
+        }
+    }
+}
+
+fn default_capacity() -> u64 {
+    100_000
+}
+fn default_ttl() -> String {
+    "30s".into()
+}
+fn default_negative_ttl() -> String {
+    "5s".into()
+}
+fn default_stale_if_error() -> String {
+    "10m".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SigningFile {
+    #[serde(default = "default_clock_skew")]
+    pub(crate) clock_skew: String,
+    #[serde(default = "default_body_nonce_retention")]
+    pub(crate) body_nonce_retention: String,
+}
+
+impl Default for SigningFile {
+    fn default() -> Self {
+        Self {
+            clock_skew: default_clock_skew(),
+            body_nonce_retention: default_body_nonce_retention(),
+        }
+    }
+}
+
+fn default_clock_skew() -> String {
+    "300s".into()
+}
+fn default_body_nonce_retention() -> String {
+    "24h".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SecretsFile {
+    pub(crate) master_key_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamFile {
+    pub(crate) name: String,
+    pub(crate) endpoints: Vec<String>,
+    #[serde(default)]
+    pub(crate) tls: bool,
+    #[serde(default)]
+    pub(crate) forward_credentials: bool,
+    /// keygate extension (README): TCP connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub(crate) connect_timeout: String,
+    /// keygate extension (README): how long to wait for each read of the response.
+    #[serde(default = "default_read_timeout")]
+    pub(crate) read_timeout: String,
+}
+
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+fn default_read_timeout() -> String {
+    "30s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteFile {
+    pub(crate) name: Option<String>,
+    #[serde(default)]
+    pub(crate) methods: Vec<String>,
+    pub(crate) path: String,
+    pub(crate) scope: Option<String>,
+    pub(crate) upstream: String,
+    pub(crate) auth: Option<Vec<String>>,
+    #[serde(default)]
+    pub(crate) public: bool,
+}

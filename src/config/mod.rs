@@ -1,0 +1,435 @@
+//! Configuration: the TOML file ([`file`]) validated into the typed [`Config`] the rest of
+//! the gateway uses. Nothing past startup parses strings from config.
+
+mod file;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::keys::{AuthKind, AuthKinds};
+use file::{FileConfig, RouteFile, UpstreamFile, UrlOrList};
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+    pub store: StoreConfig,
+    pub cache: CacheConfig,
+    pub signing: SigningConfig,
+    pub secrets: SecretsConfig,
+    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub max_body_bytes: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// SHA-256 of each accepted admin token (from the file; the env token is added at start).
+    pub token_sha256: Vec<[u8; 32]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Embedded { path: PathBuf },
+    Redis { urls: Vec<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub capacity: u64,
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub stale_if_error: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SigningConfig {
+    pub clock_skew: Duration,
+    pub body_nonce_retention: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SecretsConfig {
+    pub master_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub forward_credentials: bool,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// How a route's path is matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    /// `"/v1/payments/*"` is stored as `"/v1/payments/"` and matches every longer path.
+    Prefix(String),
+}
+
+impl PathPattern {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => path.len() > p.len() && path.starts_with(p.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Metrics and log label: the configured name, or the path pattern as written.
+    pub name: String,
+    /// Uppercase; empty means any method.
+    pub methods: Vec<http::Method>,
+    pub path: PathPattern,
+    pub scope: Option<String>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    pub auth: AuthKinds,
+    pub public: bool,
+}
+
+/// One problem in a config file, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems while validating, so one run reports all of them.
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, text: &str) -> Duration {
+        humantime::parse_duration(text).unwrap_or_else(|_| {
+            self.add(path, format!("{text:?} is not a duration (use e.g. \"300s\", \"5m\", \"24h\")"));
+            Duration::ZERO
+        })
+    }
+
+    fn socket(&mut self, path: &str, text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|_| {
+            self.add(path, format!("{text:?} is not an address like \"127.0.0.1:8080\""));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
+        let de = toml::Deserializer::new(text);
+        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().to_owned();
+            let where_ = inner
+                .span()
+                .map(|s| format!(" (at byte {})", s.start))
+                .unwrap_or_default();
+            ConfigErrors(vec![ConfigError {
+                path: if path == "." { String::new() } else { path },
+                message: format!("{message}{where_}"),
+            }])
+        })?;
+        validate(file)
+    }
+}
+
+fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
+    let mut p = Problems(Vec::new());
+
+    let server = ServerConfig {
+        listen: p.socket("server.listen", &f.server.listen),
+        threads: f.server.threads,
+        max_body_bytes: usize::try_from(f.server.max_body_bytes).unwrap_or(usize::MAX),
+        trusted_proxies: f
+            .server
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let net = parse_net(t);
+                if net.is_none() {
+                    p.add(format!("server.trusted_proxies[{i}]"), format!("{t:?} is not an IP address or CIDR"));
+                }
+                net
+            })
+            .collect(),
+        shutdown_grace: p.duration("server.shutdown_grace", &f.server.shutdown_grace),
+    };
+    if server.threads == 0 {
+        p.add("server.threads", "must be at least 1");
+    }
+    if server.max_body_bytes == 0 {
+        p.add("server.max_body_bytes", "must be at least 1");
+    }
+
+    let mut token_sha256 = Vec::new();
+    for (i, t) in f.admin.token_sha256.iter().enumerate() {
+        let mut h = [0u8; 32];
+        if t.len() == 64 && hex::decode_to_slice(t, &mut h).is_ok() {
+            token_sha256.push(h);
+        } else {
+            p.add(format!("admin.token_sha256[{i}]"), "must be 64 hex characters (SHA-256 of a token)");
+        }
+    }
+    let admin = AdminConfig {
+        listen: p.socket("admin.listen", &f.admin.listen),
+        token_sha256,
+    };
+    let metrics = MetricsConfig {
+        listen: p.socket("metrics.listen", &f.metrics.listen),
+    };
+
+    let store = match f.store.kind.as_str() {
+        "embedded" => StoreConfig::Embedded {
+            path: PathBuf::from(&f.store.path),
+        },
+        "redis" => {
+            let urls = match f.store.url {
+                Some(UrlOrList::One(u)) => vec![u],
+                Some(UrlOrList::Many(us)) => us,
+                None => Vec::new(),
+            };
+            if urls.is_empty() {
+                p.add("store.url", "required when store.kind = \"redis\"");
+            }
+            for (i, u) in urls.iter().enumerate() {
+                if !["redis://", "rediss://", "redis+cluster://"].iter().any(|s| u.starts_with(s)) {
+                    p.add(format!("store.url[{i}]"), format!("{u:?} must start with redis://, rediss:// or redis+cluster://"));
+                }
+            }
+            StoreConfig::Redis { urls }
+        }
+        other => {
+            p.add("store.kind", format!("{other:?} is not \"embedded\" or \"redis\""));
+            StoreConfig::Embedded {
+                path: PathBuf::from(&f.store.path),
+            }
+        }
+    };
+
+    let cache = CacheConfig {
+        capacity: f.cache.capacity,
+        ttl: p.duration("cache.ttl", &f.cache.ttl),
+        negative_ttl: p.duration("cache.negative_ttl", &f.cache.negative_ttl),
+        stale_if_error: p.duration("cache.stale_if_error", &f.cache.stale_if_error),
+    };
+    let signing = SigningConfig {
+        clock_skew: p.duration("signing.clock_skew", &f.signing.clock_skew),
+        body_nonce_retention: p.duration("signing.body_nonce_retention", &f.signing.body_nonce_retention),
+    };
+    if signing.clock_skew.is_zero() {
+        p.add("signing.clock_skew", "must be more than 0s");
+    }
+    let secrets = SecretsConfig {
+        master_key_file: f.secrets.master_key_file.map(PathBuf::from),
+    };
+
+    let upstreams: Vec<Upstream> = f
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| validate_upstream(&mut p, i, u))
+        .collect();
+    for (i, u) in upstreams.iter().enumerate() {
+        if upstreams[..i].iter().any(|o| o.name == u.name) {
+            p.add(format!("upstreams[{i}].name"), format!("upstream {:?} is defined twice", u.name));
+        }
+    }
+
+    let routes: Vec<Route> = f
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| validate_route(&mut p, i, r, &upstreams))
+        .collect();
+
+    if p.0.is_empty() {
+        Ok(Config {
+            server,
+            admin,
+            metrics,
+            store,
+            cache,
+            signing,
+            secrets,
+            upstreams,
+            routes,
+        })
+    } else {
+        Err(ConfigErrors(p.0))
+    }
+}
+
+fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
+    let at = format!("upstreams[{i}]");
+    if u.name.is_empty() {
+        p.add(format!("{at}.name"), "must not be empty");
+    }
+    if u.tls {
+        p.add(format!("{at}.tls"), "TLS to upstreams is not supported by this build yet");
+    }
+    if u.endpoints.is_empty() {
+        p.add(format!("{at}.endpoints"), "needs at least one \"host:port\"");
+    }
+    let mut endpoints = Vec::new();
+    for (j, e) in u.endpoints.iter().enumerate() {
+        match e.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => endpoints.push(addr),
+            _ => p.add(format!("{at}.endpoints[{j}]"), format!("{e:?} is not a reachable \"host:port\"")),
+        }
+    }
+    Upstream {
+        name: u.name.clone(),
+        endpoints,
+        forward_credentials: u.forward_credentials,
+        connect_timeout: p.duration(&format!("{at}.connect_timeout"), &u.connect_timeout),
+        read_timeout: p.duration(&format!("{at}.read_timeout"), &u.read_timeout),
+    }
+}
+
+fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstream]) -> Route {
+    let at = format!("routes[{i}]");
+    let path = if !r.path.starts_with('/') {
+        p.add(format!("{at}.path"), format!("{:?} must start with /", r.path));
+        PathPattern::Exact(r.path.clone())
+    } else if let Some(prefix) = r.path.strip_suffix("/*") {
+        PathPattern::Prefix(format!("{prefix}/"))
+    } else if r.path.contains('*') {
+        p.add(format!("{at}.path"), "only a trailing \"/*\" wildcard is supported");
+        PathPattern::Exact(r.path.clone())
+    } else {
+        PathPattern::Exact(r.path.clone())
+    };
+    let methods = r
+        .methods
+        .iter()
+        .enumerate()
+        .filter_map(|(j, m)| {
+            let upper = m.to_ascii_uppercase();
+            let parsed = http::Method::from_bytes(upper.as_bytes()).ok();
+            if parsed.is_none() {
+                p.add(format!("{at}.methods[{j}]"), format!("{m:?} is not an HTTP method"));
+            }
+            parsed
+        })
+        .collect();
+    let upstream = upstreams
+        .iter()
+        .position(|u| u.name == r.upstream)
+        .unwrap_or_else(|| {
+            p.add(format!("{at}.upstream"), format!("no upstream named {:?}", r.upstream));
+            0
+        });
+    let auth = match &r.auth {
+        None => AuthKinds::ALL,
+        Some(kinds) => {
+            if kinds.is_empty() {
+                p.add(format!("{at}.auth"), "must list at least one of hmac-v1, hmac-body, bearer");
+            }
+            AuthKinds::from_kinds(kinds.iter().enumerate().filter_map(|(j, k)| {
+                let kind = AuthKind::parse(k);
+                if kind.is_none() {
+                    p.add(format!("{at}.auth[{j}]"), format!("{k:?} is not hmac-v1, hmac-body or bearer"));
+                }
+                kind
+            }))
+        }
+    };
+    if let Some(scope) = &r.scope {
+        if !crate::keys::is_valid_scope(scope) {
+            p.add(format!("{at}.scope"), format!("{scope:?} is not a scope like \"payments.create\""));
+        }
+    }
+    if r.public && (r.scope.is_some() || r.auth.is_some()) {
+        p.add(format!("{at}.public"), "a public route takes no scope and no auth");
+    }
+    Route {
+        name: r.name.clone().unwrap_or_else(|| r.path.clone()),
+        methods,
+        path,
+        scope: r.scope.clone(),
+        upstream,
+        auth,
+        public: r.public,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,144 @@
+//! Config validation tests: defaults, key paths in errors, every problem reported.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[[upstreams]]
+name = "payments"
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+path = "/v1/payments"
+methods = ["POST"]
+scope = "payments.create"
+upstream = "payments"
+"#;
+
+#[test]
+fn defaults_follow_the_spec() {
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.server.threads, 2);
+    assert_eq!(c.server.max_body_bytes, 1_048_576);
+    assert_eq!(c.server.shutdown_grace, Duration::from_secs(10));
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+    assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9902");
+    assert!(matches!(&c.store, StoreConfig::Embedded { path } if path == Path::new("data/keygate.db")));
+    assert_eq!(c.cache.capacity, 100_000);
+    assert_eq!(c.cache.ttl, Duration::from_secs(30));
+    assert_eq!(c.cache.negative_ttl, Duration::from_secs(5));
+    assert_eq!(c.cache.stale_if_error, Duration::from_secs(600));
+    assert_eq!(c.signing.clock_skew, Duration::from_secs(300));
+    assert_eq!(c.signing.body_nonce_retention, Duration::from_secs(86_400));
+    assert_eq!(c.routes[0].name, "/v1/payments");
+    assert_eq!(c.routes[0].auth, AuthKinds::ALL);
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_path() {
+    let text = format!("{MINIMAL}\n[server]\nlisten = \"0.0.0.0:1\"\nlisten_port = 3\n");
+    let err = Config::from_toml(&text).unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert!(err.0[0].path.starts_with("server"), "{err}");
+    assert!(err.0[0].message.contains("listen_port"), "{err}");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    let text = r#"
+[server]
+listen = "nope"
+shutdown_grace = "ten seconds"
+trusted_proxies = ["10.0.0.0/8", "bad"]
+
+[admin]
+token_sha256 = ["abc"]
+
+[[upstreams]]
+name = "payments"
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+path = "/v1/a"
+upstream = "payments"
+
+[[routes]]
+path = "/v1/b"
+upstream = "payments"
+auth = ["hmac-v2"]
+
+[[routes]]
+path = "v1/c*"
+upstream = "pay"
+scope = "Payments"
+methods = ["P OST"]
+"#;
+    let err = Config::from_toml(text).unwrap_err();
+    let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+    for want in [
+        "server.listen: ",
+        "server.shutdown_grace: ",
+        "server.trusted_proxies[1]: ",
+        "admin.token_sha256[0]: ",
+        "routes[1].auth[0]: ",
+        "routes[2].path: ",
+        "routes[2].upstream: no upstream named \"pay\"",
+        "routes[2].scope: ",
+        "routes[2].methods[0]: ",
+    ] {
+        assert!(lines.iter().any(|l| l.starts_with(want)), "missing {want:?} in {lines:#?}");
+    }
+    assert_eq!(lines.len(), 9, "{lines:#?}");
+}
+
+#[test]
+fn prefix_paths_and_public_routes() {
+    let text = r#"
+[[upstreams]]
+name = "u"
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+name = "all-payments"
+path = "/v1/payments/*"
+upstream = "u"
+
+[[routes]]
+path = "/health"
+upstream = "u"
+public = true
+"#;
+    let c = Config::from_toml(text).unwrap();
+    let p = &c.routes[0].path;
+    assert!(p.matches("/v1/payments/pay_1"));
+    assert!(p.matches("/v1/payments/a/b"));
+    assert!(!p.matches("/v1/payments"));
+    assert!(!p.matches("/v1/paymentsX"));
+    assert!(c.routes[1].public);
+    assert_eq!(c.routes[0].name, "all-payments");
+}
+
+#[test]
+fn public_route_with_scope_is_an_error() {
+    let text = r#"
+[[upstreams]]
+name = "u"
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+path = "/health"
+upstream = "u"
+public = true
+scope = "x"
+"#;
+    let err = Config::from_toml(text).unwrap_err();
+    assert_eq!(err.0[0].path, "routes[0].public");
+}
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let text = include_str!("../../config/keygate.toml");
+    if let Err(e) = Config::from_toml(text) {
+        panic!("config/keygate.toml: {e}");
+    }
+}

@@ -1,0 +1,398 @@
+//! The embedded store: one redb file (ACID, crash-safe) for a single gateway node.
+//!
+//! Tables: `keys` (id → JSON record), `by_public` (public key → id), `by_hash` (bearer
+//! SHA-256 → id), `by_owner` ((owner, id) → ()), `nonces` ("id\nnonce" → expiry, Unix s).
+//!
+//! Nonces are checked against memory (atomic, no I/O on the request path) and made durable
+//! by a writer thread that commits them in batches every few milliseconds. A graceful stop
+//! flushes the batch; a crash (SIGKILL, power loss) can lose the last batch, at most
+//! [`NONCE_BATCH_WINDOW`] of nonces. One redb file can be opened by one process only, so
+//! memory is authoritative for the node.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use moka::sync::Cache;
+use moka::Expiry;
+use redb::{Database, ReadableTable, TableDefinition};
+
+use super::model::KeyRecord;
+use super::store::{KeyStore, Page, StoreError};
+
+const KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("keys");
+const BY_PUBLIC: TableDefinition<'_, &str, &str> = TableDefinition::new("by_public");
+const BY_HASH: TableDefinition<'_, &[u8], &str> = TableDefinition::new("by_hash");
+const BY_OWNER: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("by_owner");
+const NONCES: TableDefinition<'_, &str, u64> = TableDefinition::new("nonces");
+
+/// How long the writer thread gathers nonces before one durable commit.
+pub const NONCE_BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// How often expired nonces are purged from the file.
+const NONCE_PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// A key store in one local file.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    /// Used nonces still inside their window. moka's entry API makes check-and-insert
+    /// atomic per nonce without a global lock.
+    nonces: Cache<String, Duration>,
+    /// To the writer thread; `std::sync::mpsc` because the writer is a plain thread.
+    writer: mpsc::Sender<WriterMsg>,
+}
+
+enum WriterMsg {
+    Nonce { key: String, expires_unix: u64 },
+    Flush(mpsc::Sender<Result<(), String>>),
+}
+
+/// Each nonce lives exactly as long as the ttl it was recorded with.
+struct NonceExpiry;
+
+impl Expiry<String, Duration> for NonceExpiry {
+    fn expire_after_create(&self, _: &String, ttl: &Duration, _: Instant) -> Option<Duration> {
+        Some(*ttl)
+    }
+}
+
+fn unavailable(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Unavailable(e.into().to_string())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn decode(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode(record: &KeyRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file, creating its parent directory, and loads the
+    /// nonces that are still inside their window.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| {
+            StoreError::Unavailable(format!("{}: {}", path.display(), redb::Error::from(e)))
+        })?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        {
+            txn.open_table(KEYS).map_err(unavailable)?;
+            txn.open_table(BY_PUBLIC).map_err(unavailable)?;
+            txn.open_table(BY_HASH).map_err(unavailable)?;
+            txn.open_table(BY_OWNER).map_err(unavailable)?;
+            txn.open_table(NONCES).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+
+        let nonces = Cache::builder().expire_after(NonceExpiry).build();
+        let now = unix_now();
+        {
+            let read = db.begin_read().map_err(unavailable)?;
+            let table = read.open_table(NONCES).map_err(unavailable)?;
+            for row in table.iter().map_err(unavailable)? {
+                let (k, exp) = row.map_err(unavailable)?;
+                let exp = exp.value();
+                if exp > now {
+                    nonces.insert(k.value().to_owned(), Duration::from_secs(exp - now));
+                }
+            }
+        }
+
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = Arc::clone(&db);
+        thread::Builder::new()
+            .name("keygate-nonce-writer".into())
+            .spawn(move || nonce_writer(&writer_db, &rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start nonce writer: {e}")))?;
+        Ok(Self {
+            db,
+            nonces,
+            writer: tx,
+        })
+    }
+
+    /// Runs a write transaction off the async runtime: a commit waits for fsync.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let out = f(&txn)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    fn read_record_by_index<F>(&self, find_id: F) -> Result<Option<KeyRecord>, StoreError>
+    where
+        F: FnOnce(&redb::ReadTransaction) -> Result<Option<String>, StoreError>,
+    {
+        let read = self.db.begin_read().map_err(unavailable)?;
+        let Some(id) = find_id(&read)? else {
+            return Ok(None);
+        };
+        let keys = read.open_table(KEYS).map_err(unavailable)?;
+        let row = keys.get(id.as_str()).map_err(unavailable)?;
+        row.map(|v| decode(v.value())).transpose()
+    }
+}
+
+/// Removes a record's index entries inside `txn`.
+fn unindex(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), StoreError> {
+    txn.open_table(BY_PUBLIC)
+        .map_err(unavailable)?
+        .remove(record.public_key.as_str())
+        .map_err(unavailable)?;
+    if let Some(hash) = record.bearer_hash() {
+        txn.open_table(BY_HASH)
+            .map_err(unavailable)?
+            .remove(hash.as_slice())
+            .map_err(unavailable)?;
+    }
+    txn.open_table(BY_OWNER)
+        .map_err(unavailable)?
+        .remove((record.owner.as_str(), record.id.as_str()))
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Adds a record's index entries inside `txn`, refusing ones held by another record.
+fn index(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), StoreError> {
+    let mut by_public = txn.open_table(BY_PUBLIC).map_err(unavailable)?;
+    if let Some(other) = by_public.get(record.public_key.as_str()).map_err(unavailable)? {
+        if other.value() != record.id {
+            return Err(StoreError::Conflict);
+        }
+    }
+    by_public
+        .insert(record.public_key.as_str(), record.id.as_str())
+        .map_err(unavailable)?;
+    if let Some(hash) = record.bearer_hash() {
+        let mut by_hash = txn.open_table(BY_HASH).map_err(unavailable)?;
+        if let Some(other) = by_hash.get(hash.as_slice()).map_err(unavailable)? {
+            if other.value() != record.id {
+                return Err(StoreError::Conflict);
+            }
+        }
+        by_hash
+            .insert(hash.as_slice(), record.id.as_str())
+            .map_err(unavailable)?;
+    }
+    txn.open_table(BY_OWNER)
+        .map_err(unavailable)?
+        .insert((record.owner.as_str(), record.id.as_str()), ())
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+fn nonce_writer(db: &Database, rx: &mpsc::Receiver<WriterMsg>) {
+    let mut last_purge = Instant::now();
+    // Blocks until there is work; ends when the store (the only sender) is dropped.
+    while let Ok(first) = rx.recv() {
+        let deadline = Instant::now() + NONCE_BATCH_WINDOW;
+        let mut batch = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                WriterMsg::Nonce { key, expires_unix } => batch.push((key, expires_unix)),
+                WriterMsg::Flush(done) => flushes.push(done),
+            }
+            next = if flushes.is_empty() {
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .ok()
+            } else {
+                rx.try_recv().ok()
+            };
+        }
+        let purge = last_purge.elapsed() >= NONCE_PURGE_EVERY;
+        let result = commit_nonces(db, &batch, purge).map_err(|e| e.to_string());
+        if purge {
+            last_purge = Instant::now();
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, lost = batch.len(), "persisting nonces failed");
+        }
+        for done in flushes {
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+fn commit_nonces(db: &Database, batch: &[(String, u64)], purge: bool) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    {
+        let mut table = txn.open_table(NONCES).map_err(unavailable)?;
+        for (key, exp) in batch {
+            table.insert(key.as_str(), *exp).map_err(unavailable)?;
+        }
+        if purge {
+            let now = unix_now();
+            table
+                .retain(|_, exp| exp > now)
+                .map_err(unavailable)?;
+        }
+    }
+    txn.commit().map_err(unavailable)
+}
+
+#[async_trait]
+impl KeyStore for EmbeddedStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        let bytes = encode(&record)?;
+        self.write(move |txn| {
+            let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+            if keys.get(record.id.as_str()).map_err(unavailable)?.is_some() {
+                return Err(StoreError::Conflict);
+            }
+            keys.insert(record.id.as_str(), bytes.as_slice())
+                .map_err(unavailable)?;
+            drop(keys);
+            index(txn, &record)
+        })
+        .await
+    }
+
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        let bytes = encode(&record)?;
+        self.write(move |txn| {
+            let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+            let old = match keys.get(record.id.as_str()).map_err(unavailable)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound),
+            };
+            keys.insert(record.id.as_str(), bytes.as_slice())
+                .map_err(unavailable)?;
+            drop(keys);
+            unindex(txn, &old)?;
+            index(txn, &record)
+        })
+        .await
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+            let old = match keys.remove(id.as_str()).map_err(unavailable)? {
+                Some(v) => decode(v.value())?,
+                None => return Ok(false),
+            };
+            drop(keys);
+            unindex(txn, &old)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.read_record_by_index(|_| Ok(Some(id.to_owned())))
+    }
+
+    async fn get_by_public_key(&self, public_key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.read_record_by_index(|read| {
+            let t = read.open_table(BY_PUBLIC).map_err(unavailable)?;
+            let id = t.get(public_key).map_err(unavailable)?;
+            Ok(id.map(|v| v.value().to_owned()))
+        })
+    }
+
+    async fn get_by_secret_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        self.read_record_by_index(|read| {
+            let t = read.open_table(BY_HASH).map_err(unavailable)?;
+            let id = t.get(hash.as_slice()).map_err(unavailable)?;
+            Ok(id.map(|v| v.value().to_owned()))
+        })
+    }
+
+    async fn list(
+        &self,
+        owner: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let read = self.db.begin_read().map_err(unavailable)?;
+        let keys = read.open_table(KEYS).map_err(unavailable)?;
+        // Ids are time-ordered, so walking them backwards from the cursor is newest first.
+        let upper = cursor.unwrap_or("\u{10ffff}");
+        let mut ids = Vec::with_capacity(limit + 1);
+        if let Some(owner) = owner {
+            let t = read.open_table(BY_OWNER).map_err(unavailable)?;
+            for row in t
+                .range((owner, "")..(owner, upper))
+                .map_err(unavailable)?
+                .rev()
+                .take(limit + 1)
+            {
+                ids.push(row.map_err(unavailable)?.0.value().1.to_owned());
+            }
+        } else {
+            for row in keys.range(..upper).map_err(unavailable)?.rev().take(limit + 1) {
+                ids.push(row.map_err(unavailable)?.0.value().to_owned());
+            }
+        }
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let mut items = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(v) = keys.get(id.as_str()).map_err(unavailable)? {
+                items.push(decode(v.value())?);
+            }
+        }
+        let next_cursor = if more { ids.last().cloned() } else { None };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn use_nonce(&self, key_id: &str, nonce: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = format!("{key_id}\n{nonce}");
+        let entry = self.nonces.entry(key).or_insert(ttl);
+        if !entry.is_fresh() {
+            return Ok(false);
+        }
+        let msg = WriterMsg::Nonce {
+            key: entry.key().clone(),
+            expires_unix: unix_now() + ttl.as_secs(),
+        };
+        self.writer
+            .send(msg)
+            .map_err(|_| StoreError::Unavailable("nonce writer stopped".into()))?;
+        Ok(true)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.db.begin_read().map(drop).map_err(unavailable)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::channel();
+        self.writer
+            .send(WriterMsg::Flush(tx))
+            .map_err(|_| StoreError::Unavailable("nonce writer stopped".into()))?;
+        tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .map_err(|_| StoreError::Unavailable("nonce writer stopped".into()))?
+            .map_err(StoreError::Unavailable)
+    }
+}

@@ -1,0 +1,107 @@
+//! API keys: the record, secrets and their sealing, the `KeyStore` trait and its backends.
+
+mod embedded;
+mod model;
+pub mod secret;
+mod store;
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use time::OffsetDateTime;
+
+pub use embedded::{EmbeddedStore, NONCE_BATCH_WINDOW};
+pub use model::{
+    is_valid_scope, new_key_id, scopes_grant, AuthKind, AuthKinds, KeyRecord, StoredCredential,
+};
+pub use secret::{Environment, MasterKey, SecretString};
+pub use store::{KeyStore, Page, StoreError};
+
+/// Everything a new key is made from, already validated.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    pub owner: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub scopes: Vec<String>,
+    pub ip_allow_list: Vec<IpNet>,
+    pub expires_at: Option<OffsetDateTime>,
+    pub environment: Environment,
+    pub auth: AuthKind,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Builds a record with fresh id, public key and secret. The secret is returned once, for the
+/// response; the record holds it only sealed (hmac kinds) or hashed (bearer).
+pub fn mint(master: &MasterKey, new: NewKey, now: OffsetDateTime) -> (KeyRecord, SecretString) {
+    let public_key = secret::generate_public_key(new.environment);
+    let secret = secret::generate_secret(new.environment);
+    let record = build_record(master, new, public_key, &secret, now);
+    (record, secret)
+}
+
+/// Builds a record around a given key pair (import, and [`mint`]).
+pub fn build_record(
+    master: &MasterKey,
+    new: NewKey,
+    public_key: String,
+    secret: &SecretString,
+    now: OffsetDateTime,
+) -> KeyRecord {
+    let id = new_key_id();
+    let credential = match new.auth {
+        AuthKind::Bearer => StoredCredential::Sha256 {
+            hash: hex::encode(secret.sha256()),
+        },
+        AuthKind::HmacV1 | AuthKind::HmacBody => {
+            StoredCredential::Sealed(master.seal(secret, &id))
+        }
+    };
+    KeyRecord {
+        id,
+        public_key,
+        secret_prefix: secret.display_prefix(),
+        owner: new.owner,
+        name: new.name,
+        description: new.description,
+        scopes: new.scopes,
+        ip_allow_list: new.ip_allow_list,
+        expires_at: new.expires_at,
+        environment: new.environment,
+        auth: new.auth,
+        metadata: new.metadata,
+        created_at: now,
+        updated_at: now,
+        revoked_at: None,
+        last_used_at: None,
+        total_requests: 0,
+        credential,
+    }
+}
+
+/// A key ready for verification: the record plus its unsealed secret (hmac kinds) or its
+/// hash (bearer). Built once per cache fill, shared by every request that uses the key.
+#[derive(Debug)]
+pub struct ActiveKey {
+    pub record: KeyRecord,
+    pub secret: Option<SecretString>,
+    pub bearer_hash: Option<[u8; 32]>,
+    /// `x-keygate-scopes` as sent upstream, joined once here rather than per request.
+    pub scopes_header: String,
+}
+
+impl ActiveKey {
+    /// Opens the record's sealed secret with the master key.
+    pub fn open(record: KeyRecord, master: &MasterKey) -> Result<Self, secret::SecretError> {
+        let secret = match &record.credential {
+            StoredCredential::Sealed(sealed) => Some(master.open(sealed, &record.id)?),
+            StoredCredential::Sha256 { .. } => None,
+        };
+        Ok(Self {
+            bearer_hash: record.bearer_hash(),
+            scopes_header: record.scopes.join(" "),
+            secret,
+            record,
+        })
+    }
+}

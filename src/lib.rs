@@ -1,0 +1,24 @@
+//! keygate: an authenticating reverse proxy for payment APIs.
+//!
+//! A request flows `proxy` (pingora adapter: route, bound and read the body) →
+//! `auth` (pure checks in SPEC §3.4 order) with keys from `cache` (moka) over a
+//! `keys::KeyStore` (embedded redb now) → forwarded upstream with the caller's identity, or
+//! refused with a `problem` (problem+json). `admin` (axum) mints and manages keys on its own
+//! listener; `metrics` is scraped on a third. `config` turns the TOML file into a typed
+//! runtime config; `server` wires it all into one pingora `Server`; `cli` holds `demo` and
+//! `sign`.
+
+pub mod admin;
+pub mod auth;
+pub mod cache;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod problem;
+pub mod proxy;
+pub mod server;
+
+pub use config::Config;
+pub use server::App;

@@ -1,0 +1,177 @@
+//! The `keygate` binary: parses the command line and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keygate::cli::{demo, sign};
+use keygate::keys::AuthKind;
+use keygate::{App, Config};
+
+/// Exit code for a bad config or command line (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+/// Exit code when the gateway cannot start (EX_SOFTWARE would mislead; EX_UNAVAILABLE).
+const EX_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(name = "keygate", version, about = "Authenticating reverse proxy for payment APIs")]
+struct Cli {
+    /// Config file; with no subcommand, runs the gateway with it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate a config file; print every problem with its key path; exit 64 on error.
+    CheckConfig {
+        file: PathBuf,
+    },
+    /// Zero-setup quickstart: embedded store, echo upstream, one demo key.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9902")]
+        metrics_listen: SocketAddr,
+    },
+    /// Print the signature headers for a request.
+    Sign {
+        #[arg(long)]
+        public_key: Option<String>,
+        /// The key's secret (or KEYGATE_SECRET).
+        #[arg(long, env = "KEYGATE_SECRET", hide_env_values = true)]
+        secret: String,
+        #[arg(long, default_value = "hmac-v1")]
+        scheme: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Path and query exactly as on the request line.
+        #[arg(long, default_value = "/")]
+        target: String,
+        /// Body text; see also --body-file.
+        #[arg(long, conflicts_with = "body_file")]
+        body: Option<String>,
+        #[arg(long)]
+        body_file: Option<PathBuf>,
+        /// Unix seconds; default now.
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// Default: a random UUID.
+        #[arg(long)]
+        nonce: Option<String>,
+        /// Also print a curl command for this base URL, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
+        for e in &errors.0 {
+            eprintln!("  {e}");
+        }
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = App::from_config(config).and_then(|app| app.run(Vec::new(), None));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keygate: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None | Some(Command::Serve) => {
+            let Some(path) = cli.config else {
+                eprintln!("keygate: --config FILE is required (or try `keygate demo`)");
+                return ExitCode::from(EX_USAGE);
+            };
+            init_logging();
+            serve(&path)
+        }
+        Some(Command::CheckConfig { file }) => match load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Some(Command::Demo { listen, admin_listen, metrics_listen }) => {
+            init_logging();
+            let opts = demo::DemoOptions { listen, admin_listen, metrics_listen };
+            match demo::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keygate demo: {e}");
+                    ExitCode::from(EX_UNAVAILABLE)
+                }
+            }
+        }
+        Some(Command::Sign { public_key, secret, scheme, method, target, body, body_file, timestamp, nonce, url }) => {
+            let Some(scheme) = AuthKind::parse(&scheme) else {
+                eprintln!("keygate sign: --scheme must be hmac-v1, hmac-body or bearer");
+                return ExitCode::from(EX_USAGE);
+            };
+            if scheme != AuthKind::Bearer && public_key.is_none() {
+                eprintln!("keygate sign: --public-key is required for {}", scheme.as_str());
+                return ExitCode::from(EX_USAGE);
+            }
+            let body = match (body, body_file) {
+                (Some(b), _) => b.into_bytes(),
+                (None, Some(f)) => match std::fs::read(&f) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("keygate sign: {}: {e}", f.display());
+                        return ExitCode::from(EX_USAGE);
+                    }
+                },
+                (None, None) => Vec::new(),
+            };
+            let req = sign::SignRequest {
+                scheme,
+                public_key: public_key.unwrap_or_default(),
+                secret,
+                method,
+                target,
+                body,
+                timestamp: timestamp.unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp()),
+                nonce: nonce.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            };
+            for (name, value) in sign::headers(&req) {
+                println!("{name}: {value}");
+            }
+            if let Some(url) = url {
+                println!("\n{}", sign::curl(url.trim_end_matches('/'), &req));
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}

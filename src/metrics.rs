@@ -1,0 +1,147 @@
+//! Prometheus metrics (SPEC §7): one struct built at startup, labels bounded by design —
+//! route names from config, error codes, fixed enums; never key ids, owners or raw paths.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric keygate exports, registered in its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub auth_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub cache_requests: IntCounterVec,
+    pub store_errors: IntCounterVec,
+    pub keys_changed: IntCounterVec,
+}
+
+/// Cache lookup outcomes (`keygate_key_cache_requests_total{result}`).
+#[derive(Clone, Copy, Debug)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    NegativeHit,
+}
+
+impl CacheResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::NegativeHit => "negative_hit",
+        }
+    }
+}
+
+/// Admin changes (`keygate_keys_changed_total{change}`).
+#[derive(Clone, Copy, Debug)]
+pub enum KeyChange {
+    Created,
+    Rotated,
+    Revoked,
+    Deleted,
+    Updated,
+}
+
+impl KeyChange {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Rotated => "rotated",
+            Self::Revoked => "revoked",
+            Self::Deleted => "deleted",
+            Self::Updated => "updated",
+        }
+    }
+}
+
+/// Auth checks are microseconds; upstream calls are milliseconds to seconds.
+const AUTH_BUCKETS: &[f64] = &[
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+    0.01, 0.025, 0.05,
+];
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new("keygate_requests_total", "Requests by route and outcome (ok or an error code)"),
+            &["route", "outcome"],
+        )?;
+        let auth_duration = HistogramVec::new(
+            HistogramOpts::new("keygate_auth_duration_seconds", "Time spent authenticating a request")
+                .buckets(AUTH_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new("keygate_upstream_duration_seconds", "Time from forwarding to the upstream's response")
+                .buckets(UPSTREAM_BUCKETS.to_vec()),
+            &["route", "status_class"],
+        )?;
+        let cache_requests = IntCounterVec::new(
+            Opts::new("keygate_key_cache_requests_total", "Key cache lookups by result"),
+            &["result"],
+        )?;
+        let store_errors = IntCounterVec::new(
+            Opts::new("keygate_store_errors_total", "Key store errors by operation"),
+            &["op"],
+        )?;
+        let keys_changed = IntCounterVec::new(
+            Opts::new("keygate_keys_changed_total", "Key changes made through the admin API"),
+            &["change"],
+        )?;
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(auth_duration.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(cache_requests.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(keys_changed.clone()))?;
+        Ok(Self {
+            registry,
+            requests_total,
+            auth_duration,
+            upstream_duration,
+            cache_requests,
+            store_errors,
+            keys_changed,
+        })
+    }
+
+    pub fn cache(&self, result: CacheResult) {
+        self.cache_requests.with_label_values(&[result.as_str()]).inc();
+    }
+
+    pub fn key_changed(&self, change: KeyChange) {
+        self.keys_changed.with_label_values(&[change.as_str()]).inc();
+    }
+
+    pub fn store_error(&self, op: &'static str) {
+        self.store_errors.with_label_values(&[op]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// `2xx`, `4xx`, … for `keygate_upstream_duration_seconds{status_class}`.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "error",
+    }
+}

@@ -1,0 +1,511 @@
+//! The pingora adapter: routing, body hold-back, authentication, forwarding, problem+json.
+//!
+//! No byte of an authenticated request reaches the upstream before it is verified: the body
+//! is read whole in `request_filter` (bounded by `server.max_body_bytes`), then verified.
+//! Bodies up to pingora's 64 KiB retry buffer are replayed upstream by pingora itself; larger
+//! ones are sent by [`forward`] through pingora's connector. Public routes stream as usual.
+
+mod forward;
+mod route;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, EXPECT};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::protocols::http::v1::common::is_expect_continue_req;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::auth::{self, AuthError, Credentials, Policy, RequestParts};
+use crate::cache::KeyCache;
+use crate::clock::Clock;
+use crate::config::{Config, Route, Upstream};
+use crate::keys::{ActiveKey, AuthKind};
+use crate::metrics::{status_class, Metrics};
+use crate::problem::{self, ErrorCode};
+pub use route::Router;
+
+/// How long an idle pooled upstream connection is kept: below the 5 s keep-alive default of
+/// Node.js servers, so keygate closes first and never writes into a connection being closed.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The `ProxyHttp` implementation; shared by every request of the proxy service.
+pub struct Gateway {
+    router: Router,
+    upstreams: Vec<Upstream>,
+    /// Round-robin position per upstream.
+    next_endpoint: Vec<AtomicUsize>,
+    max_body_bytes: usize,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    policy: Policy,
+    cache: Arc<KeyCache>,
+    metrics: Metrics,
+    clock: Arc<dyn Clock>,
+    /// For bodies beyond pingora's retry buffer; pools connections like pingora's own.
+    connector: Connector,
+    request_ids: RequestIds,
+}
+
+/// Per-request state carried between pingora's phases.
+pub struct Ctx {
+    request_id: String,
+    route: Option<usize>,
+    key: Option<Arc<ActiveKey>>,
+    client_ip: Option<IpAddr>,
+    /// `None` while the request is on its way to success.
+    outcome: Option<ErrorCode>,
+    /// `Expect: 100-continue` was answered by keygate; the upstream must not see it.
+    answered_expect: bool,
+    /// Bytes of a public route's body seen so far (chunked bodies have no length up front).
+    public_body_bytes: usize,
+    upstream_started: Option<Instant>,
+}
+
+/// Request ids: a random per-process prefix and a counter, unique without a syscall.
+struct RequestIds {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let prefix = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            prefix: prefix[..12].to_owned(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:010x}", self.prefix)
+    }
+}
+
+/// A client-sent `x-request-id` is kept when it is short and plain, so traces join up.
+fn usable_request_id(req: &RequestHeader) -> Option<String> {
+    let v = req.headers.get("x-request-id")?.to_str().ok()?;
+    ((1..=128).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+    .then(|| v.to_owned())
+}
+
+impl Gateway {
+    pub fn new(config: &Config, cache: Arc<KeyCache>, metrics: Metrics, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            router: Router::new(config.routes.clone()),
+            next_endpoint: config.upstreams.iter().map(|_| AtomicUsize::new(0)).collect(),
+            upstreams: config.upstreams.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            policy: Policy {
+                clock_skew: config.signing.clock_skew,
+                body_nonce_retention: config.signing.body_nonce_retention,
+            },
+            cache,
+            metrics,
+            clock,
+            connector: Connector::new(None),
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    fn route(&self, ctx: &Ctx) -> Option<&Route> {
+        ctx.route.and_then(|i| self.router.get(i))
+    }
+
+    fn upstream(&self, route: &Route) -> Option<&Upstream> {
+        self.upstreams.get(route.upstream)
+    }
+
+    fn peer(&self, route: &Route) -> Result<HttpPeer> {
+        let up = self
+            .upstream(route)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route names no upstream"))?;
+        let n = up.endpoints.len().max(1);
+        let i = self.next_endpoint[route.upstream].fetch_add(1, Ordering::Relaxed) % n;
+        let addr = up
+            .endpoints
+            .get(i)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream has no endpoints"))?;
+        let mut peer = HttpPeer::new(*addr, false, String::new());
+        peer.options.connection_timeout = Some(up.connect_timeout);
+        peer.options.read_timeout = Some(up.read_timeout);
+        peer.options.write_timeout = Some(up.read_timeout);
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        Ok(peer)
+    }
+
+    /// Answers with problem+json and records the outcome. `drained`: the request body was
+    /// read completely, so the connection can serve another request.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        code: ErrorCode,
+        detail: &str,
+        drained: bool,
+    ) -> Result<bool> {
+        ctx.outcome = Some(code);
+        if !drained {
+            session.set_keepalive(None);
+        }
+        write_problem(session, code, detail, &ctx.request_id).await?;
+        Ok(true)
+    }
+
+    /// Reads the whole body, refusing it once it passes `max_body_bytes`.
+    async fn read_body(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Result<Bytes, ()>> {
+        session.enable_retry_buffering();
+        if is_expect_continue_req(session.req_header()) {
+            session.write_continue_response().await?;
+            ctx.answered_expect = true;
+        }
+        let mut first: Option<Bytes> = None;
+        let mut rest = BytesMut::new();
+        let mut total = 0usize;
+        while let Some(chunk) = session.read_request_body().await? {
+            total += chunk.len();
+            if total > self.max_body_bytes {
+                return Ok(Err(()));
+            }
+            // The common case is one chunk: keep it without copying.
+            match &first {
+                None if rest.is_empty() => first = Some(chunk),
+                _ => {
+                    if let Some(f) = first.take() {
+                        rest.extend_from_slice(&f);
+                    }
+                    rest.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(Ok(first.unwrap_or_else(|| rest.freeze())))
+    }
+
+    /// Steps 3–10 of SPEC §3.4 for a matched, non-public route.
+    async fn authenticate(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+        client_ip: IpAddr,
+        route: &Route,
+    ) -> std::result::Result<Arc<ActiveKey>, AuthError> {
+        let creds = auth::parse_credentials(&req.headers)?;
+        let found = match &creds {
+            Credentials::Signed { public_key, .. } => self.cache.by_public_key(public_key).await,
+            Credentials::Bearer { secret_hash } => {
+                if !route.auth.contains(AuthKind::Bearer) {
+                    return Err(AuthError::KindNotAccepted(AuthKind::Bearer.as_str()));
+                }
+                self.cache.by_secret_hash(secret_hash).await
+            }
+        };
+        let key = match found {
+            Ok(Some(key)) => key,
+            Ok(None) => return Err(AuthError::UnknownKey),
+            Err(e) => {
+                tracing::error!(error = %e, "key lookup failed");
+                return Err(AuthError::StoreUnavailable);
+            }
+        };
+        let target = String::from_utf8_lossy(req.raw_path());
+        let parts = RequestParts {
+            method: req.method.as_str(),
+            target: &target,
+            body,
+            client_ip,
+        };
+        let claim = auth::check_key(&key, &creds, &parts, route.auth, self.clock.now(), &self.policy)?;
+        if let Some(claim) = claim {
+            match self
+                .cache
+                .store()
+                .use_nonce(&key.record.id, &claim.value, claim.ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Err(AuthError::ReplayedNonce),
+                Err(e) => {
+                    self.metrics.store_error("use_nonce");
+                    tracing::error!(error = %e, "nonce check failed");
+                    return Err(AuthError::StoreUnavailable);
+                }
+            }
+        }
+        auth::check_scope(&key, route.scope.as_deref())?;
+        Ok(key)
+    }
+
+    /// The upstream request: identity added, spoofed identity and (by default) credentials
+    /// removed, `x-request-id` and `X-Forwarded-For` set. Used by both forwarding paths.
+    fn prepare_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
+        let forward_credentials = self
+            .route(ctx)
+            .and_then(|r| self.upstream(r))
+            .is_some_and(|u| u.forward_credentials);
+        let spoofed: Vec<http::HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("x-keygate-"))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            req.remove_header(&name);
+        }
+        if !forward_credentials {
+            for name in auth::CREDENTIAL_HEADERS {
+                req.remove_header(name);
+            }
+        }
+        if ctx.answered_expect {
+            req.remove_header(&EXPECT);
+        }
+        if let Some(key) = &ctx.key {
+            let r = &key.record;
+            req.insert_header("x-keygate-key-id", r.id.as_str())?;
+            req.insert_header("x-keygate-owner", r.owner.as_str())?;
+            req.insert_header("x-keygate-scopes", key.scopes_header.as_str())?;
+            req.insert_header("x-keygate-environment", r.environment.as_str())?;
+        }
+        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(ip) = ctx.client_ip {
+            let prior: Vec<&str> = req
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let xff = if prior.is_empty() {
+                ip.to_string()
+            } else {
+                format!("{}, {ip}", prior.join(", "))
+            };
+            req.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a complete problem+json response.
+async fn write_problem(session: &mut Session, code: ErrorCode, detail: &str, request_id: &str) -> Result<()> {
+    let body = problem::render(code, detail, request_id, None);
+    let mut h = ResponseHeader::build(code.status(), Some(4))?;
+    h.insert_header("content-type", problem::CONTENT_TYPE)?;
+    h.insert_header("content-length", body.len().to_string())?;
+    h.insert_header("x-request-id", request_id)?;
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(Bytes::from(body)), true).await?;
+    Ok(())
+}
+
+/// The contract's code for a pingora error, or `None` when the client is gone.
+fn error_code(e: &Error) -> Option<ErrorCode> {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(413) => Some(ErrorCode::BodyTooLarge),
+        HTTPStatus(400) => Some(ErrorCode::BadRequest),
+        ReadTimedout | WriteTimedout if e.esource() != &ErrorSource::Downstream => Some(ErrorCode::UpstreamTimeout),
+        _ => match e.esource() {
+            ErrorSource::Upstream => Some(ErrorCode::UpstreamUnavailable),
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => None,
+                _ => Some(ErrorCode::BadRequest),
+            },
+            ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
+                ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+                | ConnectionClosed | ReadError | WriteError | InvalidHTTPHeader => {
+                    Some(ErrorCode::UpstreamUnavailable)
+                }
+                _ => Some(ErrorCode::Internal),
+            },
+        },
+    }
+}
+
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            request_id: String::new(),
+            route: None,
+            key: None,
+            client_ip: None,
+            outcome: None,
+            answered_expect: false,
+            public_body_bytes: 0,
+            upstream_started: None,
+        }
+    }
+
+    /// Routes, bounds and reads the body, authenticates; answers refusals itself.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
+        // Step 1.
+        let Some(route_index) = self.router.find(&req.method, req.uri.path()) else {
+            return self
+                .refuse(session, ctx, ErrorCode::NoRoute, "no route matches this method and path", false)
+                .await;
+        };
+        ctx.route = Some(route_index);
+        let Some(route) = self.router.get(route_index) else {
+            return Err(Error::explain(ErrorType::InternalError, "route index out of range"));
+        };
+        // Step 2, before reading a byte when the length is declared.
+        if content_length(req).is_some_and(|n| n > self.max_body_bytes as u64) {
+            let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
+            return self.refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false).await;
+        }
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let xff = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let client_ip = auth::client_ip::client_ip(peer_ip, xff, &self.trusted_proxies);
+        ctx.client_ip = Some(client_ip);
+        if route.public {
+            return Ok(false);
+        }
+
+        let Ok(body) = self.read_body(session, ctx).await? else {
+            let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
+            return self.refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false).await;
+        };
+
+        let started = Instant::now();
+        let result = self.authenticate(session.req_header(), &body, client_ip, route).await;
+        self.metrics
+            .auth_duration
+            .with_label_values(&[route.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(key) => ctx.key = Some(key),
+            Err(e) => {
+                if matches!(e, AuthError::StoreUnavailable) {
+                    self.metrics.store_error("lookup");
+                }
+                return self.refuse(session, ctx, e.code(), &e.to_string(), true).await;
+            }
+        }
+
+        if session.as_downstream().retry_buffer_truncated() {
+            // Too large for pingora to replay: send it ourselves, verified and whole.
+            self.forward_direct(session, ctx, body).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Public routes stream their body; cap it as it passes (chunked bodies declare no length).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if ctx.key.is_none() {
+            ctx.public_body_bytes += body.as_ref().map_or(0, Bytes::len);
+            if ctx.public_body_bytes > self.max_body_bytes {
+                return Error::e_explain(ErrorType::HTTPStatus(413), "public route body too large");
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let route = self
+            .route(ctx)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route in context"))?;
+        self.peer(route).map(Box::new)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_started = Some(Instant::now());
+        self.prepare_upstream_request(upstream_request, ctx)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(started), Some(route)) = (ctx.upstream_started, self.route(ctx)) {
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[route.name.as_str(), status_class(upstream_response.status.as_u16())])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = error_code(e);
+        if let Some(code) = code {
+            ctx.outcome = Some(code);
+            if ctx.request_id.is_empty() {
+                ctx.request_id = self.request_ids.next();
+            }
+            let detail = match code {
+                ErrorCode::UpstreamTimeout => "the upstream did not answer in time",
+                ErrorCode::UpstreamUnavailable => "the upstream could not be reached",
+                ErrorCode::BodyTooLarge => "the body is larger than the limit",
+                _ => "the request could not be processed",
+            };
+            if let Err(we) = write_problem(session, code, detail, &ctx.request_id).await {
+                tracing::debug!(error = %we, "could not write error response");
+            }
+        }
+        FailToProxy {
+            error_code: code.map_or(0, ErrorCode::status),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let route = self.route(ctx).map_or("unmatched", |r| r.name.as_str());
+        let outcome = match (ctx.outcome, e) {
+            (Some(code), _) => code.as_str(),
+            (None, Some(_)) => "client_closed",
+            (None, None) => "ok",
+        };
+        self.metrics.requests_total.with_label_values(&[route, outcome]).inc();
+        if let Some(err) = e {
+            tracing::debug!(request_id = %ctx.request_id, route, error = %err, "request failed");
+        }
+    }
+}
