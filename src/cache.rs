@@ -27,7 +27,11 @@ struct TtlByKind {
 
 impl<K> Expiry<K, Entry> for TtlByKind {
     fn expire_after_create(&self, _: &K, value: &Entry, _: Instant) -> Option<Duration> {
-        Some(if value.is_some() { self.ttl } else { self.negative_ttl })
+        Some(if value.is_some() {
+            self.ttl
+        } else {
+            self.negative_ttl
+        })
     }
 }
 
@@ -63,7 +67,12 @@ pub struct KeyCache {
 }
 
 impl KeyCache {
-    pub fn new(store: Arc<dyn KeyStore>, master: Arc<MasterKey>, metrics: Metrics, cfg: &CacheConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        master: Arc<MasterKey>,
+        metrics: Metrics,
+        cfg: &CacheConfig,
+    ) -> Self {
         Self {
             store,
             master,
@@ -102,13 +111,17 @@ impl KeyCache {
         // Concurrent misses for one key share a single store read.
         self.by_public
             .try_get_with_by_ref(public_key, async {
-                let record = self.store.get_by_public_key(public_key).await.inspect_err(|_| {
-                    self.metrics.store_error("get_by_public_key");
-                })?;
+                let record = self
+                    .store
+                    .get_by_public_key(public_key)
+                    .await
+                    .inspect_err(|_| {
+                        self.metrics.store_error("get_by_public_key");
+                    })?;
                 self.activate(record)
             })
             .await
-            .map_err(unshare)
+            .map_err(|e| unshare(&e))
     }
 
     /// The bearer key whose secret hashes to `hash`; `Ok(None)` if there is none.
@@ -126,7 +139,7 @@ impl KeyCache {
                 self.activate(record)
             })
             .await
-            .map_err(unshare)
+            .map_err(|e| unshare(&e))
     }
 
     /// Drops every entry that could describe `record`, so the next request reads the store.
@@ -139,12 +152,16 @@ impl KeyCache {
 }
 
 /// moka shares one init error between concurrent callers; rebuild an owned one.
-fn unshare(e: Arc<LookupError>) -> LookupError {
-    match &*e {
+fn unshare(e: &Arc<LookupError>) -> LookupError {
+    match &**e {
         LookupError::Store(StoreError::Conflict) => LookupError::Store(StoreError::Conflict),
         LookupError::Store(StoreError::NotFound) => LookupError::Store(StoreError::NotFound),
-        LookupError::Store(StoreError::Unavailable(m)) => LookupError::Store(StoreError::Unavailable(m.clone())),
-        LookupError::Store(StoreError::Corrupt(m)) => LookupError::Store(StoreError::Corrupt(m.clone())),
+        LookupError::Store(StoreError::Unavailable(m)) => {
+            LookupError::Store(StoreError::Unavailable(m.clone()))
+        }
+        LookupError::Store(StoreError::Corrupt(m)) => {
+            LookupError::Store(StoreError::Corrupt(m.clone()))
+        }
         LookupError::Seal(s) => LookupError::Store(StoreError::Corrupt(s.to_string())),
     }
 }
@@ -181,7 +198,8 @@ mod tests {
     #[tokio::test]
     async fn hits_misses_negatives_and_invalidation() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&dir.path().join("k.db")).unwrap());
+        let store: Arc<dyn KeyStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("k.db")).unwrap());
         let (mk, _) = MasterKey::generate();
         let mk = Arc::new(mk);
         let metrics = Metrics::new().unwrap();
@@ -191,24 +209,48 @@ mod tests {
         let (record, secret) = mint(&mk, new_key(), OffsetDateTime::now_utc());
         store.insert(&record).await.unwrap();
 
-        let got = cache.by_public_key(&record.public_key).await.unwrap().unwrap();
-        assert_eq!(got.secret.as_ref(), Some(&secret), "secret unsealed on fill");
+        let got = cache
+            .by_public_key(&record.public_key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got.secret.as_ref(),
+            Some(&secret),
+            "secret unsealed on fill"
+        );
         assert_eq!((count("miss"), count("hit")), (1, 0));
         cache.by_public_key(&record.public_key).await.unwrap();
         assert_eq!((count("miss"), count("hit")), (1, 1));
 
-        assert!(cache.by_public_key("pk_test_nobodynobodynobodynob").await.unwrap().is_none());
-        assert!(cache.by_public_key("pk_test_nobodynobodynobodynob").await.unwrap().is_none());
+        assert!(cache
+            .by_public_key("pk_test_nobodynobodynobodynob")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(cache
+            .by_public_key("pk_test_nobodynobodynobodynob")
+            .await
+            .unwrap()
+            .is_none());
         assert_eq!(count("negative_hit"), 1);
 
         // A change made through the store is seen only after invalidation.
         let mut revoked = record.clone();
         revoked.revoked_at = Some(OffsetDateTime::now_utc());
         store.update(&revoked).await.unwrap();
-        let stale = cache.by_public_key(&record.public_key).await.unwrap().unwrap();
+        let stale = cache
+            .by_public_key(&record.public_key)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(stale.record.revoked_at.is_none());
         cache.invalidate(&record).await;
-        let fresh = cache.by_public_key(&record.public_key).await.unwrap().unwrap();
+        let fresh = cache
+            .by_public_key(&record.public_key)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(fresh.record.revoked_at.is_some());
     }
 }

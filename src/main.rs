@@ -15,7 +15,11 @@ const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
-#[command(name = "keygate", version, about = "Authenticating reverse proxy for payment APIs")]
+#[command(
+    name = "keygate",
+    version,
+    about = "Authenticating reverse proxy for payment APIs"
+)]
 struct Cli {
     /// Config file; with no subcommand, runs the gateway with it.
     #[arg(long, global = true)]
@@ -29,9 +33,7 @@ enum Command {
     /// Run the gateway.
     Serve,
     /// Validate a config file; print every problem with its key path; exit 64 on error.
-    CheckConfig {
-        file: PathBuf,
-    },
+    CheckConfig { file: PathBuf },
     /// Zero-setup quickstart: embedded store, echo upstream, one demo key.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -124,9 +126,17 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Some(Command::Demo { listen, admin_listen, metrics_listen }) => {
+        Some(Command::Demo {
+            listen,
+            admin_listen,
+            metrics_listen,
+        }) => {
             init_logging();
-            let opts = demo::DemoOptions { listen, admin_listen, metrics_listen };
+            let opts = demo::DemoOptions {
+                listen,
+                admin_listen,
+                metrics_listen,
+            };
             match demo::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -135,13 +145,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Sign { public_key, secret, scheme, method, target, body, body_file, timestamp, nonce, url }) => {
+        Some(Command::Sign {
+            public_key,
+            secret,
+            scheme,
+            method,
+            target,
+            body,
+            body_file,
+            timestamp,
+            nonce,
+            url,
+        }) => {
             let Some(scheme) = AuthKind::parse(&scheme) else {
                 eprintln!("keygate sign: --scheme must be hmac-v1, hmac-body or bearer");
                 return ExitCode::from(EX_USAGE);
             };
             if scheme != AuthKind::Bearer && public_key.is_none() {
-                eprintln!("keygate sign: --public-key is required for {}", scheme.as_str());
+                eprintln!(
+                    "keygate sign: --public-key is required for {}",
+                    scheme.as_str()
+                );
                 return ExitCode::from(EX_USAGE);
             }
             let body = match (body, body_file) {
@@ -162,7 +186,8 @@ fn main() -> ExitCode {
                 method,
                 target,
                 body,
-                timestamp: timestamp.unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp()),
+                timestamp: timestamp
+                    .unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp()),
                 nonce: nonce.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             };
             for (name, value) in sign::headers(&req) {

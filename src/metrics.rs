@@ -70,29 +70,47 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests_total = IntCounterVec::new(
-            Opts::new("keygate_requests_total", "Requests by route and outcome (ok or an error code)"),
+            Opts::new(
+                "keygate_requests_total",
+                "Requests by route and outcome (ok or an error code)",
+            ),
             &["route", "outcome"],
         )?;
         let auth_duration = HistogramVec::new(
-            HistogramOpts::new("keygate_auth_duration_seconds", "Time spent authenticating a request")
-                .buckets(AUTH_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "keygate_auth_duration_seconds",
+                "Time spent authenticating a request",
+            )
+            .buckets(AUTH_BUCKETS.to_vec()),
             &["route"],
         )?;
         let upstream_duration = HistogramVec::new(
-            HistogramOpts::new("keygate_upstream_duration_seconds", "Time from forwarding to the upstream's response")
-                .buckets(UPSTREAM_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "keygate_upstream_duration_seconds",
+                "Time from forwarding to the upstream's response",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
             &["route", "status_class"],
         )?;
         let cache_requests = IntCounterVec::new(
-            Opts::new("keygate_key_cache_requests_total", "Key cache lookups by result"),
+            Opts::new(
+                "keygate_key_cache_requests_total",
+                "Key cache lookups by result",
+            ),
             &["result"],
         )?;
         let store_errors = IntCounterVec::new(
-            Opts::new("keygate_store_errors_total", "Key store errors by operation"),
+            Opts::new(
+                "keygate_store_errors_total",
+                "Key store errors by operation",
+            ),
             &["op"],
         )?;
         let keys_changed = IntCounterVec::new(
-            Opts::new("keygate_keys_changed_total", "Key changes made through the admin API"),
+            Opts::new(
+                "keygate_keys_changed_total",
+                "Key changes made through the admin API",
+            ),
             &["change"],
         )?;
         registry.register(Box::new(requests_total.clone()))?;
@@ -113,11 +131,15 @@ impl Metrics {
     }
 
     pub fn cache(&self, result: CacheResult) {
-        self.cache_requests.with_label_values(&[result.as_str()]).inc();
+        self.cache_requests
+            .with_label_values(&[result.as_str()])
+            .inc();
     }
 
     pub fn key_changed(&self, change: KeyChange) {
-        self.keys_changed.with_label_values(&[change.as_str()]).inc();
+        self.keys_changed
+            .with_label_values(&[change.as_str()])
+            .inc();
     }
 
     pub fn store_error(&self, op: &'static str) {

@@ -45,7 +45,10 @@ pub enum StartError {
 
 /// Reads the master key from the environment, else from `secrets.master_key_file`, which must
 /// not be readable by group or others.
-pub fn load_master_key(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<MasterKey, StartError> {
+pub fn load_master_key(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<MasterKey, StartError> {
     if let Some(text) = env(ENV_MASTER_KEY).filter(|t| !t.trim().is_empty()) {
         return Ok(MasterKey::from_base64(&text)?);
     }
@@ -67,12 +70,16 @@ pub fn load_master_key(config: &Config, env: &dyn Fn(&str) -> Option<String>) ->
         if mode & 0o077 != 0 {
             return Err(StartError::MasterKeyFile(
                 shown,
-                format!("mode {:o} lets other users read it; chmod 600 it", mode & 0o777),
+                format!(
+                    "mode {:o} lets other users read it; chmod 600 it",
+                    mode & 0o777
+                ),
             ));
         }
     }
     let text = SecretString::new(
-        std::fs::read_to_string(path).map_err(|e| StartError::MasterKeyFile(shown.clone(), e.to_string()))?,
+        std::fs::read_to_string(path)
+            .map_err(|e| StartError::MasterKeyFile(shown.clone(), e.to_string()))?,
     );
     Ok(MasterKey::from_base64(text.expose())?)
 }
@@ -147,9 +154,17 @@ impl App {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let gateway = Gateway::new(cfg, Arc::clone(&cache), metrics.clone(), Arc::clone(&self.clock));
-        let mut proxy =
-            pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "keygate proxy");
+        let gateway = Gateway::new(
+            cfg,
+            Arc::clone(&cache),
+            metrics.clone(),
+            Arc::clone(&self.clock),
+        );
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            gateway,
+            "keygate proxy",
+        );
         proxy.add_tcp(&cfg.server.listen.to_string());
         server.add_service(proxy);
 
@@ -211,7 +226,8 @@ impl App {
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     let l = TcpListener::bind(addr).map_err(|e| StartError::Listen(addr, e))?;
-    l.set_nonblocking(true).map_err(|e| StartError::Listen(addr, e))?;
+    l.set_nonblocking(true)
+        .map_err(|e| StartError::Listen(addr, e))?;
     Ok(l)
 }
 

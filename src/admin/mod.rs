@@ -93,10 +93,13 @@ impl IntoResponse for AdminError {
             _ => None,
         };
         let body = problem::render(code, &self.to_string(), &request_id, errors);
-        let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, body).into_response();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(problem::CONTENT_TYPE));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(problem::CONTENT_TYPE),
+        );
         if matches!(self, Self::Unauthorized) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -111,9 +114,15 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", get(get_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_admin));
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_admin,
+        ));
     Router::new()
-        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .merge(v1)
         .fallback(|| async { AdminError::NotFound })
@@ -172,11 +181,16 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(json!({"store": store_ok, "proxy_listener": proxy_ok}))).into_response()
+    (
+        status,
+        axum::Json(json!({"store": store_ok, "proxy_listener": proxy_ok})),
+    )
+        .into_response()
 }
 
 fn rfc3339(t: Option<OffsetDateTime>) -> Value {
-    t.and_then(|t| t.format(&Rfc3339).ok()).map_or(Value::Null, Value::String)
+    t.and_then(|t| t.format(&Rfc3339).ok())
+        .map_or(Value::Null, Value::String)
 }
 
 /// A record as the admin API shows it; the secret only when just minted.
@@ -206,14 +220,21 @@ pub fn key_json(r: &KeyRecord, secret: Option<&SecretString>) -> Value {
     v
 }
 
-async fn create_key(State(state): State<Arc<AdminState>>, body: Bytes) -> Result<Response, AdminError> {
+async fn create_key(
+    State(state): State<Arc<AdminState>>,
+    body: Bytes,
+) -> Result<Response, AdminError> {
     let now = state.clock.now();
     let new = validate::create_body(&body, now)?;
     let (record, secret) = mint(&state.master, new, now);
     state.store.insert(&record).await?;
     state.metrics.key_changed(KeyChange::Created);
     tracing::info!(key_id = %record.id, owner = %record.owner, "key created");
-    Ok((StatusCode::CREATED, axum::Json(key_json(&record, Some(&secret)))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(key_json(&record, Some(&secret))),
+    )
+        .into_response())
 }
 
 async fn find(state: &AdminState, id: &str) -> Result<KeyRecord, AdminError> {
@@ -225,7 +246,10 @@ async fn find(state: &AdminState, id: &str) -> Result<KeyRecord, AdminError> {
     found.ok_or(AdminError::NotFound)
 }
 
-async fn get_key(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Response, AdminError> {
+async fn get_key(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
     let record = find(&state, &id).await?;
     Ok(axum::Json(key_json(&record, None)).into_response())
 }
@@ -240,7 +264,10 @@ async fn list_keys(
     Ok(axum::Json(json!({"items": items, "next_cursor": page.next_cursor})).into_response())
 }
 
-async fn revoke_key(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Response, AdminError> {
+async fn revoke_key(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
     let mut record = find(&state, &id).await?;
     if record.revoked_at.is_none() {
         let now = state.clock.now();

@@ -74,9 +74,15 @@ pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Ad
     if name.trim().is_empty() {
         err("name", "required");
     } else if name_len > MAX_NAME || name.chars().any(char::is_control) {
-        err("name", "must be 1-255 characters without control characters");
+        err(
+            "name",
+            "must be 1-255 characters without control characters",
+        );
     }
-    if b.description.as_ref().is_some_and(|d| d.chars().count() > MAX_DESCRIPTION) {
+    if b.description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION)
+    {
         err("description", "must be at most 1000 characters");
     }
     let scopes = b.scopes.unwrap_or_default();
@@ -85,7 +91,10 @@ pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Ad
     }
     for (i, s) in scopes.iter().enumerate() {
         if !is_valid_scope(s) {
-            err(&format!("scopes[{i}]"), "must be lowercase segments joined by '.', optionally ending in '.*', or '*'");
+            err(
+                &format!("scopes[{i}]"),
+                "must be lowercase segments joined by '.', optionally ending in '.*', or '*'",
+            );
         }
     }
     let raw_ips = b.ip_allow_list.unwrap_or_default();
@@ -100,7 +109,10 @@ pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Ad
             .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
         {
             Some(n) => ip_allow_list.push(n.trunc()),
-            None => err(&format!("ip_allow_list[{i}]"), "must be an IPv4/IPv6 address or CIDR"),
+            None => err(
+                &format!("ip_allow_list[{i}]"),
+                "must be an IPv4/IPv6 address or CIDR",
+            ),
         }
     }
     let expires_at = match b.expires_at.as_deref() {
@@ -112,7 +124,10 @@ pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Ad
                 None
             }
             Err(_) => {
-                err("expires_at", "must be an RFC 3339 time like 2027-01-31T00:00:00Z");
+                err(
+                    "expires_at",
+                    "must be an RFC 3339 time like 2027-01-31T00:00:00Z",
+                );
                 None
             }
         },
@@ -140,7 +155,10 @@ pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Ad
         if k.is_empty() || k.chars().count() > MAX_METADATA_KEY {
             err(&format!("metadata.{k}"), "keys must be 1-64 characters");
         } else if v.chars().count() > MAX_METADATA_VALUE {
-            err(&format!("metadata.{k}"), "values must be at most 512 characters");
+            err(
+                &format!("metadata.{k}"),
+                "values must be at most 512 characters",
+            );
         }
     }
 
@@ -161,7 +179,9 @@ pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Ad
 }
 
 /// `owner`, `cursor`, `limit` (1–200, default 50) of `GET /v1/keys`.
-pub(super) fn list_query(q: &HashMap<String, String>) -> Result<(Option<&str>, Option<&str>, usize), AdminError> {
+pub(super) fn list_query(
+    q: &HashMap<String, String>,
+) -> Result<(Option<&str>, Option<&str>, usize), AdminError> {
     let mut errors = BTreeMap::new();
     for k in q.keys() {
         if !["owner", "cursor", "limit"].contains(&k.as_str()) {
@@ -173,7 +193,10 @@ pub(super) fn list_query(q: &HashMap<String, String>) -> Result<(Option<&str>, O
         Some(s) => match s.parse::<usize>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
             _ => {
-                errors.insert("limit".into(), "must be a whole number from 1 to 200".into());
+                errors.insert(
+                    "limit".into(),
+                    "must be a whole number from 1 to 200".into(),
+                );
                 DEFAULT_LIMIT
             }
         },
@@ -182,7 +205,10 @@ pub(super) fn list_query(q: &HashMap<String, String>) -> Result<(Option<&str>, O
         return Err(AdminError::Validation(errors));
     }
     let owner = q.get("owner").map(String::as_str).filter(|s| !s.is_empty());
-    let cursor = q.get("cursor").map(String::as_str).filter(|s| !s.is_empty());
+    let cursor = q
+        .get("cursor")
+        .map(String::as_str)
+        .filter(|s| !s.is_empty());
     Ok((owner, cursor, limit))
 }
 
@@ -212,13 +238,24 @@ mod tests {
         let fields: Vec<&str> = errors.keys().map(String::as_str).collect();
         assert_eq!(
             fields,
-            vec!["auth", "environment", "expires_at", "ip_allow_list[0]", "name", "owner", "scopes[1]"]
+            vec![
+                "auth",
+                "environment",
+                "expires_at",
+                "ip_allow_list[0]",
+                "name",
+                "owner",
+                "scopes[1]"
+            ]
         );
     }
 
     #[test]
     fn malformed_json_is_not_a_validation_error() {
-        assert!(matches!(create_body(b"{\"owner\":", now()), Err(AdminError::MalformedJson(_))));
+        assert!(matches!(
+            create_body(b"{\"owner\":", now()),
+            Err(AdminError::MalformedJson(_))
+        ));
         assert!(matches!(
             create_body(br#"{"owner":"a","name":"b","colour":"red"}"#, now()),
             Err(AdminError::Validation(_))

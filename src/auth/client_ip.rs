@@ -51,7 +51,11 @@ mod tests {
 
     #[test]
     fn untrusted_peer_is_the_client_whatever_xff_says() {
-        let got = client_ip(ip("203.0.113.9"), ["1.2.3.4"].into_iter(), &nets(&["10.0.0.0/8"]));
+        let got = client_ip(
+            ip("203.0.113.9"),
+            ["1.2.3.4"].into_iter(),
+            &nets(&["10.0.0.0/8"]),
+        );
         assert_eq!(got, ip("203.0.113.9"));
     }
 

@@ -105,8 +105,9 @@ fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a s
     headers
         .get(name)
         .map(|v| {
-            v.to_str()
-                .map_err(|_| AuthError::MalformedCredentials("credential headers must be visible ASCII"))
+            v.to_str().map_err(|_| {
+                AuthError::MalformedCredentials("credential headers must be visible ASCII")
+            })
         })
         .transpose()
 }
@@ -132,7 +133,9 @@ pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthErr
             "x-api-signature must be 64 hex characters",
         ))?;
         let timestamp = header(headers, H_TIMESTAMP)?;
-        if timestamp.is_some_and(|t| t.is_empty() || t.len() > 12 || !t.bytes().all(|b| b.is_ascii_digit())) {
+        if timestamp
+            .is_some_and(|t| t.is_empty() || t.len() > 12 || !t.bytes().all(|b| b.is_ascii_digit()))
+        {
             return Err(AuthError::MalformedCredentials(
                 "x-api-timestamp must be Unix time in seconds, decimal",
             ));
@@ -152,9 +155,11 @@ pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthErr
     }
     let bearer = match header(headers, "authorization")? {
         Some(value) => {
-            let (scheme, token) = value.split_once(' ').ok_or(AuthError::MalformedCredentials(
-                "Authorization must be \"Bearer <secret>\"",
-            ))?;
+            let (scheme, token) = value
+                .split_once(' ')
+                .ok_or(AuthError::MalformedCredentials(
+                    "Authorization must be \"Bearer <secret>\"",
+                ))?;
             if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
                 return Err(AuthError::MalformedCredentials(
                     "Authorization must be \"Bearer <secret>\"",
@@ -169,9 +174,9 @@ pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthErr
             secret_hash: crate::keys::SecretString::new(secret.to_owned()).sha256(),
         }),
         Some(_) => Err(AuthError::MalformedCredentials("x-api-key is empty")),
-        None if headers.contains_key(H_SIGNATURE) => Err(AuthError::MissingCredentials(
-            "x-api-public-key is missing",
-        )),
+        None if headers.contains_key(H_SIGNATURE) => {
+            Err(AuthError::MissingCredentials("x-api-public-key is missing"))
+        }
         None => Err(AuthError::MissingCredentials(
             "send x-api-public-key and x-api-signature, or a bearer secret",
         )),
@@ -210,14 +215,19 @@ struct BodyNonce {
 
 fn body_nonce(body: &[u8]) -> Result<String, AuthError> {
     if body.is_empty() {
-        return Err(AuthError::MissingNonce("hmac-body requests need a JSON body with a nonce"));
+        return Err(AuthError::MissingNonce(
+            "hmac-body requests need a JSON body with a nonce",
+        ));
     }
-    let parsed: BodyNonce = serde_json::from_slice(body)
-        .map_err(|_| AuthError::MissingNonce("the body must be a JSON object with a nonce field"))?;
+    let parsed: BodyNonce = serde_json::from_slice(body).map_err(|_| {
+        AuthError::MissingNonce("the body must be a JSON object with a nonce field")
+    })?;
     match parsed.nonce {
         Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
         Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(_) => Err(AuthError::MissingNonce("nonce must be a number or a non-empty string")),
+        Some(_) => Err(AuthError::MissingNonce(
+            "nonce must be a number or a non-empty string",
+        )),
         None => Err(AuthError::MissingNonce("the body has no nonce field")),
     }
 }
@@ -243,7 +253,12 @@ pub fn check_key<'a>(
                 "this key authenticates with a bearer secret, not a signature",
             ))
         }
-        (AuthKind::HmacV1, Credentials::Signed { timestamp, nonce, .. }) => {
+        (
+            AuthKind::HmacV1,
+            Credentials::Signed {
+                timestamp, nonce, ..
+            },
+        ) => {
             let t = timestamp.ok_or(AuthError::MissingCredentials("x-api-timestamp is missing"))?;
             let n = nonce.ok_or(AuthError::MissingCredentials("x-api-nonce is missing"))?;
             (Some(t), Some(n))
@@ -261,9 +276,7 @@ pub fn check_key<'a>(
         return Err(AuthError::Expired);
     }
     // Step 6.
-    if !record.ip_allow_list.is_empty()
-        && !client_ip::is_in(req.client_ip, &record.ip_allow_list)
-    {
+    if !record.ip_allow_list.is_empty() && !client_ip::is_in(req.client_ip, &record.ip_allow_list) {
         return Err(AuthError::IpNotAllowed(req.client_ip.to_canonical()));
     }
     // Step 7.
@@ -290,7 +303,9 @@ pub fn check_key<'a>(
                 .expose()
                 .as_bytes();
             let expected = match (timestamp, nonce) {
-                (Some(t), Some(n)) => signing::mac_v1(secret, t, n, req.method, req.target, req.body),
+                (Some(t), Some(n)) => {
+                    signing::mac_v1(secret, t, n, req.method, req.target, req.body)
+                }
                 _ => signing::mac_body(secret, req.body),
             };
             if !ct_eq(&expected, signature) {

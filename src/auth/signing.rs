@@ -51,7 +51,14 @@ pub fn string_to_sign_v1(
     body: &[u8],
 ) -> String {
     let mut out = Vec::with_capacity(V1_ALGORITHM.len() + target.len() + 128);
-    feed_v1(|b| out.extend_from_slice(b), timestamp, nonce, method, target, body);
+    feed_v1(
+        |b| out.extend_from_slice(b),
+        timestamp,
+        nonce,
+        method,
+        target,
+        body,
+    );
     String::from_utf8_lossy(&out).into_owned()
 }
 

@@ -37,7 +37,12 @@ fn every_signing_vector_passes() {
         match s(case, "scheme") {
             "hmac-v1" => {
                 let body = body_of(case);
-                let (t, n, m, target) = (s(case, "timestamp"), s(case, "nonce"), s(case, "method"), s(case, "target"));
+                let (t, n, m, target) = (
+                    s(case, "timestamp"),
+                    s(case, "nonce"),
+                    s(case, "method"),
+                    s(case, "target"),
+                );
                 assert_eq!(
                     signing::string_to_sign_v1(t, n, m, target, &body),
                     s(case, "string_to_sign"),
@@ -45,11 +50,21 @@ fn every_signing_vector_passes() {
                     s(case, "note")
                 );
                 let mac = signing::mac_v1(secret, t, n, m, target, &body);
-                assert_eq!(hex::encode(mac), s(case, "signature"), "{}", s(case, "note"));
+                assert_eq!(
+                    hex::encode(mac),
+                    s(case, "signature"),
+                    "{}",
+                    s(case, "note")
+                );
             }
             "hmac-body" => {
                 let mac = signing::mac_body(secret, &body_of(case));
-                assert_eq!(hex::encode(mac), s(case, "signature"), "{}", s(case, "note"));
+                assert_eq!(
+                    hex::encode(mac),
+                    s(case, "signature"),
+                    "{}",
+                    s(case, "note")
+                );
             }
             "bearer" => {
                 let hash = SecretString::new(s(case, "secret").to_owned()).sha256();
@@ -106,7 +121,13 @@ fn fixture(auth: AuthKind, edit: impl FnOnce(&mut NewKey)) -> Fixture {
     };
     edit(&mut new);
     let secret = SecretString::new("sk_test_4eC39HqLyjWDarjtT1zdp7dc4eC39HqLyjWDarjtT1z".into());
-    let record = build_record(&mk, new, "pk_test_aaaaaaaaaaaaaaaaaaaaaaaa".into(), &secret, now());
+    let record = build_record(
+        &mk,
+        new,
+        "pk_test_aaaaaaaaaaaaaaaaaaaaaaaa".into(),
+        &secret,
+        now(),
+    );
     let key = ActiveKey::open(record, &mk).unwrap_or_else(|e| panic!("{e}"));
     Fixture { key, secret }
 }
@@ -120,12 +141,28 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn v1_headers(secret: &SecretString, ts: i64, nonce: &str, target: &str, body: &[u8]) -> HeaderMap {
-    let mac = signing::mac_v1(secret.expose().as_bytes(), &ts.to_string(), nonce, "POST", target, body);
+    let mac = signing::mac_v1(
+        secret.expose().as_bytes(),
+        &ts.to_string(),
+        nonce,
+        "POST",
+        target,
+        body,
+    );
     let mut h = HeaderMap::new();
-    h.insert(H_PUBLIC_KEY, HeaderValue::from_static("pk_test_aaaaaaaaaaaaaaaaaaaaaaaa"));
+    h.insert(
+        H_PUBLIC_KEY,
+        HeaderValue::from_static("pk_test_aaaaaaaaaaaaaaaaaaaaaaaa"),
+    );
     h.insert(H_TIMESTAMP, HeaderValue::from(ts));
-    h.insert(H_NONCE, HeaderValue::from_str(nonce).unwrap_or(HeaderValue::from_static("x")));
-    h.insert(H_SIGNATURE, HeaderValue::from_str(&hex::encode(mac)).unwrap_or(HeaderValue::from_static("x")));
+    h.insert(
+        H_NONCE,
+        HeaderValue::from_str(nonce).unwrap_or(HeaderValue::from_static("x")),
+    );
+    h.insert(
+        H_SIGNATURE,
+        HeaderValue::from_str(&hex::encode(mac)).unwrap_or(HeaderValue::from_static("x")),
+    );
     h
 }
 
@@ -138,10 +175,22 @@ fn req<'a>(body: &'a [u8], client: &str) -> RequestParts<'a> {
     }
 }
 
-fn run(f: &Fixture, headers: &HeaderMap, body: &[u8], client: &str) -> Result<Option<String>, AuthError> {
+fn run(
+    f: &Fixture,
+    headers: &HeaderMap,
+    body: &[u8],
+    client: &str,
+) -> Result<Option<String>, AuthError> {
     let creds = parse_credentials(headers)?;
-    check_key(&f.key, &creds, &req(body, client), AuthKinds::ALL, now(), &POLICY)
-        .map(|c| c.map(|c| c.value.into_owned()))
+    check_key(
+        &f.key,
+        &creds,
+        &req(body, client),
+        AuthKinds::ALL,
+        now(),
+        &POLICY,
+    )
+    .map(|c| c.map(|c| c.value.into_owned()))
 }
 
 #[test]
@@ -155,7 +204,10 @@ fn valid_v1_request_yields_its_nonce() {
 fn tampered_body_is_bad_signature() {
     let f = fixture(AuthKind::HmacV1, |_| {});
     let h = v1_headers(&f.secret, NOW, "n-1", "/v1/payments", b"{\"amount\":1}");
-    assert_eq!(run(&f, &h, b"{\"amount\":9}", "1.2.3.4"), Err(AuthError::BadSignature));
+    assert_eq!(
+        run(&f, &h, b"{\"amount\":9}", "1.2.3.4"),
+        Err(AuthError::BadSignature)
+    );
 }
 
 #[test]
@@ -175,8 +227,16 @@ fn timestamp_window_is_inclusive_and_both_ways() {
 fn stale_timestamp_is_checked_before_the_signature() {
     let f = fixture(AuthKind::HmacV1, |_| {});
     let mut h = v1_headers(&f.secret, NOW - 1000, "n", "/v1/payments", b"");
-    h.insert(H_SIGNATURE, HeaderValue::from_static("00000000000000000000000000000000000000000000000000000000000000ff"));
-    assert_eq!(run(&f, &h, b"", "1.2.3.4"), Err(AuthError::StaleTimestamp(300)));
+    h.insert(
+        H_SIGNATURE,
+        HeaderValue::from_static(
+            "00000000000000000000000000000000000000000000000000000000000000ff",
+        ),
+    );
+    assert_eq!(
+        run(&f, &h, b"", "1.2.3.4"),
+        Err(AuthError::StaleTimestamp(300))
+    );
 }
 
 #[test]
@@ -204,7 +264,10 @@ fn allow_list_admits_listed_and_refuses_others() {
     let h = v1_headers(&f.secret, NOW, "n", "/v1/payments", b"");
     assert!(run(&f, &h, b"", "10.1.2.3").is_ok());
     assert!(run(&f, &h, b"", "2001:db8::1").is_ok());
-    assert_eq!(run(&f, &h, b"", "11.0.0.1"), Err(AuthError::IpNotAllowed(ip("11.0.0.1"))));
+    assert_eq!(
+        run(&f, &h, b"", "11.0.0.1"),
+        Err(AuthError::IpNotAllowed(ip("11.0.0.1")))
+    );
 }
 
 #[test]
@@ -212,16 +275,28 @@ fn v1_key_without_timestamp_or_nonce_is_missing_credentials() {
     let f = fixture(AuthKind::HmacV1, |_| {});
     let mut h = v1_headers(&f.secret, NOW, "n", "/v1/payments", b"");
     h.remove(H_NONCE);
-    assert_eq!(run(&f, &h, b"", "1.2.3.4"), Err(AuthError::MissingCredentials("x-api-nonce is missing")));
+    assert_eq!(
+        run(&f, &h, b"", "1.2.3.4"),
+        Err(AuthError::MissingCredentials("x-api-nonce is missing"))
+    );
     h.remove(H_TIMESTAMP);
-    assert_eq!(run(&f, &h, b"", "1.2.3.4"), Err(AuthError::MissingCredentials("x-api-timestamp is missing")));
+    assert_eq!(
+        run(&f, &h, b"", "1.2.3.4"),
+        Err(AuthError::MissingCredentials("x-api-timestamp is missing"))
+    );
 }
 
 fn body_headers(secret: &SecretString, body: &[u8]) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert(H_PUBLIC_KEY, HeaderValue::from_static("pk_test_aaaaaaaaaaaaaaaaaaaaaaaa"));
+    h.insert(
+        H_PUBLIC_KEY,
+        HeaderValue::from_static("pk_test_aaaaaaaaaaaaaaaaaaaaaaaa"),
+    );
     let mac = hex::encode(signing::mac_body(secret.expose().as_bytes(), body));
-    h.insert(H_SIGNATURE, HeaderValue::from_str(&mac).unwrap_or(HeaderValue::from_static("x")));
+    h.insert(
+        H_SIGNATURE,
+        HeaderValue::from_str(&mac).unwrap_or(HeaderValue::from_static("x")),
+    );
     h
 }
 
@@ -229,15 +304,24 @@ fn body_headers(secret: &SecretString, body: &[u8]) -> HeaderMap {
 fn hmac_body_needs_a_nonce_only_after_the_signature() {
     let f = fixture(AuthKind::HmacBody, |_| {});
     let body = br#"{"amount":1,"nonce":42}"#;
-    assert_eq!(run(&f, &body_headers(&f.secret, body), body, "1.2.3.4"), Ok(Some("42".into())));
+    assert_eq!(
+        run(&f, &body_headers(&f.secret, body), body, "1.2.3.4"),
+        Ok(Some("42".into()))
+    );
     let no_nonce = br#"{"amount":1}"#;
     assert_eq!(
         run(&f, &body_headers(&f.secret, no_nonce), no_nonce, "1.2.3.4"),
         Err(AuthError::MissingNonce("the body has no nonce field"))
     );
     // A forged request without a nonce is a bad signature, not a missing nonce.
-    assert_eq!(run(&f, &body_headers(&f.secret, body), no_nonce, "1.2.3.4"), Err(AuthError::BadSignature));
-    assert!(matches!(run(&f, &body_headers(&f.secret, b""), b"", "1.2.3.4"), Err(AuthError::MissingNonce(_))));
+    assert_eq!(
+        run(&f, &body_headers(&f.secret, body), no_nonce, "1.2.3.4"),
+        Err(AuthError::BadSignature)
+    );
+    assert!(matches!(
+        run(&f, &body_headers(&f.secret, b""), b"", "1.2.3.4"),
+        Err(AuthError::MissingNonce(_))
+    ));
 }
 
 #[test]
@@ -245,7 +329,10 @@ fn bearer_key_matches_by_hash() {
     let f = fixture(AuthKind::Bearer, |_| {});
     let mut h = HeaderMap::new();
     let auth = format!("Bearer {}", f.secret.expose());
-    h.insert("authorization", HeaderValue::from_str(&auth).unwrap_or(HeaderValue::from_static("x")));
+    h.insert(
+        "authorization",
+        HeaderValue::from_str(&auth).unwrap_or(HeaderValue::from_static("x")),
+    );
     assert_eq!(run(&f, &h, b"", "1.2.3.4"), Ok(None));
     let mut h = HeaderMap::new();
     h.insert(H_API_KEY, HeaderValue::from_static("sk_test_wrong"));
@@ -256,11 +343,21 @@ fn bearer_key_matches_by_hash() {
 fn route_kinds_are_enforced() {
     let f = fixture(AuthKind::Bearer, |_| {});
     let mut h = HeaderMap::new();
-    h.insert(H_API_KEY, HeaderValue::from_str(f.secret.expose()).unwrap_or(HeaderValue::from_static("x")));
+    h.insert(
+        H_API_KEY,
+        HeaderValue::from_str(f.secret.expose()).unwrap_or(HeaderValue::from_static("x")),
+    );
     let creds = parse_credentials(&h).unwrap_or_else(|e| panic!("{e}"));
     let only_v1 = AuthKinds::from_kinds([AuthKind::HmacV1]);
     assert_eq!(
-        check_key(&f.key, &creds, &req(b"", "1.2.3.4"), only_v1, now(), &POLICY),
+        check_key(
+            &f.key,
+            &creds,
+            &req(b"", "1.2.3.4"),
+            only_v1,
+            now(),
+            &POLICY
+        ),
         Err(AuthError::KindNotAccepted("bearer"))
     );
 }
@@ -268,24 +365,53 @@ fn route_kinds_are_enforced() {
 #[test]
 fn credential_shapes() {
     let mut h = HeaderMap::new();
-    assert!(matches!(parse_credentials(&h), Err(AuthError::MissingCredentials(_))));
-    h.insert(H_PUBLIC_KEY, HeaderValue::from_static("pk_test_aaaaaaaaaaaaaaaaaaaaaaaa"));
-    assert!(matches!(parse_credentials(&h), Err(AuthError::MissingCredentials(_))));
+    assert!(matches!(
+        parse_credentials(&h),
+        Err(AuthError::MissingCredentials(_))
+    ));
+    h.insert(
+        H_PUBLIC_KEY,
+        HeaderValue::from_static("pk_test_aaaaaaaaaaaaaaaaaaaaaaaa"),
+    );
+    assert!(matches!(
+        parse_credentials(&h),
+        Err(AuthError::MissingCredentials(_))
+    ));
     h.insert(H_SIGNATURE, HeaderValue::from_static("abc"));
-    assert!(matches!(parse_credentials(&h), Err(AuthError::MalformedCredentials(_))));
-    h.insert(H_SIGNATURE, HeaderValue::from_static("00000000000000000000000000000000000000000000000000000000000000ff"));
+    assert!(matches!(
+        parse_credentials(&h),
+        Err(AuthError::MalformedCredentials(_))
+    ));
+    h.insert(
+        H_SIGNATURE,
+        HeaderValue::from_static(
+            "00000000000000000000000000000000000000000000000000000000000000ff",
+        ),
+    );
     h.insert(H_NONCE, HeaderValue::from_static("has space"));
-    assert!(matches!(parse_credentials(&h), Err(AuthError::MalformedCredentials(_))));
+    assert!(matches!(
+        parse_credentials(&h),
+        Err(AuthError::MalformedCredentials(_))
+    ));
     h.insert(H_NONCE, HeaderValue::from_static("ok"));
     h.insert(H_TIMESTAMP, HeaderValue::from_static("12a"));
-    assert!(matches!(parse_credentials(&h), Err(AuthError::MalformedCredentials(_))));
+    assert!(matches!(
+        parse_credentials(&h),
+        Err(AuthError::MalformedCredentials(_))
+    ));
     h.insert(H_TIMESTAMP, HeaderValue::from_static("12"));
     assert!(parse_credentials(&h).is_ok());
     h.insert(H_PUBLIC_KEY, HeaderValue::from_static("sk_test_oops"));
-    assert!(matches!(parse_credentials(&h), Err(AuthError::MalformedCredentials(_))));
+    assert!(matches!(
+        parse_credentials(&h),
+        Err(AuthError::MalformedCredentials(_))
+    ));
     let mut b = HeaderMap::new();
     b.insert("authorization", HeaderValue::from_static("Basic abc"));
-    assert!(matches!(parse_credentials(&b), Err(AuthError::MalformedCredentials(_))));
+    assert!(matches!(
+        parse_credentials(&b),
+        Err(AuthError::MalformedCredentials(_))
+    ));
 }
 
 #[test]

@@ -15,7 +15,9 @@ use serde_json::json;
 use super::sign::{self, SignRequest};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::keys::{mint, AuthKind, EmbeddedStore, Environment, KeyStore, MasterKey, NewKey, SecretString};
+use crate::keys::{
+    mint, AuthKind, EmbeddedStore, Environment, KeyStore, MasterKey, NewKey, SecretString,
+};
 use crate::server::{AxumService, StartError};
 use crate::App;
 
@@ -31,11 +33,18 @@ pub struct DemoOptions {
 fn echo_router() -> axum::Router {
     axum::Router::new().fallback(|req: Request| async move {
         let (parts, body) = req.into_parts();
-        let body: Bytes = axum::body::to_bytes(body, 16 * 1024 * 1024).await.unwrap_or_default();
+        let body: Bytes = axum::body::to_bytes(body, 16 * 1024 * 1024)
+            .await
+            .unwrap_or_default();
         let headers: BTreeMap<String, String> = parts
             .headers
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         axum::Json(json!({
             "upstream": "keygate demo echo",
@@ -111,10 +120,16 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
     let upstream = echo.local_addr().map_err(StartError::Runtime)?;
 
     let config = Config::from_toml(&config_text(opts, upstream, &dir)).map_err(|e| {
-        StartError::Runtime(std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
+        StartError::Runtime(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            e.to_string(),
+        ))
     })?;
     let (master, _) = MasterKey::generate();
-    let admin_token = SecretString::new(format!("kgadm_{}", Alphanumeric.sample_string(&mut OsRng, 32)));
+    let admin_token = SecretString::new(format!(
+        "kgadm_{}",
+        Alphanumeric.sample_string(&mut OsRng, 32)
+    ));
     let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&dir.join("keygate.db"))?);
 
     let clock = SystemClock;

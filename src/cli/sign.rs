@@ -33,7 +33,10 @@ pub fn headers(req: &SignRequest) -> Vec<(&'static str, String)> {
         }
         AuthKind::HmacBody => vec![
             ("x-api-public-key", req.public_key.clone()),
-            ("x-api-signature", hex::encode(signing::mac_body(secret, &req.body))),
+            (
+                "x-api-signature",
+                hex::encode(signing::mac_body(secret, &req.body)),
+            ),
         ],
         AuthKind::Bearer => vec![("authorization", format!("Bearer {}", req.secret))],
     }
@@ -46,13 +49,20 @@ fn sh(s: &str) -> String {
 
 /// A `curl` command line sending `req` to `base_url` (e.g. `http://127.0.0.1:8080`).
 pub fn curl(base_url: &str, req: &SignRequest) -> String {
-    let mut out = format!("curl -sS -i -X {} {}", req.method.to_ascii_uppercase(), sh(&format!("{base_url}{}", req.target)));
+    let mut out = format!(
+        "curl -sS -i -X {} {}",
+        req.method.to_ascii_uppercase(),
+        sh(&format!("{base_url}{}", req.target))
+    );
     for (name, value) in headers(req) {
         out.push_str(&format!(" \\\n  -H {}", sh(&format!("{name}: {value}"))));
     }
     if !req.body.is_empty() {
         out.push_str(" \\\n  -H 'content-type: application/json'");
-        out.push_str(&format!(" \\\n  --data-binary {}", sh(&String::from_utf8_lossy(&req.body))));
+        out.push_str(&format!(
+            " \\\n  --data-binary {}",
+            sh(&String::from_utf8_lossy(&req.body))
+        ));
     }
     out
 }
@@ -74,9 +84,18 @@ mod tests {
             nonce: "0b8f4a2e-6d1c-4c55-9a0e-3f1f2a9b7c11".into(),
         };
         let h = headers(&req);
-        assert_eq!(h[3], ("x-api-signature", "7a4ea895dc62c35f01757bb9db856f25452fa4e94a512bbb46250950c4601977".into()));
+        assert_eq!(
+            h[3],
+            (
+                "x-api-signature",
+                "7a4ea895dc62c35f01757bb9db856f25452fa4e94a512bbb46250950c4601977".into()
+            )
+        );
         let c = curl("http://127.0.0.1:8080", &req);
-        assert!(c.contains("-X POST 'http://127.0.0.1:8080/v1/payments'"), "{c}");
+        assert!(
+            c.contains("-X POST 'http://127.0.0.1:8080/v1/payments'"),
+            "{c}"
+        );
         assert!(c.contains("--data-binary '{\"amount\""), "{c}");
     }
 

@@ -159,14 +159,20 @@ impl Problems {
 
     fn duration(&mut self, path: &str, text: &str) -> Duration {
         humantime::parse_duration(text).unwrap_or_else(|_| {
-            self.add(path, format!("{text:?} is not a duration (use e.g. \"300s\", \"5m\", \"24h\")"));
+            self.add(
+                path,
+                format!("{text:?} is not a duration (use e.g. \"300s\", \"5m\", \"24h\")"),
+            );
             Duration::ZERO
         })
     }
 
     fn socket(&mut self, path: &str, text: &str) -> SocketAddr {
         text.parse().unwrap_or_else(|_| {
-            self.add(path, format!("{text:?} is not an address like \"127.0.0.1:8080\""));
+            self.add(
+                path,
+                format!("{text:?} is not an address like \"127.0.0.1:8080\""),
+            );
             SocketAddr::from(([0, 0, 0, 0], 0))
         })
     }
@@ -225,7 +231,10 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             .filter_map(|(i, t)| {
                 let net = parse_net(t);
                 if net.is_none() {
-                    p.add(format!("server.trusted_proxies[{i}]"), format!("{t:?} is not an IP address or CIDR"));
+                    p.add(
+                        format!("server.trusted_proxies[{i}]"),
+                        format!("{t:?} is not an IP address or CIDR"),
+                    );
                 }
                 net
             })
@@ -245,7 +254,10 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         if t.len() == 64 && hex::decode_to_slice(t, &mut h).is_ok() {
             token_sha256.push(h);
         } else {
-            p.add(format!("admin.token_sha256[{i}]"), "must be 64 hex characters (SHA-256 of a token)");
+            p.add(
+                format!("admin.token_sha256[{i}]"),
+                "must be 64 hex characters (SHA-256 of a token)",
+            );
         }
     }
     let admin = AdminConfig {
@@ -270,14 +282,23 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
                 p.add("store.url", "required when store.kind = \"redis\"");
             }
             for (i, u) in urls.iter().enumerate() {
-                if !["redis://", "rediss://", "redis+cluster://"].iter().any(|s| u.starts_with(s)) {
-                    p.add(format!("store.url[{i}]"), format!("{u:?} must start with redis://, rediss:// or redis+cluster://"));
+                if !["redis://", "rediss://", "redis+cluster://"]
+                    .iter()
+                    .any(|s| u.starts_with(s))
+                {
+                    p.add(
+                        format!("store.url[{i}]"),
+                        format!("{u:?} must start with redis://, rediss:// or redis+cluster://"),
+                    );
                 }
             }
             StoreConfig::Redis { urls }
         }
         other => {
-            p.add("store.kind", format!("{other:?} is not \"embedded\" or \"redis\""));
+            p.add(
+                "store.kind",
+                format!("{other:?} is not \"embedded\" or \"redis\""),
+            );
             StoreConfig::Embedded {
                 path: PathBuf::from(&f.store.path),
             }
@@ -292,7 +313,10 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
     };
     let signing = SigningConfig {
         clock_skew: p.duration("signing.clock_skew", &f.signing.clock_skew),
-        body_nonce_retention: p.duration("signing.body_nonce_retention", &f.signing.body_nonce_retention),
+        body_nonce_retention: p.duration(
+            "signing.body_nonce_retention",
+            &f.signing.body_nonce_retention,
+        ),
     };
     if signing.clock_skew.is_zero() {
         p.add("signing.clock_skew", "must be more than 0s");
@@ -309,7 +333,10 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         .collect();
     for (i, u) in upstreams.iter().enumerate() {
         if upstreams[..i].iter().any(|o| o.name == u.name) {
-            p.add(format!("upstreams[{i}].name"), format!("upstream {:?} is defined twice", u.name));
+            p.add(
+                format!("upstreams[{i}].name"),
+                format!("upstream {:?} is defined twice", u.name),
+            );
         }
     }
 
@@ -343,16 +370,25 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
         p.add(format!("{at}.name"), "must not be empty");
     }
     if u.tls {
-        p.add(format!("{at}.tls"), "TLS to upstreams is not supported by this build yet");
+        p.add(
+            format!("{at}.tls"),
+            "TLS to upstreams is not supported by this build yet",
+        );
     }
     if u.endpoints.is_empty() {
-        p.add(format!("{at}.endpoints"), "needs at least one \"host:port\"");
+        p.add(
+            format!("{at}.endpoints"),
+            "needs at least one \"host:port\"",
+        );
     }
     let mut endpoints = Vec::new();
     for (j, e) in u.endpoints.iter().enumerate() {
         match e.to_socket_addrs().map(|mut a| a.next()) {
             Ok(Some(addr)) => endpoints.push(addr),
-            _ => p.add(format!("{at}.endpoints[{j}]"), format!("{e:?} is not a reachable \"host:port\"")),
+            _ => p.add(
+                format!("{at}.endpoints[{j}]"),
+                format!("{e:?} is not a reachable \"host:port\""),
+            ),
         }
     }
     Upstream {
@@ -367,12 +403,18 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
 fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstream]) -> Route {
     let at = format!("routes[{i}]");
     let path = if !r.path.starts_with('/') {
-        p.add(format!("{at}.path"), format!("{:?} must start with /", r.path));
+        p.add(
+            format!("{at}.path"),
+            format!("{:?} must start with /", r.path),
+        );
         PathPattern::Exact(r.path.clone())
     } else if let Some(prefix) = r.path.strip_suffix("/*") {
         PathPattern::Prefix(format!("{prefix}/"))
     } else if r.path.contains('*') {
-        p.add(format!("{at}.path"), "only a trailing \"/*\" wildcard is supported");
+        p.add(
+            format!("{at}.path"),
+            "only a trailing \"/*\" wildcard is supported",
+        );
         PathPattern::Exact(r.path.clone())
     } else {
         PathPattern::Exact(r.path.clone())
@@ -385,7 +427,10 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
             let upper = m.to_ascii_uppercase();
             let parsed = http::Method::from_bytes(upper.as_bytes()).ok();
             if parsed.is_none() {
-                p.add(format!("{at}.methods[{j}]"), format!("{m:?} is not an HTTP method"));
+                p.add(
+                    format!("{at}.methods[{j}]"),
+                    format!("{m:?} is not an HTTP method"),
+                );
             }
             parsed
         })
@@ -394,19 +439,28 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
         .iter()
         .position(|u| u.name == r.upstream)
         .unwrap_or_else(|| {
-            p.add(format!("{at}.upstream"), format!("no upstream named {:?}", r.upstream));
+            p.add(
+                format!("{at}.upstream"),
+                format!("no upstream named {:?}", r.upstream),
+            );
             0
         });
     let auth = match &r.auth {
         None => AuthKinds::ALL,
         Some(kinds) => {
             if kinds.is_empty() {
-                p.add(format!("{at}.auth"), "must list at least one of hmac-v1, hmac-body, bearer");
+                p.add(
+                    format!("{at}.auth"),
+                    "must list at least one of hmac-v1, hmac-body, bearer",
+                );
             }
             AuthKinds::from_kinds(kinds.iter().enumerate().filter_map(|(j, k)| {
                 let kind = AuthKind::parse(k);
                 if kind.is_none() {
-                    p.add(format!("{at}.auth[{j}]"), format!("{k:?} is not hmac-v1, hmac-body or bearer"));
+                    p.add(
+                        format!("{at}.auth[{j}]"),
+                        format!("{k:?} is not hmac-v1, hmac-body or bearer"),
+                    );
                 }
                 kind
             }))
@@ -414,11 +468,17 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
     };
     if let Some(scope) = &r.scope {
         if !crate::keys::is_valid_scope(scope) {
-            p.add(format!("{at}.scope"), format!("{scope:?} is not a scope like \"payments.create\""));
+            p.add(
+                format!("{at}.scope"),
+                format!("{scope:?} is not a scope like \"payments.create\""),
+            );
         }
     }
     if r.public && (r.scope.is_some() || r.auth.is_some()) {
-        p.add(format!("{at}.public"), "a public route takes no scope and no auth");
+        p.add(
+            format!("{at}.public"),
+            "a public route takes no scope and no auth",
+        );
     }
     Route {
         name: r.name.clone().unwrap_or_else(|| r.path.clone()),

@@ -23,7 +23,9 @@ fn defaults_follow_the_spec() {
     assert_eq!(c.server.shutdown_grace, Duration::from_secs(10));
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
     assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9902");
-    assert!(matches!(&c.store, StoreConfig::Embedded { path } if path == Path::new("data/keygate.db")));
+    assert!(
+        matches!(&c.store, StoreConfig::Embedded { path } if path == Path::new("data/keygate.db"))
+    );
     assert_eq!(c.cache.capacity, 100_000);
     assert_eq!(c.cache.ttl, Duration::from_secs(30));
     assert_eq!(c.cache.negative_ttl, Duration::from_secs(5));
@@ -86,7 +88,10 @@ methods = ["P OST"]
         "routes[2].scope: ",
         "routes[2].methods[0]: ",
     ] {
-        assert!(lines.iter().any(|l| l.starts_with(want)), "missing {want:?} in {lines:#?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in {lines:#?}"
+        );
     }
     assert_eq!(lines.len(), 9, "{lines:#?}");
 }

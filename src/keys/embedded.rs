@@ -178,7 +178,10 @@ fn unindex(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), Store
 /// Adds a record's index entries inside `txn`, refusing ones held by another record.
 fn index(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), StoreError> {
     let mut by_public = txn.open_table(BY_PUBLIC).map_err(unavailable)?;
-    if let Some(other) = by_public.get(record.public_key.as_str()).map_err(unavailable)? {
+    if let Some(other) = by_public
+        .get(record.public_key.as_str())
+        .map_err(unavailable)?
+    {
         if other.value() != record.id {
             return Err(StoreError::Conflict);
         }
@@ -247,9 +250,7 @@ fn commit_nonces(db: &Database, batch: &[(String, u64)], purge: bool) -> Result<
         }
         if purge {
             let now = unix_now();
-            table
-                .retain(|_, exp| exp > now)
-                .map_err(unavailable)?;
+            table.retain(|_, exp| exp > now).map_err(unavailable)?;
         }
     }
     txn.commit().map_err(unavailable)
@@ -348,7 +349,12 @@ impl KeyStore for EmbeddedStore {
                 ids.push(row.map_err(unavailable)?.0.value().1.to_owned());
             }
         } else {
-            for row in keys.range(..upper).map_err(unavailable)?.rev().take(limit + 1) {
+            for row in keys
+                .range(..upper)
+                .map_err(unavailable)?
+                .rev()
+                .take(limit + 1)
+            {
                 ids.push(row.map_err(unavailable)?.0.value().to_owned());
             }
         }
@@ -364,7 +370,12 @@ impl KeyStore for EmbeddedStore {
         Ok(Page { items, next_cursor })
     }
 
-    async fn use_nonce(&self, key_id: &str, nonce: &str, ttl: Duration) -> Result<bool, StoreError> {
+    async fn use_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let key = format!("{key_id}\n{nonce}");
         let entry = self.nonces.entry(key).or_insert(ttl);
         if !entry.is_fresh() {

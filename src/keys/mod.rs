@@ -53,9 +53,7 @@ pub fn build_record(
         AuthKind::Bearer => StoredCredential::Sha256 {
             hash: hex::encode(secret.sha256()),
         },
-        AuthKind::HmacV1 | AuthKind::HmacBody => {
-            StoredCredential::Sealed(master.seal(secret, &id))
-        }
+        AuthKind::HmacV1 | AuthKind::HmacBody => StoredCredential::Sealed(master.seal(secret, &id)),
     };
     KeyRecord {
         id,

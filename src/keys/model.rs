@@ -171,10 +171,24 @@ mod tests {
 
     #[test]
     fn scope_syntax() {
-        for ok in ["*", "payments.create", "payments.*", "keys.manage", "a_1.b2"] {
+        for ok in [
+            "*",
+            "payments.create",
+            "payments.*",
+            "keys.manage",
+            "a_1.b2",
+        ] {
             assert!(is_valid_scope(ok), "{ok}");
         }
-        for bad in ["", "Payments.create", "payments..create", "payments.", ".x", "pay*", "a.*.b"] {
+        for bad in [
+            "",
+            "Payments.create",
+            "payments..create",
+            "payments.",
+            ".x",
+            "pay*",
+            "a.*.b",
+        ] {
             assert!(!is_valid_scope(bad), "{bad}");
         }
     }

@@ -99,7 +99,9 @@ pub fn is_public_key_shaped(s: &str) -> bool {
     let rest = s
         .strip_prefix("pk_live_")
         .or_else(|| s.strip_prefix("pk_test_"));
-    rest.is_some_and(|r| r.len() == PUBLIC_KEY_RANDOM_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+    rest.is_some_and(|r| {
+        r.len() == PUBLIC_KEY_RANDOM_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
 }
 
 /// Why a master key could not be loaded or a sealed secret opened. Never carries key material.
@@ -124,7 +126,9 @@ pub struct MasterKey {
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MasterKey").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("MasterKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -192,12 +196,20 @@ impl MasterKey {
         }
     }
 
-    pub fn open(&self, sealed: &SealedSecret, record_id: &str) -> Result<SecretString, SecretError> {
+    pub fn open(
+        &self,
+        sealed: &SealedSecret,
+        record_id: &str,
+    ) -> Result<SecretString, SecretError> {
         if sealed.master_key_id != self.id {
             return Err(SecretError::UnknownMasterKey(sealed.master_key_id.clone()));
         }
-        let nonce = B64.decode(&sealed.nonce).map_err(|_| SecretError::Corrupt)?;
-        let ciphertext = B64.decode(&sealed.ciphertext).map_err(|_| SecretError::Corrupt)?;
+        let nonce = B64
+            .decode(&sealed.nonce)
+            .map_err(|_| SecretError::Corrupt)?;
+        let ciphertext = B64
+            .decode(&sealed.ciphertext)
+            .map_err(|_| SecretError::Corrupt)?;
         if nonce.len() != 12 {
             return Err(SecretError::Corrupt);
         }
@@ -263,7 +275,10 @@ mod tests {
         let secret = SecretString::new("sk_test_secret".into());
         let sealed = mk.seal(&secret, "key_1");
         assert_eq!(mk.open(&sealed, "key_1").ok(), Some(secret));
-        assert!(matches!(mk.open(&sealed, "key_2"), Err(SecretError::Corrupt)));
+        assert!(matches!(
+            mk.open(&sealed, "key_2"),
+            Err(SecretError::Corrupt)
+        ));
         let (other, _) = MasterKey::generate();
         assert!(matches!(
             other.open(&sealed, "key_1"),

@@ -49,7 +49,8 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Page, StoreError>;
     /// Records `nonce` for `key_id` for `ttl`; `true` if it was unused, `false` if replayed.
-    async fn use_nonce(&self, key_id: &str, nonce: &str, ttl: Duration) -> Result<bool, StoreError>;
+    async fn use_nonce(&self, key_id: &str, nonce: &str, ttl: Duration)
+        -> Result<bool, StoreError>;
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Makes everything accepted so far durable (called on shutdown).

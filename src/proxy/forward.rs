@@ -17,7 +17,12 @@ use crate::problem::ErrorCode;
 impl Gateway {
     /// Sends the verified request with `body` upstream and relays the response. Failures
     /// before the response starts are answered with problem+json; later ones abort.
-    pub(super) async fn forward_direct(&self, session: &mut Session, ctx: &mut Ctx, body: Bytes) -> Result<()> {
+    pub(super) async fn forward_direct(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        body: Bytes,
+    ) -> Result<()> {
         let Some(route) = self.route(ctx) else {
             return write_problem(session, ErrorCode::Internal, "no route", &ctx.request_id).await;
         };
@@ -43,7 +48,11 @@ impl Gateway {
             Ok(up) => up,
             Err(e) => {
                 let code = error_code(&e).unwrap_or(ErrorCode::UpstreamUnavailable);
-                let code = if code == ErrorCode::BadRequest { ErrorCode::UpstreamUnavailable } else { code };
+                let code = if code == ErrorCode::BadRequest {
+                    ErrorCode::UpstreamUnavailable
+                } else {
+                    code
+                };
                 tracing::warn!(request_id = %ctx.request_id, error = %e, "direct forward failed");
                 ctx.outcome = Some(code);
                 let detail = if code == ErrorCode::UpstreamTimeout {
@@ -56,7 +65,13 @@ impl Gateway {
         };
         let Some(mut resp) = up.response_header().cloned() else {
             ctx.outcome = Some(ErrorCode::UpstreamUnavailable);
-            return write_problem(session, ErrorCode::UpstreamUnavailable, "no response header", &ctx.request_id).await;
+            return write_problem(
+                session,
+                ErrorCode::UpstreamUnavailable,
+                "no response header",
+                &ctx.request_id,
+            )
+            .await;
         };
         self.metrics
             .upstream_duration

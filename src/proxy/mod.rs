@@ -93,15 +93,25 @@ impl RequestIds {
 fn usable_request_id(req: &RequestHeader) -> Option<String> {
     let v = req.headers.get("x-request-id")?.to_str().ok()?;
     ((1..=128).contains(&v.len())
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
     .then(|| v.to_owned())
 }
 
 impl Gateway {
-    pub fn new(config: &Config, cache: Arc<KeyCache>, metrics: Metrics, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        config: &Config,
+        cache: Arc<KeyCache>,
+        metrics: Metrics,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             router: Router::new(config.routes.clone()),
-            next_endpoint: config.upstreams.iter().map(|_| AtomicUsize::new(0)).collect(),
+            next_endpoint: config
+                .upstreams
+                .iter()
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
             upstreams: config.upstreams.clone(),
             max_body_bytes: config.server.max_body_bytes,
             trusted_proxies: config.server.trusted_proxies.clone(),
@@ -223,7 +233,14 @@ impl Gateway {
             body,
             client_ip,
         };
-        let claim = auth::check_key(&key, &creds, &parts, route.auth, self.clock.now(), &self.policy)?;
+        let claim = auth::check_key(
+            &key,
+            &creds,
+            &parts,
+            route.auth,
+            self.clock.now(),
+            &self.policy,
+        )?;
         if let Some(claim) = claim {
             match self
                 .cache
@@ -295,14 +312,21 @@ impl Gateway {
 }
 
 /// Writes a complete problem+json response.
-async fn write_problem(session: &mut Session, code: ErrorCode, detail: &str, request_id: &str) -> Result<()> {
+async fn write_problem(
+    session: &mut Session,
+    code: ErrorCode,
+    detail: &str,
+    request_id: &str,
+) -> Result<()> {
     let body = problem::render(code, detail, request_id, None);
     let mut h = ResponseHeader::build(code.status(), Some(4))?;
     h.insert_header("content-type", problem::CONTENT_TYPE)?;
     h.insert_header("content-length", body.len().to_string())?;
     h.insert_header("x-request-id", request_id)?;
     session.write_response_header(Box::new(h), false).await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await?;
     Ok(())
 }
 
@@ -312,7 +336,9 @@ fn error_code(e: &Error) -> Option<ErrorCode> {
     match e.etype() {
         HTTPStatus(413) => Some(ErrorCode::BodyTooLarge),
         HTTPStatus(400) => Some(ErrorCode::BadRequest),
-        ReadTimedout | WriteTimedout if e.esource() != &ErrorSource::Downstream => Some(ErrorCode::UpstreamTimeout),
+        ReadTimedout | WriteTimedout if e.esource() != &ErrorSource::Downstream => {
+            Some(ErrorCode::UpstreamTimeout)
+        }
         _ => match e.esource() {
             ErrorSource::Upstream => Some(ErrorCode::UpstreamUnavailable),
             ErrorSource::Downstream => match e.etype() {
@@ -320,10 +346,9 @@ fn error_code(e: &Error) -> Option<ErrorCode> {
                 _ => Some(ErrorCode::BadRequest),
             },
             ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
-                ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
-                | ConnectionClosed | ReadError | WriteError | InvalidHTTPHeader => {
-                    Some(ErrorCode::UpstreamUnavailable)
-                }
+                ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError
+                | ConnectProxyFailure | ConnectionClosed | ReadError | WriteError
+                | InvalidHTTPHeader => Some(ErrorCode::UpstreamUnavailable),
                 _ => Some(ErrorCode::Internal),
             },
         },
@@ -331,7 +356,13 @@ fn error_code(e: &Error) -> Option<ErrorCode> {
 }
 
 fn content_length(req: &RequestHeader) -> Option<u64> {
-    req.headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    req.headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[async_trait]
@@ -358,17 +389,28 @@ impl ProxyHttp for Gateway {
         // Step 1.
         let Some(route_index) = self.router.find(&req.method, req.uri.path()) else {
             return self
-                .refuse(session, ctx, ErrorCode::NoRoute, "no route matches this method and path", false)
+                .refuse(
+                    session,
+                    ctx,
+                    ErrorCode::NoRoute,
+                    "no route matches this method and path",
+                    false,
+                )
                 .await;
         };
         ctx.route = Some(route_index);
         let Some(route) = self.router.get(route_index) else {
-            return Err(Error::explain(ErrorType::InternalError, "route index out of range"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "route index out of range",
+            ));
         };
         // Step 2, before reading a byte when the length is declared.
         if content_length(req).is_some_and(|n| n > self.max_body_bytes as u64) {
             let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
-            return self.refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false).await;
+            return self
+                .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
+                .await;
         }
         let peer_ip = session
             .client_addr()
@@ -388,11 +430,15 @@ impl ProxyHttp for Gateway {
 
         let Ok(body) = self.read_body(session, ctx).await? else {
             let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
-            return self.refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false).await;
+            return self
+                .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
+                .await;
         };
 
         let started = Instant::now();
-        let result = self.authenticate(session.req_header(), &body, client_ip, route).await;
+        let result = self
+            .authenticate(session.req_header(), &body, client_ip, route)
+            .await;
         self.metrics
             .auth_duration
             .with_label_values(&[route.name.as_str()])
@@ -403,7 +449,9 @@ impl ProxyHttp for Gateway {
                 if matches!(e, AuthError::StoreUnavailable) {
                     self.metrics.store_error("lookup");
                 }
-                return self.refuse(session, ctx, e.code(), &e.to_string(), true).await;
+                return self
+                    .refuse(session, ctx, e.code(), &e.to_string(), true)
+                    .await;
             }
         }
 
@@ -458,7 +506,10 @@ impl ProxyHttp for Gateway {
         if let (Some(started), Some(route)) = (ctx.upstream_started, self.route(ctx)) {
             self.metrics
                 .upstream_duration
-                .with_label_values(&[route.name.as_str(), status_class(upstream_response.status.as_u16())])
+                .with_label_values(&[
+                    route.name.as_str(),
+                    status_class(upstream_response.status.as_u16()),
+                ])
                 .observe(started.elapsed().as_secs_f64());
         }
         Ok(())
@@ -503,7 +554,10 @@ impl ProxyHttp for Gateway {
             (None, Some(_)) => "client_closed",
             (None, None) => "ok",
         };
-        self.metrics.requests_total.with_label_values(&[route, outcome]).inc();
+        self.metrics
+            .requests_total
+            .with_label_values(&[route, outcome])
+            .inc();
         if let Some(err) = e {
             tracing::debug!(request_id = %ctx.request_id, route, error = %err, "request failed");
         }

@@ -1,0 +1,541 @@
+//! Test harness: a recording echo upstream, the real `keygate` binary on free ports, and
+//! clients that sign like real ones.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::Request;
+use keygate::cli::sign::{self, SignRequest};
+use keygate::keys::AuthKind;
+use serde_json::{json, Value};
+
+pub const ADMIN_TOKEN: &str = "kgadm_test_token_0123456789abcdef";
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// A real HTTP upstream that records every request and echoes a small JSON answer.
+/// `/…/slow` waits 3 s before answering (timeouts and draining).
+pub struct Echo {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Echo {
+    pub async fn start() -> Self {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = Arc::clone(&seen);
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let record = Arc::clone(&record);
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
+                    .await
+                    .unwrap_or_default();
+                let target = parts.uri.to_string();
+                let slow = parts.uri.path().ends_with("/slow");
+                record.lock().unwrap().push(Seen {
+                    method: parts.method.to_string(),
+                    target: target.clone(),
+                    headers: parts.headers,
+                    body: body.clone(),
+                });
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                axum::Json(json!({"echo": true, "target": target, "body_len": body.len()}))
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, seen }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+}
+
+/// A port that was free a moment ago (pingora cannot report the port it bound for `:0`).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh base64 master key.
+pub fn master_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The standard test routes in front of `echo`; `dead` is a port nobody listens on.
+pub fn routes(echo: SocketAddr) -> String {
+    let dead = free_port();
+    format!(
+        r#"
+[[upstreams]]
+name = "echo"
+endpoints = ["{echo}"]
+connect_timeout = "1s"
+read_timeout = "1s"
+
+[[upstreams]]
+name = "echo-verifies"
+endpoints = ["{echo}"]
+forward_credentials = true
+
+[[upstreams]]
+name = "dead"
+endpoints = ["127.0.0.1:{dead}"]
+connect_timeout = "1s"
+
+[[routes]]
+name = "create-payment"
+methods = ["POST"]
+path = "/v1/payments"
+scope = "payments.create"
+upstream = "echo"
+
+[[routes]]
+name = "read-payment"
+methods = ["GET"]
+path = "/v1/payments/*"
+scope = "payments.read"
+upstream = "echo"
+
+[[routes]]
+name = "v1-only"
+path = "/v1/signed-only"
+auth = ["hmac-v1"]
+upstream = "echo"
+
+[[routes]]
+name = "verifying-upstream"
+path = "/v1/verifies/*"
+upstream = "echo-verifies"
+
+[[routes]]
+name = "dead"
+path = "/v1/dead"
+upstream = "dead"
+
+[[routes]]
+name = "public"
+path = "/public/*"
+upstream = "echo"
+public = true
+
+[[routes]]
+name = "anything"
+path = "/v1/*"
+upstream = "echo"
+"#
+    )
+}
+
+/// How to start a gateway.
+pub struct Options {
+    pub routes: String,
+    /// Extra TOML placed in `[server]`.
+    pub server_extra: String,
+    pub shutdown_grace: &'static str,
+    /// Reuse a data dir (restart tests).
+    pub dir: Option<PathBuf>,
+    pub master_key: Option<String>,
+}
+
+impl Options {
+    pub fn new(echo: &Echo) -> Self {
+        Self {
+            routes: routes(echo.addr),
+            server_extra: String::new(),
+            shutdown_grace: "1s",
+            dir: None,
+            master_key: None,
+        }
+    }
+}
+
+/// The real `keygate` binary, running.
+pub struct Gateway {
+    child: Option<Child>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub dir: PathBuf,
+    /// Keeps the temp dir alive for the gateway's lifetime unless a dir was given.
+    _tmp: Option<tempfile::TempDir>,
+    pub master_key: String,
+    pub http: reqwest::Client,
+}
+
+/// A key as minted through the admin API.
+#[derive(Clone, Debug)]
+pub struct Key {
+    pub id: String,
+    pub public_key: String,
+    pub secret: String,
+    pub record: Value,
+}
+
+impl Gateway {
+    pub async fn start(opts: Options) -> Self {
+        let (tmp, dir) = match &opts.dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::tempdir().unwrap();
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        let master_key = opts.master_key.clone().unwrap_or_else(master_key);
+        // A port can be taken between probing and binding: try a few times.
+        for attempt in 0..5 {
+            let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
+            let config = format!(
+                r#"
+[server]
+listen = "127.0.0.1:{proxy}"
+threads = 1
+max_body_bytes = 1048576
+shutdown_grace = "{grace}"
+{server_extra}
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+
+[store]
+kind = "embedded"
+path = "{db}"
+
+[cache]
+ttl = "30s"
+negative_ttl = "5s"
+{routes}
+"#,
+                grace = opts.shutdown_grace,
+                server_extra = opts.server_extra,
+                db = dir.join("keygate.db").display(),
+                routes = opts.routes,
+            );
+            let config_path = dir.join("keygate.toml");
+            std::fs::write(&config_path, config).unwrap();
+            let log = std::fs::File::create(dir.join(format!("gateway-{attempt}.log"))).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+                .args(["serve", "--config"])
+                .arg(&config_path)
+                .env("KEYGATE_MASTER_KEY", &master_key)
+                .env("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let mut gw = Gateway {
+                child: Some(child),
+                proxy: SocketAddr::from(([127, 0, 0, 1], proxy)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+                metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+                dir: dir.clone(),
+                _tmp: None,
+                master_key: master_key.clone(),
+                http: reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap(),
+            };
+            if gw.wait_ready(Duration::from_secs(30)).await {
+                gw._tmp = tmp;
+                return gw;
+            }
+            let log = std::fs::read_to_string(dir.join(format!("gateway-{attempt}.log")))
+                .unwrap_or_default();
+            gw.kill();
+            if !log.contains("cannot listen") {
+                panic!("gateway did not become ready:\n{log}");
+            }
+        }
+        panic!("gateway could not find free ports");
+    }
+
+    async fn wait_ready(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if child.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
+            }
+            let url = format!("http://{}/readyz", self.admin);
+            if let Ok(r) = self.http.get(&url).send().await {
+                if r.status() == 200 {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub fn url(&self, target: &str) -> String {
+        format!("http://{}{target}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for i in 0..5 {
+            out.push_str(
+                &std::fs::read_to_string(self.dir.join(format!("gateway-{i}.log")))
+                    .unwrap_or_default(),
+            );
+        }
+        out
+    }
+
+    /// Mints a key; `body` is merged over a default owner and name.
+    pub async fn mint(&self, body: Value) -> Key {
+        let mut full = json!({"owner": "acme", "name": "test key", "scopes": ["payments.*"]});
+        if let (Some(f), Some(b)) = (full.as_object_mut(), body.as_object()) {
+            for (k, v) in b {
+                f.insert(k.clone(), v.clone());
+            }
+        }
+        let resp = self
+            .http
+            .post(self.admin_url("/v1/keys"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&full)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let record: Value = resp.json().await.unwrap();
+        assert_eq!(status, 201, "mint failed: {record}");
+        Key {
+            id: record["id"].as_str().unwrap().to_owned(),
+            public_key: record["public_key"].as_str().unwrap().to_owned(),
+            secret: record["secret"].as_str().unwrap().to_owned(),
+            record,
+        }
+    }
+
+    pub async fn revoke(&self, key: &Key) {
+        let r = self
+            .http
+            .post(self.admin_url(&format!("/v1/keys/{}/revoke", key.id)))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    /// Sends a request signed with `hmac-v1` now, with a fresh nonce.
+    pub async fn send_v1(
+        &self,
+        key: &Key,
+        method: &str,
+        target: &str,
+        body: &[u8],
+    ) -> reqwest::Response {
+        let headers = v1_headers(
+            key,
+            method,
+            target,
+            body,
+            now(),
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        self.send(method, target, &headers, body).await
+    }
+
+    /// Sends a request with exactly these extra headers.
+    pub async fn send(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), self.url(target))
+            .body(body.to_vec());
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        req.send().await.unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends `signal` (e.g. "TERM") and waits up to `within` for the process to exit.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: &str,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Keeps the data dir for a restart by taking it out of this gateway.
+    pub fn take_dir(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn to_owned_headers(h: Vec<(&'static str, String)>) -> Vec<(String, String)> {
+    h.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+pub fn v1_headers(
+    key: &Key,
+    method: &str,
+    target: &str,
+    body: &[u8],
+    ts: i64,
+    nonce: &str,
+) -> Vec<(String, String)> {
+    to_owned_headers(sign::headers(&SignRequest {
+        scheme: AuthKind::HmacV1,
+        public_key: key.public_key.clone(),
+        secret: key.secret.clone(),
+        method: method.into(),
+        target: target.into(),
+        body: body.to_vec(),
+        timestamp: ts,
+        nonce: nonce.into(),
+    }))
+}
+
+pub fn body_headers(key: &Key, body: &[u8]) -> Vec<(String, String)> {
+    to_owned_headers(sign::headers(&SignRequest {
+        scheme: AuthKind::HmacBody,
+        public_key: key.public_key.clone(),
+        secret: key.secret.clone(),
+        method: String::new(),
+        target: String::new(),
+        body: body.to_vec(),
+        timestamp: 0,
+        nonce: String::new(),
+    }))
+}
+
+/// Asserts a problem+json answer with `status` and `code`; returns the body.
+pub async fn assert_problem(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let rid = resp
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!(
+        (got, body["code"].as_str()),
+        (status, Some(code)),
+        "body: {body}"
+    );
+    assert_eq!(ctype, "application/problem+json");
+    assert_eq!(body["status"], status);
+    assert_eq!(body["type"], format!("urn:keygate:error:{code}"));
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    let rid = rid.expect("every response carries x-request-id");
+    assert_eq!(body["request_id"], rid.as_str());
+    body
+}
+
+/// Writes raw bytes to `addr` and returns everything read until close or `wait`.
+pub async fn raw_exchange(
+    addr: SocketAddr,
+    parts: &[&[u8]],
+    pause: Duration,
+    wait: Duration,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        if s.write_all(p).await.is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
