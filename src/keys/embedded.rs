@@ -41,7 +41,20 @@ pub struct EmbeddedStore {
     /// atomic per nonce without a global lock.
     nonces: Cache<String, Duration>,
     /// To the writer thread; `std::sync::mpsc` because the writer is a plain thread.
-    writer: mpsc::Sender<WriterMsg>,
+    /// `None` only while dropping.
+    writer: Option<mpsc::Sender<WriterMsg>>,
+    /// Joined on drop, so the file is closed (and can be reopened) when the store is gone.
+    writer_thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Closing the channel makes the writer commit what it holds and exit.
+        drop(self.writer.take());
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 enum WriterMsg {
@@ -114,15 +127,23 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
-        thread::Builder::new()
+        let writer_thread = thread::Builder::new()
             .name("keygate-nonce-writer".into())
             .spawn(move || nonce_writer(&writer_db, &rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start nonce writer: {e}")))?;
         Ok(Self {
             db,
             nonces,
-            writer: tx,
+            writer: Some(tx),
+            writer_thread: Some(writer_thread),
         })
+    }
+
+    fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
+        self.writer
+            .as_ref()
+            .and_then(|w| w.send(msg).ok())
+            .ok_or_else(|| StoreError::Unavailable("nonce writer stopped".into()))
     }
 
     /// Runs a write transaction off the async runtime: a commit waits for fsync.
@@ -385,9 +406,7 @@ impl KeyStore for EmbeddedStore {
             key: entry.key().clone(),
             expires_unix: unix_now() + ttl.as_secs(),
         };
-        self.writer
-            .send(msg)
-            .map_err(|_| StoreError::Unavailable("nonce writer stopped".into()))?;
+        self.send(msg)?;
         Ok(true)
     }
 
@@ -397,9 +416,7 @@ impl KeyStore for EmbeddedStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
-        self.writer
-            .send(WriterMsg::Flush(tx))
-            .map_err(|_| StoreError::Unavailable("nonce writer stopped".into()))?;
+        self.send(WriterMsg::Flush(tx))?;
         tokio::task::spawn_blocking(move || rx.recv())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?

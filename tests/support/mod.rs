@@ -148,7 +148,7 @@ upstream = "dead"
 [[routes]]
 name = "public"
 path = "/public/*"
-upstream = "echo"
+upstream = "echo-verifies"
 public = true
 
 [[routes]]
@@ -168,6 +168,8 @@ pub struct Options {
     /// Reuse a data dir (restart tests).
     pub dir: Option<PathBuf>,
     pub master_key: Option<String>,
+    /// `admin.token_sha256` entries.
+    pub admin_token_sha256: Vec<String>,
 }
 
 impl Options {
@@ -178,6 +180,7 @@ impl Options {
             shutdown_grace: "1s",
             dir: None,
             master_key: None,
+            admin_token_sha256: Vec::new(),
         }
     }
 }
@@ -229,6 +232,7 @@ shutdown_grace = "{grace}"
 
 [admin]
 listen = "127.0.0.1:{admin}"
+token_sha256 = {hashes:?}
 
 [metrics]
 listen = "127.0.0.1:{metrics}"
@@ -246,6 +250,7 @@ negative_ttl = "5s"
                 server_extra = opts.server_extra,
                 db = dir.join("keygate.db").display(),
                 routes = opts.routes,
+                hashes = opts.admin_token_sha256,
             );
             let config_path = dir.join("keygate.toml");
             std::fs::write(&config_path, config).unwrap();

@@ -1,0 +1,383 @@
+//! The shared `KeyStore` suite. Every backend runs every case through [`backends`]; today
+//! that is the embedded store (the Redis store joins here when it is built).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use keygate::keys::{
+    mint, AuthKind, EmbeddedStore, Environment, KeyRecord, KeyStore, MasterKey, NewKey, StoreError,
+};
+use time::OffsetDateTime;
+
+/// A backend under test, and how to reopen it (persistence cases).
+struct Backend {
+    name: &'static str,
+    store: Arc<dyn KeyStore>,
+    reopen: Box<dyn Fn() -> Arc<dyn KeyStore> + Send>,
+    _dir: tempfile::TempDir,
+}
+
+fn embedded() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
+    Backend {
+        name: "embedded",
+        store,
+        reopen: Box::new(move || Arc::new(EmbeddedStore::open(&path).unwrap())),
+        _dir: dir,
+    }
+}
+
+fn backends() -> Vec<Backend> {
+    vec![embedded()]
+}
+
+fn new_key(owner: &str, auth: AuthKind) -> NewKey {
+    NewKey {
+        owner: owner.into(),
+        name: "suite".into(),
+        description: None,
+        scopes: vec!["payments.*".into()],
+        ip_allow_list: vec![],
+        expires_at: None,
+        environment: Environment::Live,
+        auth,
+        metadata: BTreeMap::new(),
+    }
+}
+
+fn record(mk: &MasterKey, owner: &str, auth: AuthKind) -> KeyRecord {
+    mint(mk, new_key(owner, auth), OffsetDateTime::now_utc()).0
+}
+
+#[tokio::test]
+async fn records_are_found_by_id_public_key_and_bearer_hash() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let hmac = record(&mk, "acme", AuthKind::HmacV1);
+        let (bearer, secret) = mint(
+            &mk,
+            new_key("acme", AuthKind::Bearer),
+            OffsetDateTime::now_utc(),
+        );
+        b.store.insert(&hmac).await.unwrap();
+        b.store.insert(&bearer).await.unwrap();
+        assert_eq!(
+            b.store.get_by_id(&hmac.id).await.unwrap().as_ref(),
+            Some(&hmac),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            b.store
+                .get_by_public_key(&hmac.public_key)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(&hmac)
+        );
+        assert_eq!(
+            b.store
+                .get_by_secret_hash(&secret.sha256())
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(&bearer)
+        );
+        assert_eq!(b.store.get_by_id("key_missing").await.unwrap(), None);
+        assert_eq!(
+            b.store.get_by_public_key("pk_live_nothere").await.unwrap(),
+            None
+        );
+        assert_eq!(b.store.get_by_secret_hash(&[0u8; 32]).await.unwrap(), None);
+    }
+}
+
+#[tokio::test]
+async fn duplicate_public_key_is_a_conflict_and_changes_nothing() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let first = record(&mk, "acme", AuthKind::HmacV1);
+        b.store.insert(&first).await.unwrap();
+        let mut clash = record(&mk, "other", AuthKind::HmacV1);
+        clash.public_key = first.public_key.clone();
+        assert!(
+            matches!(b.store.insert(&clash).await, Err(StoreError::Conflict)),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            b.store.get_by_id(&clash.id).await.unwrap(),
+            None,
+            "a failed insert left a record"
+        );
+        assert_eq!(
+            b.store
+                .get_by_public_key(&first.public_key)
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            first.id
+        );
+        assert!(b
+            .store
+            .list(Some("other"), None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn update_replaces_the_record_and_its_indexes() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let mut r = record(&mk, "acme", AuthKind::HmacV1);
+        b.store.insert(&r).await.unwrap();
+        r.owner = "globex".into();
+        r.revoked_at = Some(OffsetDateTime::now_utc());
+        b.store.update(&r).await.unwrap();
+        assert_eq!(
+            b.store.get_by_id(&r.id).await.unwrap().as_ref(),
+            Some(&r),
+            "{}",
+            b.name
+        );
+        assert!(b
+            .store
+            .list(Some("acme"), None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+        assert_eq!(
+            b.store
+                .list(Some("globex"), None, 10)
+                .await
+                .unwrap()
+                .items
+                .len(),
+            1
+        );
+        let ghost = record(&mk, "acme", AuthKind::HmacV1);
+        assert!(matches!(
+            b.store.update(&ghost).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn delete_removes_the_record_and_every_index() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let (r, secret) = mint(
+            &mk,
+            new_key("acme", AuthKind::Bearer),
+            OffsetDateTime::now_utc(),
+        );
+        b.store.insert(&r).await.unwrap();
+        assert!(b.store.delete(&r.id).await.unwrap(), "{}", b.name);
+        assert!(!b.store.delete(&r.id).await.unwrap());
+        assert_eq!(b.store.get_by_id(&r.id).await.unwrap(), None);
+        assert_eq!(
+            b.store.get_by_public_key(&r.public_key).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            b.store.get_by_secret_hash(&secret.sha256()).await.unwrap(),
+            None
+        );
+        assert!(b
+            .store
+            .list(Some("acme"), None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn listing_is_newest_first_paginated_and_filtered_by_owner() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let mut acme = Vec::new();
+        for i in 0..5 {
+            let r = record(&mk, "acme", AuthKind::HmacV1);
+            b.store.insert(&r).await.unwrap();
+            acme.push(r.id.clone());
+            if i == 2 {
+                b.store
+                    .insert(&record(&mk, "globex", AuthKind::HmacV1))
+                    .await
+                    .unwrap();
+            }
+        }
+        acme.reverse();
+        let mut got = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = b
+                .store
+                .list(Some("acme"), cursor.as_deref(), 2)
+                .await
+                .unwrap();
+            assert!(page.items.len() <= 2);
+            got.extend(page.items.iter().map(|r| r.id.clone()));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(got, acme, "{}: newest first, every key once", b.name);
+        let all = b.store.list(None, None, 100).await.unwrap();
+        assert_eq!(all.items.len(), 6);
+        assert!(all.next_cursor.is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_nonce_is_used_once_per_key_until_it_expires() {
+    for b in backends() {
+        let ttl = Duration::from_millis(800);
+        assert!(
+            b.store.use_nonce("key_a", "n1", ttl).await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert!(!b.store.use_nonce("key_a", "n1", ttl).await.unwrap());
+        assert!(
+            b.store.use_nonce("key_b", "n1", ttl).await.unwrap(),
+            "nonces are per key"
+        );
+        assert!(b.store.use_nonce("key_a", "n2", ttl).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(
+            b.store.use_nonce("key_a", "n1", ttl).await.unwrap(),
+            "an expired nonce is free again"
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_uses_of_one_nonce_admit_exactly_one() {
+    for b in backends() {
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let s = Arc::clone(&b.store);
+            tasks.push(tokio::spawn(async move {
+                s.use_nonce("key_c", "race", Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert_eq!(admitted, 1, "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn records_and_live_nonces_survive_reopening() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let r = record(&mk, "acme", AuthKind::HmacV1);
+        b.store.insert(&r).await.unwrap();
+        assert!(b
+            .store
+            .use_nonce(&r.id, "kept", Duration::from_secs(600))
+            .await
+            .unwrap());
+        assert!(b
+            .store
+            .use_nonce(&r.id, "short", Duration::from_secs(1))
+            .await
+            .unwrap());
+        let Backend {
+            store,
+            reopen,
+            name,
+            _dir,
+        } = b;
+        // Dropping the store is the process going away: no explicit flush first.
+        drop(store);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let again = reopen();
+        assert_eq!(
+            again.get_by_id(&r.id).await.unwrap().as_ref(),
+            Some(&r),
+            "{name}"
+        );
+        assert!(
+            !again
+                .use_nonce(&r.id, "kept", Duration::from_secs(600))
+                .await
+                .unwrap(),
+            "{name}: nonce lost"
+        );
+        assert!(
+            again
+                .use_nonce(&r.id, "short", Duration::from_secs(600))
+                .await
+                .unwrap(),
+            "{name}: expired nonce kept"
+        );
+    }
+}
+
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn the_store_file_holds_no_usable_secret() {
+    let (mk, _) = MasterKey::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let mut secrets = Vec::new();
+    let mut public_keys = Vec::new();
+    for auth in [AuthKind::HmacV1, AuthKind::HmacBody, AuthKind::Bearer] {
+        let (r, s) = mint(&mk, new_key("acme", auth), OffsetDateTime::now_utc());
+        store.insert(&r).await.unwrap();
+        public_keys.push(r.public_key.clone());
+        secrets.push(s);
+    }
+    store.flush().await.unwrap();
+    drop(store);
+    // The file is real: the public keys are in it.
+    for pk in &public_keys {
+        assert!(
+            file_contains(&path, pk.as_bytes()),
+            "store file does not hold the records"
+        );
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for s in &secrets {
+        let text = s.expose();
+        let random_part = &text[8..];
+        for needle in [
+            text.to_owned(),
+            random_part.to_owned(),
+            b64.encode(text),
+            b64.encode(random_part),
+            hex::encode(text),
+            hex::encode(random_part),
+        ] {
+            assert!(
+                !file_contains(&path, needle.as_bytes()),
+                "secret found in store file as {needle}"
+            );
+        }
+    }
+}
