@@ -1,5 +1,6 @@
 //! The admin API through the real binary: tokens, minting, reading, listing, revoking,
 //! validation errors, health and readiness.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 mod support;
 

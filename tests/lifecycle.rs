@@ -1,5 +1,6 @@
 //! The process as operators run it: restarts keep keys and nonces, SIGTERM drains, SIGINT
 //! stops at once, and the CLI's `check-config`, `sign` and `demo` do what they print.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! End to end through the real binary: the success path and every error code of SPEC §3.4
 //! (but `rate_limited`, which is not built yet), each provoked through the proxy, each
 //! checked to have reached the upstream not at all.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 mod support;
 

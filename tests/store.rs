@@ -1,5 +1,6 @@
 //! The shared `KeyStore` suite. Every backend runs every case through [`backends`]; today
 //! that is the embedded store (the Redis store joins here when it is built).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::path::Path;
