@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Load benchmark, one invocation on one machine (all traffic on loopback, bounded in time):
+#   (a) the upstream (nginx `return 200`) directly
+#   (c) keygate on a public route           — pingora's own cost
+#   (d) keygate, cached hmac-v1 key, 1 KiB POST, fresh nonce per request
+# Each is driven by the same client (examples/loadgen.rs) for SECONDS with CONNS keep-alive
+# connections; a markdown table with ratios against (a) and (c) goes to stdout.
+# wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SECONDS_PER_RUN=${SECONDS:-10}
+CONNS=${CONNS:-16}
+THREADS=${THREADS:-1}
+BODY=1024
+
+cargo build --release --locked --bin keygate --example loadgen >&2
+KG=target/release/keygate
+LG=target/release/examples/loadgen
+command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+up=$($LG free-port); proxy=$($LG free-port); admin=$($LG free-port); metrics=$($LG free-port)
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_buffer_size 64k;
+  server { listen 127.0.0.1:$up; location / { return 200 "ok\n"; } }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" &
+pids+=($!)
+
+cat > "$work/keygate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$proxy"
+threads = $THREADS
+[admin]
+listen = "127.0.0.1:$admin"
+[metrics]
+listen = "127.0.0.1:$metrics"
+[store]
+path = "$work/keygate.db"
+[cache]
+ttl = "1h"
+[[upstreams]]
+name = "nginx"
+endpoints = ["127.0.0.1:$up"]
+[[routes]]
+name = "create-payment"
+methods = ["POST"]
+path = "/v1/payments"
+scope = "payments.create"
+upstream = "nginx"
+[[routes]]
+name = "public"
+path = "/public/*"
+upstream = "nginx"
+public = true
+TOML
+KEYGATE_MASTER_KEY=$(head -c 32 /dev/urandom | base64) KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
+  $KG serve --config "$work/keygate.toml" 2>"$work/keygate.err" &
+kgpid=$!
+pids+=($kgpid)
+$LG wait "http://127.0.0.1:$admin/readyz"
+read -r pk sk < <($LG mint "http://127.0.0.1:$admin" bench-token)
+[ -n "$pk" ] || { echo "minting failed" >&2; cat "$work/keygate.err" >&2; exit 1; }
+
+run() { $LG run "$1" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "${@:2}"; }
+field() { sed -E "s/.*\"$2\":([0-9.]+).*/\1/" <<<"$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+
+# Warm up pools and the key cache, then measure.
+run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk" >/dev/null
+a=$(run "http://127.0.0.1:$up/v1/payments")
+c=$(run "http://127.0.0.1:$proxy/public/payments")
+d=$(run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")
+rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
+
+echo "## keygate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ)"
+echo
+echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; ${CONNS} connections × ${SECONDS_PER_RUN} s each; POST ${BODY} B; keygate threads=${THREADS}; nginx 1 worker; client: examples/loadgen (1 thread)"
+echo
+echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (c) |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+ra=$(field "$a" rps); rc=$(field "$c" rps)
+for name in a c d; do
+  r=${!name}
+  label=$(case $name in a) echo "(a) upstream direct";; c) echo "(c) keygate, public route";; d) echo "(d) keygate, hmac-v1 cached key";; esac)
+  rps=$(field "$r" rps)
+  printf "| %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
+    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rc")"
+done
+echo
+echo "keygate peak RSS after the runs: ${rss} KiB"
+if command -v wrk >/dev/null; then
+  echo
+  echo "wrk cross-check (GET, ${CONNS} connections, 1 thread, ${SECONDS_PER_RUN} s):"
+  echo
+  for url in "http://127.0.0.1:$up/x" "http://127.0.0.1:$proxy/public/x"; do
+    wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" --latency "$url" | awk -v u="$url" '/Requests\/sec/ {r=$2} /99%/ {p=$2} END {printf "- %s: %s req/s, p99 %s\n", u, r, p}'
+  done
+fi

@@ -1,0 +1,163 @@
+//! Load generator for `benches/load/run.sh`: keep-alive HTTP/1.1 connections on raw hyper,
+//! each sending requests back to back, optionally signed with `hmac-v1` (a fresh nonce per
+//! request, which is why wrk cannot do this). The same client measures the upstream directly
+//! and through keygate, so their ratio is fair.
+//!
+//! ```text
+//! loadgen free-port
+//! loadgen wait URL
+//! loadgen mint ADMIN_URL TOKEN            -> prints "<public_key> <secret>"
+//! loadgen run URL CONNECTIONS SECONDS BODY_BYTES [PUBLIC_KEY SECRET]
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use keygate::cli::sign::{headers, SignRequest};
+use keygate::keys::AuthKind;
+
+type Out = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+struct Target {
+    host: String,
+    path: String,
+}
+
+fn parse(url: &str) -> Target {
+    let rest = url.strip_prefix("http://").expect("http:// URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    Target { host: host.to_owned(), path: if path.is_empty() { "/".into() } else { path.to_owned() } }
+}
+
+async fn get(url: &str) -> Option<(u16, Vec<u8>)> {
+    let t = parse(url);
+    let stream = tokio::net::TcpStream::connect(&t.host).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(&t.path).header("host", &t.host).body(Full::new(Bytes::new())).ok()?;
+    let resp = send.send_request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes().to_vec();
+    Some((status, body))
+}
+
+async fn connection(t: &Target, secs: f64, body: Bytes, signer: Option<(String, String)>, id: usize) -> (Vec<u32>, u64) {
+    let mut lat = Vec::with_capacity(200_000);
+    let mut bad = 0u64;
+    let stream = tokio::net::TcpStream::connect(&t.host).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut i = 0u64;
+    while Instant::now() < end {
+        i += 1;
+        let mut req = hyper::Request::post(&t.path).header("host", &t.host).header("content-type", "application/json");
+        if let Some((pk, secret)) = &signer {
+            let sr = SignRequest {
+                scheme: AuthKind::HmacV1,
+                public_key: pk.clone(),
+                secret: secret.clone(),
+                method: "POST".into(),
+                target: t.path.clone(),
+                body: body.to_vec(),
+                timestamp: time::OffsetDateTime::now_utc().unix_timestamp(),
+                nonce: format!("c{id}-{i}"),
+            };
+            for (k, v) in headers(&sr) {
+                req = req.header(k, v);
+            }
+        }
+        let req = req.body(Full::new(body.clone())).unwrap();
+        let start = Instant::now();
+        match send.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status().is_success();
+                let _ = resp.into_body().collect().await;
+                lat.push(u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX));
+                if !ok {
+                    bad += 1;
+                }
+            }
+            Err(_) => {
+                bad += 1;
+                break;
+            }
+        }
+    }
+    (lat, bad)
+}
+
+async fn run(args: &[String]) -> Out {
+    let t = parse(&args[0]);
+    let conns: usize = args[1].parse()?;
+    let secs: f64 = args[2].parse()?;
+    let body = Bytes::from(vec![b'x'; args[3].parse()?]);
+    let signer = (args.len() >= 6).then(|| (args[4].clone(), args[5].clone()));
+    let t = std::sync::Arc::new(t);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..conns {
+        let (t, body, signer) = (std::sync::Arc::clone(&t), body.clone(), signer.clone());
+        tasks.push(tokio::spawn(async move { connection(&t, secs, body, signer, id).await }));
+    }
+    let mut all = Vec::new();
+    let mut bad = 0;
+    for task in tasks {
+        let (lat, b) = task.await?;
+        all.extend(lat);
+        bad += b;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    println!(
+        "{{\"requests\":{},\"rps\":{:.0},\"p50_us\":{},\"p99_us\":{},\"non_2xx_or_errors\":{}}}",
+        all.len(),
+        all.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.99),
+        bad
+    );
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Out {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("free-port") => {
+            println!("{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        }
+        Some("wait") => {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while get(&args[1]).await.map(|(s, _)| s) != Some(200) {
+                if Instant::now() > deadline {
+                    return Err(format!("{} not ready", args[1]).into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Some("mint") => {
+            let t = parse(&format!("{}/v1/keys", args[1]));
+            let stream = tokio::net::TcpStream::connect(&t.host).await?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let body = r#"{"owner":"bench","name":"load","scopes":["payments.*"]}"#;
+            let req = hyper::Request::post(&t.path)
+                .header("host", &t.host)
+                .header("authorization", format!("Bearer {}", args[2]))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))?;
+            let resp = send.send_request(req).await?;
+            let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+            println!("{} {}", v["public_key"].as_str().unwrap_or(""), v["secret"].as_str().unwrap_or(""));
+        }
+        Some("run") => run(&args[1..]).await?,
+        _ => return Err("usage: loadgen free-port | wait URL | mint ADMIN_URL TOKEN | run URL CONNS SECS BODY [PK SECRET]".into()),
+    }
+    Ok(())
+}
