@@ -13,14 +13,20 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use keygate::auth::{check_key, parse_credentials, signing, Policy, RequestParts};
 use keygate::cache::KeyCache;
 use keygate::config::CacheConfig;
-use keygate::keys::{build_record, ActiveKey, AuthKind, AuthKinds, EmbeddedStore, Environment, KeyStore, MasterKey, NewKey, SecretString};
+use keygate::keys::{
+    build_record, ActiveKey, AuthKind, AuthKinds, EmbeddedStore, Environment, KeyStore, MasterKey,
+    NewKey, SecretString,
+};
 use keygate::metrics::Metrics;
 use sha2::Digest;
 use time::OffsetDateTime;
 
 const SECRET: &str = "sk_test_4eC39HqLyjWDarjtT1zdp7dc4eC39HqLyjWDarjtT1z";
 const PK: &str = "pk_test_aaaaaaaaaaaaaaaaaaaaaaaa";
-const POLICY: Policy = Policy { clock_skew: Duration::from_secs(300), body_nonce_retention: Duration::from_secs(86_400) };
+const POLICY: Policy = Policy {
+    clock_skew: Duration::from_secs(300),
+    body_nonce_retention: Duration::from_secs(86_400),
+};
 
 fn key(auth: AuthKind) -> (ActiveKey, MasterKey) {
     let (mk, _) = MasterKey::generate();
@@ -29,13 +35,22 @@ fn key(auth: AuthKind) -> (ActiveKey, MasterKey) {
         name: "bench".into(),
         description: None,
         scopes: vec!["payments.*".into()],
-        ip_allow_list: vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.0/8".parse().unwrap()],
+        ip_allow_list: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "127.0.0.0/8".parse().unwrap(),
+        ],
         expires_at: None,
         environment: Environment::Test,
         auth,
         metadata: BTreeMap::new(),
     };
-    let record = build_record(&mk, new, PK.into(), &SecretString::new(SECRET.into()), OffsetDateTime::now_utc());
+    let record = build_record(
+        &mk,
+        new,
+        PK.into(),
+        &SecretString::new(SECRET.into()),
+        OffsetDateTime::now_utc(),
+    );
     (ActiveKey::open(record, &mk).unwrap(), mk)
 }
 
@@ -55,7 +70,14 @@ fn bench_verify(c: &mut Criterion) {
     let mut g = c.benchmark_group("verify");
     for size in [0usize, 1024, 64 * 1024] {
         let body = vec![b'a'; size];
-        let mac = signing::mac_v1(SECRET.as_bytes(), &ts, "nonce-1", "POST", "/v1/payments", &body);
+        let mac = signing::mac_v1(
+            SECRET.as_bytes(),
+            &ts,
+            "nonce-1",
+            "POST",
+            "/v1/payments",
+            &body,
+        );
         let h = headers(&[
             ("x-api-public-key", PK.into()),
             ("x-api-timestamp", ts.clone()),
@@ -63,25 +85,49 @@ fn bench_verify(c: &mut Criterion) {
             ("x-api-signature", hex::encode(mac)),
         ]);
         g.throughput(Throughput::Bytes(size as u64));
-        g.bench_with_input(BenchmarkId::new("baseline_sha256", size), &body, |b, body| {
-            b.iter(|| black_box(sha2::Sha256::digest(black_box(body))));
-        });
+        g.bench_with_input(
+            BenchmarkId::new("baseline_sha256", size),
+            &body,
+            |b, body| {
+                b.iter(|| black_box(sha2::Sha256::digest(black_box(body))));
+            },
+        );
         g.bench_with_input(BenchmarkId::new("hmac_v1", size), &body, |b, body| {
             b.iter(|| {
                 let creds = parse_credentials(black_box(&h)).unwrap();
-                let req = RequestParts { method: "POST", target: "/v1/payments", body, client_ip: ip };
+                let req = RequestParts {
+                    method: "POST",
+                    target: "/v1/payments",
+                    body,
+                    client_ip: ip,
+                };
                 black_box(check_key(&v1, &creds, &req, AuthKinds::ALL, now, &POLICY).unwrap());
             });
         });
     }
     let (hb, _) = key(AuthKind::HmacBody);
-    let body = format!("{{\"amount\":\"10.00\",\"pad\":\"{}\",\"nonce\":1643881172430}}", "x".repeat(990)).into_bytes();
-    let h = headers(&[("x-api-public-key", PK.into()), ("x-api-signature", hex::encode(signing::mac_body(SECRET.as_bytes(), &body)))]);
+    let body = format!(
+        "{{\"amount\":\"10.00\",\"pad\":\"{}\",\"nonce\":1643881172430}}",
+        "x".repeat(990)
+    )
+    .into_bytes();
+    let h = headers(&[
+        ("x-api-public-key", PK.into()),
+        (
+            "x-api-signature",
+            hex::encode(signing::mac_body(SECRET.as_bytes(), &body)),
+        ),
+    ]);
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("hmac_body/1KiB", |b| {
         b.iter(|| {
             let creds = parse_credentials(black_box(&h)).unwrap();
-            let req = RequestParts { method: "POST", target: "/v1/payments", body: &body, client_ip: ip };
+            let req = RequestParts {
+                method: "POST",
+                target: "/v1/payments",
+                body: &body,
+                client_ip: ip,
+            };
             black_box(check_key(&hb, &creds, &req, AuthKinds::ALL, now, &POLICY).unwrap());
         });
     });
@@ -91,7 +137,12 @@ fn bench_verify(c: &mut Criterion) {
     g.bench_function("bearer", |b| {
         b.iter(|| {
             let creds = parse_credentials(black_box(&h)).unwrap();
-            let req = RequestParts { method: "POST", target: "/v1/payments", body: b"", client_ip: ip };
+            let req = RequestParts {
+                method: "POST",
+                target: "/v1/payments",
+                body: b"",
+                client_ip: ip,
+            };
             black_box(check_key(&bearer, &creds, &req, AuthKinds::ALL, now, &POLICY).unwrap());
         });
     });
@@ -99,23 +150,44 @@ fn bench_verify(c: &mut Criterion) {
 }
 
 fn bench_lookups(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).unwrap());
+    let store: Arc<dyn KeyStore> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).unwrap());
     let (active, mk) = key(AuthKind::HmacV1);
     rt.block_on(store.insert(&active.record)).unwrap();
-    let cfg = CacheConfig { capacity: 1000, ttl: Duration::from_secs(3600), negative_ttl: Duration::from_secs(5), stale_if_error: Duration::from_secs(600) };
-    let cache = KeyCache::new(Arc::clone(&store), Arc::new(mk), Metrics::new().unwrap(), &cfg);
+    let cfg = CacheConfig {
+        capacity: 1000,
+        ttl: Duration::from_secs(3600),
+        negative_ttl: Duration::from_secs(5),
+        stale_if_error: Duration::from_secs(600),
+    };
+    let cache = KeyCache::new(
+        Arc::clone(&store),
+        Arc::new(mk),
+        Metrics::new().unwrap(),
+        &cfg,
+    );
     rt.block_on(cache.by_public_key(PK)).unwrap().unwrap();
     let mut g = c.benchmark_group("lookup");
-    g.bench_function("baseline_block_on_noop", |b| b.iter(|| rt.block_on(async { black_box(1) })));
-    g.bench_function("cached_key", |b| b.iter(|| black_box(rt.block_on(cache.by_public_key(black_box(PK))).unwrap())));
+    g.bench_function("baseline_block_on_noop", |b| {
+        b.iter(|| rt.block_on(async { black_box(1) }))
+    });
+    g.bench_function("cached_key", |b| {
+        b.iter(|| black_box(rt.block_on(cache.by_public_key(black_box(PK))).unwrap()))
+    });
     let mut n = 0u64;
     g.bench_function("embedded_nonce_check", |b| {
         b.iter(|| {
             n += 1;
             let nonce = format!("n-{n}");
-            black_box(rt.block_on(store.use_nonce("key_bench", &nonce, Duration::from_secs(600))).unwrap())
+            black_box(
+                rt.block_on(store.use_nonce("key_bench", &nonce, Duration::from_secs(600)))
+                    .unwrap(),
+            )
         });
     });
     g.finish();

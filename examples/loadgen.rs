@@ -29,33 +29,55 @@ struct Target {
 fn parse(url: &str) -> Target {
     let rest = url.strip_prefix("http://").expect("http:// URL");
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    Target { host: host.to_owned(), path: if path.is_empty() { "/".into() } else { path.to_owned() } }
+    Target {
+        host: host.to_owned(),
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.to_owned()
+        },
+    }
 }
 
 async fn get(url: &str) -> Option<(u16, Vec<u8>)> {
     let t = parse(url);
     let stream = tokio::net::TcpStream::connect(&t.host).await.ok()?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(&t.path).header("host", &t.host).body(Full::new(Bytes::new())).ok()?;
+    let req = hyper::Request::get(&t.path)
+        .header("host", &t.host)
+        .body(Full::new(Bytes::new()))
+        .ok()?;
     let resp = send.send_request(req).await.ok()?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.ok()?.to_bytes().to_vec();
     Some((status, body))
 }
 
-async fn connection(t: &Target, secs: f64, body: Bytes, signer: Option<(String, String)>, id: usize) -> (Vec<u32>, u64) {
+async fn connection(
+    t: &Target,
+    secs: f64,
+    body: Bytes,
+    signer: Option<(String, String)>,
+    id: String,
+) -> (Vec<u32>, u64) {
     let mut lat = Vec::with_capacity(200_000);
     let mut bad = 0u64;
     let stream = tokio::net::TcpStream::connect(&t.host).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let mut i = 0u64;
     while Instant::now() < end {
         i += 1;
-        let mut req = hyper::Request::post(&t.path).header("host", &t.host).header("content-type", "application/json");
+        let mut req = hyper::Request::post(&t.path)
+            .header("host", &t.host)
+            .header("content-type", "application/json");
         if let Some((pk, secret)) = &signer {
             let sr = SignRequest {
                 scheme: AuthKind::HmacV1,
@@ -65,7 +87,7 @@ async fn connection(t: &Target, secs: f64, body: Bytes, signer: Option<(String, 
                 target: t.path.clone(),
                 body: body.to_vec(),
                 timestamp: time::OffsetDateTime::now_utc().unix_timestamp(),
-                nonce: format!("c{id}-{i}"),
+                nonce: format!("{id}-{i}"),
             };
             for (k, v) in headers(&sr) {
                 req = req.header(k, v);
@@ -100,9 +122,14 @@ async fn run(args: &[String]) -> Out {
     let t = std::sync::Arc::new(t);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for id in 0..conns {
+    // Nonces must be unique across runs too: a run prefix, then connection and sequence.
+    let run_id: u32 = rand::random();
+    for conn in 0..conns {
+        let id = format!("{run_id:08x}-{conn}");
         let (t, body, signer) = (std::sync::Arc::clone(&t), body.clone(), signer.clone());
-        tasks.push(tokio::spawn(async move { connection(&t, secs, body, signer, id).await }));
+        tasks.push(tokio::spawn(async move {
+            connection(&t, secs, body, signer, id).await
+        }));
     }
     let mut all = Vec::new();
     let mut bad = 0;
@@ -113,7 +140,11 @@ async fn run(args: &[String]) -> Out {
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "{{\"requests\":{},\"rps\":{:.0},\"p50_us\":{},\"p99_us\":{},\"non_2xx_or_errors\":{}}}",
         all.len(),

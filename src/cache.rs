@@ -101,45 +101,49 @@ impl KeyCache {
         });
     }
 
-    /// The key with this public key; `Ok(None)` if there is none.
-    pub async fn by_public_key(&self, public_key: &str) -> Result<Entry, LookupError> {
-        let cached = self.by_public.get(public_key).await;
+    /// One lookup in `cache`, filled by `load` on a miss. Concurrent misses for one key share
+    /// a single store read (moka's `try_get_with`).
+    async fn lookup<K, Q, L, F>(
+        &self,
+        cache: &Cache<K, Entry>,
+        key: &Q,
+        op: &'static str,
+        load: L,
+    ) -> Result<Entry, LookupError>
+    where
+        K: std::borrow::Borrow<Q> + std::hash::Hash + Eq + Send + Sync + 'static,
+        Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+        // A closure, so a hit never builds (and boxes) the store's future.
+        L: FnOnce() -> F,
+        F: std::future::Future<Output = Result<Option<KeyRecord>, StoreError>>,
+    {
+        let cached = cache.get(key).await;
         self.count(cached.as_ref());
         if let Some(entry) = cached {
             return Ok(entry);
         }
-        // Concurrent misses for one key share a single store read.
-        self.by_public
-            .try_get_with_by_ref(public_key, async {
-                let record = self
-                    .store
-                    .get_by_public_key(public_key)
-                    .await
-                    .inspect_err(|_| {
-                        self.metrics.store_error("get_by_public_key");
-                    })?;
+        cache
+            .try_get_with_by_ref(key, async {
+                let record = load().await.inspect_err(|_| self.metrics.store_error(op))?;
                 self.activate(record)
+                    .inspect_err(|_| self.metrics.store_error("open_secret"))
             })
             .await
             .map_err(|e| unshare(&e))
     }
 
+    /// The key with this public key; `Ok(None)` if there is none.
+    pub async fn by_public_key(&self, public_key: &str) -> Result<Entry, LookupError> {
+        let load = || self.store.get_by_public_key(public_key);
+        self.lookup(&self.by_public, public_key, "get_by_public_key", load)
+            .await
+    }
+
     /// The bearer key whose secret hashes to `hash`; `Ok(None)` if there is none.
     pub async fn by_secret_hash(&self, hash: &[u8; 32]) -> Result<Entry, LookupError> {
-        let cached = self.by_hash.get(hash).await;
-        self.count(cached.as_ref());
-        if let Some(entry) = cached {
-            return Ok(entry);
-        }
-        self.by_hash
-            .try_get_with_by_ref(hash, async {
-                let record = self.store.get_by_secret_hash(hash).await.inspect_err(|_| {
-                    self.metrics.store_error("get_by_secret_hash");
-                })?;
-                self.activate(record)
-            })
+        let load = || self.store.get_by_secret_hash(hash);
+        self.lookup(&self.by_hash, hash, "get_by_secret_hash", load)
             .await
-            .map_err(|e| unshare(&e))
     }
 
     /// Drops every entry that could describe `record`, so the next request reads the store.
@@ -193,6 +197,72 @@ mod tests {
             auth: AuthKind::HmacV1,
             metadata: Default::default(),
         }
+    }
+
+    // moka keeps its own clock (tokio's paused time does not move it): short real TTLs.
+    #[tokio::test]
+    async fn positive_and_negative_entries_expire_after_their_own_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KeyStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("k.db")).unwrap());
+        let (mk, _) = MasterKey::generate();
+        let mk = Arc::new(mk);
+        let cfg = CacheConfig {
+            ttl: Duration::from_millis(600),
+            negative_ttl: Duration::from_millis(200),
+            ..cfg()
+        };
+        let cache = KeyCache::new(
+            Arc::clone(&store),
+            Arc::clone(&mk),
+            Metrics::new().unwrap(),
+            &cfg,
+        );
+        let (record, _) = mint(&mk, new_key(), OffsetDateTime::now_utc());
+        // Unknown now: remembered as unknown for negative_ttl, even once it exists.
+        assert!(cache
+            .by_public_key(&record.public_key)
+            .await
+            .unwrap()
+            .is_none());
+        store.insert(&record).await.unwrap();
+        assert!(
+            cache
+                .by_public_key(&record.public_key)
+                .await
+                .unwrap()
+                .is_none(),
+            "negative entry still held"
+        );
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(
+            cache
+                .by_public_key(&record.public_key)
+                .await
+                .unwrap()
+                .is_some(),
+            "negative entry outlived negative_ttl"
+        );
+
+        // Known: trusted for ttl, even once deleted behind the cache's back.
+        store.delete(&record.id).await.unwrap();
+        assert!(
+            cache
+                .by_public_key(&record.public_key)
+                .await
+                .unwrap()
+                .is_some(),
+            "positive entry still held"
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            cache
+                .by_public_key(&record.public_key)
+                .await
+                .unwrap()
+                .is_none(),
+            "positive entry outlived ttl"
+        );
     }
 
     #[tokio::test]

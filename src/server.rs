@@ -181,18 +181,20 @@ impl App {
             "keygate admin",
             AxumService::new(admin_listener, admin::router(admin_state)),
         ));
-        let metrics_router = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = metrics.clone();
-                async move {
-                    (
-                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        m.render(),
-                    )
-                }
-            }),
-        );
+        let metrics_router = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = metrics.clone();
+                    async move {
+                        (
+                            [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                            m.render(),
+                        )
+                    }
+                }),
+            )
+            .layer(axum::middleware::from_fn(admin::with_request_id));
         server.add_service(background_service(
             "keygate metrics",
             AxumService::new(metrics_listener, metrics_router),

@@ -110,6 +110,23 @@ async fn body_above_the_retry_buffer_is_forwarded_whole_after_verification() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_at_the_retry_buffer_boundary_arrive_whole() {
+    let (echo, gw) = setup().await;
+    let key = gw.mint(json!({})).await;
+    // 64 KiB fits pingora's retry buffer; one byte more takes keygate's own forwarding path.
+    for size in [64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1] {
+        echo.clear();
+        let body: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        let resp = gw.send_v1(&key, "POST", "/v1/payments", &body).await;
+        assert_eq!(resp.status(), 200, "size {size}");
+        let seen = echo.seen();
+        assert_eq!(seen.len(), 1, "size {size}");
+        assert_eq!(seen[0].body.len(), size);
+        assert_eq!(&seen[0].body[..], &body[..], "size {size}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_with_query_is_signed_over_the_exact_target() {
     let (echo, gw) = setup().await;
     let key = gw.mint(json!({})).await;

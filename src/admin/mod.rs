@@ -130,7 +130,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-async fn with_request_id(req: Request, next: Next) -> Response {
+/// Gives every response an `x-request-id` (the client's, if sent) and error bodies the same id.
+pub async fn with_request_id(req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get("x-request-id")
@@ -228,6 +229,8 @@ async fn create_key(
     let new = validate::create_body(&body, now)?;
     let (record, secret) = mint(&state.master, new, now);
     state.store.insert(&record).await?;
+    // A negative entry for this public key (or bearer hash) must not outlive its creation.
+    state.cache.invalidate(&record).await;
     state.metrics.key_changed(KeyChange::Created);
     tracing::info!(key_id = %record.id, owner = %record.owner, "key created");
     Ok((

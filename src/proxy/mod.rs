@@ -446,9 +446,6 @@ impl ProxyHttp for Gateway {
         match result {
             Ok(key) => ctx.key = Some(key),
             Err(e) => {
-                if matches!(e, AuthError::StoreUnavailable) {
-                    self.metrics.store_error("lookup");
-                }
                 return self
                     .refuse(session, ctx, e.code(), &e.to_string(), true)
                     .await;
