@@ -31,21 +31,9 @@ async fn v1_calls_need_an_accepted_admin_token() {
     let r = gw.http.get(gw.admin_url("/v1/keys")).send().await.unwrap();
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     assert_problem(r, 401, "unauthorized").await;
-    let r = gw
-        .http
-        .get(gw.admin_url("/v1/keys"))
-        .bearer_auth("wrong")
-        .send()
-        .await
-        .unwrap();
+    let r = gw.admin_get("/v1/keys", "wrong").await;
     assert_problem(r, 401, "unauthorized").await;
-    let r = gw
-        .http
-        .get(gw.admin_url("/v1/keys"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.admin_get("/v1/keys", ADMIN_TOKEN).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -57,21 +45,9 @@ async fn token_sha256_from_config_is_accepted() {
     let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
     opts.admin_token_sha256 = vec![hash];
     let gw = Gateway::start(opts).await;
-    let r = gw
-        .http
-        .get(gw.admin_url("/v1/keys"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.admin_get("/v1/keys", token).await;
     assert_eq!(r.status(), 200);
-    let r = gw
-        .http
-        .get(gw.admin_url("/v1/keys"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.admin_get("/v1/keys", ADMIN_TOKEN).await;
     assert_eq!(
         r.status(),
         200,
@@ -109,12 +85,8 @@ async fn minting_returns_the_secret_once_and_reading_never_does() {
 
     for id in [&key.id, &key.public_key] {
         let got: Value = gw
-            .http
-            .get(gw.admin_url(&format!("/v1/keys/{id}")))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
+            .admin_get(&format!("/v1/keys/{id}"), ADMIN_TOKEN)
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -122,13 +94,7 @@ async fn minting_returns_the_secret_once_and_reading_never_does() {
         assert!(got.get("secret").is_none(), "secret shown again: {got}");
         assert!(!got.to_string().contains(&key.secret));
     }
-    let r = gw
-        .http
-        .get(gw.admin_url("/v1/keys/key_nope"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.admin_get("/v1/keys/key_nope", ADMIN_TOKEN).await;
     assert_problem(r, 404, "not_found").await;
 }
 
@@ -173,13 +139,7 @@ async fn listing_filters_by_owner_and_pages_with_a_cursor() {
     let list = |q: String| {
         let gw = &gw;
         async move {
-            let r = gw
-                .http
-                .get(gw.admin_url(&format!("/v1/keys?{q}")))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap();
+            let r = gw.admin_get(&format!("/v1/keys?{q}"), ADMIN_TOKEN).await;
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };

@@ -54,12 +54,8 @@ async fn keys_and_nonces_survive_a_restart() {
         200
     );
     let got = gw
-        .http
-        .get(gw.admin_url(&format!("/v1/keys/{}", key.id)))
-        .bearer_auth(support::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .admin_get(&format!("/v1/keys/{}", key.id), support::ADMIN_TOKEN)
+        .await;
     assert_eq!(got.status(), 200);
     drop(tmp);
 }

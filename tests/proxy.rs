@@ -574,44 +574,26 @@ async fn key_sealed_under_another_master_key_is_503_not_401() {
     drop(tmp);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_upstream_is_502() {
+/// Both forwarding paths — pingora's, and keygate's own for bodies over 64 KiB — must map
+/// an upstream failure to the same answer.
+async fn assert_both_paths_answer(target: &str, status: u16, code: &str) {
     let (_echo, gw) = setup().await;
     let key = gw.mint(json!({})).await;
-    assert_problem(
-        gw.send_v1(&key, "POST", "/v1/dead", b"{}").await,
-        502,
-        "upstream_unavailable",
-    )
-    .await;
-    // The large-body path maps it the same way.
-    let big = vec![b'x'; 100 * 1024];
-    assert_problem(
-        gw.send_v1(&key, "POST", "/v1/dead", &big).await,
-        502,
-        "upstream_unavailable",
-    )
-    .await;
+    for body in [b"{}".to_vec(), vec![b'x'; 100 * 1024]] {
+        let resp = gw.send_v1(&key, "POST", target, &body).await;
+        assert_problem(resp, status, code).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_is_502() {
+    assert_both_paths_answer("/v1/dead", 502, "upstream_unavailable").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_504() {
-    let (_echo, gw) = setup().await;
-    let key = gw.mint(json!({})).await;
     // The echo sleeps 3 s on /slow; the upstream's read_timeout is 1 s.
-    assert_problem(
-        gw.send_v1(&key, "POST", "/v1/x/slow", b"{}").await,
-        504,
-        "upstream_timeout",
-    )
-    .await;
-    let big = vec![b'x'; 100 * 1024];
-    assert_problem(
-        gw.send_v1(&key, "POST", "/v1/x/slow", &big).await,
-        504,
-        "upstream_timeout",
-    )
-    .await;
+    assert_both_paths_answer("/v1/x/slow", 504, "upstream_timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -357,6 +357,16 @@ negative_ttl = "5s"
         }
     }
 
+    /// `GET` on the admin listener with `token` as the bearer.
+    pub async fn admin_get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .get(self.admin_url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn revoke(&self, key: &Key) {
         let r = self
             .http
