@@ -2,6 +2,8 @@
 # Load benchmark, one invocation on one machine (all traffic on loopback, bounded in time):
 #   (a) the upstream (nginx `return 200`) directly
 #   (c) keygate on a public route           — pingora's own cost
+#   (c') the same, with the client signing every request as in (d) (keygate ignores it):
+#        the control for (d), since client and gateway share this machine's cores
 #   (d) keygate, cached hmac-v1 key, 1 KiB POST, fresh nonce per request
 # Each is driven by the same client (examples/loadgen.rs) for SECONDS with CONNS keep-alive
 # connections; a markdown table with ratios against (a) and (c) goes to stdout.
@@ -83,6 +85,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'
 run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk" >/dev/null
 a=$(run "http://127.0.0.1:$up/v1/payments")
 c=$(run "http://127.0.0.1:$proxy/public/payments")
+cs=$(run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")
 d=$(run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
@@ -90,15 +93,15 @@ echo "## keygate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; ${CONNS} connections × ${SECONDS_PER_RUN} s each; POST ${BODY} B; keygate threads=${THREADS}; nginx 1 worker; client: examples/loadgen (1 thread)"
 echo
-echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (c) |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
-ra=$(field "$a" rps); rc=$(field "$c" rps)
-for name in a c d; do
+echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (c) | rps vs (c') |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+ra=$(field "$a" rps); rc=$(field "$c" rps); rcs=$(field "$cs" rps)
+for name in a c cs d; do
   r=${!name}
-  label=$(case $name in a) echo "(a) upstream direct";; c) echo "(c) keygate, public route";; d) echo "(d) keygate, hmac-v1 cached key";; esac)
+  label=$(case $name in a) echo "(a) upstream direct";; c) echo "(c) keygate, public route";; cs) echo "(c') keygate, public route, client signing";; d) echo "(d) keygate, hmac-v1 cached key";; esac)
   rps=$(field "$r" rps)
-  printf "| %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
-    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rc")"
+  printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
+    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rc")" "$(ratio "$rps" "$rcs")"
 done
 echo
 echo "keygate peak RSS after the runs: ${rss} KiB"
