@@ -113,8 +113,9 @@ async fn body_above_the_retry_buffer_is_forwarded_whole_after_verification() {
 async fn bodies_at_the_retry_buffer_boundary_arrive_whole() {
     let (echo, gw) = setup().await;
     let key = gw.mint(json!({})).await;
-    // 64 KiB fits pingora's retry buffer; one byte more takes keygate's own forwarding path.
-    for size in [64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1] {
+    // 64 KiB fits pingora's retry buffer; one byte more takes keygate's own forwarding path;
+    // exactly server.max_body_bytes (1 MiB here) is still accepted.
+    for size in [64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1, 1024 * 1024] {
         echo.clear();
         let body: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
         let resp = gw.send_v1(&key, "POST", "/v1/payments", &body).await;
