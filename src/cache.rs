@@ -149,7 +149,7 @@ impl KeyCache {
     /// Drops every entry that could describe `record`, so the next request reads the store.
     pub async fn invalidate(&self, record: &KeyRecord) {
         self.by_public.invalidate(record.public_key.as_str()).await;
-        if let Some(hash) = record.bearer_hash() {
+        for hash in record.indexed_hashes() {
             self.by_hash.invalidate(&hash).await;
         }
     }

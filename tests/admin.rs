@@ -186,3 +186,333 @@ async fn revoking_is_recorded_and_idempotent() {
         .unwrap();
     assert_problem(r, 404, "not_found").await;
 }
+
+async fn send_json(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Value,
+) -> reqwest::Response {
+    gw.http
+        .request(method, gw.admin_url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_applies_to_the_very_next_request() {
+    let (echo, gw) = setup().await;
+    let key = gw
+        .mint(json!({"scopes": ["payments.read"], "description": "old"}))
+        .await;
+    assert_problem(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}").await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
+    let path = format!("/v1/keys/{}", key.id);
+    let r = send_json(
+        &gw,
+        reqwest::Method::PATCH,
+        &path,
+        json!({"scopes": ["payments.create"], "description": null}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let updated: Value = r.json().await.unwrap();
+    assert_eq!(updated["scopes"], json!(["payments.create"]));
+    assert_eq!(updated["description"], Value::Null);
+    assert!(updated.get("secret").is_none());
+    assert_eq!(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200
+    );
+
+    let r = send_json(
+        &gw,
+        reqwest::Method::PATCH,
+        &path,
+        json!({"ip_allow_list": ["10.0.0.0/8"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    echo.clear();
+    assert_problem(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}").await,
+        403,
+        "ip_not_allowed",
+    )
+    .await;
+    assert_eq!(echo.count(), 0);
+
+    let r = send_json(
+        &gw,
+        reqwest::Method::PATCH,
+        &path,
+        json!({"owner": "someone-else"}),
+    )
+    .await;
+    let body = assert_problem(r, 422, "validation_failed").await;
+    assert_eq!(body["errors"]["owner"], "unknown field");
+    let r = send_json(
+        &gw,
+        reqwest::Method::PATCH,
+        &path,
+        json!({"expires_at": "2001-01-01T00:00:00Z", "scopes": ["BAD"]}),
+    )
+    .await;
+    let body = assert_problem(r, 422, "validation_failed").await;
+    assert!(
+        body["errors"].get("expires_at").is_some() && body["errors"].get("scopes[0]").is_some(),
+        "{body}"
+    );
+    let unchanged: Value = gw.admin_get(&path, ADMIN_TOKEN).await.json().await.unwrap();
+    assert_eq!(
+        unchanged["scopes"],
+        json!(["payments.create"]),
+        "a refused patch changed the key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_the_old_secret_for_its_grace_only() {
+    let (_echo, gw) = setup().await;
+    let first = gw.mint(json!({})).await;
+    let path = format!("/v1/keys/{}/rotate", first.id);
+    let r = send_json(
+        &gw,
+        reqwest::Method::POST,
+        &path,
+        json!({"grace_seconds": 3600}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let rotated: Value = r.json().await.unwrap();
+    let second = support::Key {
+        secret: rotated["secret"].as_str().unwrap().to_owned(),
+        record: rotated.clone(),
+        ..first.clone()
+    };
+    assert_ne!(second.secret, first.secret);
+    assert_eq!(
+        rotated["public_key"],
+        first.public_key.as_str(),
+        "rotation keeps the public key"
+    );
+    assert_eq!(rotated["secret_prefix"], &second.secret[..12]);
+    assert_eq!(
+        gw.send_v1(&first, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200,
+        "old secret inside grace"
+    );
+    assert_eq!(
+        gw.send_v1(&second, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200,
+        "new secret"
+    );
+
+    // A second rotation ends the first grace at once; with grace 0 the second secret goes too.
+    let r = gw
+        .http
+        .post(gw.admin_url(&path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "an empty body means grace 0");
+    let third = support::Key {
+        secret: r.json::<Value>().await.unwrap()["secret"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        ..first.clone()
+    };
+    assert_problem(
+        gw.send_v1(&first, "POST", "/v1/payments", b"{}").await,
+        401,
+        "bad_signature",
+    )
+    .await;
+    assert_problem(
+        gw.send_v1(&second, "POST", "/v1/payments", b"{}").await,
+        401,
+        "bad_signature",
+    )
+    .await;
+    assert_eq!(
+        gw.send_v1(&third, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200
+    );
+
+    let r = send_json(
+        &gw,
+        reqwest::Method::POST,
+        &path,
+        json!({"grace_seconds": 604_801}),
+    )
+    .await;
+    let body = assert_problem(r, 422, "validation_failed").await;
+    assert!(body["errors"].get("grace_seconds").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_rotation_grace_through_the_proxy() {
+    let (_echo, gw) = setup().await;
+    let key = gw.mint(json!({"auth": "bearer"})).await;
+    let r = send_json(
+        &gw,
+        reqwest::Method::POST,
+        &format!("/v1/keys/{}/rotate", key.id),
+        json!({"grace_seconds": 60}),
+    )
+    .await;
+    let fresh = r.json::<Value>().await.unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for secret in [&key.secret, &fresh] {
+        let h = vec![("x-api-key".to_owned(), secret.clone())];
+        assert_eq!(
+            gw.send("POST", "/v1/payments", &h, b"{}").await.status(),
+            200
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_keys_are_gone_everywhere() {
+    let (_echo, gw) = setup().await;
+    let key = gw.mint(json!({})).await;
+    assert_eq!(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200
+    );
+    let path = format!("/v1/keys/{}", key.id);
+    let r = gw
+        .http
+        .delete(gw.admin_url(&path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_problem(gw.admin_get(&path, ADMIN_TOKEN).await, 404, "not_found").await;
+    assert_problem(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}").await,
+        401,
+        "unknown_key",
+    )
+    .await;
+    let r = gw
+        .http
+        .delete(gw.admin_url(&path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 404, "not_found").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_onchainpay_style_keys_sign_with_the_secret_as_given() {
+    let (echo, gw) = setup().await;
+    // The hmac-body signing vector: a base64-looking secret used as text.
+    let secret =
+        "QoK/3fZY8QK68z3DFvwcTgN4LSTDa8pi6rUNbGQfM4EgKCyt9whSFkbIQOFIAsGKlCZlCE1gyvi0Q6vf77KHKw==";
+    let body = json!({"public_key": "ocp_3f9a2c", "secret": secret, "owner": "org_1", "name": "imported", "auth": "hmac-body", "scopes": ["payments.*"]});
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", body.clone()).await;
+    assert_eq!(r.status(), 201);
+    let rec: Value = r.json().await.unwrap();
+    assert_eq!(rec["public_key"], "ocp_3f9a2c");
+    assert_eq!(rec["secret"], secret);
+    assert_eq!(rec["environment"], "test");
+    let signed = br#"{"from":"ETH","to":"USDT","nonce":1643881172430}"#;
+    let h = vec![
+        ("x-api-public-key".to_owned(), "ocp_3f9a2c".to_owned()),
+        (
+            "x-api-signature".to_owned(),
+            "30facc8352430dedadd40de2637bd3ae5ff9ac1cacb123d5f180c8c8d9f0168c".to_owned(),
+        ),
+    ];
+    assert_eq!(
+        gw.send("POST", "/v1/payments", &h, signed).await.status(),
+        200
+    );
+    assert_eq!(&echo.seen()[0].body[..], &signed[..]);
+    let again = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", body).await;
+    assert_problem(again, 409, "conflict").await;
+    let bad = send_json(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/keys/import",
+        json!({"public_key": "has space", "owner": "o", "name": "n"}),
+    )
+    .await;
+    let errs = assert_problem(bad, 422, "validation_failed").await;
+    assert!(
+        errs["errors"].get("public_key").is_some() && errs["errors"].get("secret").is_some(),
+        "{errs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_by_environment_and_status() {
+    let (_echo, gw) = setup().await;
+    let live = gw.mint(json!({"owner": "f", "environment": "live"})).await;
+    let revoked = gw.mint(json!({"owner": "f"})).await;
+    gw.revoke(&revoked).await;
+    let active_test = gw.mint(json!({"owner": "f"})).await;
+    let ids = |v: Value| {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let gw = &gw;
+    let get = |q: &'static str| async move {
+        gw.admin_get(&format!("/v1/keys?owner=f&{q}"), ADMIN_TOKEN)
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    assert_eq!(ids(get("environment=live").await), vec![live.id.clone()]);
+    assert_eq!(ids(get("status=revoked").await), vec![revoked.id.clone()]);
+    assert_eq!(
+        ids(get("status=active&environment=test").await),
+        vec![active_test.id.clone()]
+    );
+    // A filtered page is filled from as many store pages as it takes.
+    let page = get("status=active&limit=1").await;
+    assert_eq!(ids(page.clone()), vec![active_test.id.clone()]);
+    let next = page["next_cursor"].as_str().unwrap().to_owned();
+    let rest: Value = gw
+        .admin_get(
+            &format!("/v1/keys?owner=f&status=active&limit=1&cursor={next}"),
+            ADMIN_TOKEN,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(rest), vec![live.id.clone()]);
+    let r = gw.admin_get("/v1/keys?status=sleeping", ADMIN_TOKEN).await;
+    assert_problem(r, 422, "validation_failed").await;
+}

@@ -382,3 +382,39 @@ async fn the_store_file_holds_no_usable_secret() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_rotated_bearer_key_is_indexed_by_both_hashes_until_the_next_rotation() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let now = OffsetDateTime::now_utc();
+        let (mut r, first) = mint(&mk, new_key("acme", AuthKind::Bearer), now);
+        b.store.insert(&r).await.unwrap();
+        let second = keygate::keys::rotate(&mk, &mut r, time::Duration::minutes(5), now);
+        b.store.update(&r).await.unwrap();
+        for s in [&first, &second] {
+            let found = b.store.get_by_secret_hash(&s.sha256()).await.unwrap();
+            assert_eq!(found.map(|f| f.id), Some(r.id.clone()), "{}", b.name);
+        }
+        let third = keygate::keys::rotate(&mk, &mut r, time::Duration::ZERO, now);
+        b.store.update(&r).await.unwrap();
+        assert_eq!(
+            b.store.get_by_secret_hash(&first.sha256()).await.unwrap(),
+            None,
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            b.store.get_by_secret_hash(&second.sha256()).await.unwrap(),
+            None,
+            "{}",
+            b.name
+        );
+        assert!(b
+            .store
+            .get_by_secret_hash(&third.sha256())
+            .await
+            .unwrap()
+            .is_some());
+    }
+}

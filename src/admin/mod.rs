@@ -15,11 +15,14 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
+use time::Duration;
 use time::OffsetDateTime;
 
 use crate::cache::KeyCache;
 use crate::clock::Clock;
-use crate::keys::{mint, KeyRecord, KeyStore, MasterKey, SecretString, StoreError};
+use crate::keys::{
+    build_record, mint, rotate, KeyRecord, KeyStore, MasterKey, SecretString, StoreError,
+};
 use crate::metrics::{KeyChange, Metrics};
 use crate::problem::{self, ErrorCode};
 
@@ -112,7 +115,12 @@ impl IntoResponse for AdminError {
 pub fn router(state: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/v1/keys", post(create_key).get(list_keys))
-        .route("/v1/keys/{id}", get(get_key))
+        .route("/v1/keys/import", post(import_key))
+        .route(
+            "/v1/keys/{id}",
+            get(get_key).patch(patch_key).delete(delete_key),
+        )
+        .route("/v1/keys/{id}/rotate", post(rotate_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -257,14 +265,129 @@ async fn get_key(
     Ok(axum::Json(key_json(&record, None)).into_response())
 }
 
+/// `status` of a key as the list filter sees it.
+fn status_of(r: &KeyRecord, now: OffsetDateTime) -> &'static str {
+    if r.revoked_at.is_some() {
+        "revoked"
+    } else if r.expires_at.is_some_and(|e| e <= now) {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
 async fn list_keys(
     State(state): State<Arc<AdminState>>,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, AdminError> {
-    let (owner, cursor, limit) = validate::list_query(&q)?;
-    let page = state.store.list(owner, cursor, limit).await?;
-    let items: Vec<Value> = page.items.iter().map(|r| key_json(r, None)).collect();
-    Ok(axum::Json(json!({"items": items, "next_cursor": page.next_cursor})).into_response())
+    let query = validate::list_query(&q)?;
+    let now = state.clock.now();
+    let wanted = |r: &KeyRecord| {
+        query
+            .environment
+            .is_none_or(|e| r.environment.as_str() == e)
+            && query.status.is_none_or(|s| status_of(r, now) == s)
+    };
+    // Filters apply after the store's page, so keep reading pages until this one is full.
+    let mut items = Vec::with_capacity(query.limit);
+    let mut cursor = query.cursor.map(str::to_owned);
+    let next_cursor = loop {
+        let page = state
+            .store
+            .list(query.owner, cursor.as_deref(), query.limit)
+            .await?;
+        let mut full_at = None;
+        for r in page.items {
+            if wanted(&r) {
+                items.push(key_json(&r, None));
+                if items.len() == query.limit {
+                    full_at = Some(r.id);
+                    break;
+                }
+            }
+        }
+        match (full_at, page.next_cursor) {
+            (Some(id), _) => break Some(id),
+            (None, Some(c)) => cursor = Some(c),
+            (None, None) => break None,
+        }
+    };
+    Ok(axum::Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
+}
+
+/// Writes `record` and makes every gateway cache forget the old one.
+async fn save(
+    state: &AdminState,
+    before: &KeyRecord,
+    after: &KeyRecord,
+    change: KeyChange,
+) -> Result<(), AdminError> {
+    state.store.update(after).await?;
+    state.cache.invalidate(before).await;
+    state.cache.invalidate(after).await;
+    state.metrics.key_changed(change);
+    Ok(())
+}
+
+async fn patch_key(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, AdminError> {
+    let before = find(&state, &id).await?;
+    let mut record = before.clone();
+    let changed = validate::apply_patch(&mut record, &body, state.clock.now())?;
+    if !changed.is_empty() {
+        save(&state, &before, &record, KeyChange::Updated).await?;
+        tracing::info!(key_id = %record.id, fields = ?changed, "key updated");
+    }
+    Ok(axum::Json(key_json(&record, None)).into_response())
+}
+
+async fn rotate_key(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, AdminError> {
+    let grace: Duration = validate::rotate_body(&body)?;
+    let before = find(&state, &id).await?;
+    let mut record = before.clone();
+    let secret = rotate(&state.master, &mut record, grace, state.clock.now());
+    save(&state, &before, &record, KeyChange::Rotated).await?;
+    tracing::info!(key_id = %record.id, grace_seconds = grace.whole_seconds(), "key rotated");
+    Ok(axum::Json(key_json(&record, Some(&secret))).into_response())
+}
+
+async fn delete_key(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    let record = find(&state, &id).await?;
+    if !state.store.delete(&record.id).await? {
+        return Err(AdminError::NotFound);
+    }
+    state.cache.invalidate(&record).await;
+    state.metrics.key_changed(KeyChange::Deleted);
+    tracing::info!(key_id = %record.id, "key deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn import_key(
+    State(state): State<Arc<AdminState>>,
+    body: Bytes,
+) -> Result<Response, AdminError> {
+    let now = state.clock.now();
+    let (new, public_key, secret) = validate::import_body(&body, now)?;
+    let record = build_record(&state.master, new, public_key, &secret, now);
+    state.store.insert(&record).await?;
+    state.cache.invalidate(&record).await;
+    state.metrics.key_changed(KeyChange::Created);
+    tracing::info!(key_id = %record.id, owner = %record.owner, "key imported");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(key_json(&record, Some(&secret))),
+    )
+        .into_response())
 }
 
 async fn revoke_key(

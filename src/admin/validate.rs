@@ -8,7 +8,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::AdminError;
-use crate::keys::{is_valid_scope, AuthKind, Environment, NewKey};
+use crate::keys::{is_valid_scope, AuthKind, Environment, KeyRecord, NewKey, SecretString};
 
 const MAX_NAME: usize = 255;
 const MAX_OWNER: usize = 255;
@@ -19,6 +19,7 @@ const MAX_METADATA: usize = 32;
 const MAX_METADATA_KEY: usize = 64;
 const MAX_METADATA_VALUE: usize = 512;
 pub(super) const MAX_LIMIT: usize = 200;
+const MAX_GRACE_SECONDS: i64 = 7 * 24 * 3600;
 const DEFAULT_LIMIT: usize = 50;
 
 /// `POST /v1/keys` as sent; strings kept raw so each field gets its own message.
@@ -36,6 +37,52 @@ struct CreateKeyBody {
     metadata: Option<BTreeMap<String, String>>,
 }
 
+/// `POST /v1/keys/import`: the create fields plus the pair from the other system.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportKeyBody {
+    public_key: Option<String>,
+    secret: Option<String>,
+    owner: Option<String>,
+    name: Option<String>,
+    description: Option<String>,
+    scopes: Option<Vec<String>>,
+    ip_allow_list: Option<Vec<String>>,
+    expires_at: Option<String>,
+    environment: Option<String>,
+    auth: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// `PATCH /v1/keys/{id}`: only these fields; `null` clears `description` and `expires_at`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchKeyBody {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    scopes: Option<Vec<String>>,
+    ip_allow_list: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<String>>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    grace_seconds: Option<i64>,
+}
+
 /// Owners travel upstream in `x-keygate-owner`, so they must be valid header text.
 fn is_header_safe(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b))
@@ -47,144 +94,302 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminError
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            AdminError::MalformedJson(format!("request body is not valid JSON: {inner}"))
-        } else {
-            let field = if path == "." { "body".to_owned() } else { path };
-            AdminError::Validation(BTreeMap::from([(field, inner.to_string())]))
+            return AdminError::MalformedJson(format!("request body is not valid JSON: {inner}"));
         }
+        let text = inner.to_string();
+        // serde names an unknown field only in its message: "unknown field `x`, expected …".
+        let unknown = text
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|f| (f.to_owned(), "unknown field".to_owned()));
+        let (field, msg) = unknown.unwrap_or_else(|| {
+            let field = if path == "." { "body".to_owned() } else { path };
+            (field, text)
+        });
+        AdminError::Validation(BTreeMap::from([(field, msg)]))
     })
 }
 
-/// Validates a create request into a [`NewKey`].
-pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, AdminError> {
-    let b: CreateKeyBody = parse_json(body)?;
-    let mut errors = BTreeMap::new();
-    let mut err = |field: &str, msg: &str| {
-        errors.insert(field.to_owned(), msg.to_owned());
-    };
+/// Field checks shared by create, import and update; each problem lands under its field.
+#[derive(Default)]
+struct Checks(BTreeMap<String, String>);
 
-    let owner = b.owner.unwrap_or_default();
-    if owner.trim().is_empty() {
-        err("owner", "required");
-    } else if owner.len() > MAX_OWNER || !is_header_safe(&owner) {
-        err("owner", "must be 1-255 printable ASCII characters");
+impl Checks {
+    fn err(&mut self, field: &str, msg: &str) {
+        self.0.insert(field.to_owned(), msg.to_owned());
     }
-    let name = b.name.unwrap_or_default();
-    let name_len = name.chars().count();
-    if name.trim().is_empty() {
-        err("name", "required");
-    } else if name_len > MAX_NAME || name.chars().any(char::is_control) {
-        err(
-            "name",
-            "must be 1-255 characters without control characters",
-        );
+
+    fn finish(self) -> Result<(), AdminError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(AdminError::Validation(self.0))
+        }
     }
-    if b.description
-        .as_ref()
-        .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION)
-    {
-        err("description", "must be at most 1000 characters");
+
+    fn owner(&mut self, owner: Option<String>) -> String {
+        let owner = owner.unwrap_or_default();
+        if owner.trim().is_empty() {
+            self.err("owner", "required");
+        } else if owner.len() > MAX_OWNER || !is_header_safe(&owner) {
+            self.err("owner", "must be 1-255 printable ASCII characters");
+        }
+        owner
     }
-    let scopes = b.scopes.unwrap_or_default();
-    if scopes.len() > MAX_SCOPES {
-        err("scopes", "at most 100 scopes");
-    }
-    for (i, s) in scopes.iter().enumerate() {
-        if !is_valid_scope(s) {
-            err(
-                &format!("scopes[{i}]"),
-                "must be lowercase segments joined by '.', optionally ending in '.*', or '*'",
+
+    fn name(&mut self, name: Option<String>) -> String {
+        let name = name.unwrap_or_default();
+        if name.trim().is_empty() {
+            self.err("name", "required");
+        } else if name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+            self.err(
+                "name",
+                "must be 1-255 characters without control characters",
             );
         }
+        name
     }
-    let raw_ips = b.ip_allow_list.unwrap_or_default();
-    if raw_ips.len() > MAX_ALLOW_LIST {
-        err("ip_allow_list", "at most 1000 entries");
-    }
-    let mut ip_allow_list = Vec::with_capacity(raw_ips.len());
-    for (i, s) in raw_ips.iter().enumerate() {
-        match s
-            .parse::<IpNet>()
-            .ok()
-            .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+
+    fn description(&mut self, d: Option<String>) -> Option<String> {
+        if d.as_ref()
+            .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION)
         {
-            Some(n) => ip_allow_list.push(n.trunc()),
-            None => err(
-                &format!("ip_allow_list[{i}]"),
-                "must be an IPv4/IPv6 address or CIDR",
-            ),
+            self.err("description", "must be at most 1000 characters");
         }
+        d
     }
-    let expires_at = match b.expires_at.as_deref() {
-        None => None,
-        Some(s) => match OffsetDateTime::parse(s, &Rfc3339) {
+
+    fn scopes(&mut self, scopes: Option<Vec<String>>) -> Vec<String> {
+        let scopes = scopes.unwrap_or_default();
+        if scopes.len() > MAX_SCOPES {
+            self.err("scopes", "at most 100 scopes");
+        }
+        for (i, s) in scopes.iter().enumerate() {
+            if !is_valid_scope(s) {
+                self.err(
+                    &format!("scopes[{i}]"),
+                    "must be lowercase segments joined by '.', optionally ending in '.*', or '*'",
+                );
+            }
+        }
+        scopes
+    }
+
+    fn ip_allow_list(&mut self, raw: Option<Vec<String>>) -> Vec<IpNet> {
+        let raw = raw.unwrap_or_default();
+        if raw.len() > MAX_ALLOW_LIST {
+            self.err("ip_allow_list", "at most 1000 entries");
+        }
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            match s
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+            {
+                Some(n) => out.push(n.trunc()),
+                None => self.err(
+                    &format!("ip_allow_list[{i}]"),
+                    "must be an IPv4/IPv6 address or CIDR",
+                ),
+            }
+        }
+        out
+    }
+
+    fn expires_at(&mut self, raw: Option<&str>, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        match OffsetDateTime::parse(raw?, &Rfc3339) {
             Ok(t) if t > now => Some(t),
             Ok(_) => {
-                err("expires_at", "must be in the future");
+                self.err("expires_at", "must be in the future");
                 None
             }
             Err(_) => {
-                err(
+                self.err(
                     "expires_at",
                     "must be an RFC 3339 time like 2027-01-31T00:00:00Z",
                 );
                 None
             }
-        },
-    };
-    let environment = match b.environment.as_deref() {
-        None | Some("test") => Environment::Test,
-        Some("live") => Environment::Live,
-        Some(_) => {
-            err("environment", "must be \"live\" or \"test\"");
-            Environment::Test
-        }
-    };
-    let auth = match b.auth.as_deref() {
-        None => AuthKind::HmacV1,
-        Some(s) => AuthKind::parse(s).unwrap_or_else(|| {
-            err("auth", "must be \"hmac-v1\", \"hmac-body\" or \"bearer\"");
-            AuthKind::HmacV1
-        }),
-    };
-    let metadata = b.metadata.unwrap_or_default();
-    if metadata.len() > MAX_METADATA {
-        err("metadata", "at most 32 entries");
-    }
-    for (k, v) in &metadata {
-        if k.is_empty() || k.chars().count() > MAX_METADATA_KEY {
-            err(&format!("metadata.{k}"), "keys must be 1-64 characters");
-        } else if v.chars().count() > MAX_METADATA_VALUE {
-            err(
-                &format!("metadata.{k}"),
-                "values must be at most 512 characters",
-            );
         }
     }
 
-    if !errors.is_empty() {
-        return Err(AdminError::Validation(errors));
+    fn environment(&mut self, raw: Option<&str>, default: Environment) -> Environment {
+        match raw {
+            None => default,
+            Some("test") => Environment::Test,
+            Some("live") => Environment::Live,
+            Some(_) => {
+                self.err("environment", "must be \"live\" or \"test\"");
+                default
+            }
+        }
     }
-    Ok(NewKey {
-        owner,
-        name,
-        description: b.description,
-        scopes,
-        ip_allow_list,
-        expires_at,
-        environment,
-        auth,
-        metadata,
-    })
+
+    fn auth(&mut self, raw: Option<&str>) -> AuthKind {
+        match raw {
+            None => AuthKind::HmacV1,
+            Some(s) => AuthKind::parse(s).unwrap_or_else(|| {
+                self.err("auth", "must be \"hmac-v1\", \"hmac-body\" or \"bearer\"");
+                AuthKind::HmacV1
+            }),
+        }
+    }
+
+    fn metadata(&mut self, m: Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
+        let m = m.unwrap_or_default();
+        if m.len() > MAX_METADATA {
+            self.err("metadata", "at most 32 entries");
+        }
+        for (k, v) in &m {
+            if k.is_empty() || k.chars().count() > MAX_METADATA_KEY {
+                self.err(&format!("metadata.{k}"), "keys must be 1-64 characters");
+            } else if v.chars().count() > MAX_METADATA_VALUE {
+                self.err(
+                    &format!("metadata.{k}"),
+                    "values must be at most 512 characters",
+                );
+            }
+        }
+        m
+    }
 }
 
-/// `owner`, `cursor`, `limit` (1–200, default 50) of `GET /v1/keys`.
-pub(super) fn list_query(
-    q: &HashMap<String, String>,
-) -> Result<(Option<&str>, Option<&str>, usize), AdminError> {
+/// Validates a create request into a [`NewKey`].
+pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, AdminError> {
+    let b: CreateKeyBody = parse_json(body)?;
+    let mut c = Checks::default();
+    let new = NewKey {
+        owner: c.owner(b.owner),
+        name: c.name(b.name),
+        description: c.description(b.description),
+        scopes: c.scopes(b.scopes),
+        ip_allow_list: c.ip_allow_list(b.ip_allow_list),
+        expires_at: c.expires_at(b.expires_at.as_deref(), now),
+        environment: c.environment(b.environment.as_deref(), Environment::Test),
+        auth: c.auth(b.auth.as_deref()),
+        metadata: c.metadata(b.metadata),
+    };
+    c.finish().map(|()| new)
+}
+
+/// Validates an import: the pair as given (the secret is used as text, exactly), plus the
+/// create fields. `environment` defaults from a `pk_live_`/`pk_test_` prefix, else `test`.
+pub(super) fn import_body(
+    body: &[u8],
+    now: OffsetDateTime,
+) -> Result<(NewKey, String, SecretString), AdminError> {
+    let b: ImportKeyBody = parse_json(body)?;
+    let mut c = Checks::default();
+    let public_key = b.public_key.unwrap_or_default();
+    if !crate::keys::secret::is_valid_public_key(&public_key) {
+        c.err(
+            "public_key",
+            "required: 1-128 characters of A-Z a-z 0-9 _ -",
+        );
+    }
+    let secret = SecretString::new(b.secret.unwrap_or_default());
+    if secret.expose().is_empty()
+        || secret.expose().len() > 1024
+        || secret.expose().chars().any(char::is_control)
+    {
+        c.err(
+            "secret",
+            "required: 1-1024 characters without control characters",
+        );
+    }
+    let default_env = if public_key.starts_with("pk_live_") {
+        Environment::Live
+    } else {
+        Environment::Test
+    };
+    let new = NewKey {
+        owner: c.owner(b.owner),
+        name: c.name(b.name),
+        description: c.description(b.description),
+        scopes: c.scopes(b.scopes),
+        ip_allow_list: c.ip_allow_list(b.ip_allow_list),
+        expires_at: c.expires_at(b.expires_at.as_deref(), now),
+        environment: c.environment(b.environment.as_deref(), default_env),
+        auth: c.auth(b.auth.as_deref()),
+        metadata: c.metadata(b.metadata),
+    };
+    c.finish().map(|()| (new, public_key, secret))
+}
+
+/// Applies a validated `PATCH` to `record`; returns the names of the fields it changed.
+pub(super) fn apply_patch(
+    record: &mut KeyRecord,
+    body: &[u8],
+    now: OffsetDateTime,
+) -> Result<Vec<&'static str>, AdminError> {
+    let b: PatchKeyBody = parse_json(body)?;
+    let mut c = Checks::default();
+    let mut changed = Vec::new();
+    if let Some(name) = b.name {
+        record.name = c.name(Some(name));
+        changed.push("name");
+    }
+    if let Some(d) = b.description {
+        record.description = c.description(d);
+        changed.push("description");
+    }
+    if let Some(s) = b.scopes {
+        record.scopes = c.scopes(Some(s));
+        changed.push("scopes");
+    }
+    if let Some(ips) = b.ip_allow_list {
+        record.ip_allow_list = c.ip_allow_list(Some(ips));
+        changed.push("ip_allow_list");
+    }
+    if let Some(e) = b.expires_at {
+        record.expires_at = match e {
+            Some(raw) => c.expires_at(Some(&raw), now),
+            None => None,
+        };
+        changed.push("expires_at");
+    }
+    if let Some(m) = b.metadata {
+        record.metadata = c.metadata(Some(m));
+        changed.push("metadata");
+    }
+    c.finish()?;
+    if !changed.is_empty() {
+        record.updated_at = now;
+    }
+    Ok(changed)
+}
+
+/// `grace_seconds` of a rotation: 0 (the default) to 7 days. An empty body means 0.
+pub(super) fn rotate_body(body: &[u8]) -> Result<time::Duration, AdminError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(time::Duration::ZERO);
+    }
+    let b: RotateBody = parse_json(body)?;
+    let secs = b.grace_seconds.unwrap_or(0);
+    if !(0..=MAX_GRACE_SECONDS).contains(&secs) {
+        return Err(AdminError::Validation(BTreeMap::from([(
+            "grace_seconds".to_owned(),
+            "must be a whole number of seconds from 0 to 604800 (7 days)".to_owned(),
+        )])));
+    }
+    Ok(time::Duration::seconds(secs))
+}
+
+/// The query of `GET /v1/keys`.
+pub(super) struct ListQuery<'a> {
+    pub(super) owner: Option<&'a str>,
+    pub(super) cursor: Option<&'a str>,
+    pub(super) limit: usize,
+    pub(super) environment: Option<&'a str>,
+    pub(super) status: Option<&'a str>,
+}
+
+/// `owner`, `cursor`, `limit` (1–200, default 50), `environment`, `status`.
+pub(super) fn list_query(q: &HashMap<String, String>) -> Result<ListQuery<'_>, AdminError> {
     let mut errors = BTreeMap::new();
     for k in q.keys() {
-        if !["owner", "cursor", "limit"].contains(&k.as_str()) {
+        if !["owner", "cursor", "limit", "environment", "status"].contains(&k.as_str()) {
             errors.insert(k.clone(), "unknown query parameter".to_owned());
         }
     }
@@ -201,15 +406,25 @@ pub(super) fn list_query(
             }
         },
     };
+    let get = |k: &str| q.get(k).map(String::as_str).filter(|s| !s.is_empty());
+    let environment = get("environment");
+    if environment.is_some_and(|e| !["live", "test"].contains(&e)) {
+        errors.insert("environment".into(), "must be live or test".into());
+    }
+    let status = get("status");
+    if status.is_some_and(|s| !["active", "revoked", "expired"].contains(&s)) {
+        errors.insert("status".into(), "must be active, revoked or expired".into());
+    }
     if !errors.is_empty() {
         return Err(AdminError::Validation(errors));
     }
-    let owner = q.get("owner").map(String::as_str).filter(|s| !s.is_empty());
-    let cursor = q
-        .get("cursor")
-        .map(String::as_str)
-        .filter(|s| !s.is_empty());
-    Ok((owner, cursor, limit))
+    Ok(ListQuery {
+        owner: get("owner"),
+        cursor: get("cursor"),
+        limit,
+        environment,
+        status,
+    })
 }
 
 #[cfg(test)]

@@ -401,7 +401,7 @@ fn credential_shapes() {
     ));
     h.insert(H_TIMESTAMP, HeaderValue::from_static("12"));
     assert!(parse_credentials(&h).is_ok());
-    h.insert(H_PUBLIC_KEY, HeaderValue::from_static("sk_test_oops"));
+    h.insert(H_PUBLIC_KEY, HeaderValue::from_static("pk test oops"));
     assert!(matches!(
         parse_credentials(&h),
         Err(AuthError::MalformedCredentials(_))
@@ -422,5 +422,141 @@ fn scope_check() {
     assert_eq!(
         check_scope(&f.key, Some("payouts.create")),
         Err(AuthError::InsufficientScope("payouts.create".into()))
+    );
+}
+
+// --- rotation grace, with the clock pinned -------------------------------------------
+
+fn rotated(auth: AuthKind, grace_secs: i64) -> (Fixture, SecretString, SecretString) {
+    let (mk, _) = MasterKey::generate();
+    let old = SecretString::new("sk_test_oldoldoldoldoldoldoldoldoldoldoldoldold1234".into());
+    let new = NewKey {
+        owner: "acme".into(),
+        name: "rot".into(),
+        description: None,
+        scopes: vec![],
+        ip_allow_list: vec![],
+        expires_at: None,
+        environment: Environment::Test,
+        auth,
+        metadata: BTreeMap::new(),
+    };
+    let mut record = build_record(
+        &mk,
+        new,
+        "pk_test_aaaaaaaaaaaaaaaaaaaaaaaa".into(),
+        &old,
+        now(),
+    );
+    let fresh = crate::keys::rotate(&mk, &mut record, time::Duration::seconds(grace_secs), now());
+    let key = ActiveKey::open(record, &mk).unwrap();
+    (
+        Fixture {
+            key,
+            secret: fresh.clone(),
+        },
+        old,
+        fresh,
+    )
+}
+
+fn check_at(f: &Fixture, h: &HeaderMap, at: i64) -> Result<Option<String>, AuthError> {
+    let creds = parse_credentials(h)?;
+    let when = OffsetDateTime::from_unix_timestamp(at).unwrap();
+    check_key(
+        &f.key,
+        &creds,
+        &req(b"", "1.2.3.4"),
+        AuthKinds::ALL,
+        when,
+        &POLICY,
+    )
+    .map(|c| c.map(|c| c.value.into_owned()))
+}
+
+#[test]
+fn both_secrets_verify_during_grace_and_only_the_new_one_after() {
+    let (f, old, fresh) = rotated(AuthKind::HmacV1, 60);
+    for (at, old_ok) in [
+        (NOW, true),
+        (NOW + 59, true),
+        (NOW + 60, false),
+        (NOW + 3600, false),
+    ] {
+        let h_old = v1_headers(&old, at, "n", "/v1/payments", b"");
+        let h_new = v1_headers(&fresh, at, "n", "/v1/payments", b"");
+        assert!(
+            check_at(&f, &h_new, at).is_ok(),
+            "new secret at +{}",
+            at - NOW
+        );
+        assert_eq!(
+            check_at(&f, &h_old, at).is_ok(),
+            old_ok,
+            "old secret at +{}",
+            at - NOW
+        );
+    }
+}
+
+#[test]
+fn rotation_without_grace_drops_the_old_secret_at_once() {
+    let (f, old, _) = rotated(AuthKind::HmacV1, 0);
+    assert!(f.key.previous.is_none());
+    let h = v1_headers(&old, NOW, "n", "/v1/payments", b"");
+    assert_eq!(check_at(&f, &h, NOW), Err(AuthError::BadSignature));
+}
+
+#[test]
+fn bearer_rotation_grace_uses_the_previous_hash() {
+    let (f, old, fresh) = rotated(AuthKind::Bearer, 30);
+    let bearer = |s: &SecretString| {
+        let mut h = HeaderMap::new();
+        h.insert(H_API_KEY, HeaderValue::from_str(s.expose()).unwrap());
+        h
+    };
+    assert!(check_at(&f, &bearer(&old), NOW + 29).is_ok());
+    assert_eq!(
+        check_at(&f, &bearer(&old), NOW + 30),
+        Err(AuthError::BadSignature)
+    );
+    assert!(check_at(&f, &bearer(&fresh), NOW + 30).is_ok());
+}
+
+#[test]
+fn a_second_rotation_ends_the_first_grace() {
+    let (mk, _) = MasterKey::generate();
+    let first = SecretString::new("sk_test_firstfirstfirstfirstfirstfirstfirstfirst12".into());
+    let new = NewKey {
+        owner: "acme".into(),
+        name: "rot".into(),
+        description: None,
+        scopes: vec![],
+        ip_allow_list: vec![],
+        expires_at: None,
+        environment: Environment::Test,
+        auth: AuthKind::HmacV1,
+        metadata: BTreeMap::new(),
+    };
+    let mut record = build_record(
+        &mk,
+        new,
+        "pk_test_aaaaaaaaaaaaaaaaaaaaaaaa".into(),
+        &first,
+        now(),
+    );
+    let second = crate::keys::rotate(&mk, &mut record, time::Duration::hours(1), now());
+    let third = crate::keys::rotate(&mk, &mut record, time::Duration::hours(1), now());
+    let f = Fixture {
+        key: ActiveKey::open(record, &mk).unwrap(),
+        secret: third.clone(),
+    };
+    let at = NOW + 10;
+    assert!(check_at(&f, &v1_headers(&third, at, "n", "/v1/payments", b""), at).is_ok());
+    assert!(check_at(&f, &v1_headers(&second, at, "n", "/v1/payments", b""), at).is_ok());
+    assert_eq!(
+        check_at(&f, &v1_headers(&first, at, "n", "/v1/payments", b""), at),
+        Err(AuthError::BadSignature),
+        "the first secret's grace must end with the second rotation"
     );
 }

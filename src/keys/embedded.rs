@@ -183,11 +183,11 @@ fn unindex(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), Store
         .map_err(unavailable)?
         .remove(record.public_key.as_str())
         .map_err(unavailable)?;
-    if let Some(hash) = record.bearer_hash() {
-        txn.open_table(BY_HASH)
-            .map_err(unavailable)?
-            .remove(hash.as_slice())
-            .map_err(unavailable)?;
+    {
+        let mut by_hash = txn.open_table(BY_HASH).map_err(unavailable)?;
+        for hash in record.indexed_hashes() {
+            by_hash.remove(hash.as_slice()).map_err(unavailable)?;
+        }
     }
     txn.open_table(BY_OWNER)
         .map_err(unavailable)?
@@ -210,8 +210,8 @@ fn index(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), StoreEr
     by_public
         .insert(record.public_key.as_str(), record.id.as_str())
         .map_err(unavailable)?;
-    if let Some(hash) = record.bearer_hash() {
-        let mut by_hash = txn.open_table(BY_HASH).map_err(unavailable)?;
+    let mut by_hash = txn.open_table(BY_HASH).map_err(unavailable)?;
+    for hash in record.indexed_hashes() {
         if let Some(other) = by_hash.get(hash.as_slice()).map_err(unavailable)? {
             if other.value() != record.id {
                 return Err(StoreError::Conflict);

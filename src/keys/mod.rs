@@ -12,7 +12,8 @@ use time::OffsetDateTime;
 
 pub use embedded::{EmbeddedStore, NONCE_BATCH_WINDOW};
 pub use model::{
-    is_valid_scope, new_key_id, scopes_grant, AuthKind, AuthKinds, KeyRecord, StoredCredential,
+    is_valid_scope, new_key_id, scopes_grant, AuthKind, AuthKinds, KeyRecord, PreviousCredential,
+    StoredCredential,
 };
 pub use secret::{Environment, MasterKey, SecretString};
 pub use store::{KeyStore, Page, StoreError};
@@ -74,7 +75,45 @@ pub fn build_record(
         last_used_at: None,
         total_requests: 0,
         credential,
+        previous: None,
     }
+}
+
+/// Seals (hmac kinds) or hashes (bearer) `secret` for the record `record_id`.
+pub fn store_credential(
+    master: &MasterKey,
+    auth: AuthKind,
+    secret: &SecretString,
+    record_id: &str,
+) -> StoredCredential {
+    match auth {
+        AuthKind::Bearer => StoredCredential::Sha256 {
+            hash: hex::encode(secret.sha256()),
+        },
+        AuthKind::HmacV1 | AuthKind::HmacBody => {
+            StoredCredential::Sealed(master.seal(secret, record_id))
+        }
+    }
+}
+
+/// Gives `record` a fresh secret. With a `grace` period the old credential keeps working
+/// until `now + grace`; a rotation always ends any earlier grace at once.
+pub fn rotate(
+    master: &MasterKey,
+    record: &mut KeyRecord,
+    grace: time::Duration,
+    now: OffsetDateTime,
+) -> SecretString {
+    let secret = secret::generate_secret(record.environment);
+    let fresh = store_credential(master, record.auth, &secret, &record.id);
+    let old = std::mem::replace(&mut record.credential, fresh);
+    record.previous = grace.is_positive().then(|| PreviousCredential {
+        credential: old,
+        until: now + grace,
+    });
+    record.secret_prefix = secret.display_prefix();
+    record.updated_at = now;
+    secret
 }
 
 /// A key ready for verification: the record plus its unsealed secret (hmac kinds) or its
@@ -84,18 +123,45 @@ pub struct ActiveKey {
     pub record: KeyRecord,
     pub secret: Option<SecretString>,
     pub bearer_hash: Option<[u8; 32]>,
+    /// The rotated-out secret or hash and the end of its grace, if a grace may still run.
+    pub previous: Option<PreviousActive>,
     /// `x-keygate-scopes` as sent upstream, joined once here rather than per request.
     pub scopes_header: String,
 }
 
+/// The previous credential of a key in its rotation grace, ready for verification.
+#[derive(Debug)]
+pub struct PreviousActive {
+    pub secret: Option<SecretString>,
+    pub bearer_hash: Option<[u8; 32]>,
+    pub until: OffsetDateTime,
+}
+
+fn open_credential(
+    credential: &StoredCredential,
+    master: &MasterKey,
+    record_id: &str,
+) -> Result<Option<SecretString>, secret::SecretError> {
+    match credential {
+        StoredCredential::Sealed(sealed) => master.open(sealed, record_id).map(Some),
+        StoredCredential::Sha256 { .. } => Ok(None),
+    }
+}
+
 impl ActiveKey {
-    /// Opens the record's sealed secret with the master key.
+    /// Opens the record's sealed secret(s) with the master key.
     pub fn open(record: KeyRecord, master: &MasterKey) -> Result<Self, secret::SecretError> {
-        let secret = match &record.credential {
-            StoredCredential::Sealed(sealed) => Some(master.open(sealed, &record.id)?),
-            StoredCredential::Sha256 { .. } => None,
+        let secret = open_credential(&record.credential, master, &record.id)?;
+        let previous = match &record.previous {
+            Some(p) => Some(PreviousActive {
+                secret: open_credential(&p.credential, master, &record.id)?,
+                bearer_hash: p.credential.bearer_hash(),
+                until: p.until,
+            }),
+            None => None,
         };
         Ok(Self {
+            previous,
             bearer_hash: record.bearer_hash(),
             scopes_header: record.scopes.join(" "),
             secret,

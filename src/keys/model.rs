@@ -103,18 +103,46 @@ pub struct KeyRecord {
     pub last_used_at: Option<OffsetDateTime>,
     pub total_requests: u64,
     pub credential: StoredCredential,
+    /// The credential replaced by the last rotation, accepted until `until` (rotation grace).
+    #[serde(default)]
+    pub previous: Option<PreviousCredential>,
+}
+
+/// A rotated-out credential and the end of its grace period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousCredential {
+    pub credential: StoredCredential,
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
+}
+
+impl StoredCredential {
+    /// The SHA-256 of a bearer secret, if this is one.
+    pub fn bearer_hash(&self) -> Option<[u8; 32]> {
+        match self {
+            Self::Sha256 { hash } => {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(hash, &mut out).ok().map(|()| out)
+            }
+            Self::Sealed(_) => None,
+        }
+    }
 }
 
 impl KeyRecord {
     /// The SHA-256 index entry of a bearer key, if this is one.
     pub fn bearer_hash(&self) -> Option<[u8; 32]> {
-        match &self.credential {
-            StoredCredential::Sha256 { hash } => {
-                let mut out = [0u8; 32];
-                hex::decode_to_slice(hash, &mut out).ok().map(|()| out)
-            }
-            StoredCredential::Sealed(_) => None,
-        }
+        self.credential.bearer_hash()
+    }
+
+    /// Every bearer hash the `by_hash` index must hold for this record: the current one and,
+    /// while a rotation's grace may still run, the previous one.
+    pub fn indexed_hashes(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
+        self.bearer_hash().into_iter().chain(
+            self.previous
+                .as_ref()
+                .and_then(|p| p.credential.bearer_hash()),
+        )
     }
 }
 

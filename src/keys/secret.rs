@@ -104,6 +104,14 @@ pub fn is_public_key_shaped(s: &str) -> bool {
     })
 }
 
+/// Whether `s` can be a public key at all: keygate mints `pk_…` keys, and imported keys keep
+/// their own, so the accepted text is 1-128 characters of `A-Z a-z 0-9 _ -`.
+pub fn is_valid_public_key(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Why a master key could not be loaded or a sealed secret opened. Never carries key material.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
