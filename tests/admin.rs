@@ -516,3 +516,75 @@ async fn listing_filters_by_environment_and_status() {
     let r = gw.admin_get("/v1/keys?status=sleeping", ADMIN_TOKEN).await;
     assert_problem(r, 422, "validation_failed").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_is_audited_with_actor_and_fields_but_no_secret() {
+    let (_echo, gw) = setup().await;
+    let key = gw.mint(json!({"description": "d"})).await;
+    let id = key.id.clone();
+    send_json(
+        &gw,
+        reqwest::Method::PATCH,
+        &format!("/v1/keys/{id}"),
+        json!({"name": "renamed", "scopes": ["payments.read"]}),
+    )
+    .await;
+    let rotated: Value = send_json(
+        &gw,
+        reqwest::Method::POST,
+        &format!("/v1/keys/{id}/rotate"),
+        json!({"grace_seconds": 10}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    gw.revoke(&key).await;
+    let r = gw
+        .http
+        .delete(gw.admin_url(&format!("/v1/keys/{id}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    let resp = gw
+        .admin_get(&format!("/v1/audit?key_id={id}"), ADMIN_TOKEN)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let log: Value = resp.json().await.unwrap();
+    let items = log["items"].as_array().unwrap();
+    let actions: Vec<&str> = items
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["delete", "revoke", "rotate", "update", "create"]);
+    let token_id = &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        ADMIN_TOKEN.as_bytes(),
+    ))[..12];
+    for e in items {
+        assert_eq!(e["actor"], json!({"kind": "admin", "token_id": token_id}));
+        assert_eq!(e["key_id"], id.as_str());
+        assert_eq!(e["owner"], "acme");
+        assert!(e["at"].is_string());
+    }
+    assert_eq!(items[3]["fields"], json!(["name", "scopes"]));
+    assert_eq!(items[2]["fields"], json!(["secret"]));
+    let text = log.to_string();
+    assert!(!text.contains(&key.secret) && !text.contains(rotated["secret"].as_str().unwrap()));
+    let by_owner: Value = gw
+        .admin_get("/v1/audit?owner=acme&limit=2", ADMIN_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_owner["items"].as_array().unwrap().len(), 2);
+    assert!(by_owner["next_cursor"].is_string());
+    assert_problem(
+        gw.admin_get("/v1/audit", "wrong").await,
+        401,
+        "unauthorized",
+    )
+    .await;
+}

@@ -418,3 +418,104 @@ async fn a_rotated_bearer_key_is_indexed_by_both_hashes_until_the_next_rotation(
             .is_some());
     }
 }
+
+#[tokio::test]
+async fn audit_entries_commit_with_their_change_and_list_newest_first() {
+    use keygate::keys::{Action, Actor, AuditEntry, Write};
+    let (mk, _) = MasterKey::generate();
+    let actor = Actor::Admin {
+        token_id: "0123456789ab".into(),
+    };
+    for b in backends() {
+        let now = OffsetDateTime::now_utc();
+        let a = record(&mk, "acme", AuthKind::HmacV1);
+        let c = record(&mk, "globex", AuthKind::HmacV1);
+        let mut expected_a = Vec::new();
+        for (r, action) in [(&a, Action::Create), (&c, Action::Create)] {
+            let e = AuditEntry::new(
+                now,
+                actor.clone(),
+                action,
+                &r.id,
+                &r.owner,
+                vec!["owner".into()],
+            );
+            assert!(b.store.write(Write::Insert(r), Some(&e)).await.unwrap());
+            if r.id == a.id {
+                expected_a.push(e.id.clone());
+            }
+        }
+        let e = AuditEntry::new(
+            now,
+            actor.clone(),
+            Action::Update,
+            &a.id,
+            &a.owner,
+            vec!["name".into()],
+        );
+        b.store.write(Write::Update(&a), Some(&e)).await.unwrap();
+        expected_a.push(e.id.clone());
+
+        // A refused change writes no entry: inserting the same record again conflicts.
+        let refused = AuditEntry::new(now, actor.clone(), Action::Create, &a.id, &a.owner, vec![]);
+        assert!(matches!(
+            b.store.write(Write::Insert(&a), Some(&refused)).await,
+            Err(StoreError::Conflict)
+        ));
+        // A delete that finds nothing writes no entry either.
+        let nothing = AuditEntry::new(
+            now,
+            actor.clone(),
+            Action::Delete,
+            "key_none",
+            "acme",
+            vec![],
+        );
+        assert!(!b
+            .store
+            .write(Write::Delete("key_none"), Some(&nothing))
+            .await
+            .unwrap());
+
+        expected_a.reverse();
+        let by_key = b
+            .store
+            .list_audit(Some(&a.id), None, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            by_key
+                .items
+                .iter()
+                .map(|e| e.id.clone())
+                .collect::<Vec<_>>(),
+            expected_a,
+            "{}",
+            b.name
+        );
+        assert_eq!(by_key.items[0].action, Action::Update);
+        let by_owner = b
+            .store
+            .list_audit(None, Some("globex"), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(by_owner.items.len(), 1);
+        assert_eq!(by_owner.items[0].key_id, c.id);
+        assert!(b
+            .store
+            .list_audit(Some(&a.id), Some("globex"), None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+        let first = b.store.list_audit(None, None, None, 2).await.unwrap();
+        assert_eq!(first.items.len(), 2);
+        let rest = b
+            .store
+            .list_audit(None, None, first.next_cursor.as_deref(), 2)
+            .await
+            .unwrap();
+        assert_eq!(rest.items.len(), 1, "{}", b.name);
+        assert!(rest.next_cursor.is_none());
+    }
+}

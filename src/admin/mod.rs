@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,8 @@ use time::OffsetDateTime;
 use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::keys::{
-    build_record, mint, rotate, KeyRecord, KeyStore, MasterKey, SecretString, StoreError,
+    build_record, mint, rotate, Action, Actor, AuditEntry, KeyRecord, KeyStore, MasterKey,
+    SecretString, StoreError, Write,
 };
 use crate::metrics::{KeyChange, Metrics};
 use crate::problem::{self, ErrorCode};
@@ -122,6 +123,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/keys/{id}/rotate", post(rotate_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
+        .route("/v1/audit", get(list_audit))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -156,7 +158,7 @@ pub async fn with_request_id(req: Request, next: Next) -> Response {
 async fn require_admin(
     State(state): State<Arc<AdminState>>,
     headers: HeaderMap,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, AdminError> {
     let token = headers
@@ -174,6 +176,9 @@ async fn require_admin(
     if !accepted {
         return Err(AdminError::Unauthorized);
     }
+    req.extensions_mut().insert(Actor::Admin {
+        token_id: hex::encode(&hash[..6]),
+    });
     Ok(next.run(req).await)
 }
 
@@ -229,14 +234,52 @@ pub fn key_json(r: &KeyRecord, secret: Option<&SecretString>) -> Value {
     v
 }
 
+/// The names of the fields a new record sets, for its audit entry.
+fn set_fields(r: &KeyRecord) -> Vec<String> {
+    let optional = [
+        ("description", r.description.is_some()),
+        ("scopes", !r.scopes.is_empty()),
+        ("ip_allow_list", !r.ip_allow_list.is_empty()),
+        ("expires_at", r.expires_at.is_some()),
+        ("metadata", !r.metadata.is_empty()),
+    ];
+    ["owner", "name", "environment", "auth"]
+        .into_iter()
+        .chain(optional.into_iter().filter(|(_, set)| *set).map(|(f, _)| f))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn entry(
+    state: &AdminState,
+    actor: &Actor,
+    action: Action,
+    r: &KeyRecord,
+    fields: Vec<String>,
+) -> AuditEntry {
+    AuditEntry::new(
+        state.clock.now(),
+        actor.clone(),
+        action,
+        &r.id,
+        &r.owner,
+        fields,
+    )
+}
+
 async fn create_key(
     State(state): State<Arc<AdminState>>,
+    Extension(actor): Extension<Actor>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
     let now = state.clock.now();
     let new = validate::create_body(&body, now)?;
     let (record, secret) = mint(&state.master, new, now);
-    state.store.insert(&record).await?;
+    let audit = entry(&state, &actor, Action::Create, &record, set_fields(&record));
+    state
+        .store
+        .write(Write::Insert(&record), Some(&audit))
+        .await?;
     // A negative entry for this public key (or bearer hash) must not outlive its creation.
     state.cache.invalidate(&record).await;
     state.metrics.key_changed(KeyChange::Created);
@@ -321,8 +364,9 @@ async fn save(
     before: &KeyRecord,
     after: &KeyRecord,
     change: KeyChange,
+    audit: &AuditEntry,
 ) -> Result<(), AdminError> {
-    state.store.update(after).await?;
+    state.store.write(Write::Update(after), Some(audit)).await?;
     state.cache.invalidate(before).await;
     state.cache.invalidate(after).await;
     state.metrics.key_changed(change);
@@ -331,6 +375,7 @@ async fn save(
 
 async fn patch_key(
     State(state): State<Arc<AdminState>>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
@@ -338,7 +383,9 @@ async fn patch_key(
     let mut record = before.clone();
     let changed = validate::apply_patch(&mut record, &body, state.clock.now())?;
     if !changed.is_empty() {
-        save(&state, &before, &record, KeyChange::Updated).await?;
+        let fields = changed.iter().map(|f| (*f).to_owned()).collect();
+        let audit = entry(&state, &actor, Action::Update, &record, fields);
+        save(&state, &before, &record, KeyChange::Updated, &audit).await?;
         tracing::info!(key_id = %record.id, fields = ?changed, "key updated");
     }
     Ok(axum::Json(key_json(&record, None)).into_response())
@@ -346,6 +393,7 @@ async fn patch_key(
 
 async fn rotate_key(
     State(state): State<Arc<AdminState>>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
@@ -353,17 +401,30 @@ async fn rotate_key(
     let before = find(&state, &id).await?;
     let mut record = before.clone();
     let secret = rotate(&state.master, &mut record, grace, state.clock.now());
-    save(&state, &before, &record, KeyChange::Rotated).await?;
+    let audit = entry(
+        &state,
+        &actor,
+        Action::Rotate,
+        &record,
+        vec!["secret".into()],
+    );
+    save(&state, &before, &record, KeyChange::Rotated, &audit).await?;
     tracing::info!(key_id = %record.id, grace_seconds = grace.whole_seconds(), "key rotated");
     Ok(axum::Json(key_json(&record, Some(&secret))).into_response())
 }
 
 async fn delete_key(
     State(state): State<Arc<AdminState>>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Response, AdminError> {
     let record = find(&state, &id).await?;
-    if !state.store.delete(&record.id).await? {
+    let audit = entry(&state, &actor, Action::Delete, &record, Vec::new());
+    if !state
+        .store
+        .write(Write::Delete(&record.id), Some(&audit))
+        .await?
+    {
         return Err(AdminError::NotFound);
     }
     state.cache.invalidate(&record).await;
@@ -374,12 +435,17 @@ async fn delete_key(
 
 async fn import_key(
     State(state): State<Arc<AdminState>>,
+    Extension(actor): Extension<Actor>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
     let now = state.clock.now();
     let (new, public_key, secret) = validate::import_body(&body, now)?;
     let record = build_record(&state.master, new, public_key, &secret, now);
-    state.store.insert(&record).await?;
+    let audit = entry(&state, &actor, Action::Import, &record, set_fields(&record));
+    state
+        .store
+        .write(Write::Insert(&record), Some(&audit))
+        .await?;
     state.cache.invalidate(&record).await;
     state.metrics.key_changed(KeyChange::Created);
     tracing::info!(key_id = %record.id, owner = %record.owner, "key imported");
@@ -392,6 +458,7 @@ async fn import_key(
 
 async fn revoke_key(
     State(state): State<Arc<AdminState>>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Response, AdminError> {
     let mut record = find(&state, &id).await?;
@@ -399,11 +466,33 @@ async fn revoke_key(
         let now = state.clock.now();
         record.revoked_at = Some(now);
         record.updated_at = now;
-        state.store.update(&record).await?;
+        let audit = entry(
+            &state,
+            &actor,
+            Action::Revoke,
+            &record,
+            vec!["revoked_at".into()],
+        );
+        state
+            .store
+            .write(Write::Update(&record), Some(&audit))
+            .await?;
         state.metrics.key_changed(KeyChange::Revoked);
         tracing::info!(key_id = %record.id, "key revoked");
     }
     // Invalidate even when it was already revoked: a stale entry must never outlive this call.
     state.cache.invalidate(&record).await;
     Ok(axum::Json(key_json(&record, None)).into_response())
+}
+
+async fn list_audit(
+    State(state): State<Arc<AdminState>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, AdminError> {
+    let query = validate::audit_query(&q)?;
+    let page = state
+        .store
+        .list_audit(query.key_id, query.owner, query.cursor, query.limit)
+        .await?;
+    Ok(axum::Json(json!({"items": page.items, "next_cursor": page.next_cursor})).into_response())
 }

@@ -427,6 +427,51 @@ pub(super) fn list_query(q: &HashMap<String, String>) -> Result<ListQuery<'_>, A
     })
 }
 
+/// The query of `GET /v1/audit`.
+pub(super) struct AuditQuery<'a> {
+    pub(super) key_id: Option<&'a str>,
+    pub(super) owner: Option<&'a str>,
+    pub(super) cursor: Option<&'a str>,
+    pub(super) limit: usize,
+}
+
+/// `key_id`, `owner`, `cursor`, `limit` (1–200, default 50).
+pub(super) fn audit_query(q: &HashMap<String, String>) -> Result<AuditQuery<'_>, AdminError> {
+    let mut errors = BTreeMap::new();
+    for k in q.keys() {
+        if !["key_id", "owner", "cursor", "limit"].contains(&k.as_str()) {
+            errors.insert(k.clone(), "unknown query parameter".to_owned());
+        }
+    }
+    let limit = parse_limit(q, &mut errors);
+    if !errors.is_empty() {
+        return Err(AdminError::Validation(errors));
+    }
+    let get = |k: &str| q.get(k).map(String::as_str).filter(|s| !s.is_empty());
+    Ok(AuditQuery {
+        key_id: get("key_id"),
+        owner: get("owner"),
+        cursor: get("cursor"),
+        limit,
+    })
+}
+
+fn parse_limit(q: &HashMap<String, String>, errors: &mut BTreeMap<String, String>) -> usize {
+    match q.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => {
+                errors.insert(
+                    "limit".into(),
+                    "must be a whole number from 1 to 200".into(),
+                );
+                DEFAULT_LIMIT
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,14 +20,19 @@ use moka::sync::Cache;
 use moka::Expiry;
 use redb::{Database, ReadableTable, TableDefinition};
 
+use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
-use super::store::{KeyStore, Page, StoreError};
+use super::store::{KeyStore, Page, StoreError, Write};
 
 const KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("keys");
 const BY_PUBLIC: TableDefinition<'_, &str, &str> = TableDefinition::new("by_public");
 const BY_HASH: TableDefinition<'_, &[u8], &str> = TableDefinition::new("by_hash");
 const BY_OWNER: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("by_owner");
 const NONCES: TableDefinition<'_, &str, u64> = TableDefinition::new("nonces");
+const AUDIT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("audit");
+const AUDIT_BY_KEY: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("audit_by_key");
+const AUDIT_BY_OWNER: TableDefinition<'_, (&str, &str), ()> =
+    TableDefinition::new("audit_by_owner");
 
 /// How long the writer thread gathers nonces before one durable commit.
 pub const NONCE_BATCH_WINDOW: Duration = Duration::from_millis(20);
@@ -107,6 +112,9 @@ impl EmbeddedStore {
             txn.open_table(BY_HASH).map_err(unavailable)?;
             txn.open_table(BY_OWNER).map_err(unavailable)?;
             txn.open_table(NONCES).map_err(unavailable)?;
+            txn.open_table(AUDIT).map_err(unavailable)?;
+            txn.open_table(AUDIT_BY_KEY).map_err(unavailable)?;
+            txn.open_table(AUDIT_BY_OWNER).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -147,7 +155,7 @@ impl EmbeddedStore {
     }
 
     /// Runs a write transaction off the async runtime: a commit waits for fsync.
-    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    async fn transact<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
@@ -279,53 +287,140 @@ fn commit_nonces(db: &Database, batch: &[(String, u64)], purge: bool) -> Result<
 
 #[async_trait]
 impl KeyStore for EmbeddedStore {
-    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let record = record.clone();
-        let bytes = encode(&record)?;
-        self.write(move |txn| {
+    async fn write(
+        &self,
+        change: Write<'_>,
+        audit: Option<&AuditEntry>,
+    ) -> Result<bool, StoreError> {
+        enum Owned {
+            Insert(KeyRecord, Vec<u8>),
+            Update(KeyRecord, Vec<u8>),
+            Delete(String),
+        }
+        let change = match change {
+            Write::Insert(r) => Owned::Insert(r.clone(), encode(r)?),
+            Write::Update(r) => Owned::Update(r.clone(), encode(r)?),
+            Write::Delete(id) => Owned::Delete(id.to_owned()),
+        };
+        let audit = audit
+            .map(|a| serde_json::to_vec(a).map(|bytes| (a.clone(), bytes)))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.transact(move |txn| {
             let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-            if keys.get(record.id.as_str()).map_err(unavailable)?.is_some() {
-                return Err(StoreError::Conflict);
+            match &change {
+                Owned::Insert(record, bytes) => {
+                    if keys.get(record.id.as_str()).map_err(unavailable)?.is_some() {
+                        return Err(StoreError::Conflict);
+                    }
+                    keys.insert(record.id.as_str(), bytes.as_slice())
+                        .map_err(unavailable)?;
+                    drop(keys);
+                    index(txn, record)?;
+                }
+                Owned::Update(record, bytes) => {
+                    let old = match keys.get(record.id.as_str()).map_err(unavailable)? {
+                        Some(v) => decode(v.value())?,
+                        None => return Err(StoreError::NotFound),
+                    };
+                    keys.insert(record.id.as_str(), bytes.as_slice())
+                        .map_err(unavailable)?;
+                    drop(keys);
+                    unindex(txn, &old)?;
+                    index(txn, record)?;
+                }
+                Owned::Delete(id) => {
+                    let old = match keys.remove(id.as_str()).map_err(unavailable)? {
+                        Some(v) => decode(v.value())?,
+                        None => return Ok(false),
+                    };
+                    drop(keys);
+                    unindex(txn, &old)?;
+                }
             }
-            keys.insert(record.id.as_str(), bytes.as_slice())
-                .map_err(unavailable)?;
-            drop(keys);
-            index(txn, &record)
-        })
-        .await
-    }
-
-    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let record = record.clone();
-        let bytes = encode(&record)?;
-        self.write(move |txn| {
-            let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-            let old = match keys.get(record.id.as_str()).map_err(unavailable)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(StoreError::NotFound),
-            };
-            keys.insert(record.id.as_str(), bytes.as_slice())
-                .map_err(unavailable)?;
-            drop(keys);
-            unindex(txn, &old)?;
-            index(txn, &record)
-        })
-        .await
-    }
-
-    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        let id = id.to_owned();
-        self.write(move |txn| {
-            let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-            let old = match keys.remove(id.as_str()).map_err(unavailable)? {
-                Some(v) => decode(v.value())?,
-                None => return Ok(false),
-            };
-            drop(keys);
-            unindex(txn, &old)?;
+            if let Some((entry, bytes)) = &audit {
+                txn.open_table(AUDIT)
+                    .map_err(unavailable)?
+                    .insert(entry.id.as_str(), bytes.as_slice())
+                    .map_err(unavailable)?;
+                txn.open_table(AUDIT_BY_KEY)
+                    .map_err(unavailable)?
+                    .insert((entry.key_id.as_str(), entry.id.as_str()), ())
+                    .map_err(unavailable)?;
+                txn.open_table(AUDIT_BY_OWNER)
+                    .map_err(unavailable)?
+                    .insert((entry.owner.as_str(), entry.id.as_str()), ())
+                    .map_err(unavailable)?;
+            }
             Ok(true)
         })
         .await
+    }
+
+    async fn list_audit(
+        &self,
+        key_id: Option<&str>,
+        owner: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError> {
+        let read = self.db.begin_read().map_err(unavailable)?;
+        let audit = read.open_table(AUDIT).map_err(unavailable)?;
+        let upper = cursor.unwrap_or("\u{10ffff}");
+        let decode_entry = |bytes: &[u8]| -> Result<AuditEntry, StoreError> {
+            serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+        };
+        let mut items = Vec::with_capacity(limit + 1);
+        // The narrowest index first; the other filter, if any, is checked per entry.
+        let (index, prefix) = match (key_id, owner) {
+            (Some(k), _) => (Some(AUDIT_BY_KEY), k),
+            (None, Some(o)) => (Some(AUDIT_BY_OWNER), o),
+            (None, None) => (None, ""),
+        };
+        let mut ids = Vec::new();
+        match index {
+            Some(def) => {
+                let t = read.open_table(def).map_err(unavailable)?;
+                for row in t
+                    .range((prefix, "")..(prefix, upper))
+                    .map_err(unavailable)?
+                    .rev()
+                {
+                    ids.push(row.map_err(unavailable)?.0.value().1.to_owned());
+                }
+            }
+            None => {
+                for row in audit
+                    .range(..upper)
+                    .map_err(unavailable)?
+                    .rev()
+                    .take(limit + 1)
+                {
+                    ids.push(row.map_err(unavailable)?.0.value().to_owned());
+                }
+            }
+        }
+        for id in ids {
+            let Some(v) = audit.get(id.as_str()).map_err(unavailable)? else {
+                continue;
+            };
+            let entry = decode_entry(v.value())?;
+            if owner.is_some_and(|o| entry.owner != o) {
+                continue;
+            }
+            items.push(entry);
+            if items.len() > limit {
+                break;
+            }
+        }
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next_cursor = if more {
+            items.last().map(|e| e.id.clone())
+        } else {
+            None
+        };
+        Ok(AuditPage { items, next_cursor })
     }
 
     async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {

@@ -1,5 +1,6 @@
 //! API keys: the record, secrets and their sealing, the `KeyStore` trait and its backends.
 
+pub mod audit;
 mod embedded;
 mod model;
 pub mod secret;
@@ -10,13 +11,14 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use time::OffsetDateTime;
 
+pub use audit::{Action, Actor, AuditEntry, AuditPage};
 pub use embedded::{EmbeddedStore, NONCE_BATCH_WINDOW};
 pub use model::{
     is_valid_scope, new_key_id, scopes_grant, AuthKind, AuthKinds, KeyRecord, PreviousCredential,
     StoredCredential,
 };
 pub use secret::{Environment, MasterKey, SecretString};
-pub use store::{KeyStore, Page, StoreError};
+pub use store::{KeyStore, Page, StoreError, Write};
 
 /// Everything a new key is made from, already validated.
 #[derive(Clone, Debug)]

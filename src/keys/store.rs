@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
 
 /// Why a store operation failed. The details are for logs, never for clients.
@@ -27,17 +28,50 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+/// One change to the key records, applied atomically together with its audit entry.
+#[derive(Clone, Copy, Debug)]
+pub enum Write<'a> {
+    /// Adds a record; `Conflict` if its id, public key or a bearer hash is taken.
+    Insert(&'a KeyRecord),
+    /// Replaces the record with the same id; `NotFound` if there is none.
+    Update(&'a KeyRecord),
+    /// Removes a record and its indexes.
+    Delete(&'a str),
+}
+
 /// Where key records and used nonces live. Implementations: embedded (redb) now, Redis later.
 ///
 /// A record is found by id, by public key, or (bearer keys) by the SHA-256 of its secret.
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    /// Adds a new record; `Conflict` if its id, public key or bearer hash is taken.
-    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
-    /// Replaces the record with the same id; `NotFound` if there is none.
-    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
-    /// Removes a record and its indexes; `false` if there was none.
-    async fn delete(&self, id: &str) -> Result<bool, StoreError>;
+    /// Applies `change` and appends `audit` (if any) in one transaction: a change is never
+    /// stored without its audit entry. `Ok(false)`: a delete found nothing (nothing written).
+    async fn write(
+        &self,
+        change: Write<'_>,
+        audit: Option<&AuditEntry>,
+    ) -> Result<bool, StoreError>;
+    /// Audit entries, newest first, optionally only those of one key or one owner.
+    async fn list_audit(
+        &self,
+        key_id: Option<&str>,
+        owner: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError>;
+
+    /// Adds a new record without an audit entry (tools, tests).
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.write(Write::Insert(record), None).await.map(drop)
+    }
+    /// Replaces a record without an audit entry (tools, tests).
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.write(Write::Update(record), None).await.map(drop)
+    }
+    /// Removes a record without an audit entry; `false` if there was none.
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        self.write(Write::Delete(id), None).await
+    }
     async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_by_public_key(&self, public_key: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_by_secret_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;
