@@ -29,6 +29,7 @@ pub enum ErrorCode {
     // Admin API only.
     Unauthorized,
     NotFound,
+    MethodNotAllowed,
     ValidationFailed,
     MalformedJson,
     Conflict,
@@ -71,6 +72,11 @@ impl ErrorCode {
             Internal => (500, "internal", "Internal error"),
             Unauthorized => (401, "unauthorized", "Admin token missing or not accepted"),
             NotFound => (404, "not_found", "No such resource"),
+            MethodNotAllowed => (
+                405,
+                "method_not_allowed",
+                "Method not allowed on this resource",
+            ),
             ValidationFailed => (422, "validation_failed", "Request fields are invalid"),
             MalformedJson => (400, "malformed_json", "Request body is not valid JSON"),
             Conflict => (409, "conflict", "Resource already exists"),

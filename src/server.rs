@@ -154,11 +154,21 @@ impl App {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
+        let admin_state = Arc::new(AdminState {
+            store: Arc::clone(&self.store),
+            cache: Arc::clone(&cache),
+            master: Arc::clone(&self.master),
+            metrics: metrics.clone(),
+            clock: Arc::clone(&self.clock),
+            token_hashes: self.admin_token_hashes.clone(),
+            proxy_addr: cfg.server.listen,
+        });
         let gateway = Gateway::new(
             cfg,
-            Arc::clone(&cache),
+            cache,
             metrics.clone(),
             Arc::clone(&self.clock),
+            Some(admin::self_service_router(Arc::clone(&admin_state))),
         );
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -168,15 +178,6 @@ impl App {
         proxy.add_tcp(&cfg.server.listen.to_string());
         server.add_service(proxy);
 
-        let admin_state = Arc::new(AdminState {
-            store: Arc::clone(&self.store),
-            cache,
-            master: Arc::clone(&self.master),
-            metrics: metrics.clone(),
-            clock: Arc::clone(&self.clock),
-            token_hashes: self.admin_token_hashes.clone(),
-            proxy_addr: cfg.server.listen,
-        });
         server.add_service(background_service(
             "keygate admin",
             AxumService::new(admin_listener, admin::router(admin_state)),

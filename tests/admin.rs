@@ -588,3 +588,22 @@ async fn every_change_is_audited_with_actor_and_fields_but_no_secret() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_are_problem_json() {
+    let (_echo, gw) = setup().await;
+    assert_problem(
+        gw.admin_get("/v2/nothing", ADMIN_TOKEN).await,
+        404,
+        "not_found",
+    )
+    .await;
+    let r = gw
+        .http
+        .put(gw.admin_url("/v1/keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 405, "method_not_allowed").await;
+}

@@ -52,6 +52,8 @@ pub enum AdminError {
     Unauthorized,
     #[error("no key with this id or public key")]
     NotFound,
+    #[error("this resource does not support this method")]
+    MethodNotAllowed,
     #[error("{0}")]
     MalformedJson(String),
     #[error("one or more fields are invalid")]
@@ -67,6 +69,7 @@ impl AdminError {
         match self {
             Self::Unauthorized => ErrorCode::Unauthorized,
             Self::NotFound => ErrorCode::NotFound,
+            Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             Self::MalformedJson(_) => ErrorCode::MalformedJson,
             Self::Validation(_) => ErrorCode::ValidationFailed,
             Self::Conflict => ErrorCode::Conflict,
@@ -136,6 +139,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .merge(v1)
         .fallback(|| async { AdminError::NotFound })
+        .method_not_allowed_fallback(|| async { AdminError::MethodNotAllowed })
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
 }
@@ -270,10 +274,15 @@ fn entry(
 async fn create_key(
     State(state): State<Arc<AdminState>>,
     Extension(actor): Extension<Actor>,
+    caller: Caller,
     body: Bytes,
 ) -> Result<Response, AdminError> {
     let now = state.clock.now();
-    let new = validate::create_body(&body, now)?;
+    let own_owner = caller.as_ref().map(|Extension(c)| c.owner.as_str());
+    let new = validate::create_body(&body, now, own_owner)?;
+    if let Some(Extension(c)) = &caller {
+        validate::within_caller(&new, c)?;
+    }
     let (record, secret) = mint(&state.master, new, now);
     let audit = entry(&state, &actor, Action::Create, &record, set_fields(&record));
     state
@@ -291,20 +300,54 @@ async fn create_key(
         .into_response())
 }
 
-async fn find(state: &AdminState, id: &str) -> Result<KeyRecord, AdminError> {
-    let found = if id.starts_with("pk_") {
-        state.store.get_by_public_key(id).await?
-    } else {
-        state.store.get_by_id(id).await?
+/// A key acting through `/_keygate/v1/keys` on the proxy: confined to its own owner, and
+/// able to grant only scopes it holds itself.
+#[derive(Clone, Debug)]
+pub struct SelfService {
+    pub owner: String,
+    pub scopes: Vec<String>,
+}
+
+/// Present only on self-service requests.
+type Caller = Option<Extension<SelfService>>;
+
+/// A key by id or public key. Another owner's key is "not found" to a self-service caller, so
+/// it cannot even learn that the key exists.
+async fn find(state: &AdminState, id: &str, caller: &Caller) -> Result<KeyRecord, AdminError> {
+    let found = match state.store.get_by_id(id).await? {
+        Some(r) => Some(r),
+        None => state.store.get_by_public_key(id).await?,
     };
-    found.ok_or(AdminError::NotFound)
+    found
+        .filter(|r| {
+            caller
+                .as_ref()
+                .is_none_or(|Extension(c)| c.owner == r.owner)
+        })
+        .ok_or(AdminError::NotFound)
+}
+
+/// The routes a key holding `keys.manage` may call on the proxy listener. The proxy
+/// authenticates the request and attaches the [`Actor`] and [`SelfService`] extensions.
+pub fn self_service_router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/{id}", get(get_key))
+        .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/keys/{id}/revoke", post(revoke_key))
+        // An operation self-service does not offer is simply not there.
+        .fallback(|| async { AdminError::NotFound })
+        .method_not_allowed_fallback(|| async { AdminError::NotFound })
+        .layer(middleware::from_fn(with_request_id))
+        .with_state(state)
 }
 
 async fn get_key(
     State(state): State<Arc<AdminState>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, AdminError> {
-    let record = find(&state, &id).await?;
+    let record = find(&state, &id, &caller).await?;
     Ok(axum::Json(key_json(&record, None)).into_response())
 }
 
@@ -321,9 +364,13 @@ fn status_of(r: &KeyRecord, now: OffsetDateTime) -> &'static str {
 
 async fn list_keys(
     State(state): State<Arc<AdminState>>,
+    caller: Caller,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, AdminError> {
-    let query = validate::list_query(&q)?;
+    let mut query = validate::list_query(&q)?;
+    if let Some(Extension(c)) = &caller {
+        query.owner = Some(c.owner.as_str());
+    }
     let now = state.clock.now();
     let wanted = |r: &KeyRecord| {
         query
@@ -379,7 +426,7 @@ async fn patch_key(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
-    let before = find(&state, &id).await?;
+    let before = find(&state, &id, &None).await?;
     let mut record = before.clone();
     let changed = validate::apply_patch(&mut record, &body, state.clock.now())?;
     if !changed.is_empty() {
@@ -394,11 +441,12 @@ async fn patch_key(
 async fn rotate_key(
     State(state): State<Arc<AdminState>>,
     Extension(actor): Extension<Actor>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
     let grace: Duration = validate::rotate_body(&body)?;
-    let before = find(&state, &id).await?;
+    let before = find(&state, &id, &caller).await?;
     let mut record = before.clone();
     let secret = rotate(&state.master, &mut record, grace, state.clock.now());
     let audit = entry(
@@ -418,7 +466,7 @@ async fn delete_key(
     Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Response, AdminError> {
-    let record = find(&state, &id).await?;
+    let record = find(&state, &id, &None).await?;
     let audit = entry(&state, &actor, Action::Delete, &record, Vec::new());
     if !state
         .store
@@ -459,9 +507,10 @@ async fn import_key(
 async fn revoke_key(
     State(state): State<Arc<AdminState>>,
     Extension(actor): Extension<Actor>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, AdminError> {
-    let mut record = find(&state, &id).await?;
+    let mut record = find(&state, &id, &caller).await?;
     if record.revoked_at.is_none() {
         let now = state.clock.now();
         record.revoked_at = Some(now);

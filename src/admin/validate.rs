@@ -256,11 +256,16 @@ impl Checks {
 }
 
 /// Validates a create request into a [`NewKey`].
-pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, AdminError> {
+/// `default_owner` fills an absent `owner` (self-service callers mint for their own).
+pub(super) fn create_body(
+    body: &[u8],
+    now: OffsetDateTime,
+    default_owner: Option<&str>,
+) -> Result<NewKey, AdminError> {
     let b: CreateKeyBody = parse_json(body)?;
     let mut c = Checks::default();
     let new = NewKey {
-        owner: c.owner(b.owner),
+        owner: c.owner(b.owner.or_else(|| default_owner.map(str::to_owned))),
         name: c.name(b.name),
         description: c.description(b.description),
         scopes: c.scopes(b.scopes),
@@ -271,6 +276,23 @@ pub(super) fn create_body(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Ad
         metadata: c.metadata(b.metadata),
     };
     c.finish().map(|()| new)
+}
+
+/// Self-service limits: a key mints only for its own owner, and grants only scopes it holds.
+pub(super) fn within_caller(new: &NewKey, caller: &super::SelfService) -> Result<(), AdminError> {
+    let mut c = Checks::default();
+    if new.owner != caller.owner {
+        c.err("owner", "you can only mint keys for your own owner");
+    }
+    for (i, s) in new.scopes.iter().enumerate() {
+        if !crate::keys::scopes_grant(&caller.scopes, s) {
+            c.err(
+                &format!("scopes[{i}]"),
+                "you can only grant scopes you hold",
+            );
+        }
+    }
+    c.finish()
 }
 
 /// Validates an import: the pair as given (the secret is used as text, exactly), plus the
@@ -476,13 +498,17 @@ fn parse_limit(q: &HashMap<String, String>, errors: &mut BTreeMap<String, String
 mod tests {
     use super::*;
 
+    fn create_body_t(body: &[u8], now: OffsetDateTime) -> Result<NewKey, AdminError> {
+        create_body(body, now, None)
+    }
+
     fn now() -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap()
     }
 
     #[test]
     fn minimal_body_gets_defaults() {
-        let k = create_body(br#"{"owner":"acme","name":"checkout"}"#, now()).unwrap();
+        let k = create_body_t(br#"{"owner":"acme","name":"checkout"}"#, now()).unwrap();
         assert_eq!(k.environment, Environment::Test);
         assert_eq!(k.auth, AuthKind::HmacV1);
         assert!(k.scopes.is_empty());
@@ -492,7 +518,7 @@ mod tests {
     fn every_bad_field_is_named() {
         let body = br#"{"name":"","scopes":["ok.scope","Bad"],"ip_allow_list":["10.0.0.0/33"],
             "expires_at":"2020-01-01T00:00:00Z","environment":"prod","auth":"hmac-v9"}"#;
-        let Err(AdminError::Validation(errors)) = create_body(body, now()) else {
+        let Err(AdminError::Validation(errors)) = create_body_t(body, now()) else {
             panic!("expected validation errors");
         };
         let fields: Vec<&str> = errors.keys().map(String::as_str).collect();
@@ -513,15 +539,15 @@ mod tests {
     #[test]
     fn malformed_json_is_not_a_validation_error() {
         assert!(matches!(
-            create_body(b"{\"owner\":", now()),
+            create_body_t(b"{\"owner\":", now()),
             Err(AdminError::MalformedJson(_))
         ));
         assert!(matches!(
-            create_body(br#"{"owner":"a","name":"b","colour":"red"}"#, now()),
+            create_body_t(br#"{"owner":"a","name":"b","colour":"red"}"#, now()),
             Err(AdminError::Validation(_))
         ));
         assert!(matches!(
-            create_body(br#"{"owner":"a","name":"b","scopes":"x"}"#, now()),
+            create_body_t(br#"{"owner":"a","name":"b","scopes":"x"}"#, now()),
             Err(AdminError::Validation(e)) if e.contains_key("scopes")
         ));
     }

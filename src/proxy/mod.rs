@@ -7,6 +7,7 @@
 
 mod forward;
 mod route;
+mod self_service;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -51,6 +52,9 @@ pub struct Gateway {
     /// For bodies beyond pingora's retry buffer; pools connections like pingora's own.
     connector: Connector,
     request_ids: RequestIds,
+    /// The admin handlers serving `/_keygate/v1/keys` to keys holding `keys.manage`.
+    self_service: Option<axum::Router>,
+    self_service_route: Route,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -66,6 +70,8 @@ pub struct Ctx {
     /// Bytes of a public route's body seen so far (chunked bodies have no length up front).
     public_body_bytes: usize,
     upstream_started: Option<Instant>,
+    /// A self-service call (metrics label), answered by keygate itself.
+    self_service: bool,
 }
 
 /// Request ids: a random per-process prefix and a counter, unique without a syscall.
@@ -104,6 +110,7 @@ impl Gateway {
         cache: Arc<KeyCache>,
         metrics: Metrics,
         clock: Arc<dyn Clock>,
+        self_service: Option<axum::Router>,
     ) -> Self {
         Self {
             router: Router::new(config.routes.clone()),
@@ -124,10 +131,15 @@ impl Gateway {
             clock,
             connector: Connector::new(None),
             request_ids: RequestIds::new(),
+            self_service,
+            self_service_route: self_service::route(),
         }
     }
 
     fn route(&self, ctx: &Ctx) -> Option<&Route> {
+        if ctx.self_service {
+            return Some(&self.self_service_route);
+        }
         ctx.route.and_then(|i| self.router.get(i))
     }
 
@@ -151,6 +163,21 @@ impl Gateway {
         peer.options.write_timeout = Some(up.read_timeout);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
         Ok(peer)
+    }
+
+    /// The client address of SPEC §3.5.
+    fn client_ip(&self, session: &Session) -> IpAddr {
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let xff = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        auth::client_ip::client_ip(peer_ip, xff, &self.trusted_proxies)
     }
 
     /// Answers with problem+json and records the outcome. `drained`: the request body was
@@ -379,6 +406,7 @@ impl ProxyHttp for Gateway {
             answered_expect: false,
             public_body_bytes: 0,
             upstream_started: None,
+            self_service: false,
         }
     }
 
@@ -386,6 +414,23 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
+        let is_self_service = req
+            .uri
+            .path()
+            .strip_prefix(self_service::PREFIX)
+            .is_some_and(|rest| rest.starts_with("/v1/keys"));
+        if is_self_service {
+            ctx.self_service = true;
+            if content_length(req).is_some_and(|n| n > self.max_body_bytes as u64) {
+                let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
+                return self
+                    .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
+                    .await;
+            }
+            let client_ip = self.client_ip(session);
+            ctx.client_ip = Some(client_ip);
+            return self.self_service(session, ctx, client_ip).await;
+        }
         // Step 1.
         let Some(route_index) = self.router.find(&req.method, req.uri.path()) else {
             return self
@@ -412,17 +457,7 @@ impl ProxyHttp for Gateway {
                 .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
                 .await;
         }
-        let peer_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        let xff = session
-            .req_header()
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok());
-        let client_ip = auth::client_ip::client_ip(peer_ip, xff, &self.trusted_proxies);
+        let client_ip = self.client_ip(session);
         ctx.client_ip = Some(client_ip);
         if route.public {
             return Ok(false);
