@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keygate::cli::{demo, sign};
+use keygate::cli::keys::{KeyFields, KeysCommand};
+use keygate::cli::{demo, keys, sign};
 use keygate::keys::AuthKind;
 use keygate::{App, Config};
 
@@ -43,6 +44,17 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9902")]
         metrics_listen: SocketAddr,
     },
+    /// Manage keys through the admin API (token from KEYGATE_ADMIN_TOKEN).
+    Keys {
+        /// The admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
+        admin_url: String,
+        /// Print the server's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
     /// Print the signature headers for a request.
     Sign {
         #[arg(long)]
@@ -72,6 +84,178 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+}
+
+/// Fields shared by `keys create`, `keys import` and `keys update`.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct FieldArgs {
+    #[arg(long)]
+    owner: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    /// Repeat for several scopes.
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// An address or CIDR; repeat for several.
+    #[arg(long = "ip")]
+    ip_allow_list: Vec<String>,
+    /// RFC 3339, e.g. 2027-01-31T00:00:00Z.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// live or test.
+    #[arg(long)]
+    environment: Option<String>,
+    /// hmac-v1, hmac-body or bearer.
+    #[arg(long)]
+    auth: Option<String>,
+    /// key=value; repeat for several.
+    #[arg(long = "metadata")]
+    metadata: Vec<String>,
+}
+
+impl From<FieldArgs> for KeyFields {
+    fn from(a: FieldArgs) -> Self {
+        Self {
+            owner: a.owner,
+            name: a.name,
+            description: a.description,
+            scopes: a.scopes,
+            ip_allow_list: a.ip_allow_list,
+            expires_at: a.expires_at,
+            environment: a.environment,
+            auth: a.auth,
+            metadata: a.metadata,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Mint a key; its secret is printed once.
+    Create(FieldArgs),
+    /// Bring an existing key pair from another system.
+    Import {
+        #[arg(long)]
+        public_key: String,
+        /// The secret as the other system issued it (or KEYGATE_SECRET).
+        #[arg(long, env = "KEYGATE_SECRET", hide_env_values = true)]
+        secret: String,
+        #[command(flatten)]
+        fields: FieldArgs,
+    },
+    /// List keys, newest first.
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        environment: Option<String>,
+        /// active, revoked or expired.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show one key (by id or public key).
+    Get { id: String },
+    /// Change name, description, scopes, allow-list, expiry or metadata.
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: FieldArgs,
+        #[arg(long)]
+        clear_description: bool,
+        #[arg(long)]
+        clear_expires_at: bool,
+    },
+    /// Give a key a new secret; the old one keeps working for --grace-seconds.
+    Rotate {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        grace_seconds: u64,
+    },
+    /// Refuse a key from now on.
+    Revoke { id: String },
+    /// Remove a key.
+    Delete { id: String },
+}
+
+impl From<KeysCmd> for KeysCommand {
+    fn from(c: KeysCmd) -> Self {
+        match c {
+            KeysCmd::Create(f) => Self::Create(f.into()),
+            KeysCmd::Import {
+                public_key,
+                secret,
+                fields,
+            } => Self::Import {
+                public_key,
+                secret,
+                fields: fields.into(),
+            },
+            KeysCmd::List {
+                owner,
+                environment,
+                status,
+                limit,
+                cursor,
+            } => Self::List {
+                owner,
+                environment,
+                status,
+                limit,
+                cursor,
+            },
+            KeysCmd::Get { id } => Self::Get { id },
+            KeysCmd::Update {
+                id,
+                fields,
+                clear_description,
+                clear_expires_at,
+            } => Self::Update {
+                id,
+                fields: fields.into(),
+                clear_description,
+                clear_expires_at,
+            },
+            KeysCmd::Rotate { id, grace_seconds } => Self::Rotate { id, grace_seconds },
+            KeysCmd::Revoke { id } => Self::Revoke { id },
+            KeysCmd::Delete { id } => Self::Delete { id },
+        }
+    }
+}
+
+fn run_keys(admin_url: &str, as_json: bool, command: KeysCmd) -> ExitCode {
+    let Some(token) = std::env::var("KEYGATE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    else {
+        eprintln!("keygate keys: set KEYGATE_ADMIN_TOKEN to an admin token");
+        return ExitCode::from(keys::EX_USAGE);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keygate keys: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    match rt.block_on(keys::run(&command.into(), admin_url, &token, as_json)) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keygate keys: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 fn init_logging() {
@@ -109,7 +293,18 @@ fn serve(path: &std::path::Path) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; anything else is a usage error (64).
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         None | Some(Command::Serve) => {
             let Some(path) = cli.config else {
@@ -145,6 +340,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Keys {
+            admin_url,
+            json,
+            command,
+        }) => run_keys(&admin_url, json, command),
         Some(Command::Sign {
             public_key,
             secret,

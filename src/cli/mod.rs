@@ -1,4 +1,5 @@
-//! Command-line subcommands beyond `serve`: `demo` and `sign`.
+//! Command-line subcommands beyond `serve`: `demo`, `sign` and `keys`.
 
 pub mod demo;
+pub mod keys;
 pub mod sign;
