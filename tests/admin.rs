@@ -607,3 +607,49 @@ async fn unknown_paths_and_methods_are_problem_json() {
         .unwrap();
     assert_problem(r, 405, "method_not_allowed").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_openapi_document_matches_the_routes() {
+    let (_echo, gw) = setup().await;
+    let served: Value = gw
+        .admin_get("/v1/openapi.json", ADMIN_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let file: Value = serde_json::from_str(include_str!("../docs/openapi.json")).unwrap();
+    assert_eq!(
+        served, file,
+        "GET /v1/openapi.json differs from docs/openapi.json"
+    );
+
+    let all = ["get", "post", "put", "patch", "delete"];
+    for (path, item) in file["paths"].as_object().unwrap() {
+        let concrete = path.replace("{id}", "key_does_not_exist");
+        for method in all {
+            let r = gw
+                .http
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    gw.admin_url(&concrete),
+                )
+                .bearer_auth(ADMIN_TOKEN)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            if item.get(method).is_some() {
+                assert_ne!(status, 405, "{method} {path} is documented but not routed");
+                assert_ne!(
+                    body["detail"], "no such admin endpoint",
+                    "{method} {path} is documented but not routed"
+                );
+            } else {
+                assert_eq!(status, 405, "{method} {path} is routed but not documented");
+            }
+        }
+    }
+}

@@ -11,7 +11,7 @@ use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
@@ -52,6 +52,8 @@ pub enum AdminError {
     Unauthorized,
     #[error("no key with this id or public key")]
     NotFound,
+    #[error("no such admin endpoint")]
+    NoSuchEndpoint,
     #[error("this resource does not support this method")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -68,7 +70,7 @@ impl AdminError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::Unauthorized => ErrorCode::Unauthorized,
-            Self::NotFound => ErrorCode::NotFound,
+            Self::NotFound | Self::NoSuchEndpoint => ErrorCode::NotFound,
             Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             Self::MalformedJson(_) => ErrorCode::MalformedJson,
             Self::Validation(_) => ErrorCode::ValidationFailed,
@@ -115,18 +117,33 @@ impl IntoResponse for AdminError {
     }
 }
 
-/// The admin router; tests can drive it with `oneshot` without a socket.
-pub fn router(state: Arc<AdminState>) -> Router {
-    let v1 = Router::new()
-        .route("/v1/keys", post(create_key).get(list_keys))
-        .route("/v1/keys/import", post(import_key))
-        .route(
+/// The OpenAPI 3.1 document of this API, checked in at `docs/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Every `/v1` route: one table, so a test can hold it against the OpenAPI document.
+fn v1_routes() -> Vec<(&'static str, MethodRouter<Arc<AdminState>>)> {
+    vec![
+        ("/v1/keys", post(create_key).get(list_keys)),
+        ("/v1/keys/import", post(import_key)),
+        (
             "/v1/keys/{id}",
             get(get_key).patch(patch_key).delete(delete_key),
-        )
-        .route("/v1/keys/{id}/rotate", post(rotate_key))
-        .route("/v1/keys/{id}/revoke", post(revoke_key))
-        .route("/v1/audit", get(list_audit))
+        ),
+        ("/v1/keys/{id}/rotate", post(rotate_key)),
+        ("/v1/keys/{id}/revoke", post(revoke_key)),
+        ("/v1/audit", get(list_audit)),
+        (
+            "/v1/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        ),
+    ]
+}
+
+/// The admin router; tests can drive it with `oneshot` without a socket.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let v1 = v1_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, methods)| r.route(path, methods))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -138,7 +155,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/readyz", get(readyz))
         .merge(v1)
-        .fallback(|| async { AdminError::NotFound })
+        .fallback(|| async { AdminError::NoSuchEndpoint })
         .method_not_allowed_fallback(|| async { AdminError::MethodNotAllowed })
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
@@ -336,8 +353,8 @@ pub fn self_service_router(state: Arc<AdminState>) -> Router {
         .route("/v1/keys/{id}/rotate", post(rotate_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         // An operation self-service does not offer is simply not there.
-        .fallback(|| async { AdminError::NotFound })
-        .method_not_allowed_fallback(|| async { AdminError::NotFound })
+        .fallback(|| async { AdminError::NoSuchEndpoint })
+        .method_not_allowed_fallback(|| async { AdminError::NoSuchEndpoint })
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
 }
@@ -544,4 +561,28 @@ async fn list_audit(
         .list_audit(query.key_id, query.owner, query.cursor, query.limit)
         .await?;
     Ok(axum::Json(json!({"items": page.items, "next_cursor": page.next_cursor})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document and the router must name the same `/v1` paths (methods are checked
+    /// against the running server in tests/admin.rs).
+    #[test]
+    fn openapi_paths_are_the_routed_paths() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|p| p.starts_with("/v1/"))
+            .collect();
+        let mut routed: Vec<&str> = v1_routes().into_iter().map(|(p, _)| p).collect();
+        documented.sort_unstable();
+        routed.sort_unstable();
+        assert_eq!(documented, routed);
+        assert_eq!(doc["openapi"], "3.1.0");
+    }
 }

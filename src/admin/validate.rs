@@ -80,7 +80,8 @@ where
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RotateBody {
-    grace_seconds: Option<i64>,
+    /// A JSON number: JSON Schema counts `20.0` as an integer, so whole floats are accepted.
+    grace_seconds: Option<serde_json::Number>,
 }
 
 /// Owners travel upstream in `x-keygate-owner`, so they must be valid header text.
@@ -388,13 +389,20 @@ pub(super) fn rotate_body(body: &[u8]) -> Result<time::Duration, AdminError> {
         return Ok(time::Duration::ZERO);
     }
     let b: RotateBody = parse_json(body)?;
-    let secs = b.grace_seconds.unwrap_or(0);
-    if !(0..=MAX_GRACE_SECONDS).contains(&secs) {
+    let secs = match b.grace_seconds {
+        None => Some(0),
+        Some(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=MAX_GRACE_SECONDS as f64).contains(f))
+                .map(|f| f as i64)
+        }),
+    };
+    let Some(secs) = secs.filter(|s| (0..=MAX_GRACE_SECONDS).contains(s)) else {
         return Err(AdminError::Validation(BTreeMap::from([(
             "grace_seconds".to_owned(),
             "must be a whole number of seconds from 0 to 604800 (7 days)".to_owned(),
         )])));
-    }
+    };
     Ok(time::Duration::seconds(secs))
 }
 
@@ -429,11 +437,12 @@ pub(super) fn list_query(q: &HashMap<String, String>) -> Result<ListQuery<'_>, A
         },
     };
     let get = |k: &str| q.get(k).map(String::as_str).filter(|s| !s.is_empty());
-    let environment = get("environment");
+    // Present but empty is not "absent" for an enumerated filter.
+    let environment = q.get("environment").map(String::as_str);
     if environment.is_some_and(|e| !["live", "test"].contains(&e)) {
         errors.insert("environment".into(), "must be live or test".into());
     }
-    let status = get("status");
+    let status = q.get("status").map(String::as_str);
     if status.is_some_and(|s| !["active", "revoked", "expired"].contains(&s)) {
         errors.insert("status".into(), "must be active, revoked or expired".into());
     }
