@@ -208,8 +208,8 @@ mod tests {
         let (mk, _) = MasterKey::generate();
         let mk = Arc::new(mk);
         let cfg = CacheConfig {
-            ttl: Duration::from_millis(600),
-            negative_ttl: Duration::from_millis(200),
+            ttl: Duration::from_millis(2000),
+            negative_ttl: Duration::from_millis(700),
             ..cfg()
         };
         let cache = KeyCache::new(
@@ -234,7 +234,7 @@ mod tests {
                 .is_none(),
             "negative entry still held"
         );
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         assert!(
             cache
                 .by_public_key(&record.public_key)
@@ -254,7 +254,7 @@ mod tests {
                 .is_some(),
             "positive entry still held"
         );
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        tokio::time::sleep(Duration::from_millis(2300)).await;
         assert!(
             cache
                 .by_public_key(&record.public_key)
