@@ -5,8 +5,8 @@
 //! `keys::KeyStore` (embedded redb now) → forwarded upstream with the caller's identity, or
 //! refused with a `problem` (problem+json). `admin` (axum) mints and manages keys on its own
 //! listener; `metrics` is scraped on a third. `config` turns the TOML file into a typed
-//! runtime config; `server` wires it all into one pingora `Server`; `cli` holds `demo` and
-//! `sign`.
+//! runtime config; `server` wires it all into one pingora `Server`; `usage` counts requests per
+//! key; `cli` holds `demo`, `sign` and `keys`.
 
 pub mod admin;
 pub mod auth;
@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod server;
+pub mod usage;
 
 pub use config::Config;
 pub use server::App;

@@ -18,6 +18,7 @@ use crate::config::{Config, StoreConfig};
 use crate::keys::{EmbeddedStore, KeyStore, MasterKey, SecretString, StoreError};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
+use crate::usage::{UsageFlusher, UsageTally};
 
 pub const ENV_MASTER_KEY: &str = "KEYGATE_MASTER_KEY";
 pub const ENV_ADMIN_TOKEN: &str = "KEYGATE_ADMIN_TOKEN";
@@ -163,13 +164,23 @@ impl App {
             token_hashes: self.admin_token_hashes.clone(),
             proxy_addr: cfg.server.listen,
         });
+        let usage = Arc::new(UsageTally::default());
         let gateway = Gateway::new(
             cfg,
             cache,
             metrics.clone(),
             Arc::clone(&self.clock),
             Some(admin::self_service_router(Arc::clone(&admin_state))),
+            Arc::clone(&usage),
         );
+        server.add_service(background_service(
+            "keygate usage",
+            UsageFlusher {
+                tally: Arc::clone(&usage),
+                store: Arc::clone(&self.store),
+                metrics: metrics.clone(),
+            },
+        ));
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             gateway,
@@ -216,11 +227,15 @@ impl App {
         };
         server.run(run_args);
 
-        // Pingora's runtimes are gone; a small one makes the pending nonces durable.
+        // Pingora's runtimes are gone; a small one writes the last usage counts and makes the
+        // pending nonces durable.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
+        if let Err(e) = rt.block_on(usage.flush(self.store.as_ref())) {
+            tracing::error!(error = %e, "final usage flush failed");
+        }
         rt.block_on(self.store.flush())?;
         tracing::info!("keygate stopped");
         Ok(())

@@ -701,3 +701,51 @@ async fn metrics_count_outcomes_by_route() {
     assert!(line("keygate_upstream_duration_seconds_count{route=\"create-payment\",status_class=\"2xx\"} 2").is_some(), "{text}");
     assert!(!text.contains(&key.id) && !text.contains(&key.public_key) && !text.contains("acme"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_requests_are_counted_per_key() {
+    let (_echo, gw) = setup().await;
+    let key = gw.mint(json!({})).await;
+    let other = gw.mint(json!({})).await;
+    for _ in 0..3 {
+        assert_eq!(
+            gw.send_v1(&key, "POST", "/v1/payments", b"{}")
+                .await
+                .status(),
+            200
+        );
+    }
+    // Refused requests are not counted: this one fails its signature.
+    let h = v1_headers(&key, "POST", "/v1/payments", b"a", now(), "uncounted");
+    assert_eq!(
+        gw.send("POST", "/v1/payments", &h, b"b").await.status(),
+        401
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        let r: serde_json::Value = gw
+            .admin_get(&format!("/v1/keys/{}", key.id), support::ADMIN_TOKEN)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if r["total_requests"] == 3 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(record["total_requests"], 3, "{record}");
+    assert!(record["last_used_at"].is_string());
+    assert_eq!(
+        record["updated_at"], key.record["updated_at"],
+        "usage is not a change"
+    );
+    let untouched: serde_json::Value = gw
+        .admin_get(&format!("/v1/keys/{}", other.id), support::ADMIN_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(untouched["total_requests"], 0);
+    assert!(untouched["last_used_at"].is_null());
+}

@@ -22,7 +22,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
-use super::store::{KeyStore, Page, StoreError, Write};
+use super::store::{KeyStore, Page, StoreError, Usage, Write};
 
 const KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("keys");
 const BY_PUBLIC: TableDefinition<'_, &str, &str> = TableDefinition::new("by_public");
@@ -503,6 +503,29 @@ impl KeyStore for EmbeddedStore {
         };
         self.send(msg)?;
         Ok(true)
+    }
+
+    async fn add_usage(&self, usage: &[(String, Usage)]) -> Result<(), StoreError> {
+        let usage = usage.to_vec();
+        self.transact(move |txn| {
+            let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+            for (id, u) in &usage {
+                let Some(mut record) = keys
+                    .get(id.as_str())
+                    .map_err(unavailable)?
+                    .map(|v| decode(v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                record.total_requests = record.total_requests.saturating_add(u.requests);
+                record.last_used_at = record.last_used_at.max(Some(u.last_used_at));
+                keys.insert(id.as_str(), encode(&record)?.as_slice())
+                    .map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -20,6 +20,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Requests counted for one key since the last flush.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub requests: u64,
+    pub last_used_at: time::OffsetDateTime,
+}
+
 /// One page of a newest-first listing.
 #[derive(Debug, Default)]
 pub struct Page {
@@ -85,6 +92,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Records `nonce` for `key_id` for `ttl`; `true` if it was unused, `false` if replayed.
     async fn use_nonce(&self, key_id: &str, nonce: &str, ttl: Duration)
         -> Result<bool, StoreError>;
+    /// Adds counted requests to `total_requests` and moves `last_used_at` forward, in one
+    /// transaction; unknown ids are skipped. Not a change to the key: `updated_at` stays.
+    async fn add_usage(&self, usage: &[(String, Usage)]) -> Result<(), StoreError>;
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Makes everything accepted so far durable (called on shutdown).

@@ -55,6 +55,8 @@ pub struct Gateway {
     /// The admin handlers serving `/_keygate/v1/keys` to keys holding `keys.manage`.
     self_service: Option<axum::Router>,
     self_service_route: Route,
+    /// Requests per key, written to the store by the usage flusher.
+    usage: Arc<crate::usage::UsageTally>,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -111,6 +113,7 @@ impl Gateway {
         metrics: Metrics,
         clock: Arc<dyn Clock>,
         self_service: Option<axum::Router>,
+        usage: Arc<crate::usage::UsageTally>,
     ) -> Self {
         Self {
             router: Router::new(config.routes.clone()),
@@ -133,6 +136,7 @@ impl Gateway {
             request_ids: RequestIds::new(),
             self_service,
             self_service_route: self_service::route(),
+            usage,
         }
     }
 
@@ -285,6 +289,7 @@ impl Gateway {
             }
         }
         auth::check_scope(&key, route.scope.as_deref())?;
+        self.usage.record(&key.record.id, self.clock.now());
         Ok(key)
     }
 
