@@ -15,7 +15,7 @@ use crate::admin::{self, AdminState};
 use crate::cache::KeyCache;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreConfig};
-use crate::keys::{EmbeddedStore, KeyStore, MasterKey, SecretString, StoreError};
+use crate::keys::{EmbeddedStore, KeyStore, MasterKey, RedisStore, SecretString, StoreError};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::usage::{UsageFlusher, UsageTally};
@@ -34,7 +34,7 @@ pub enum StartError {
     MasterKey(#[from] crate::keys::secret::SecretError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("store.kind = \"redis\" is not supported by this build yet; use \"embedded\"")]
+    #[error("store.url: only one redis:// URL is supported by this build (not rediss://, redis+cluster:// or several URLs)")]
     RedisNotYet,
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
@@ -89,7 +89,10 @@ pub fn load_master_key(
 pub fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
     match &config.store {
         StoreConfig::Embedded { path } => Ok(Arc::new(EmbeddedStore::open(path)?)),
-        StoreConfig::Redis { .. } => Err(StartError::RedisNotYet),
+        StoreConfig::Redis { urls } => match urls.as_slice() {
+            [url] if url.starts_with("redis://") => Ok(Arc::new(RedisStore::open(url)?)),
+            _ => Err(StartError::RedisNotYet),
+        },
     }
 }
 

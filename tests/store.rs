@@ -1,5 +1,5 @@
-//! The shared `KeyStore` suite. Every backend runs every case through [`backends`]; today
-//! that is the embedded store (the Redis store joins here when it is built).
+//! The shared `KeyStore` suite. Every backend runs every case through [`backends`]: the
+//! embedded store, and the Redis store on a private `redis-server` per case.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 use std::collections::BTreeMap;
@@ -9,16 +9,21 @@ use std::time::Duration;
 
 use base64::Engine;
 use keygate::keys::{
-    mint, AuthKind, EmbeddedStore, Environment, KeyRecord, KeyStore, MasterKey, NewKey, StoreError,
+    mint, AuthKind, EmbeddedStore, Environment, KeyRecord, KeyStore, MasterKey, NewKey, RedisStore,
+    StoreError,
 };
 use time::OffsetDateTime;
+
+#[path = "support/redis.rs"]
+mod redis_server;
 
 /// A backend under test, and how to reopen it (persistence cases).
 struct Backend {
     name: &'static str,
     store: Arc<dyn KeyStore>,
     reopen: Box<dyn Fn() -> Arc<dyn KeyStore> + Send>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    _redis: Option<Arc<redis_server::RedisServer>>,
 }
 
 fn embedded() -> Backend {
@@ -29,12 +34,25 @@ fn embedded() -> Backend {
         name: "embedded",
         store,
         reopen: Box::new(move || Arc::new(EmbeddedStore::open(&path).unwrap())),
-        _dir: dir,
+        _dir: Some(dir),
+        _redis: None,
+    }
+}
+
+fn redis() -> Backend {
+    let server = Arc::new(redis_server::RedisServer::start());
+    let url = server.url();
+    Backend {
+        name: "redis",
+        store: Arc::new(RedisStore::open(&url).unwrap()),
+        reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
+        _dir: None,
+        _redis: Some(server),
     }
 }
 
 fn backends() -> Vec<Backend> {
-    vec![embedded()]
+    vec![embedded(), redis()]
 }
 
 fn new_key(owner: &str, auth: AuthKind) -> NewKey {
@@ -308,6 +326,7 @@ async fn records_and_live_nonces_survive_reopening() {
             reopen,
             name,
             _dir,
+            _redis,
         } = b;
         // Dropping the store is the process going away: no explicit flush first.
         drop(store);
@@ -549,4 +568,116 @@ async fn pagination_is_stable_while_keys_are_inserted() {
         }
         assert_eq!(seen, older, "{}", b.name);
     }
+}
+
+#[tokio::test]
+async fn usage_adds_up_moves_last_used_forward_and_leaves_updated_at() {
+    use keygate::keys::Usage;
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let r = record(&mk, "acme", AuthKind::HmacV1);
+        b.store.insert(&r).await.unwrap();
+        let t = |s: i64| OffsetDateTime::from_unix_timestamp(1_767_225_600 + s).unwrap();
+        let batch = |n, at| {
+            vec![
+                (
+                    r.id.clone(),
+                    Usage {
+                        requests: n,
+                        last_used_at: at,
+                    },
+                ),
+                (
+                    "key_unknown".to_owned(),
+                    Usage {
+                        requests: 1,
+                        last_used_at: at,
+                    },
+                ),
+            ]
+        };
+        b.store.add_usage(&batch(3, t(10))).await.unwrap();
+        b.store.add_usage(&batch(2, t(5))).await.unwrap();
+        let got = b.store.get_by_id(&r.id).await.unwrap().unwrap();
+        assert_eq!(got.total_requests, 5, "{}", b.name);
+        assert_eq!(
+            got.last_used_at,
+            Some(t(10)),
+            "{}: last_used_at never moves back",
+            b.name
+        );
+        assert_eq!(got.updated_at, r.updated_at);
+        assert_eq!(
+            b.store.get_by_id("key_unknown").await.unwrap(),
+            None,
+            "{}: usage must not create keys",
+            b.name
+        );
+        // An admin change keeps the counts.
+        let mut renamed = got.clone();
+        renamed.name = "renamed".into();
+        b.store.update(&renamed).await.unwrap();
+        assert_eq!(
+            b.store
+                .get_by_id(&r.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .total_requests,
+            5,
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn redis_holds_no_usable_secret() {
+    let (mk, _) = MasterKey::generate();
+    let server = redis_server::RedisServer::start();
+    let store = RedisStore::open(&server.url()).unwrap();
+    let mut secrets = Vec::new();
+    for auth in [AuthKind::HmacV1, AuthKind::HmacBody, AuthKind::Bearer] {
+        let (r, s) = mint(&mk, new_key("acme", auth), OffsetDateTime::now_utc());
+        store.insert(&r).await.unwrap();
+        secrets.push(s);
+    }
+    // Dump every value Redis holds, whatever its type.
+    let keys_reply = server.cli(&["KEYS", "*"]);
+    let keys: Vec<&str> = keys_reply
+        .lines()
+        .filter(|l| l.starts_with("kg:"))
+        .collect();
+    assert!(
+        keys.len() >= 9,
+        "expected records and indexes, got {keys:?}"
+    );
+    let mut dump = String::new();
+    for k in keys {
+        let kind = server.cli(&["TYPE", k]);
+        let value = match kind.trim() {
+            "+string" => server.cli(&["GET", k]),
+            "+zset" => server.cli(&["ZRANGE", k, "0", "-1"]),
+            "+hash" => server.cli(&["HGETALL", k]),
+            other => panic!("unexpected type {other} for {k}"),
+        };
+        dump.push_str(k);
+        dump.push_str(&value);
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for s in &secrets {
+        let text = s.expose();
+        for needle in [
+            text.to_owned(),
+            text[8..].to_owned(),
+            b64.encode(text),
+            hex::encode(text),
+        ] {
+            assert!(!dump.contains(&needle), "secret found in Redis as {needle}");
+        }
+    }
+    assert!(
+        dump.contains("\"sealed\"") && dump.contains("\"sha256\""),
+        "the dump holds the records"
+    );
 }

@@ -1,8 +1,10 @@
-//! API keys: the record, secrets and their sealing, the `KeyStore` trait and its backends.
+//! API keys: the record, secrets and their sealing, the `KeyStore` trait and its backends
+//! (embedded redb, Redis).
 
 pub mod audit;
 mod embedded;
 mod model;
+mod redis;
 pub mod secret;
 mod store;
 
@@ -11,6 +13,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use time::OffsetDateTime;
 
+pub use self::redis::RedisStore;
 pub use audit::{Action, Actor, AuditEntry, AuditPage};
 pub use embedded::{EmbeddedStore, NONCE_BATCH_WINDOW};
 pub use model::{

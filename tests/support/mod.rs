@@ -14,6 +14,8 @@ use keygate::cli::sign::{self, SignRequest};
 use keygate::keys::AuthKind;
 use serde_json::{json, Value};
 
+pub mod redis;
+
 pub const ADMIN_TOKEN: &str = "kgadm_test_token_0123456789abcdef";
 
 /// One request as the upstream received it.
@@ -170,6 +172,8 @@ pub struct Options {
     pub master_key: Option<String>,
     /// `admin.token_sha256` entries.
     pub admin_token_sha256: Vec<String>,
+    /// Replaces the `[store]` table (default: embedded in the data dir).
+    pub store_toml: Option<String>,
 }
 
 impl Options {
@@ -181,6 +185,7 @@ impl Options {
             dir: None,
             master_key: None,
             admin_token_sha256: Vec::new(),
+            store_toml: None,
         }
     }
 }
@@ -237,9 +242,7 @@ token_sha256 = {hashes:?}
 [metrics]
 listen = "127.0.0.1:{metrics}"
 
-[store]
-kind = "embedded"
-path = "{db}"
+{store}
 
 [cache]
 ttl = "30s"
@@ -248,7 +251,10 @@ negative_ttl = "5s"
 "#,
                 grace = opts.shutdown_grace,
                 server_extra = opts.server_extra,
-                db = dir.join("keygate.db").display(),
+                store = opts.store_toml.clone().unwrap_or_else(|| format!(
+                    "[store]\nkind = \"embedded\"\npath = \"{}\"",
+                    dir.join("keygate.db").display()
+                )),
                 routes = opts.routes,
                 hashes = opts.admin_token_sha256,
             );

@@ -1,0 +1,400 @@
+//! The Redis store, for a fleet of gateways sharing one Redis.
+//!
+//! Layout (all under `kg:`):
+//! - `kg:k:{id}` — the record as JSON (usage counters live apart, below)
+//! - `kg:pk:{public_key}`, `kg:h:{sha256 hex}` — id indexes (bearer hashes, current and previous)
+//! - `kg:all`, `kg:o:{owner}` — sorted sets of ids, all scores 0: lexicographic order is
+//!   creation order (UUIDv7), so newest-first paging is `ZREVRANGEBYLEX` from the cursor
+//! - `kg:u:{id}` — hash `total` (requests), `last` (Unix µs of the last use)
+//! - `kg:n:{id}:{nonce}` — used nonces, `SET NX PX`
+//! - `kg:a:{audit id}` — audit entry JSON; `kg:aa`, `kg:ak:{key id}`, `kg:ao:{owner}` indexes
+//!
+//! Every write of a record, its indexes and its audit entry is one Lua script, so it is atomic.
+//! Scripts name keys they build themselves, which a single Redis allows and Redis Cluster does
+//! not: cluster support needs hash tags and is not built yet.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use time::OffsetDateTime;
+
+use super::audit::{AuditEntry, AuditPage};
+use super::model::KeyRecord;
+use super::store::{KeyStore, Page, StoreError, Usage, Write};
+
+const WRITE_SCRIPT: &str = r#"
+local op, id = ARGV[1], ARGV[2]
+local rk = 'kg:k:' .. id
+local old = redis.call('GET', rk)
+if op == 'insert' and old then return 'conflict' end
+if op == 'update' and not old then return 'not_found' end
+if op == 'delete' and not old then return 'absent' end
+local function hashes_of(rec)
+  local out = {}
+  local c = rec['credential']
+  if type(c) == 'table' and c['kind'] == 'sha256' then table.insert(out, c['hash']) end
+  local p = rec['previous']
+  if type(p) == 'table' and type(p['credential']) == 'table' and p['credential']['kind'] == 'sha256' then
+    table.insert(out, p['credential']['hash'])
+  end
+  return out
+end
+local newhashes = {}
+for h in string.gmatch(ARGV[6], '%S+') do table.insert(newhashes, h) end
+if op ~= 'delete' then
+  local holder = redis.call('GET', 'kg:pk:' .. ARGV[4])
+  if holder and holder ~= id then return 'conflict' end
+  for _, h in ipairs(newhashes) do
+    local hh = redis.call('GET', 'kg:h:' .. h)
+    if hh and hh ~= id then return 'conflict' end
+  end
+end
+if old then
+  local o = cjson.decode(old)
+  redis.call('DEL', 'kg:pk:' .. o['public_key'])
+  for _, h in ipairs(hashes_of(o)) do redis.call('DEL', 'kg:h:' .. h) end
+  redis.call('ZREM', 'kg:o:' .. o['owner'], id)
+end
+if op == 'delete' then
+  redis.call('DEL', rk, 'kg:u:' .. id)
+  redis.call('ZREM', 'kg:all', id)
+else
+  redis.call('SET', rk, ARGV[3])
+  redis.call('SET', 'kg:pk:' .. ARGV[4], id)
+  for _, h in ipairs(newhashes) do redis.call('SET', 'kg:h:' .. h, id) end
+  redis.call('ZADD', 'kg:o:' .. ARGV[5], 0, id)
+  redis.call('ZADD', 'kg:all', 0, id)
+end
+if ARGV[7] ~= '' then
+  local aid = ARGV[8]
+  redis.call('SET', 'kg:a:' .. aid, ARGV[7])
+  redis.call('ZADD', 'kg:aa', 0, aid)
+  redis.call('ZADD', 'kg:ak:' .. ARGV[9], 0, aid)
+  redis.call('ZADD', 'kg:ao:' .. ARGV[10], 0, aid)
+end
+return 'ok'
+"#;
+
+const USAGE_SCRIPT: &str = r#"
+for i = 1, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('EXISTS', 'kg:k:' .. id) == 1 then
+    local k = 'kg:u:' .. id
+    redis.call('HINCRBY', k, 'total', ARGV[i + 1])
+    local last = tonumber(redis.call('HGET', k, 'last') or '0')
+    if tonumber(ARGV[i + 2]) > last then redis.call('HSET', k, 'last', ARGV[i + 2]) end
+  end
+end
+return 'ok'
+"#;
+
+/// Keys in one Redis shared by every gateway of a fleet.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    write: Script,
+    usage: Script,
+    /// The connection's driver task lives here, so the store works from any runtime —
+    /// pingora's per-service runtimes, and the small one that runs the final flush after they
+    /// are gone. Shut down in the background on drop (dropping it in async code would panic).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn unavailable(e: &redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://[:password@]host:port[/db]`).
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| unavailable(&e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keygate-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis runtime: {e}")))?;
+        let conn = std::thread::scope(|s| {
+            // block_on must not run on a thread that is already inside a runtime.
+            s.spawn(|| runtime.block_on(ConnectionManager::new(client)))
+                .join()
+                .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
+        })?
+        .map_err(|e| unavailable(&e))?;
+        Ok(Self {
+            conn,
+            write: Script::new(WRITE_SCRIPT),
+            usage: Script::new(USAGE_SCRIPT),
+            runtime: Some(runtime),
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Decodes a record and lays its usage counters over it.
+    async fn with_usage(&self, json: Option<String>) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(json) = json else { return Ok(None) };
+        let mut record: KeyRecord = serde_json::from_str(&json).map_err(corrupt)?;
+        let (total, last): (Option<u64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(format!("kg:u:{}", record.id))
+            .arg("total")
+            .arg("last")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        apply_usage(&mut record, total, last);
+        Ok(Some(record))
+    }
+
+    async fn get_by_index(&self, index_key: String) -> Result<Option<KeyRecord>, StoreError> {
+        let id: Option<String> = self
+            .conn()
+            .get(index_key)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match id {
+            Some(id) => self.get_by_id(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit + 1` members of a lexicographic sorted set, newest first, below `cursor`.
+    async fn page_ids(
+        &self,
+        set: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let max = cursor.map_or_else(|| "+".to_owned(), |c| format!("({c}"));
+        redis::cmd("ZREVRANGEBYLEX")
+            .arg(set)
+            .arg(max)
+            .arg("-")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit + 1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+}
+
+fn apply_usage(record: &mut KeyRecord, total: Option<u64>, last_micros: Option<i64>) {
+    record.total_requests = total.unwrap_or(0);
+    record.last_used_at = last_micros
+        .and_then(|us| OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).ok());
+}
+
+fn hashes_arg(record: &KeyRecord) -> String {
+    record
+        .indexed_hashes()
+        .map(hex::encode)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn write(
+        &self,
+        change: Write<'_>,
+        audit: Option<&AuditEntry>,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.write.prepare_invoke();
+        match change {
+            Write::Insert(r) | Write::Update(r) => {
+                let op = if matches!(change, Write::Insert(_)) {
+                    "insert"
+                } else {
+                    "update"
+                };
+                // Usage is stored apart; the record's own counters are not written.
+                let mut stored = r.clone();
+                stored.total_requests = 0;
+                stored.last_used_at = None;
+                let json = serde_json::to_string(&stored).map_err(corrupt)?;
+                inv.arg(op)
+                    .arg(&r.id)
+                    .arg(json)
+                    .arg(&r.public_key)
+                    .arg(&r.owner)
+                    .arg(hashes_arg(r));
+            }
+            Write::Delete(id) => {
+                inv.arg("delete").arg(id).arg("").arg("").arg("").arg("");
+            }
+        }
+        match audit {
+            Some(a) => {
+                let json = serde_json::to_string(a).map_err(corrupt)?;
+                inv.arg(json).arg(&a.id).arg(&a.key_id).arg(&a.owner);
+            }
+            None => {
+                inv.arg("").arg("").arg("").arg("");
+            }
+        }
+        let outcome: String = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match outcome.as_str() {
+            "ok" => Ok(true),
+            "absent" => Ok(false),
+            "conflict" => Err(StoreError::Conflict),
+            "not_found" => Err(StoreError::NotFound),
+            other => Err(StoreError::Corrupt(format!(
+                "write script answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn list_audit(
+        &self,
+        key_id: Option<&str>,
+        owner: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError> {
+        let set = match (key_id, owner) {
+            (Some(k), _) => format!("kg:ak:{k}"),
+            (None, Some(o)) => format!("kg:ao:{o}"),
+            (None, None) => "kg:aa".to_owned(),
+        };
+        let mut items = Vec::with_capacity(limit + 1);
+        let mut cursor = cursor.map(str::to_owned);
+        // With both filters, entries of other owners are skipped: keep reading pages.
+        'pages: loop {
+            let ids = self.page_ids(&set, cursor.as_deref(), limit).await?;
+            let exhausted = ids.len() <= limit;
+            for id in &ids {
+                let json: Option<String> = self
+                    .conn()
+                    .get(format!("kg:a:{id}"))
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                cursor = Some(id.clone());
+                let Some(json) = json else { continue };
+                let entry: AuditEntry = serde_json::from_str(&json).map_err(corrupt)?;
+                if owner.is_some_and(|o| entry.owner != o) {
+                    continue;
+                }
+                items.push(entry);
+                if items.len() > limit {
+                    break 'pages;
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next_cursor = if more {
+            items.last().map(|e| e.id.clone())
+        } else {
+            None
+        };
+        Ok(AuditPage { items, next_cursor })
+    }
+
+    async fn add_usage(&self, usage: &[(String, Usage)]) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.usage.prepare_invoke();
+        for (id, u) in usage {
+            let micros =
+                i64::try_from(u.last_used_at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX);
+            inv.arg(id).arg(u.requests).arg(micros);
+        }
+        let _: String = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
+    }
+
+    async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let json: Option<String> = self
+            .conn()
+            .get(format!("kg:k:{id}"))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        self.with_usage(json).await
+    }
+
+    async fn get_by_public_key(&self, public_key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.get_by_index(format!("kg:pk:{public_key}")).await
+    }
+
+    async fn get_by_secret_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        self.get_by_index(format!("kg:h:{}", hex::encode(hash)))
+            .await
+    }
+
+    async fn list(
+        &self,
+        owner: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let set = owner.map_or_else(|| "kg:all".to_owned(), |o| format!("kg:o:{o}"));
+        let mut ids = self.page_ids(&set, cursor, limit).await?;
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let mut items = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(r) = self.get_by_id(id).await? {
+                items.push(r);
+            }
+        }
+        let next_cursor = if more { ids.last().cloned() } else { None };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn use_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("kg:n:{key_id}:{nonce}"))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(set.is_some())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn())
+            .await
+            .map(drop)
+            .map_err(|e| unavailable(&e))
+    }
+
+    /// Every write is synchronous: nothing is pending.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
