@@ -13,7 +13,7 @@ use moka::future::Cache;
 use moka::Expiry;
 
 use crate::config::CacheConfig;
-use crate::keys::{ActiveKey, KeyRecord, KeyStore, MasterKey, StoreError};
+use crate::keys::{ActiveKey, ChangeSink, KeyRecord, KeyStore, MasterKey, StoreError};
 use crate::metrics::{CacheResult, Metrics};
 
 /// A cached lookup result: the key, or `None` for "no such key" (negative entry).
@@ -152,6 +152,23 @@ impl KeyCache {
         for hash in record.indexed_hashes() {
             self.by_hash.invalidate(&hash).await;
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl ChangeSink for KeyCache {
+    async fn changed(&self, public_keys: &[String], hashes: &[[u8; 32]]) {
+        for pk in public_keys {
+            self.by_public.invalidate(pk.as_str()).await;
+        }
+        for h in hashes {
+            self.by_hash.invalidate(h).await;
+        }
+    }
+
+    fn everything_may_have_changed(&self) {
+        self.by_public.invalidate_all();
+        self.by_hash.invalidate_all();
     }
 }
 

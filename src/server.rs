@@ -142,6 +142,9 @@ impl App {
             metrics.clone(),
             &cfg.cache,
         ));
+        // Other gateways' changes to keys evict them here too (Redis; a no-op when embedded).
+        self.store
+            .watch(Arc::clone(&cache) as Arc<dyn crate::keys::ChangeSink>);
 
         // Bind what we can now, so a taken port fails at once instead of pingora's 30 retries.
         let admin_listener = bind(cfg.admin.listen)?;

@@ -85,3 +85,50 @@ async fn a_gateway_on_redis_mints_verifies_refuses_replays_and_revokes() {
         .signal_and_wait("TERM", Duration::from_secs(10))
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_the_other_gateway_within_a_second() {
+    let redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let gw1 = Gateway::start(on_redis(&echo, &redis)).await;
+    let mut opts = on_redis(&echo, &redis);
+    opts.master_key = Some(gw1.master_key.clone());
+    let gw2 = Gateway::start(opts).await;
+
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let key = gw1.mint(json!({})).await;
+        // Cached on gw2 (cache.ttl is 30 s there): only the change feed can evict it.
+        assert_eq!(
+            gw2.send_v1(&key, "POST", "/v1/payments", b"{}")
+                .await
+                .status(),
+            200
+        );
+        let started = std::time::Instant::now();
+        gw1.revoke(&key).await;
+        loop {
+            let status = gw2
+                .send_v1(&key, "POST", "/v1/payments", b"{}")
+                .await
+                .status();
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200);
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "gw2 still accepts a key revoked on gw1"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        took.push(started.elapsed());
+    }
+    took.sort();
+    println!(
+        "revocation seen by the other gateway: median {:?}, max {:?} over {} revocations",
+        took[took.len() / 2],
+        took[took.len() - 1],
+        took.len()
+    );
+}

@@ -21,7 +21,7 @@ pub use model::{
     StoredCredential,
 };
 pub use secret::{Environment, MasterKey, SecretString};
-pub use store::{KeyStore, Page, StoreError, Usage, Write};
+pub use store::{ChangeSink, KeyStore, Page, StoreError, Usage, Write};
 
 /// Everything a new key is made from, already validated.
 #[derive(Clone, Debug)]

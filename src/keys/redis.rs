@@ -13,6 +13,7 @@
 //! Scripts name keys they build themselves, which a single Redis allows and Redis Cluster does
 //! not: cluster support needs hash tags and is not built yet.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,7 +23,7 @@ use time::OffsetDateTime;
 
 use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
-use super::store::{KeyStore, Page, StoreError, Usage, Write};
+use super::store::{ChangeSink, KeyStore, Page, StoreError, Usage, Write};
 
 const WRITE_SCRIPT: &str = r#"
 local op, id = ARGV[1], ARGV[2]
@@ -51,11 +52,20 @@ if op ~= 'delete' then
     if hh and hh ~= id then return 'conflict' end
   end
 end
+local changed = {}
 if old then
   local o = cjson.decode(old)
   redis.call('DEL', 'kg:pk:' .. o['public_key'])
-  for _, h in ipairs(hashes_of(o)) do redis.call('DEL', 'kg:h:' .. h) end
+  table.insert(changed, 'pk:' .. o['public_key'])
+  for _, h in ipairs(hashes_of(o)) do
+    redis.call('DEL', 'kg:h:' .. h)
+    table.insert(changed, 'h:' .. h)
+  end
   redis.call('ZREM', 'kg:o:' .. o['owner'], id)
+end
+if op ~= 'delete' then
+  table.insert(changed, 'pk:' .. ARGV[4])
+  for _, h in ipairs(newhashes) do table.insert(changed, 'h:' .. h) end
 end
 if op == 'delete' then
   redis.call('DEL', rk, 'kg:u:' .. id)
@@ -74,6 +84,7 @@ if ARGV[7] ~= '' then
   redis.call('ZADD', 'kg:ak:' .. ARGV[9], 0, aid)
   redis.call('ZADD', 'kg:ao:' .. ARGV[10], 0, aid)
 end
+redis.call('PUBLISH', 'kg:changes', table.concat(changed, ' '))
 return 'ok'
 "#;
 
@@ -90,8 +101,12 @@ end
 return 'ok'
 "#;
 
+/// Where every write announces the public keys and bearer hashes it touched.
+const CHANGES_CHANNEL: &str = "kg:changes";
+
 /// Keys in one Redis shared by every gateway of a fleet.
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     write: Script,
     usage: Script,
@@ -129,12 +144,13 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis runtime: {e}")))?;
         let conn = std::thread::scope(|s| {
             // block_on must not run on a thread that is already inside a runtime.
-            s.spawn(|| runtime.block_on(ConnectionManager::new(client)))
+            s.spawn(|| runtime.block_on(ConnectionManager::new(client.clone())))
                 .join()
                 .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
         })?
         .map_err(|e| unavailable(&e))?;
         Ok(Self {
+            client,
             conn,
             write: Script::new(WRITE_SCRIPT),
             usage: Script::new(USAGE_SCRIPT),
@@ -397,4 +413,55 @@ impl KeyStore for RedisStore {
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn watch(&self, sink: Arc<dyn ChangeSink>) {
+        let Some(rt) = &self.runtime else { return };
+        rt.spawn(follow_changes(self.client.clone(), sink));
+    }
+}
+
+/// Subscribes to the change channel for as long as the store lives, reconnecting with
+/// backoff. Each (re)subscription first drops the whole cache: while unsubscribed, any key
+/// may have changed unseen.
+async fn follow_changes(client: redis::Client, sink: Arc<dyn ChangeSink>) {
+    use futures_util::StreamExt;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(CHANGES_CHANNEL).await {
+                Ok(()) => {
+                    sink.everything_may_have_changed();
+                    backoff = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        let payload: String = msg.get_payload().unwrap_or_default();
+                        let (keys, hashes) = parse_change(&payload);
+                        sink.changed(&keys, &hashes).await;
+                    }
+                    tracing::warn!("lost the Redis change feed; reconnecting");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to Redis changes"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot reach Redis for changes"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// `pk:<public key>` and `h:<sha256 hex>` tokens, space-separated.
+fn parse_change(payload: &str) -> (Vec<String>, Vec<[u8; 32]>) {
+    let mut keys = Vec::new();
+    let mut hashes = Vec::new();
+    for token in payload.split_whitespace() {
+        if let Some(pk) = token.strip_prefix("pk:") {
+            keys.push(pk.to_owned());
+        } else if let Some(h) = token.strip_prefix("h:") {
+            let mut out = [0u8; 32];
+            if hex::decode_to_slice(h, &mut out).is_ok() {
+                hashes.push(out);
+            }
+        }
+    }
+    (keys, hashes)
 }

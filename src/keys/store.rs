@@ -46,6 +46,15 @@ pub enum Write<'a> {
     Delete(&'a str),
 }
 
+/// Told about changes that other gateways sharing the store made to keys.
+#[async_trait]
+pub trait ChangeSink: Send + Sync + 'static {
+    /// Anything cached for these public keys and bearer hashes may be stale.
+    async fn changed(&self, public_keys: &[String], hashes: &[[u8; 32]]);
+    /// Anything at all may be stale: the change feed was interrupted.
+    fn everything_may_have_changed(&self);
+}
+
 /// Where key records and used nonces live. Implementations: embedded (redb) now, Redis later.
 ///
 /// A record is found by id, by public key, or (bearer keys) by the SHA-256 of its secret.
@@ -99,4 +108,8 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Makes everything accepted so far durable (called on shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Starts telling `sink` about changes made by other processes. A store only one process
+    /// can open (embedded) has none to report.
+    fn watch(&self, _sink: std::sync::Arc<dyn ChangeSink>) {}
 }
