@@ -16,34 +16,42 @@ use crate::config::CacheConfig;
 use crate::keys::{ActiveKey, ChangeSink, KeyRecord, KeyStore, MasterKey, StoreError};
 use crate::metrics::{CacheResult, Metrics};
 
-/// A cached lookup result: the key, or `None` for "no such key" (negative entry).
+/// A lookup result: the key, or `None` for "no such key".
 type Entry = Option<Arc<ActiveKey>>;
 
-/// Positive entries live `ttl`, negative ones `negative_ttl`.
-struct TtlByKind {
-    ttl: Duration,
-    negative_ttl: Duration,
+/// What the cache holds: a lookup result and when the store gave it.
+#[derive(Clone)]
+struct Slot {
+    key: Entry,
+    fetched: Instant,
 }
 
-impl<K> Expiry<K, Entry> for TtlByKind {
-    fn expire_after_create(&self, _: &K, value: &Entry, _: Instant) -> Option<Duration> {
-        Some(if value.is_some() {
-            self.ttl
+/// Negative entries live `negative_ttl`. Positive ones are fresh for `ttl` and then kept
+/// `stale_if_error` longer, served only while the store cannot be asked.
+struct TtlByKind {
+    negative_ttl: Duration,
+    positive_lifetime: Duration,
+}
+
+impl<K> Expiry<K, Slot> for TtlByKind {
+    fn expire_after_create(&self, _: &K, value: &Slot, _: Instant) -> Option<Duration> {
+        Some(if value.key.is_some() {
+            self.positive_lifetime
         } else {
             self.negative_ttl
         })
     }
 }
 
-fn build_cache<K>(cfg: &CacheConfig) -> Cache<K, Entry>
+fn build_cache<K>(cfg: &CacheConfig) -> Cache<K, Slot>
 where
     K: std::hash::Hash + Eq + Send + Sync + 'static,
 {
     Cache::builder()
         .max_capacity(cfg.capacity)
         .expire_after(TtlByKind {
-            ttl: cfg.ttl,
             negative_ttl: cfg.negative_ttl,
+            positive_lifetime: cfg.ttl.saturating_add(cfg.stale_if_error),
         })
         .build()
 }
@@ -62,8 +70,10 @@ pub struct KeyCache {
     store: Arc<dyn KeyStore>,
     master: Arc<MasterKey>,
     metrics: Metrics,
-    by_public: Cache<String, Entry>,
-    by_hash: Cache<[u8; 32], Entry>,
+    by_public: Cache<String, Slot>,
+    by_hash: Cache<[u8; 32], Slot>,
+    /// How long a positive entry is trusted before the store is asked again.
+    ttl: Duration,
 }
 
 impl KeyCache {
@@ -79,6 +89,7 @@ impl KeyCache {
             metrics,
             by_public: build_cache(cfg),
             by_hash: build_cache(cfg),
+            ttl: cfg.ttl,
         }
     }
 
@@ -93,19 +104,31 @@ impl KeyCache {
             .map_err(LookupError::from)
     }
 
-    fn count(&self, hit: Option<&Entry>) {
-        self.metrics.cache(match hit {
-            Some(Some(_)) => CacheResult::Hit,
-            Some(None) => CacheResult::NegativeHit,
-            None => CacheResult::Miss,
-        });
+    fn count(&self, result: CacheResult) {
+        self.metrics.cache(result);
+    }
+
+    /// Reads the store and opens the secret: the miss path.
+    async fn fetch<F>(&self, op: &'static str, load: F) -> Result<Slot, LookupError>
+    where
+        F: std::future::Future<Output = Result<Option<KeyRecord>, StoreError>>,
+    {
+        let record = load.await.inspect_err(|_| self.metrics.store_error(op))?;
+        let key = self
+            .activate(record)
+            .inspect_err(|_| self.metrics.store_error("open_secret"))?;
+        Ok(Slot {
+            key,
+            fetched: Instant::now(),
+        })
     }
 
     /// One lookup in `cache`, filled by `load` on a miss. Concurrent misses for one key share
-    /// a single store read (moka's `try_get_with`).
+    /// a single store read (moka's `try_get_with`). A positive entry older than `ttl` is read
+    /// again; if the store cannot answer, the stale entry serves until `stale_if_error` ends.
     async fn lookup<K, Q, L, F>(
         &self,
-        cache: &Cache<K, Entry>,
+        cache: &Cache<K, Slot>,
         key: &Q,
         op: &'static str,
         load: L,
@@ -117,18 +140,32 @@ impl KeyCache {
         L: FnOnce() -> F,
         F: std::future::Future<Output = Result<Option<KeyRecord>, StoreError>>,
     {
-        let cached = cache.get(key).await;
-        self.count(cached.as_ref());
-        if let Some(entry) = cached {
-            return Ok(entry);
+        if let Some(slot) = cache.get(key).await {
+            if slot.key.is_none() {
+                self.count(CacheResult::NegativeHit);
+                return Ok(None);
+            }
+            if slot.fetched.elapsed() < self.ttl {
+                self.count(CacheResult::Hit);
+                return Ok(slot.key);
+            }
+            self.count(CacheResult::Miss);
+            return match self.fetch(op, load()).await {
+                Ok(fresh) => {
+                    cache.insert(key.to_owned(), fresh.clone()).await;
+                    Ok(fresh.key)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "key store unavailable; serving a stale cached key");
+                    Ok(slot.key)
+                }
+            };
         }
+        self.count(CacheResult::Miss);
         cache
-            .try_get_with_by_ref(key, async {
-                let record = load().await.inspect_err(|_| self.metrics.store_error(op))?;
-                self.activate(record)
-                    .inspect_err(|_| self.metrics.store_error("open_secret"))
-            })
+            .try_get_with_by_ref(key, self.fetch(op, load()))
             .await
+            .map(|slot| slot.key)
             .map_err(|e| unshare(&e))
     }
 

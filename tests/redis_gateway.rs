@@ -132,3 +132,93 @@ async fn a_revocation_reaches_the_other_gateway_within_a_second() {
         took.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_keeps_cached_keys_working_and_never_says_401() {
+    let mut redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let mut opts = on_redis(&echo, &redis);
+    opts.cache_toml =
+        Some("[cache]\nttl = \"1s\"\nnegative_ttl = \"1s\"\nstale_if_error = \"60s\"".into());
+    let gw = Gateway::start(opts).await;
+    let bearer = gw.mint(json!({"auth": "bearer"})).await;
+    let signed = gw.mint(json!({})).await;
+    let bearer_h = vec![("x-api-key".to_owned(), bearer.secret.clone())];
+    assert_eq!(
+        gw.send("POST", "/v1/payments", &bearer_h, b"{}")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.send_v1(&signed, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200
+    );
+
+    redis.stop();
+    // Past cache.ttl: the entries are stale and the store cannot be asked.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        gw.send("POST", "/v1/payments", &bearer_h, b"{}")
+            .await
+            .status(),
+        200,
+        "a cached key keeps working for stale_if_error"
+    );
+    // A signed request needs its nonce recorded in Redis: refused as unavailable, not as bad.
+    assert_problem(
+        gw.send_v1(&signed, "POST", "/v1/payments", b"{}").await,
+        503,
+        "store_unavailable",
+    )
+    .await;
+    let stranger = vec![(
+        "x-api-key".to_owned(),
+        "sk_test_never_seen_before".to_owned(),
+    )];
+    assert_problem(
+        gw.send("POST", "/v1/payments", &stranger, b"{}").await,
+        503,
+        "store_unavailable",
+    )
+    .await;
+    let ready = gw.http.get(gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let r = gw
+        .http
+        .post(gw.admin_url("/v1/keys"))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .json(&json!({"owner": "o", "name": "n"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 503, "store_unavailable").await;
+
+    // Redis comes back (empty: it keeps no data here); the gateway recovers without a restart.
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while gw
+        .http
+        .get(gw.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not recover after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fresh = gw.mint(json!({})).await;
+    assert_eq!(
+        gw.send_v1(&fresh, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200
+    );
+}

@@ -144,7 +144,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis runtime: {e}")))?;
         let conn = std::thread::scope(|s| {
             // block_on must not run on a thread that is already inside a runtime.
-            s.spawn(|| runtime.block_on(ConnectionManager::new(client.clone())))
+            s.spawn(|| runtime.block_on(ConnectionManager::new_with_config(client.clone(), manager_config())))
                 .join()
                 .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
         })?
@@ -208,6 +208,20 @@ impl RedisStore {
             .await
             .map_err(|e| unavailable(&e))
     }
+}
+
+/// Bounds on every Redis call. Without them a call on a dead connection waits for ever; with
+/// them an outage answers `store_unavailable` within about a second.
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1000);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(RESPONSE_TIMEOUT)
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        // Reconnect attempts inside one call: few and short; the next call tries again.
+        .set_number_of_retries(1)
+        .set_max_delay(200)
 }
 
 fn apply_usage(record: &mut KeyRecord, total: Option<u64>, last_micros: Option<i64>) {

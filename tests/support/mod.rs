@@ -174,6 +174,8 @@ pub struct Options {
     pub admin_token_sha256: Vec<String>,
     /// Replaces the `[store]` table (default: embedded in the data dir).
     pub store_toml: Option<String>,
+    /// Replaces the `[cache]` table.
+    pub cache_toml: Option<String>,
 }
 
 impl Options {
@@ -186,6 +188,7 @@ impl Options {
             master_key: None,
             admin_token_sha256: Vec::new(),
             store_toml: None,
+            cache_toml: None,
         }
     }
 }
@@ -244,9 +247,7 @@ listen = "127.0.0.1:{metrics}"
 
 {store}
 
-[cache]
-ttl = "30s"
-negative_ttl = "5s"
+{cache}
 {routes}
 "#,
                 grace = opts.shutdown_grace,
@@ -257,6 +258,10 @@ negative_ttl = "5s"
                 )),
                 routes = opts.routes,
                 hashes = opts.admin_token_sha256,
+                cache = opts
+                    .cache_toml
+                    .clone()
+                    .unwrap_or_else(|| "[cache]\nttl = \"30s\"\nnegative_ttl = \"5s\"".to_owned()),
             );
             let config_path = dir.join("keygate.toml");
             std::fs::write(&config_path, config).unwrap();
