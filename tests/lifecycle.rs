@@ -39,12 +39,7 @@ async fn keys_and_nonces_survive_a_restart() {
     let gw = Gateway::start(opts).await;
     echo.clear();
     // The request made just before SIGTERM was counted by the final usage flush.
-    let record: serde_json::Value = gw
-        .admin_get(&format!("/v1/keys/{}", key.id), support::ADMIN_TOKEN)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let record = gw.key_record(&key.id).await;
     assert_eq!(record["total_requests"], 1, "{record}");
     // The nonce used before the restart is still inside its window.
     assert_problem(

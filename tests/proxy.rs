@@ -721,31 +721,16 @@ async fn authenticated_requests_are_counted_per_key() {
         gw.send("POST", "/v1/payments", &h, b"b").await.status(),
         401
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let record = loop {
-        let r: serde_json::Value = gw
-            .admin_get(&format!("/v1/keys/{}", key.id), support::ADMIN_TOKEN)
-            .await
-            .json()
-            .await
-            .unwrap();
-        if r["total_requests"] == 3 || std::time::Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let record = gw
+        .key_record_with_usage(&key.id, 3, Duration::from_secs(5))
+        .await;
     assert_eq!(record["total_requests"], 3, "{record}");
     assert!(record["last_used_at"].is_string());
     assert_eq!(
         record["updated_at"], key.record["updated_at"],
         "usage is not a change"
     );
-    let untouched: serde_json::Value = gw
-        .admin_get(&format!("/v1/keys/{}", other.id), support::ADMIN_TOKEN)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let untouched = gw.key_record(&other.id).await;
     assert_eq!(untouched["total_requests"], 0);
     assert!(untouched["last_used_at"].is_null());
 }

@@ -63,24 +63,11 @@ async fn a_gateway_on_redis_mints_verifies_refuses_replays_and_revokes() {
     .await;
 
     // Usage from both gateways lands in the one record.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let r: serde_json::Value = gw
-            .admin_get(&format!("/v1/keys/{}", key.id), support::ADMIN_TOKEN)
-            .await
-            .json()
-            .await
-            .unwrap();
-        if r["total_requests"] == 2 {
-            assert!(r["last_used_at"].is_string());
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "usage not counted: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let r = gw
+        .key_record_with_usage(&key.id, 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(r["total_requests"], 2, "usage not counted: {r}");
+    assert!(r["last_used_at"].is_string());
     assert!(gw
         .signal_and_wait("TERM", Duration::from_secs(10))
         .is_some());

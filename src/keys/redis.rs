@@ -144,9 +144,14 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis runtime: {e}")))?;
         let conn = std::thread::scope(|s| {
             // block_on must not run on a thread that is already inside a runtime.
-            s.spawn(|| runtime.block_on(ConnectionManager::new_with_config(client.clone(), manager_config())))
-                .join()
-                .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
+            s.spawn(|| {
+                runtime.block_on(ConnectionManager::new_with_config(
+                    client.clone(),
+                    manager_config(),
+                ))
+            })
+            .join()
+            .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
         })?
         .map_err(|e| unavailable(&e))?;
         Ok(Self {

@@ -368,6 +368,28 @@ listen = "127.0.0.1:{metrics}"
         }
     }
 
+    /// A key as the admin API shows it now.
+    pub async fn key_record(&self, id: &str) -> Value {
+        self.admin_get(&format!("/v1/keys/{id}"), ADMIN_TOKEN)
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The key's record once its `total_requests` reaches `n` (usage is flushed about once a
+    /// second), or the last one read after `within`.
+    pub async fn key_record_with_usage(&self, id: &str, n: u64, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.key_record(id).await;
+            if r["total_requests"] == n || Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `GET` on the admin listener with `token` as the bearer.
     pub async fn admin_get(&self, path: &str, token: &str) -> reqwest::Response {
         self.http
