@@ -209,3 +209,35 @@ async fn a_redis_outage_keeps_cached_keys_working_and_never_says_401() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_nonce_fallback_keeps_signed_requests_going_during_an_outage() {
+    let mut redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let mut opts = on_redis(&echo, &redis);
+    opts.store_toml = Some(format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nnonce_fallback = \"local\"",
+        redis.url()
+    ));
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    assert_eq!(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200
+    );
+    redis.stop();
+    let h = v1_headers(&key, "POST", "/v1/payments", b"{}", now(), "during-outage");
+    assert_eq!(
+        gw.send("POST", "/v1/payments", &h, b"{}").await.status(),
+        200,
+        "checked locally"
+    );
+    assert_problem(
+        gw.send("POST", "/v1/payments", &h, b"{}").await,
+        401,
+        "replayed_nonce",
+    )
+    .await;
+}

@@ -116,6 +116,13 @@ pub(crate) struct StoreFile {
     pub(crate) path: String,
     /// One URL, or several for a cluster.
     pub(crate) url: Option<UrlOrList>,
+    /// keygate extension (README): what a nonce check does when the store cannot be reached.
+    #[serde(default = "default_nonce_fallback")]
+    pub(crate) nonce_fallback: String,
+}
+
+fn default_nonce_fallback() -> String {
+    "refuse".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +138,7 @@ impl Default for StoreFile {
             kind: default_store_kind(),
             path: default_store_path(),
             url: None,
+            nonce_fallback: default_nonce_fallback(),
         }
     }
 }

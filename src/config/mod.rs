@@ -20,6 +20,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
+    pub nonce_fallback: NonceFallback,
     pub cache: CacheConfig,
     pub signing: SigningConfig,
     pub secrets: SecretsConfig,
@@ -52,6 +53,16 @@ pub struct MetricsConfig {
 pub enum StoreConfig {
     Embedded { path: PathBuf },
     Redis { urls: Vec<String> },
+}
+
+/// What a nonce check does when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceFallback {
+    /// Refuse with 503 `store_unavailable` (the default: replays stay impossible fleet-wide).
+    Refuse,
+    /// Check against this gateway's memory only: a nonce could then be replayed once on each
+    /// other gateway during the outage. Weaker; for operators who prefer availability.
+    Local,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +316,17 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         }
     };
 
+    let nonce_fallback = match f.store.nonce_fallback.as_str() {
+        "refuse" => NonceFallback::Refuse,
+        "local" => NonceFallback::Local,
+        other => {
+            p.add(
+                "store.nonce_fallback",
+                format!("{other:?} is not \"refuse\" or \"local\""),
+            );
+            NonceFallback::Refuse
+        }
+    };
     let cache = CacheConfig {
         capacity: f.cache.capacity,
         ttl: p.duration("cache.ttl", &f.cache.ttl),
@@ -353,6 +375,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             admin,
             metrics,
             store,
+            nonce_fallback,
             cache,
             signing,
             secrets,

@@ -57,6 +57,8 @@ pub struct Gateway {
     self_service_route: Route,
     /// Requests per key, written to the store by the usage flusher.
     usage: Arc<crate::usage::UsageTally>,
+    /// With `store.nonce_fallback = "local"`: nonces seen while the store was unreachable.
+    local_nonces: Option<moka::sync::Cache<String, ()>>,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -137,6 +139,19 @@ impl Gateway {
             self_service,
             self_service_route: self_service::route(),
             usage,
+            local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
+                || {
+                    // Long enough for body nonces; memory is bounded by the outage's traffic.
+                    moka::sync::Cache::builder()
+                        .time_to_live(
+                            config
+                                .signing
+                                .body_nonce_retention
+                                .max(config.signing.clock_skew * 2),
+                        )
+                        .build()
+                },
+            ),
         }
     }
 
@@ -283,8 +298,17 @@ impl Gateway {
                 Ok(false) => return Err(AuthError::ReplayedNonce),
                 Err(e) => {
                     self.metrics.store_error("use_nonce");
-                    tracing::error!(error = %e, "nonce check failed");
-                    return Err(AuthError::StoreUnavailable);
+                    let Some(local) = &self.local_nonces else {
+                        tracing::error!(error = %e, "nonce check failed");
+                        return Err(AuthError::StoreUnavailable);
+                    };
+                    tracing::warn!(error = %e, "store unreachable: checking the nonce locally");
+                    let entry = local
+                        .entry(format!("{}\n{}", key.record.id, claim.value))
+                        .or_insert(());
+                    if !entry.is_fresh() {
+                        return Err(AuthError::ReplayedNonce);
+                    }
                 }
             }
         }
