@@ -94,16 +94,6 @@ pub fn generate_secret(env: Environment) -> SecretString {
     ))
 }
 
-/// Whether `s` has the shape of a public key this gateway issues or imports.
-pub fn is_public_key_shaped(s: &str) -> bool {
-    let rest = s
-        .strip_prefix("pk_live_")
-        .or_else(|| s.strip_prefix("pk_test_"));
-    rest.is_some_and(|r| {
-        r.len() == PUBLIC_KEY_RANDOM_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric())
-    })
-}
-
 /// Whether `s` can be a public key at all: keygate mints `pk_…` keys, and imported keys keep
 /// their own, so the accepted text is 1-128 characters of `A-Z a-z 0-9 _ -`.
 pub fn is_valid_public_key(s: &str) -> bool {
@@ -250,6 +240,16 @@ pub struct SealedSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `s` has the shape of a public key this gateway mints.
+    fn is_public_key_shaped(s: &str) -> bool {
+        let rest = s
+            .strip_prefix("pk_live_")
+            .or_else(|| s.strip_prefix("pk_test_"));
+        rest.is_some_and(|r| {
+            r.len() == PUBLIC_KEY_RANDOM_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+    }
 
     #[test]
     fn debug_never_shows_the_secret() {

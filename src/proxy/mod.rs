@@ -217,6 +217,13 @@ impl Gateway {
         Ok(true)
     }
 
+    /// 413 `body_too_large`; the body is not drained, so the connection closes after it.
+    async fn refuse_too_large(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
+        self.refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
+            .await
+    }
+
     /// Reads the whole body, refusing it once it passes `max_body_bytes`.
     async fn read_body(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Result<Bytes, ()>> {
         session.enable_retry_buffering();
@@ -246,8 +253,25 @@ impl Gateway {
         Ok(Ok(first.unwrap_or_else(|| rest.freeze())))
     }
 
-    /// Steps 3–10 of SPEC §3.4 for a matched, non-public route.
+    /// Steps 3–10 of SPEC §3.4 for a matched, non-public route, timed into
+    /// `keygate_auth_duration_seconds{route}`.
     async fn authenticate(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+        client_ip: IpAddr,
+        route: &Route,
+    ) -> std::result::Result<Arc<ActiveKey>, AuthError> {
+        let started = Instant::now();
+        let result = self.check_request(req, body, client_ip, route).await;
+        self.metrics
+            .auth_duration
+            .with_label_values(&[route.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn check_request(
         &self,
         req: &RequestHeader,
         body: &[u8],
@@ -279,14 +303,8 @@ impl Gateway {
             body,
             client_ip,
         };
-        let claim = auth::check_key(
-            &key,
-            &creds,
-            &parts,
-            route.auth,
-            self.clock.now(),
-            &self.policy,
-        )?;
+        let now = self.clock.now();
+        let claim = auth::check_key(&key, &creds, &parts, route.auth, now, &self.policy)?;
         if let Some(claim) = claim {
             match self
                 .cache
@@ -313,7 +331,7 @@ impl Gateway {
             }
         }
         auth::check_scope(&key, route.scope.as_deref())?;
-        self.usage.record(&key.record.id, self.clock.now());
+        self.usage.record(&key.record.id, now);
         Ok(key)
     }
 
@@ -451,10 +469,7 @@ impl ProxyHttp for Gateway {
         if is_self_service {
             ctx.self_service = true;
             if content_length(req).is_some_and(|n| n > self.max_body_bytes as u64) {
-                let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
-                return self
-                    .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
-                    .await;
+                return self.refuse_too_large(session, ctx).await;
             }
             let client_ip = self.client_ip(session);
             ctx.client_ip = Some(client_ip);
@@ -481,10 +496,7 @@ impl ProxyHttp for Gateway {
         };
         // Step 2, before reading a byte when the length is declared.
         if content_length(req).is_some_and(|n| n > self.max_body_bytes as u64) {
-            let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
-            return self
-                .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
-                .await;
+            return self.refuse_too_large(session, ctx).await;
         }
         let client_ip = self.client_ip(session);
         ctx.client_ip = Some(client_ip);
@@ -493,20 +505,12 @@ impl ProxyHttp for Gateway {
         }
 
         let Ok(body) = self.read_body(session, ctx).await? else {
-            let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
-            return self
-                .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
-                .await;
+            return self.refuse_too_large(session, ctx).await;
         };
 
-        let started = Instant::now();
         let result = self
             .authenticate(session.req_header(), &body, client_ip, route)
             .await;
-        self.metrics
-            .auth_duration
-            .with_label_values(&[route.name.as_str()])
-            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(key) => ctx.key = Some(key),
             Err(e) => {

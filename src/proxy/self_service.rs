@@ -3,7 +3,6 @@
 //! to its own owner. Never forwarded upstream.
 
 use std::net::IpAddr;
-use std::time::Instant;
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -57,12 +56,8 @@ impl Gateway {
                 .await;
         };
         let Ok(body) = self.read_body(session, ctx).await? else {
-            let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
-            return self
-                .refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
-                .await;
+            return self.refuse_too_large(session, ctx).await;
         };
-        let started = Instant::now();
         let result = self
             .authenticate(
                 session.req_header(),
@@ -71,10 +66,6 @@ impl Gateway {
                 &self.self_service_route,
             )
             .await;
-        self.metrics
-            .auth_duration
-            .with_label_values(&[LABEL])
-            .observe(started.elapsed().as_secs_f64());
         let key = match result {
             Ok(key) => key,
             Err(e) => {
