@@ -34,8 +34,8 @@ pub enum StartError {
     MasterKey(#[from] crate::keys::secret::SecretError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("store.url: only one redis:// URL is supported by this build (not rediss://, redis+cluster:// or several URLs)")]
-    RedisNotYet,
+    #[error("store.tls_ca_file {0}: {1}")]
+    TlsCaFile(String, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("metrics: {0}")]
@@ -89,10 +89,18 @@ pub fn load_master_key(
 pub fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
     match &config.store {
         StoreConfig::Embedded { path } => Ok(Arc::new(EmbeddedStore::open(path)?)),
-        StoreConfig::Redis { urls } => match urls.as_slice() {
-            [url] if url.starts_with("redis://") => Ok(Arc::new(RedisStore::open(url)?)),
-            _ => Err(StartError::RedisNotYet),
-        },
+        StoreConfig::Redis {
+            target,
+            tls_ca_file,
+        } => {
+            let ca = tls_ca_file
+                .as_ref()
+                .map(|f| {
+                    std::fs::read(f).map_err(|e| StartError::TlsCaFile(f.display().to_string(), e))
+                })
+                .transpose()?;
+            Ok(Arc::new(RedisStore::connect(target, ca.as_deref())?))
+        }
     }
 }
 

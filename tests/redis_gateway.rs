@@ -6,16 +6,120 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::redis::RedisServer;
+use support::redis::{Mode, RedisCluster, RedisServer, TlsFiles};
 use support::{assert_problem, now, v1_headers, Echo, Gateway, Options};
 
 fn on_redis(echo: &Echo, redis: &RedisServer) -> Options {
+    on_url(echo, &redis.url(), "")
+}
+
+/// `store.url = url`, plus more `[store]` lines.
+fn on_url(echo: &Echo, url: &str, more: &str) -> Options {
     let mut opts = Options::new(echo);
     opts.store_toml = Some(format!(
-        "[store]\nkind = \"redis\"\nurl = \"{}\"",
-        redis.url()
+        "[store]\nkind = \"redis\"\nurl = \"{url}\"\n{more}"
     ));
     opts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_a_redis_cluster_shares_keys_nonces_and_revocations() {
+    let cluster = RedisCluster::start();
+    let echo = Echo::start().await;
+    let gw1 = Gateway::start(on_url(&echo, &cluster.url(), "")).await;
+    // The second gateway names the seed nodes as a list of plain URLs, the other spelling.
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .rev()
+        .map(|n| format!("\"{}\"", n.url()))
+        .collect();
+    let mut opts = Options::new(&echo);
+    opts.store_toml = Some(format!(
+        "[store]\nkind = \"redis\"\nurl = [{}]",
+        seeds.join(", ")
+    ));
+    opts.master_key = Some(gw1.master_key.clone());
+    let gw2 = Gateway::start(opts).await;
+
+    let key = gw1.mint(json!({})).await;
+    let h = v1_headers(
+        &key,
+        "POST",
+        "/v1/payments",
+        b"{}",
+        now(),
+        "cluster-nonce-1",
+    );
+    assert_eq!(
+        gw2.send("POST", "/v1/payments", &h, b"{}").await.status(),
+        200
+    );
+    assert_problem(
+        gw1.send("POST", "/v1/payments", &h, b"{}").await,
+        401,
+        "replayed_nonce",
+    )
+    .await;
+    for i in 0..20 {
+        let h = v1_headers(&key, "POST", "/v1/payments", b"{}", now(), &format!("c{i}"));
+        assert_eq!(
+            gw1.send("POST", "/v1/payments", &h, b"{}").await.status(),
+            200
+        );
+        assert_problem(
+            gw2.send("POST", "/v1/payments", &h, b"{}").await,
+            401,
+            "replayed_nonce",
+        )
+        .await;
+    }
+
+    let started = std::time::Instant::now();
+    gw1.revoke(&key).await;
+    loop {
+        let status = gw2
+            .send_v1(&key, "POST", "/v1/payments", b"{}")
+            .await
+            .status();
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "gw2 still accepts a key revoked on gw1 through the cluster"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = gw1
+        .key_record_with_usage(&key.id, 21, Duration::from_secs(5))
+        .await;
+    assert_eq!(r["total_requests"], 21, "usage from both gateways: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reaches_redis_over_tls_trusting_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TlsFiles::generate(dir.path());
+    let redis = RedisServer::start_mode(&Mode::Tls(tls.clone()));
+    let echo = Echo::start().await;
+    let more = format!("tls_ca_file = \"{}\"", tls.ca.display());
+    let gw = Gateway::start(on_url(&echo, &redis.url(), &more)).await;
+    let key = gw.mint(json!({})).await;
+    assert_eq!(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}")
+            .await
+            .status(),
+        200
+    );
+    gw.revoke(&key).await;
+    assert_problem(
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}").await,
+        401,
+        "revoked_key",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

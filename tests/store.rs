@@ -23,7 +23,8 @@ struct Backend {
     store: Arc<dyn KeyStore>,
     reopen: Box<dyn Fn() -> Arc<dyn KeyStore> + Send>,
     _dir: Option<tempfile::TempDir>,
-    _redis: Option<Arc<redis_server::RedisServer>>,
+    /// Servers kept alive for the backend's lifetime.
+    _servers: Option<Box<dyn std::any::Any + Send>>,
 }
 
 fn embedded() -> Backend {
@@ -35,24 +36,37 @@ fn embedded() -> Backend {
         store,
         reopen: Box::new(move || Arc::new(EmbeddedStore::open(&path).unwrap())),
         _dir: Some(dir),
-        _redis: None,
+        _servers: None,
     }
 }
 
 fn redis() -> Backend {
-    let server = Arc::new(redis_server::RedisServer::start());
+    let server = redis_server::RedisServer::start();
     let url = server.url();
     Backend {
         name: "redis",
         store: Arc::new(RedisStore::open(&url).unwrap()),
         reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
         _dir: None,
-        _redis: Some(server),
+        _servers: Some(Box::new(server)),
+    }
+}
+
+/// A 3-master Redis Cluster: same cases, so same behaviour, with scripts routed by hash tag.
+fn redis_cluster() -> Backend {
+    let cluster = redis_server::RedisCluster::start();
+    let url = cluster.url();
+    Backend {
+        name: "redis-cluster",
+        store: Arc::new(RedisStore::open(&url).unwrap()),
+        reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
+        _dir: None,
+        _servers: Some(Box::new(cluster)),
     }
 }
 
 fn backends() -> Vec<Backend> {
-    vec![embedded(), redis()]
+    vec![embedded(), redis(), redis_cluster()]
 }
 
 fn new_key(owner: &str, auth: AuthKind) -> NewKey {
@@ -326,7 +340,7 @@ async fn records_and_live_nonces_survive_reopening() {
             reopen,
             name,
             _dir,
-            _redis,
+            _servers,
         } = b;
         // Dropping the store is the process going away: no explicit flush first.
         drop(store);
@@ -646,7 +660,7 @@ async fn redis_holds_no_usable_secret() {
     let keys_reply = server.cli(&["KEYS", "*"]);
     let keys: Vec<&str> = keys_reply
         .lines()
-        .filter(|l| l.starts_with("kg:"))
+        .filter(|l| l.starts_with("{kg}:") || l.starts_with("kg:"))
         .collect();
     assert!(
         keys.len() >= 9,
@@ -679,5 +693,89 @@ async fn redis_holds_no_usable_secret() {
     assert!(
         dump.contains("\"sealed\"") && dump.contains("\"sha256\""),
         "the dump holds the records"
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_record_stays_on_one_slot_and_nonces_spread() {
+    let (mk, _) = MasterKey::generate();
+    let cluster = redis_server::RedisCluster::start();
+    let store = RedisStore::open(&cluster.url()).unwrap();
+    let r = record(&mk, "acme", AuthKind::Bearer);
+    store.insert(&r).await.unwrap();
+    for i in 0..60 {
+        assert!(store
+            .use_nonce(&r.id, &format!("n{i}"), Duration::from_secs(60))
+            .await
+            .unwrap());
+    }
+    let home = cluster.node_for("{kg}");
+    let keys_on = |node: &redis_server::RedisServer| -> Vec<String> {
+        node.cli(&["KEYS", "*"])
+            .lines()
+            .filter(|l| l.starts_with("{kg}:") || l.starts_with("kg:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let home_keys = keys_on(home);
+    for k in ["k", "pk", "h"] {
+        assert!(
+            home_keys
+                .iter()
+                .any(|h| h.starts_with(&format!("{{kg}}:{k}:"))),
+            "{k} index not on the {{kg}} node: {home_keys:?}"
+        );
+    }
+    let mut nodes_with_nonces = 0;
+    for node in &cluster.nodes {
+        let keys = keys_on(node);
+        if node.port != home.port {
+            assert!(
+                keys.iter().all(|k| k.starts_with("kg:n:")),
+                "record keys off the {{kg}} slot: {keys:?}"
+            );
+        }
+        if keys.iter().any(|k| k.starts_with("kg:n:")) {
+            nodes_with_nonces += 1;
+        }
+    }
+    assert_eq!(nodes_with_nonces, 3, "60 nonces should reach all 3 masters");
+}
+
+#[tokio::test]
+async fn redis_with_a_password_and_over_tls() {
+    use redis_server::{Mode, RedisServer, TlsFiles};
+    let (mk, _) = MasterKey::generate();
+    let r = record(&mk, "acme", AuthKind::HmacV1);
+
+    let server = RedisServer::start_mode(&Mode::Password("s3cret-pw".into()));
+    let store = RedisStore::open(&server.url()).unwrap();
+    store.insert(&r).await.unwrap();
+    assert_eq!(store.get_by_id(&r.id).await.unwrap().as_ref(), Some(&r));
+    let wrong = format!("redis://:not-it@127.0.0.1:{}", server.port);
+    let err = RedisStore::open(&wrong)
+        .err()
+        .expect("a wrong password is refused");
+    assert!(!err.to_string().contains("not-it"), "password in {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TlsFiles::generate(dir.path());
+    let server = RedisServer::start_mode(&Mode::Tls(tls.clone()));
+    let target = keygate::keys::RedisTarget::parse(&[server.url()]).unwrap();
+    let ca = std::fs::read(&tls.ca).unwrap();
+    let store = RedisStore::connect(&target, Some(&ca)).unwrap();
+    store.insert(&r).await.unwrap();
+    assert_eq!(
+        store
+            .get_by_public_key(&r.public_key)
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&r)
+    );
+    // The system's CAs do not vouch for the test CA: the handshake must fail.
+    assert!(
+        RedisStore::connect(&target, None).is_err(),
+        "an untrusted certificate was accepted"
     );
 }

@@ -116,6 +116,8 @@ pub(crate) struct StoreFile {
     pub(crate) path: String,
     /// One URL, or several for a cluster.
     pub(crate) url: Option<UrlOrList>,
+    /// keygate extension (README): PEM CA certificates for `rediss://`, instead of the system's.
+    pub(crate) tls_ca_file: Option<String>,
     /// keygate extension (README): what a nonce check does when the store cannot be reached.
     #[serde(default = "default_nonce_fallback")]
     pub(crate) nonce_fallback: String,
@@ -138,6 +140,7 @@ impl Default for StoreFile {
             kind: default_store_kind(),
             path: default_store_path(),
             url: None,
+            tls_ca_file: None,
             nonce_fallback: default_nonce_fallback(),
         }
     }

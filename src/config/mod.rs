@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::keys::{AuthKind, AuthKinds};
+use crate::keys::{AuthKind, AuthKinds, RedisTarget};
 use file::{FileConfig, RouteFile, UpstreamFile, UrlOrList};
 
 /// The validated configuration.
@@ -51,8 +51,14 @@ pub struct MetricsConfig {
 
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
-    Embedded { path: PathBuf },
-    Redis { urls: Vec<String> },
+    Embedded {
+        path: PathBuf,
+    },
+    Redis {
+        target: RedisTarget,
+        /// PEM CA certificates trusted for `rediss://` instead of the system's (extension).
+        tls_ca_file: Option<PathBuf>,
+    },
 }
 
 /// What a nonce check does when the store cannot be reached.
@@ -289,21 +295,22 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
                 Some(UrlOrList::Many(us)) => us,
                 None => Vec::new(),
             };
-            if urls.is_empty() {
+            let target = if urls.is_empty() {
                 p.add("store.url", "required when store.kind = \"redis\"");
+                None
+            } else {
+                RedisTarget::parse(&urls)
+                    .map_err(|e| p.add("store.url", e))
+                    .ok()
+            };
+            if f.store.tls_ca_file.is_some() && !target.as_ref().is_some_and(RedisTarget::uses_tls)
+            {
+                p.add("store.tls_ca_file", "only used with rediss:// URLs");
             }
-            for (i, u) in urls.iter().enumerate() {
-                if !["redis://", "rediss://", "redis+cluster://"]
-                    .iter()
-                    .any(|s| u.starts_with(s))
-                {
-                    p.add(
-                        format!("store.url[{i}]"),
-                        format!("{u:?} must start with redis://, rediss:// or redis+cluster://"),
-                    );
-                }
+            StoreConfig::Redis {
+                target: target.unwrap_or_else(|| RedisTarget::Single(String::new())),
+                tls_ca_file: f.store.tls_ca_file.map(PathBuf::from),
             }
-            StoreConfig::Redis { urls }
         }
         other => {
             p.add(

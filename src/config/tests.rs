@@ -147,3 +147,58 @@ fn shipped_example_config_is_valid() {
         panic!("config/keygate.toml: {e}");
     }
 }
+
+fn with_store(store: &str) -> Result<Config, ConfigErrors> {
+    Config::from_toml(&format!("{MINIMAL}\n[store]\nkind = \"redis\"\n{store}"))
+}
+
+#[test]
+fn redis_urls_name_one_server_or_a_cluster() {
+    let target = |store: &str| match with_store(store).map(|c| c.store) {
+        Ok(StoreConfig::Redis { target, .. }) => target,
+        other => panic!("{store}: {other:?}"),
+    };
+    assert_eq!(
+        target(r#"url = "rediss://:pw@h:6380""#),
+        RedisTarget::Single("rediss://:pw@h:6380".into())
+    );
+    assert_eq!(
+        target(r#"url = "redis+cluster://:pw@a:7000,b:7001""#),
+        RedisTarget::Cluster(vec![
+            "redis://:pw@a:7000".into(),
+            "redis://:pw@b:7001".into()
+        ])
+    );
+    assert_eq!(
+        target(r#"url = "rediss+cluster://a:7000""#),
+        RedisTarget::Cluster(vec!["rediss://a:7000".into()])
+    );
+    assert_eq!(
+        target(r#"url = ["redis://a:7000", "redis://b:7001"]"#),
+        RedisTarget::Cluster(vec!["redis://a:7000".into(), "redis://b:7001".into()])
+    );
+}
+
+#[test]
+fn bad_redis_settings_are_refused_without_repeating_a_password() {
+    for (store, path) in [
+        (r#"url = "http://:hunter2@h:1""#, "store.url"),
+        (r#"url = "redis+cluster://:hunter2@""#, "store.url"),
+        (
+            r#"url = ["redis+cluster://:hunter2@a:1", "redis://b:2"]"#,
+            "store.url",
+        ),
+        (r#"url = []"#, "store.url"),
+        (
+            "url = \"redis://:hunter2@h:1\"\ntls_ca_file = \"ca.pem\"",
+            "store.tls_ca_file",
+        ),
+    ] {
+        let errors = with_store(store).expect_err(store).to_string();
+        assert!(errors.contains(path), "{store}: {errors}");
+        assert!(
+            !errors.contains("hunter2"),
+            "{store}: password echoed in {errors}"
+        );
+    }
+}

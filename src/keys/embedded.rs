@@ -147,6 +147,32 @@ impl EmbeddedStore {
         })
     }
 
+    /// Nonces still inside their window, as (key id, nonce, time left), read from the file
+    /// after a flush. Whole seconds, rounded up: a copied nonce may live a little longer than
+    /// its original, never shorter.
+    pub async fn live_nonces(&self) -> Result<Vec<(String, String, Duration)>, StoreError> {
+        self.flush().await?;
+        let now = unix_now();
+        let read = self.db.begin_read().map_err(unavailable)?;
+        let table = read.open_table(NONCES).map_err(unavailable)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(unavailable)? {
+            let (k, exp) = row.map_err(unavailable)?;
+            let exp = exp.value();
+            if exp <= now {
+                continue;
+            }
+            if let Some((id, nonce)) = k.value().split_once('\n') {
+                out.push((
+                    id.to_owned(),
+                    nonce.to_owned(),
+                    Duration::from_secs(exp - now + 1),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
         self.writer
             .as_ref()
@@ -232,6 +258,26 @@ fn index(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), StoreEr
     txn.open_table(BY_OWNER)
         .map_err(unavailable)?
         .insert((record.owner.as_str(), record.id.as_str()), ())
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+fn append_audit(
+    txn: &redb::WriteTransaction,
+    entry: &AuditEntry,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    txn.open_table(AUDIT)
+        .map_err(unavailable)?
+        .insert(entry.id.as_str(), bytes)
+        .map_err(unavailable)?;
+    txn.open_table(AUDIT_BY_KEY)
+        .map_err(unavailable)?
+        .insert((entry.key_id.as_str(), entry.id.as_str()), ())
+        .map_err(unavailable)?;
+    txn.open_table(AUDIT_BY_OWNER)
+        .map_err(unavailable)?
+        .insert((entry.owner.as_str(), entry.id.as_str()), ())
         .map_err(unavailable)?;
     Ok(())
 }
@@ -339,20 +385,27 @@ impl KeyStore for EmbeddedStore {
                 }
             }
             if let Some((entry, bytes)) = &audit {
-                txn.open_table(AUDIT)
-                    .map_err(unavailable)?
-                    .insert(entry.id.as_str(), bytes.as_slice())
-                    .map_err(unavailable)?;
-                txn.open_table(AUDIT_BY_KEY)
-                    .map_err(unavailable)?
-                    .insert((entry.key_id.as_str(), entry.id.as_str()), ())
-                    .map_err(unavailable)?;
-                txn.open_table(AUDIT_BY_OWNER)
-                    .map_err(unavailable)?
-                    .insert((entry.owner.as_str(), entry.id.as_str()), ())
-                    .map_err(unavailable)?;
+                append_audit(txn, entry, bytes)?;
             }
             Ok(true)
+        })
+        .await
+    }
+
+    async fn import_audit(&self, entry: &AuditEntry) -> Result<bool, StoreError> {
+        let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let entry = entry.clone();
+        self.transact(move |txn| {
+            let exists = txn
+                .open_table(AUDIT)
+                .map_err(unavailable)?
+                .get(entry.id.as_str())
+                .map_err(unavailable)?
+                .is_some();
+            if !exists {
+                append_audit(txn, &entry, &bytes)?;
+            }
+            Ok(!exists)
         })
         .await
     }

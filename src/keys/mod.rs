@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use time::OffsetDateTime;
 
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, RedisTarget};
 pub use audit::{Action, Actor, AuditEntry, AuditPage};
 pub use embedded::{EmbeddedStore, NONCE_BATCH_WINDOW};
 pub use model::{

@@ -1,24 +1,31 @@
-//! The Redis store, for a fleet of gateways sharing one Redis.
+//! The Redis store, for a fleet of gateways sharing one Redis or one Redis Cluster.
 //!
-//! Layout (all under `kg:`):
-//! - `kg:k:{id}` — the record as JSON (usage counters live apart, below)
-//! - `kg:pk:{public_key}`, `kg:h:{sha256 hex}` — id indexes (bearer hashes, current and previous)
-//! - `kg:all`, `kg:o:{owner}` — sorted sets of ids, all scores 0: lexicographic order is
+//! Layout. Everything about key records carries the one hash tag `{kg}`, so a whole write
+//! (record, indexes, audit entry) is one atomic Lua script even on a cluster, where a script
+//! may only touch one slot:
+//! - `{kg}:k:<id>` — the record as JSON (usage counters live apart, below)
+//! - `{kg}:pk:<public_key>`, `{kg}:h:<sha256 hex>` — id indexes (bearer hashes, current and
+//!   previous)
+//! - `{kg}:all`, `{kg}:o:<owner>` — sorted sets of ids, all scores 0: lexicographic order is
 //!   creation order (UUIDv7), so newest-first paging is `ZREVRANGEBYLEX` from the cursor
-//! - `kg:u:{id}` — hash `total` (requests), `last` (Unix µs of the last use)
-//! - `kg:n:{id}:{nonce}` — used nonces, `SET NX PX`
-//! - `kg:a:{audit id}` — audit entry JSON; `kg:aa`, `kg:ak:{key id}`, `kg:ao:{owner}` indexes
+//! - `{kg}:u:<id>` — hash `total` (requests), `last` (Unix µs of the last use)
+//! - `{kg}:a:<audit id>` — audit entry JSON; `{kg}:aa`, `{kg}:ak:<key id>`, `{kg}:ao:<owner>`
+//! - `kg:n:<id>:<nonce>` — used nonces, `SET NX PX`; untagged, so on a cluster the per-request
+//!   traffic spreads over every master
+//! - channel `kg:changes` — every write publishes the public keys and hashes it touched
 //!
-//! Every write of a record, its indexes and its audit entry is one Lua script, so it is atomic.
-//! Scripts name keys they build themselves, which a single Redis allows and Redis Cluster does
-//! not: cluster support needs hash tags and is not built yet.
+//! The price of the one tag: on a cluster all records sit on one master (about 1 KiB per key).
+//! Records are read only on cache misses and written by admins; the nonces, one write per
+//! request, are what needs the cluster's spread.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncCommands, RedisFuture, Script, TlsCertificates, Value};
 use time::OffsetDateTime;
 
 use super::audit::{AuditEntry, AuditPage};
@@ -27,7 +34,7 @@ use super::store::{ChangeSink, KeyStore, Page, StoreError, Usage, Write};
 
 const WRITE_SCRIPT: &str = r#"
 local op, id = ARGV[1], ARGV[2]
-local rk = 'kg:k:' .. id
+local rk = '{kg}:k:' .. id
 local old = redis.call('GET', rk)
 if op == 'insert' and old then return 'conflict' end
 if op == 'update' and not old then return 'not_found' end
@@ -45,44 +52,44 @@ end
 local newhashes = {}
 for h in string.gmatch(ARGV[6], '%S+') do table.insert(newhashes, h) end
 if op ~= 'delete' then
-  local holder = redis.call('GET', 'kg:pk:' .. ARGV[4])
+  local holder = redis.call('GET', '{kg}:pk:' .. ARGV[4])
   if holder and holder ~= id then return 'conflict' end
   for _, h in ipairs(newhashes) do
-    local hh = redis.call('GET', 'kg:h:' .. h)
+    local hh = redis.call('GET', '{kg}:h:' .. h)
     if hh and hh ~= id then return 'conflict' end
   end
 end
 local changed = {}
 if old then
   local o = cjson.decode(old)
-  redis.call('DEL', 'kg:pk:' .. o['public_key'])
+  redis.call('DEL', '{kg}:pk:' .. o['public_key'])
   table.insert(changed, 'pk:' .. o['public_key'])
   for _, h in ipairs(hashes_of(o)) do
-    redis.call('DEL', 'kg:h:' .. h)
+    redis.call('DEL', '{kg}:h:' .. h)
     table.insert(changed, 'h:' .. h)
   end
-  redis.call('ZREM', 'kg:o:' .. o['owner'], id)
+  redis.call('ZREM', '{kg}:o:' .. o['owner'], id)
 end
 if op ~= 'delete' then
   table.insert(changed, 'pk:' .. ARGV[4])
   for _, h in ipairs(newhashes) do table.insert(changed, 'h:' .. h) end
 end
 if op == 'delete' then
-  redis.call('DEL', rk, 'kg:u:' .. id)
-  redis.call('ZREM', 'kg:all', id)
+  redis.call('DEL', rk, '{kg}:u:' .. id)
+  redis.call('ZREM', '{kg}:all', id)
 else
   redis.call('SET', rk, ARGV[3])
-  redis.call('SET', 'kg:pk:' .. ARGV[4], id)
-  for _, h in ipairs(newhashes) do redis.call('SET', 'kg:h:' .. h, id) end
-  redis.call('ZADD', 'kg:o:' .. ARGV[5], 0, id)
-  redis.call('ZADD', 'kg:all', 0, id)
+  redis.call('SET', '{kg}:pk:' .. ARGV[4], id)
+  for _, h in ipairs(newhashes) do redis.call('SET', '{kg}:h:' .. h, id) end
+  redis.call('ZADD', '{kg}:o:' .. ARGV[5], 0, id)
+  redis.call('ZADD', '{kg}:all', 0, id)
 end
 if ARGV[7] ~= '' then
   local aid = ARGV[8]
-  redis.call('SET', 'kg:a:' .. aid, ARGV[7])
-  redis.call('ZADD', 'kg:aa', 0, aid)
-  redis.call('ZADD', 'kg:ak:' .. ARGV[9], 0, aid)
-  redis.call('ZADD', 'kg:ao:' .. ARGV[10], 0, aid)
+  redis.call('SET', '{kg}:a:' .. aid, ARGV[7])
+  redis.call('ZADD', '{kg}:aa', 0, aid)
+  redis.call('ZADD', '{kg}:ak:' .. ARGV[9], 0, aid)
+  redis.call('ZADD', '{kg}:ao:' .. ARGV[10], 0, aid)
 end
 redis.call('PUBLISH', 'kg:changes', table.concat(changed, ' '))
 return 'ok'
@@ -91,8 +98,8 @@ return 'ok'
 const USAGE_SCRIPT: &str = r#"
 for i = 1, #ARGV, 3 do
   local id = ARGV[i]
-  if redis.call('EXISTS', 'kg:k:' .. id) == 1 then
-    local k = 'kg:u:' .. id
+  if redis.call('EXISTS', '{kg}:k:' .. id) == 1 then
+    local k = '{kg}:u:' .. id
     redis.call('HINCRBY', k, 'total', ARGV[i + 1])
     local last = tonumber(redis.call('HGET', k, 'last') or '0')
     if tonumber(ARGV[i + 2]) > last then redis.call('HSET', k, 'last', ARGV[i + 2]) end
@@ -101,15 +108,187 @@ end
 return 'ok'
 "#;
 
+const LOOKUP_SCRIPT: &str = r#"
+local id = ARGV[2]
+if ARGV[1] == 'index' then
+  id = redis.call('GET', '{kg}:' .. ARGV[2])
+  if not id then return false end
+end
+local rec = redis.call('GET', '{kg}:k:' .. id)
+if not rec then return false end
+local u = redis.call('HMGET', '{kg}:u:' .. id, 'total', 'last')
+return {rec, u[1] or '', u[2] or ''}
+"#;
+
+const AUDIT_IMPORT_SCRIPT: &str = r#"
+local aid = ARGV[1]
+if redis.call('SET', '{kg}:a:' .. aid, ARGV[2], 'NX') == false then return 0 end
+redis.call('ZADD', '{kg}:aa', 0, aid)
+redis.call('ZADD', '{kg}:ak:' .. ARGV[3], 0, aid)
+redis.call('ZADD', '{kg}:ao:' .. ARGV[4], 0, aid)
+return 1
+"#;
+
+/// Every script names this key, so a cluster client sends it to the master holding `{kg}`.
+/// The keys a script builds itself share the tag, hence the slot.
+const ANCHOR: &str = "{kg}:all";
+
 /// Where every write announces the public keys and bearer hashes it touched.
 const CHANGES_CHANNEL: &str = "kg:changes";
 
-/// Keys in one Redis shared by every gateway of a fleet.
+/// Where the store's Redis is. `Debug` hides passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server: `redis://` or `rediss://`.
+    Single(String),
+    /// Seed nodes of a Redis Cluster, each `redis://host:port` or `rediss://…`.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Reads `store.url`: one `redis://`/`rediss://` URL is one server; one
+    /// `redis+cluster://[user:password@]host:port,host:port…` (or `rediss+cluster://`), or
+    /// several plain URLs, name the seed nodes of a cluster. Errors never repeat a password.
+    pub fn parse(urls: &[String]) -> Result<Self, String> {
+        let target = match urls {
+            [] => return Err("no URL given".into()),
+            [one] => match cluster_seeds(one)? {
+                Some(seeds) => Self::Cluster(seeds),
+                None => Self::Single(one.clone()),
+            },
+            many => {
+                for u in many {
+                    if cluster_seeds(u)?.is_some() {
+                        return Err(format!(
+                            "{}: a cluster URL cannot be combined with others; list plain \
+                             redis:// URLs of the seed nodes, or one redis+cluster:// URL",
+                            redact(u)
+                        ));
+                    }
+                }
+                Self::Cluster(many.to_vec())
+            }
+        };
+        for u in target.urls() {
+            redis::IntoConnectionInfo::into_connection_info(u.as_str())
+                .map_err(|e| format!("{}: {}", redact(u), e.detail().unwrap_or("invalid URL")))?;
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return Err(format!(
+                    "{} must start with redis://, rediss://, redis+cluster:// or \
+                     rediss+cluster://",
+                    redact(u)
+                ));
+            }
+        }
+        Ok(target)
+    }
+
+    fn urls(&self) -> &[String] {
+        match self {
+            Self::Single(u) => std::slice::from_ref(u),
+            Self::Cluster(us) => us,
+        }
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        self.urls().iter().any(|u| u.starts_with("rediss://"))
+    }
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls().iter().map(|u| redact(u)).collect();
+        match self {
+            Self::Single(_) => f.debug_tuple("Single").field(&urls[0]).finish(),
+            Self::Cluster(_) => f.debug_tuple("Cluster").field(&urls).finish(),
+        }
+    }
+}
+
+/// The seed URLs of a `redis+cluster://` / `rediss+cluster://` URL; `None` for other schemes.
+fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, String> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return Ok(None);
+    };
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let (hosts, path) = match hosts.split_once('/') {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => (hosts, String::new()),
+    };
+    let seeds: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{auth}{h}{path}"))
+        .collect();
+    if seeds.is_empty() {
+        return Err(format!("{}: names no host", redact(url)));
+    }
+    Ok(Some(seeds))
+}
+
+/// The URL with any user and password replaced by `***`, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, hosts)) => format!("{scheme}://***@{hosts}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// A connection to one server or to a cluster; both drive commands the same way.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Keys in one Redis (or one Redis Cluster) shared by every gateway of a fleet.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// Where the change feed subscribes: the server, or each cluster seed in turn (a classic
+    /// `PUBLISH` reaches every node of a cluster).
+    feed: Vec<redis::Client>,
+    conn: Conn,
     write: Script,
     usage: Script,
+    lookup: Script,
+    audit_import: Script,
     /// The connection's driver task lives here, so the store works from any runtime —
     /// pingora's per-service runtimes, and the small one that runs the final flush after they
     /// are gone. Shut down in the background on drop (dropping it in async code would panic).
@@ -133,65 +312,115 @@ impl Drop for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://[:password@]host:port[/db]`).
+    /// Connects to one server or a cluster (see [`RedisTarget::parse`]), trusting the
+    /// system's CA certificates for `rediss://`.
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| unavailable(&e))?;
+        let target = RedisTarget::parse(&[url.to_owned()]).map_err(StoreError::Unavailable)?;
+        Self::connect(&target, None)
+    }
+
+    /// Connects to `target`; `ca_pem` replaces the system's CA certificates for `rediss://`.
+    pub fn connect(target: &RedisTarget, ca_pem: Option<&[u8]>) -> Result<Self, StoreError> {
+        if target.uses_tls() {
+            // Fails only when a provider is already installed, which is as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let certs = || TlsCertificates {
+            client_tls: None,
+            root_cert: ca_pem.map(<[u8]>::to_vec),
+        };
+        let client_for = |url: &str| -> Result<redis::Client, StoreError> {
+            let client = if ca_pem.is_some() && url.starts_with("rediss://") {
+                redis::Client::build_with_tls(url, certs())
+            } else {
+                redis::Client::open(url)
+            };
+            client.map_err(|e| StoreError::Unavailable(format!("{}: {e}", redact(url))))
+        };
+        let feed = target
+            .urls()
+            .iter()
+            .map(|u| client_for(u))
+            .collect::<Result<Vec<_>, _>>()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("keygate-redis")
             .enable_all()
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis runtime: {e}")))?;
-        let conn = std::thread::scope(|s| {
+        let connecting = async {
+            match target {
+                RedisTarget::Single(_) => {
+                    let client = feed[0].clone();
+                    ConnectionManager::new_with_config(client, manager_config())
+                        .await
+                        .map(Conn::Single)
+                }
+                RedisTarget::Cluster(seeds) => {
+                    let mut builder = ClusterClient::builder(seeds.clone())
+                        .connection_timeout(CONNECT_TIMEOUT)
+                        .response_timeout(RESPONSE_TIMEOUT)
+                        // Redirections during a failover need a few tries; each is bounded.
+                        .retries(3)
+                        .max_retry_wait(200);
+                    if ca_pem.is_some() {
+                        builder = builder.certs(certs());
+                    }
+                    builder
+                        .build()?
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster)
+                }
+            }
+        };
+        let connected = std::thread::scope(|s| {
             // block_on must not run on a thread that is already inside a runtime.
-            s.spawn(|| {
-                runtime.block_on(ConnectionManager::new_with_config(
-                    client.clone(),
-                    manager_config(),
-                ))
-            })
-            .join()
-            .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
-        })?
-        .map_err(|e| unavailable(&e))?;
+            s.spawn(|| runtime.block_on(connecting))
+                .join()
+                .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
+        })
+        .and_then(|c| c.map_err(|e| unavailable(&e)));
+        let conn = match connected {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Dropping a runtime inside async code (a caller's) would panic.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(Self {
-            client,
+            feed,
             conn,
             write: Script::new(WRITE_SCRIPT),
             usage: Script::new(USAGE_SCRIPT),
+            lookup: Script::new(LOOKUP_SCRIPT),
+            audit_import: Script::new(AUDIT_IMPORT_SCRIPT),
             runtime: Some(runtime),
         })
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
-    /// Decodes a record and lays its usage counters over it.
-    async fn with_usage(&self, json: Option<String>) -> Result<Option<KeyRecord>, StoreError> {
-        let Some(json) = json else { return Ok(None) };
+    /// One record with its usage counters, in one round trip: by id (`how = "id"`) or through
+    /// an index key below `{kg}:` (`how = "index"`, e.g. `pk:<public key>`).
+    async fn lookup(&self, how: &str, what: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let found: Option<(String, String, String)> = self
+            .lookup
+            .key(ANCHOR)
+            .arg(how)
+            .arg(what)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some((json, total, last)) = found else {
+            return Ok(None);
+        };
         let mut record: KeyRecord = serde_json::from_str(&json).map_err(corrupt)?;
-        let (total, last): (Option<u64>, Option<i64>) = redis::cmd("HMGET")
-            .arg(format!("kg:u:{}", record.id))
-            .arg("total")
-            .arg("last")
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| unavailable(&e))?;
-        apply_usage(&mut record, total, last);
+        apply_usage(&mut record, total.parse().ok(), last.parse().ok());
         Ok(Some(record))
-    }
-
-    async fn get_by_index(&self, index_key: String) -> Result<Option<KeyRecord>, StoreError> {
-        let id: Option<String> = self
-            .conn()
-            .get(index_key)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        match id {
-            Some(id) => self.get_by_id(&id).await,
-            None => Ok(None),
-        }
     }
 
     /// Up to `limit + 1` members of a lexicographic sorted set, newest first, below `cursor`.
@@ -251,6 +480,7 @@ impl KeyStore for RedisStore {
         audit: Option<&AuditEntry>,
     ) -> Result<bool, StoreError> {
         let mut inv = self.write.prepare_invoke();
+        inv.key(ANCHOR);
         match change {
             Write::Insert(r) | Write::Update(r) => {
                 let op = if matches!(change, Write::Insert(_)) {
@@ -306,9 +536,9 @@ impl KeyStore for RedisStore {
         limit: usize,
     ) -> Result<AuditPage, StoreError> {
         let set = match (key_id, owner) {
-            (Some(k), _) => format!("kg:ak:{k}"),
-            (None, Some(o)) => format!("kg:ao:{o}"),
-            (None, None) => "kg:aa".to_owned(),
+            (Some(k), _) => format!("{{kg}}:ak:{k}"),
+            (None, Some(o)) => format!("{{kg}}:ao:{o}"),
+            (None, None) => "{kg}:aa".to_owned(),
         };
         let mut items = Vec::with_capacity(limit + 1);
         let mut cursor = cursor.map(str::to_owned);
@@ -319,7 +549,7 @@ impl KeyStore for RedisStore {
             for id in &ids {
                 let json: Option<String> = self
                     .conn()
-                    .get(format!("kg:a:{id}"))
+                    .get(format!("{{kg}}:a:{id}"))
                     .await
                     .map_err(|e| unavailable(&e))?;
                 cursor = Some(id.clone());
@@ -347,11 +577,27 @@ impl KeyStore for RedisStore {
         Ok(AuditPage { items, next_cursor })
     }
 
+    async fn import_audit(&self, entry: &AuditEntry) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(entry).map_err(corrupt)?;
+        let added: i64 = self
+            .audit_import
+            .key(ANCHOR)
+            .arg(&entry.id)
+            .arg(json)
+            .arg(&entry.key_id)
+            .arg(&entry.owner)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(added == 1)
+    }
+
     async fn add_usage(&self, usage: &[(String, Usage)]) -> Result<(), StoreError> {
         if usage.is_empty() {
             return Ok(());
         }
         let mut inv = self.usage.prepare_invoke();
+        inv.key(ANCHOR);
         for (id, u) in usage {
             let micros =
                 i64::try_from(u.last_used_at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX);
@@ -365,20 +611,15 @@ impl KeyStore for RedisStore {
     }
 
     async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let json: Option<String> = self
-            .conn()
-            .get(format!("kg:k:{id}"))
-            .await
-            .map_err(|e| unavailable(&e))?;
-        self.with_usage(json).await
+        self.lookup("id", id).await
     }
 
     async fn get_by_public_key(&self, public_key: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.get_by_index(format!("kg:pk:{public_key}")).await
+        self.lookup("index", &format!("pk:{public_key}")).await
     }
 
     async fn get_by_secret_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
-        self.get_by_index(format!("kg:h:{}", hex::encode(hash)))
+        self.lookup("index", &format!("h:{}", hex::encode(hash)))
             .await
     }
 
@@ -388,7 +629,7 @@ impl KeyStore for RedisStore {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let set = owner.map_or_else(|| "kg:all".to_owned(), |o| format!("kg:o:{o}"));
+        let set = owner.map_or_else(|| "{kg}:all".to_owned(), |o| format!("{{kg}}:o:{o}"));
         let mut ids = self.page_ids(&set, cursor, limit).await?;
         let more = ids.len() > limit;
         ids.truncate(limit);
@@ -435,17 +676,17 @@ impl KeyStore for RedisStore {
 
     fn watch(&self, sink: Arc<dyn ChangeSink>) {
         let Some(rt) = &self.runtime else { return };
-        rt.spawn(follow_changes(self.client.clone(), sink));
+        rt.spawn(follow_changes(self.feed.clone(), sink));
     }
 }
 
 /// Subscribes to the change channel for as long as the store lives, reconnecting with
 /// backoff. Each (re)subscription first drops the whole cache: while unsubscribed, any key
 /// may have changed unseen.
-async fn follow_changes(client: redis::Client, sink: Arc<dyn ChangeSink>) {
+async fn follow_changes(feed: Vec<redis::Client>, sink: Arc<dyn ChangeSink>) {
     use futures_util::StreamExt;
     let mut backoff = Duration::from_millis(100);
-    loop {
+    for client in feed.iter().cycle() {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub.subscribe(CHANGES_CHANNEL).await {
                 Ok(()) => {

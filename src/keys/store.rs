@@ -76,6 +76,10 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<AuditPage, StoreError>;
 
+    /// Adds an audit entry recorded elsewhere (`keygate store copy`); `false` if an entry
+    /// with its id is already here, which is then left as it is.
+    async fn import_audit(&self, entry: &AuditEntry) -> Result<bool, StoreError>;
+
     /// Adds a new record without an audit entry (tools, tests).
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.write(Write::Insert(record), None).await.map(drop)
