@@ -55,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCmd,
     },
+    /// Work on key stores directly (no running gateway needed).
+    Store {
+        #[command(subcommand)]
+        command: StoreCmd,
+    },
     /// Print the signature headers for a request.
     Sign {
         #[arg(long)]
@@ -83,6 +88,24 @@ enum Command {
         /// Also print a curl command for this base URL, e.g. http://127.0.0.1:8080.
         #[arg(long)]
         url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Copy every key (sealed secrets unchanged), audit entry and live nonce of an embedded
+    /// store into a Redis store. Safe to re-run: nothing is copied twice, and keys already in
+    /// the target are left as they are.
+    Copy {
+        /// The embedded store file (stop the gateway using it first).
+        #[arg(long)]
+        from: PathBuf,
+        /// redis://, rediss:// or redis+cluster:// URL (password in the URL).
+        #[arg(long)]
+        to: String,
+        /// PEM CA certificates to trust for rediss:// instead of the system's.
+        #[arg(long)]
+        tls_ca_file: Option<PathBuf>,
     },
 }
 
@@ -258,6 +281,68 @@ fn run_keys(admin_url: &str, as_json: bool, command: KeysCmd) -> ExitCode {
     }
 }
 
+fn run_store_copy(
+    from: &std::path::Path,
+    to: &str,
+    tls_ca_file: Option<&std::path::Path>,
+) -> ExitCode {
+    use keygate::keys::{copy_store, EmbeddedStore, RedisStore, RedisTarget, StoreError};
+    const EX_DATAERR: u8 = 65;
+    let target = match RedisTarget::parse(&[to.to_owned()]) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("keygate store copy: --to {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let ca = match tls_ca_file.map(std::fs::read).transpose() {
+        Ok(ca) => ca,
+        Err(e) => {
+            eprintln!("keygate store copy: --tls-ca-file: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if !from.is_file() {
+        eprintln!(
+            "keygate store copy: --from {}: no such store file",
+            from.display()
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let result = (|| -> Result<keygate::keys::CopyReport, StoreError> {
+        let source = EmbeddedStore::open(from)?;
+        let dest = RedisStore::connect(&target, ca.as_deref())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        rt.block_on(copy_store(&source, &dest))
+    })();
+    match result {
+        Ok(r) => {
+            println!(
+                "keys: {} copied, {} already there; audit entries: {} copied, {} already there; live nonces: {}",
+                r.keys_copied, r.keys_present, r.audit_copied, r.audit_present, r.nonces
+            );
+            for id in &r.keys_differing {
+                println!("kept the target's version of {id}: it differs from the source's");
+            }
+            for id in &r.keys_conflicting {
+                eprintln!("not copied: {id}: its public key or secret belongs to another key in the target");
+            }
+            if r.keys_conflicting.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EX_DATAERR)
+            }
+        }
+        Err(e) => {
+            eprintln!("keygate store copy: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -314,6 +399,14 @@ fn main() -> ExitCode {
             init_logging();
             serve(&path)
         }
+        Some(Command::Store {
+            command:
+                StoreCmd::Copy {
+                    from,
+                    to,
+                    tls_ca_file,
+                },
+        }) => run_store_copy(&from, &to, tls_ca_file.as_deref()),
         Some(Command::CheckConfig { file }) => match load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());

@@ -2,6 +2,7 @@
 //! (embedded redb, Redis).
 
 pub mod audit;
+mod copy;
 mod embedded;
 mod model;
 mod redis;
@@ -15,6 +16,7 @@ use time::OffsetDateTime;
 
 pub use self::redis::{RedisStore, RedisTarget};
 pub use audit::{Action, Actor, AuditEntry, AuditPage};
+pub use copy::{copy_store, CopyReport};
 pub use embedded::{EmbeddedStore, NONCE_BATCH_WINDOW};
 pub use model::{
     is_valid_scope, new_key_id, scopes_grant, AuthKind, AuthKinds, KeyRecord, PreviousCredential,

@@ -1,0 +1,119 @@
+//! Copying one store into another (`keygate store copy`): growing from one node to a fleet.
+
+use super::audit::AuditEntry;
+use super::embedded::EmbeddedStore;
+use super::model::KeyRecord;
+use super::store::{KeyStore, StoreError, Usage, Write};
+
+/// What a copy did. Running it again copies nothing twice: keys and audit entries already in
+/// the target are left as they are, and a used nonce stays used.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CopyReport {
+    pub keys_copied: usize,
+    /// Already in the target, the same as in the source.
+    pub keys_present: usize,
+    /// Ids already in the target with different contents: the target's version is kept (it
+    /// may be newer — a key revoked on the fleet must stay revoked).
+    pub keys_differing: Vec<String>,
+    /// Ids whose public key or bearer hash belongs to another key in the target: not copied.
+    pub keys_conflicting: Vec<String>,
+    pub audit_copied: usize,
+    pub audit_present: usize,
+    /// Nonces still inside their window, now used in the target too.
+    pub nonces: usize,
+}
+
+const PAGE: usize = 500;
+
+/// Copies every key (sealed secrets as they are, usage counters included), every audit entry
+/// and every live nonce from `from` into `to`. Stops at the first store error; what was copied
+/// by then stays, and a re-run completes it.
+pub async fn copy_store(from: &EmbeddedStore, to: &dyn KeyStore) -> Result<CopyReport, StoreError> {
+    let mut report = CopyReport::default();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = from.list(None, cursor.as_deref(), PAGE).await?;
+        for record in &page.items {
+            copy_key(record, to, &mut report).await?;
+        }
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = from.list_audit(None, None, cursor.as_deref(), PAGE).await?;
+        for entry in &page.items {
+            copy_audit(entry, to, &mut report).await?;
+        }
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    for (key_id, nonce, left) in from.live_nonces().await? {
+        to.use_nonce(&key_id, &nonce, left).await?;
+        report.nonces += 1;
+    }
+    to.flush().await?;
+    Ok(report)
+}
+
+async fn copy_key(
+    record: &KeyRecord,
+    to: &dyn KeyStore,
+    report: &mut CopyReport,
+) -> Result<(), StoreError> {
+    if let Some(there) = to.get_by_id(&record.id).await? {
+        if without_usage(&there) == without_usage(record) {
+            report.keys_present += 1;
+        } else {
+            report.keys_differing.push(record.id.clone());
+        }
+        return Ok(());
+    }
+    match to.write(Write::Insert(record), None).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict) => {
+            report.keys_conflicting.push(record.id.clone());
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
+    // Counters go in only with the record, so a re-run never adds them twice.
+    if let (n @ 1.., Some(at)) = (record.total_requests, record.last_used_at) {
+        // The embedded insert kept the record's own counters; Redis keeps them apart.
+        let there = to.get_by_id(&record.id).await?;
+        if there.is_some_and(|r| r.total_requests == 0) {
+            let usage = Usage {
+                requests: n,
+                last_used_at: at,
+            };
+            to.add_usage(&[(record.id.clone(), usage)]).await?;
+        }
+    }
+    report.keys_copied += 1;
+    Ok(())
+}
+
+async fn copy_audit(
+    entry: &AuditEntry,
+    to: &dyn KeyStore,
+    report: &mut CopyReport,
+) -> Result<(), StoreError> {
+    if to.import_audit(entry).await? {
+        report.audit_copied += 1;
+    } else {
+        report.audit_present += 1;
+    }
+    Ok(())
+}
+
+fn without_usage(record: &KeyRecord) -> KeyRecord {
+    KeyRecord {
+        total_requests: 0,
+        last_used_at: None,
+        ..record.clone()
+    }
+}
