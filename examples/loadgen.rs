@@ -8,9 +8,15 @@
 //! loadgen wait URL
 //! loadgen mint ADMIN_URL TOKEN            -> prints "<public_key> <secret>"
 //! loadgen run URL CONNECTIONS SECONDS BODY_BYTES [PUBLIC_KEY SECRET]
+//! loadgen run-keys URL CONNECTIONS SECONDS BODY_BYTES KEY_FILE   -> each request: the next key
+//! loadgen run-unknown URL CONNECTIONS SECONDS BODY_BYTES DISTINCT -> unknown keys (0: all new)
+//! loadgen seed-redis REDIS_URL MASTER_KEY N KEY_FILE   -> mints N keys straight into Redis
+//! loadgen redis-commands REDIS_URL                     -> total_commands_processed
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,6 +26,41 @@ use keygate::cli::sign::{headers, SignRequest};
 use keygate::keys::AuthKind;
 
 type Out = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Which key signs each request.
+#[derive(Clone)]
+enum Keys {
+    None,
+    One(String, String),
+    /// Each request takes the next unused key of the list (all connections share the index):
+    /// every request is a key's first, so a cache miss.
+    Each(Arc<Vec<(String, String)>>, Arc<AtomicUsize>),
+    /// Keys the gateway does not know: from a pool of `n` (0: a new one every request).
+    Unknown(usize),
+}
+
+impl Keys {
+    fn pick(&self, seq: u64) -> Option<Option<(String, String)>> {
+        match self {
+            Self::None => Some(None),
+            Self::One(pk, sk) => Some(Some((pk.clone(), sk.clone()))),
+            Self::Each(list, next) => list
+                .get(next.fetch_add(1, Ordering::Relaxed))
+                .map(|k| Some(k.clone())),
+            Self::Unknown(n) => {
+                let i: u64 = if *n == 0 {
+                    rand::random()
+                } else {
+                    seq.wrapping_mul(2_654_435_761) % *n as u64
+                };
+                Some(Some((
+                    format!("pk_test_{i:024}"),
+                    "sk_test_unknown".to_owned(),
+                )))
+            }
+        }
+    }
+}
 
 struct Target {
     host: String,
@@ -60,7 +101,8 @@ async fn connection(
     t: &Target,
     secs: f64,
     body: Bytes,
-    signer: Option<(String, String)>,
+    keys: Keys,
+    expect: u16,
     id: String,
 ) -> (Vec<u32>, u64) {
     let mut lat = Vec::with_capacity(200_000);
@@ -78,6 +120,8 @@ async fn connection(
         let mut req = hyper::Request::post(&t.path)
             .header("host", &t.host)
             .header("content-type", "application/json");
+        // Out of fresh keys: this connection is done.
+        let Some(signer) = keys.pick(i) else { break };
         if let Some((pk, secret)) = &signer {
             let sr = SignRequest {
                 scheme: AuthKind::HmacV1,
@@ -97,7 +141,7 @@ async fn connection(
         let start = Instant::now();
         match send.send_request(req).await {
             Ok(resp) => {
-                let ok = resp.status().is_success();
+                let ok = resp.status().as_u16() == expect;
                 let _ = resp.into_body().collect().await;
                 lat.push(u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX));
                 if !ok {
@@ -113,12 +157,11 @@ async fn connection(
     (lat, bad)
 }
 
-async fn run(args: &[String]) -> Out {
+async fn run(args: &[String], keys: Keys, expect: u16) -> Out {
     let t = parse(&args[0]);
     let conns: usize = args[1].parse()?;
     let secs: f64 = args[2].parse()?;
     let body = Bytes::from(vec![b'x'; args[3].parse()?]);
-    let signer = (args.len() >= 6).then(|| (args[4].clone(), args[5].clone()));
     let t = std::sync::Arc::new(t);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -126,9 +169,9 @@ async fn run(args: &[String]) -> Out {
     let run_id: u32 = rand::random();
     for conn in 0..conns {
         let id = format!("{run_id:08x}-{conn}");
-        let (t, body, signer) = (std::sync::Arc::clone(&t), body.clone(), signer.clone());
+        let (t, body, keys) = (std::sync::Arc::clone(&t), body.clone(), keys.clone());
         tasks.push(tokio::spawn(async move {
-            connection(&t, secs, body, signer, id).await
+            connection(&t, secs, body, keys, expect, id).await
         }));
     }
     let mut all = Vec::new();
@@ -153,6 +196,47 @@ async fn run(args: &[String]) -> Out {
         pct(0.99),
         bad
     );
+    Ok(())
+}
+
+/// Mints `n` hmac-v1 keys straight into Redis (as the admin API would, without audit
+/// entries), 32 at a time, and writes "public_key secret" lines to `file`.
+async fn seed_redis(url: &str, master_key: &str, n: usize, file: &str) -> Out {
+    use keygate::keys::{mint, AuthKind, Environment, KeyStore, MasterKey, NewKey, RedisStore};
+    let mk = Arc::new(MasterKey::from_base64(master_key)?);
+    let url = url.to_owned();
+    let store = Arc::new(tokio::task::spawn_blocking(move || RedisStore::open(&url)).await??);
+    let lines = Arc::new(std::sync::Mutex::new(String::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (mk, store, lines, next) = (mk.clone(), store.clone(), lines.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let new = NewKey {
+                    owner: "bench".into(),
+                    name: "fresh".into(),
+                    description: None,
+                    scopes: vec!["payments.*".into()],
+                    ip_allow_list: vec![],
+                    expires_at: None,
+                    environment: Environment::Test,
+                    auth: AuthKind::HmacV1,
+                    metadata: Default::default(),
+                };
+                let (record, secret) = mint(&mk, new, time::OffsetDateTime::now_utc());
+                store.insert(&record).await.unwrap();
+                let line = format!("{} {}\n", record.public_key, secret.expose());
+                lines.lock().unwrap().push_str(&line);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let text = lines.lock().unwrap().clone();
+    std::fs::write(file, text)?;
+    drop(store);
     Ok(())
 }
 
@@ -187,7 +271,35 @@ async fn main() -> Out {
             let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
             println!("{} {}", v["public_key"].as_str().unwrap_or(""), v["secret"].as_str().unwrap_or(""));
         }
-        Some("run") => run(&args[1..]).await?,
+        Some("run") => {
+            let keys = if args.len() >= 7 {
+                Keys::One(args[5].clone(), args[6].clone())
+            } else {
+                Keys::None
+            };
+            run(&args[1..5], keys, 200).await?;
+        }
+        Some("run-keys") => {
+            let list: Vec<(String, String)> = std::fs::read_to_string(&args[5])?
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .map(|(pk, sk)| (pk.to_owned(), sk.to_owned()))
+                .collect();
+            let keys = Keys::Each(Arc::new(list), Arc::new(AtomicUsize::new(0)));
+            run(&args[1..5], keys, 200).await?;
+        }
+        Some("run-unknown") => run(&args[1..5], Keys::Unknown(args[5].parse()?), 401).await?,
+        Some("seed-redis") => seed_redis(&args[1], &args[2], args[3].parse()?, &args[4]).await?,
+        Some("redis-commands") => {
+            let client = redis::Client::open(args[1].as_str())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let info: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await?;
+            let n = info
+                .lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .ok_or("no total_commands_processed in INFO")?;
+            println!("{}", n.trim());
+        }
         _ => return Err("usage: loadgen free-port | wait URL | mint ADMIN_URL TOKEN | run URL CONNS SECS BODY [PK SECRET]".into()),
     }
     Ok(())

@@ -5,6 +5,12 @@
 #   (c') the same, with the client signing every request as in (d) (keygate ignores it):
 #        the control for (d), since client and gateway share this machine's cores
 #   (d) keygate, cached hmac-v1 key, 1 KiB POST, fresh nonce per request
+# Then a second keygate on a private redis-server (same master key, same upstream):
+#   (e) Redis store, cached key        — one Redis round trip per request (the nonce)
+#   (e') Redis store, a fresh key on every request (each request is its key's first: a cache
+#        miss, one lookup round trip, then the nonce)
+#   (u) unknown keys: from a pool of 1,000 (negative cache) and all distinct — with the
+#       Redis commands per second they cause
 # Each is driven by the same client (examples/loadgen.rs) for SECONDS with CONNS keep-alive
 # connections; a markdown table with ratios against (a) and (c) goes to stdout.
 # wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1.
@@ -19,6 +25,7 @@ cargo build --release --locked --bin keygate --example loadgen >&2
 KG=target/release/keygate
 LG=target/release/examples/loadgen
 command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+command -v redis-server >/dev/null || { echo "redis-server missing: apt-get install -y redis-server" >&2; exit 1; }
 
 work=$(mktemp -d)
 pids=()
@@ -69,7 +76,8 @@ path = "/public/*"
 upstream = "nginx"
 public = true
 TOML
-KEYGATE_MASTER_KEY=$(head -c 32 /dev/urandom | base64) KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
+MASTER=$(head -c 32 /dev/urandom | base64)
+KEYGATE_MASTER_KEY=$MASTER KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
   $KG serve --config "$work/keygate.toml" 2>"$work/keygate.err" &
 kgpid=$!
 pids+=($kgpid)
@@ -89,6 +97,39 @@ cs=$(run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")
 d=$(run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
+# The same gateway on Redis.
+rport=$($LG free-port); rproxy=$($LG free-port); radmin=$($LG free-port); rmetrics=$($LG free-port)
+mkdir "$work/redis"
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/redis" >/dev/null &
+pids+=($!)
+redis_url="redis://127.0.0.1:$rport"
+sed -e "s/127.0.0.1:$proxy/127.0.0.1:$rproxy/; s/127.0.0.1:$admin/127.0.0.1:$radmin/; s/127.0.0.1:$metrics/127.0.0.1:$rmetrics/" \
+    -e "s|^path = \"$work/keygate.db\"|kind = \"redis\"\nurl = \"$redis_url\"|" "$work/keygate.toml" > "$work/keygate-redis.toml"
+until $LG redis-commands "$redis_url" >/dev/null 2>&1; do sleep 0.05; done
+# Enough fresh keys for (e') at up to 8,000 requests/s.
+fresh=$((SECONDS_PER_RUN * 8000))
+$LG seed-redis "$redis_url" "$MASTER" "$fresh" "$work/fresh.keys"
+KEYGATE_MASTER_KEY=$MASTER KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
+  $KG serve --config "$work/keygate-redis.toml" 2>"$work/keygate-redis.err" &
+pids+=($!)
+$LG wait "http://127.0.0.1:$radmin/readyz"
+read -r rpk rsk < <($LG mint "http://127.0.0.1:$radmin" bench-token)
+run "http://127.0.0.1:$rproxy/v1/payments" "$rpk" "$rsk" >/dev/null
+# Redis commands per second over one run: the counter's difference over the run's length.
+with_cmds() {
+  local before after out
+  # Let the previous run's last usage flush (once a second) land outside this window.
+  sleep 2
+  before=$($LG redis-commands "$redis_url")
+  out=$("$@")
+  after=$($LG redis-commands "$redis_url")
+  sed -E "s/}$/,\"redis_cmds\":$((after - before))}/" <<<"$out"
+}
+e=$(with_cmds run "http://127.0.0.1:$rproxy/v1/payments" "$rpk" "$rsk")
+ef=$(with_cmds $LG run-keys "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$work/fresh.keys")
+u1=$(with_cmds $LG run-unknown "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" 1000)
+u0=$(with_cmds $LG run-unknown "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" 0)
+
 echo "## keygate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; ${CONNS} connections × ${SECONDS_PER_RUN} s each; POST ${BODY} B; keygate threads=${THREADS}; nginx 1 worker; client: examples/loadgen (1 thread)"
@@ -105,6 +146,19 @@ for name in a c cs d; do
 done
 echo
 echo "keygate peak RSS after the runs: ${rss} KiB"
+echo
+echo "On Redis (same gateway config, store.kind = \"redis\"; a private redis-server; cache.negative_ttl 5 s):"
+echo
+echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (e) | Redis commands | per request |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+re=$(field "$e" rps)
+for name in e ef u1 u0; do
+  r=${!name}
+  label=$(case $name in e) echo "(e) cached key";; ef) echo "(e') every request a fresh key";; u1) echo "(u) unknown keys, pool of 1,000 (answered 401)";; u0) echo "(u) unknown keys, all distinct (answered 401)";; esac)
+  rps=$(field "$r" rps); n=$(field "$r" requests); cmds=$(field "$r" redis_cmds)
+  printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
+    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$re")" "$cmds" "$(ratio "$cmds" "$n")"
+done
 if command -v wrk >/dev/null; then
   echo
   echo "wrk cross-check (GET, ${CONNS} connections, 1 thread, ${SECONDS_PER_RUN} s):"
