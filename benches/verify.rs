@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the hot path: one verification per scheme and body size, a
-//! cached key lookup, the nonce check, and a SHA-256 of the same body as the in-run baseline
+//! cached key lookup, the nonce check, route matching (10 and 1,000 routes), the IP
+//! allow-list (1 and 1,000 CIDRs), and a SHA-256 of the same body as the in-run baseline
 //! (the irreducible cost: every v1 verification hashes the body once).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use keygate::auth::client_ip::AllowList;
 use keygate::auth::{check_key, parse_credentials, signing, Policy, RequestParts};
 use keygate::cache::KeyCache;
 use keygate::config::CacheConfig;
@@ -18,6 +20,8 @@ use keygate::keys::{
     NewKey, SecretString,
 };
 use keygate::metrics::Metrics;
+use keygate::proxy::Router;
+use keygate::Config;
 use sha2::Digest;
 use time::OffsetDateTime;
 
@@ -193,5 +197,82 @@ fn bench_lookups(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_verify, bench_lookups);
+/// A config with `n` routes, alternating exact and prefix patterns, all on one upstream.
+fn routes(n: usize) -> Vec<keygate::config::Route> {
+    let mut toml = String::from("[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\"]\n");
+    for i in 0..n {
+        let path = if i % 2 == 0 {
+            format!("/v1/r{i}")
+        } else {
+            format!("/v1/p{i}/*")
+        };
+        toml.push_str(&format!(
+            "[[routes]]\npath = \"{path}\"\nmethods = [\"POST\"]\nscope = \"s\"\nupstream = \"u\"\n"
+        ));
+    }
+    Config::from_toml(&toml).unwrap().routes
+}
+
+fn bench_routes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route");
+    for n in [10usize, 1000] {
+        let list = routes(n);
+        let r = Router::new(list.clone());
+        // Baseline: the plain first-match scan in config order that the index replaces.
+        let scan = |m: &http::Method, path: &str| {
+            list.iter().position(|r| {
+                r.path.matches(path) && (r.methods.is_empty() || r.methods.contains(m))
+            })
+        };
+        // The worst cases of a first-match scan: the last route, and no route at all.
+        let last = format!("/v1/p{}/x/y", n - 1);
+        assert_eq!(r.find(&http::Method::POST, &last), Some(n - 1));
+        g.bench_function(BenchmarkId::new("last_route", n), |b| {
+            b.iter(|| black_box(r.find(&http::Method::POST, black_box(&last))))
+        });
+        g.bench_function(BenchmarkId::new("baseline_scan_last_route", n), |b| {
+            b.iter(|| black_box(scan(&http::Method::POST, black_box(&last))))
+        });
+        g.bench_function(BenchmarkId::new("no_route", n), |b| {
+            b.iter(|| black_box(r.find(&http::Method::POST, black_box("/v2/none/at/all"))))
+        });
+    }
+    g.finish();
+}
+
+fn bench_allow_list(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ip_allow_list");
+    for n in [1usize, 1000] {
+        // n /24s from 10.0.0.0 with a gap after each, so none merge; the client sits in the
+        // last one.
+        let net = |i: usize| format!("10.{}.{}", i / 128, (i % 128) * 2);
+        let nets: Vec<ipnet::IpNet> = (0..n)
+            .map(|i| format!("{}.0/24", net(i)).parse().unwrap())
+            .collect();
+        let ip: IpAddr = format!("{}.7", net(n - 1)).parse().unwrap();
+        let allow = AllowList::new(&nets);
+        assert!(allow.contains(ip));
+        assert_eq!(allow.ranges(), n, "the bench needs {n} separate ranges");
+        g.bench_function(BenchmarkId::new("last_cidr", n), |b| {
+            b.iter(|| black_box(allow.contains(black_box(ip))))
+        });
+        // Baseline: the scan of `IpNet::contains` that the ranges replace.
+        g.bench_function(BenchmarkId::new("baseline_scan_last_cidr", n), |b| {
+            b.iter(|| black_box(nets.iter().any(|net| net.contains(&black_box(ip)))))
+        });
+        let outside: IpAddr = "192.0.2.1".parse().unwrap();
+        g.bench_function(BenchmarkId::new("outside", n), |b| {
+            b.iter(|| black_box(allow.contains(black_box(outside))))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_verify,
+    bench_lookups,
+    bench_routes,
+    bench_allow_list
+);
 criterion_main!(benches);

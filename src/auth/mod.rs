@@ -277,7 +277,7 @@ pub fn check_key<'a>(
         return Err(AuthError::Expired);
     }
     // Step 6.
-    if !record.ip_allow_list.is_empty() && !client_ip::is_in(req.client_ip, &record.ip_allow_list) {
+    if !key.allow.is_empty() && !key.allow.contains(req.client_ip) {
         return Err(AuthError::IpNotAllowed(req.client_ip.to_canonical()));
     }
     // Step 7.

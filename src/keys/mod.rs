@@ -12,6 +12,8 @@ mod store;
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
+
+use crate::auth::client_ip::AllowList;
 use time::OffsetDateTime;
 
 pub use self::redis::{RedisStore, RedisTarget};
@@ -134,6 +136,8 @@ pub struct ActiveKey {
     pub previous: Option<PreviousActive>,
     /// `x-keygate-scopes` as sent upstream, joined once here rather than per request.
     pub scopes_header: String,
+    /// `record.ip_allow_list` as ranges, built once here rather than scanned per request.
+    pub allow: AllowList,
 }
 
 /// The previous credential of a key in its rotation grace, ready for verification.
@@ -171,6 +175,7 @@ impl ActiveKey {
             previous,
             bearer_hash: record.bearer_hash(),
             scopes_header: record.scopes.join(" "),
+            allow: AllowList::new(&record.ip_allow_list),
             secret,
             record,
         })

@@ -24,6 +24,7 @@ use pingora::protocols::http::v1::common::is_expect_continue_req;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::auth::client_ip::AllowList;
 use crate::auth::{self, AuthError, Credentials, Policy, RequestParts};
 use crate::cache::KeyCache;
 use crate::clock::Clock;
@@ -44,7 +45,7 @@ pub struct Gateway {
     /// Round-robin position per upstream.
     next_endpoint: Vec<AtomicUsize>,
     max_body_bytes: usize,
-    trusted_proxies: Vec<ipnet::IpNet>,
+    trusted_proxies: AllowList,
     policy: Policy,
     cache: Arc<KeyCache>,
     metrics: Metrics,
@@ -126,7 +127,7 @@ impl Gateway {
                 .collect(),
             upstreams: config.upstreams.clone(),
             max_body_bytes: config.server.max_body_bytes,
-            trusted_proxies: config.server.trusted_proxies.clone(),
+            trusted_proxies: AllowList::new(&config.server.trusted_proxies),
             policy: Policy {
                 clock_skew: config.signing.clock_skew,
                 body_nonce_retention: config.signing.body_nonce_retention,
