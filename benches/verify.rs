@@ -33,6 +33,11 @@ const POLICY: Policy = Policy {
 };
 
 fn key(auth: AuthKind) -> (ActiveKey, MasterKey) {
+    let (record, mk) = key_record(auth);
+    (ActiveKey::open(&record, &mk).unwrap(), mk)
+}
+
+fn key_record(auth: AuthKind) -> (keygate::keys::KeyRecord, MasterKey) {
     let (mk, _) = MasterKey::generate();
     let new = NewKey {
         owner: "acme".into(),
@@ -55,7 +60,7 @@ fn key(auth: AuthKind) -> (ActiveKey, MasterKey) {
         &SecretString::new(SECRET.into()),
         OffsetDateTime::now_utc(),
     );
-    (ActiveKey::open(record, &mk).unwrap(), mk)
+    (record, mk)
 }
 
 fn headers(pairs: &[(&'static str, String)]) -> http::HeaderMap {
@@ -161,8 +166,8 @@ fn bench_lookups(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn KeyStore> =
         Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).unwrap());
-    let (active, mk) = key(AuthKind::HmacV1);
-    rt.block_on(store.insert(&active.record)).unwrap();
+    let (record, mk) = key_record(AuthKind::HmacV1);
+    rt.block_on(store.insert(&record)).unwrap();
     let cfg = CacheConfig {
         capacity: 1000,
         ttl: Duration::from_secs(3600),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
-use moka::Expiry;
 
 use crate::config::CacheConfig;
 use crate::keys::{ActiveKey, ChangeSink, KeyRecord, KeyStore, MasterKey, StoreError};
@@ -19,41 +18,58 @@ use crate::metrics::{CacheResult, Metrics};
 /// A lookup result: the key, or `None` for "no such key".
 type Entry = Option<Arc<ActiveKey>>;
 
-/// What the cache holds: a lookup result and when the store gave it.
+/// A key the store gave, and when.
 #[derive(Clone)]
 struct Slot {
-    key: Entry,
+    key: Arc<ActiveKey>,
     fetched: Instant,
 }
 
-/// Negative entries live `negative_ttl`. Positive ones are fresh for `ttl` and then kept
-/// `stale_if_error` longer, served only while the store cannot be asked.
-struct TtlByKind {
-    negative_ttl: Duration,
-    positive_lifetime: Duration,
+/// Known keys live `ttl` fresh, then `stale_if_error` longer, served stale only while the store
+/// cannot be asked. Unknown credentials live `negative_ttl` in a map of their own: one TTL per
+/// map needs no per-entry timer (measured: less memory per entry), and a flood of unknown keys
+/// cannot evict known ones.
+struct Maps<K> {
+    known: Cache<K, Slot>,
+    unknown: Cache<K, ()>,
 }
 
-impl<K> Expiry<K, Slot> for TtlByKind {
-    fn expire_after_create(&self, _: &K, value: &Slot, _: Instant) -> Option<Duration> {
-        Some(if value.key.is_some() {
-            self.positive_lifetime
-        } else {
-            self.negative_ttl
-        })
-    }
-}
-
-fn build_cache<K>(cfg: &CacheConfig) -> Cache<K, Slot>
+impl<K> Maps<K>
 where
     K: std::hash::Hash + Eq + Send + Sync + 'static,
 {
-    Cache::builder()
-        .max_capacity(cfg.capacity)
-        .expire_after(TtlByKind {
-            negative_ttl: cfg.negative_ttl,
-            positive_lifetime: cfg.ttl.saturating_add(cfg.stale_if_error),
-        })
-        .build()
+    fn new(cfg: &CacheConfig) -> Self {
+        Self {
+            known: Cache::builder()
+                .max_capacity(cfg.capacity)
+                .time_to_live(cfg.ttl.saturating_add(cfg.stale_if_error))
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(cfg.capacity)
+                .time_to_live(cfg.negative_ttl)
+                .build(),
+        }
+    }
+
+    async fn invalidate<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.known.invalidate(key).await;
+        self.unknown.invalidate(key).await;
+    }
+
+    fn invalidate_all(&self) {
+        self.known.invalidate_all();
+        self.unknown.invalidate_all();
+    }
+
+    async fn entries(&self) -> u64 {
+        self.known.run_pending_tasks().await;
+        self.unknown.run_pending_tasks().await;
+        self.known.entry_count() + self.unknown.entry_count()
+    }
 }
 
 /// Why a lookup could not answer.
@@ -61,8 +77,11 @@ where
 pub enum LookupError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("stored secret cannot be opened: {0}")]
-    Seal(#[from] crate::keys::secret::SecretError),
+    #[error("stored record cannot be used: {0}")]
+    Activate(#[from] crate::keys::ActivateError),
+    /// Internal to a fill: the store has no such key (becomes `Ok(None)`).
+    #[error("no such key")]
+    Unknown,
 }
 
 /// Looks keys up through moka, filling from the store on a miss.
@@ -70,8 +89,8 @@ pub struct KeyCache {
     store: Arc<dyn KeyStore>,
     master: Arc<MasterKey>,
     metrics: Metrics,
-    by_public: Cache<String, Slot>,
-    by_hash: Cache<[u8; 32], Slot>,
+    by_public: Maps<String>,
+    by_hash: Maps<[u8; 32]>,
     /// How long a positive entry is trusted before the store is asked again.
     ttl: Duration,
 }
@@ -87,8 +106,8 @@ impl KeyCache {
             store,
             master,
             metrics,
-            by_public: build_cache(cfg),
-            by_hash: build_cache(cfg),
+            by_public: Maps::new(cfg),
+            by_hash: Maps::new(cfg),
             ttl: cfg.ttl,
         }
     }
@@ -97,11 +116,9 @@ impl KeyCache {
         &self.store
     }
 
-    fn activate(&self, record: Option<KeyRecord>) -> Result<Entry, LookupError> {
-        record
-            .map(|r| ActiveKey::open(r, &self.master).map(Arc::new))
-            .transpose()
-            .map_err(LookupError::from)
+    /// Entries held, positive and negative, once moka has applied pending inserts.
+    pub async fn entries(&self) -> u64 {
+        self.by_public.entries().await + self.by_hash.entries().await
     }
 
     fn count(&self, result: CacheResult) {
@@ -113,12 +130,14 @@ impl KeyCache {
     where
         F: std::future::Future<Output = Result<Option<KeyRecord>, StoreError>>,
     {
-        let record = load.await.inspect_err(|_| self.metrics.store_error(op))?;
-        let key = self
-            .activate(record)
+        let record = load
+            .await
+            .inspect_err(|_| self.metrics.store_error(op))?
+            .ok_or(LookupError::Unknown)?;
+        let key = ActiveKey::open(&record, &self.master)
             .inspect_err(|_| self.metrics.store_error("open_secret"))?;
         Ok(Slot {
-            key,
+            key: Arc::new(key),
             fetched: Instant::now(),
         })
     }
@@ -128,7 +147,7 @@ impl KeyCache {
     /// again; if the store cannot answer, the stale entry serves until `stale_if_error` ends.
     async fn lookup<K, Q, L, F>(
         &self,
-        cache: &Cache<K, Slot>,
+        maps: &Maps<K>,
         key: &Q,
         op: &'static str,
         load: L,
@@ -140,33 +159,45 @@ impl KeyCache {
         L: FnOnce() -> F,
         F: std::future::Future<Output = Result<Option<KeyRecord>, StoreError>>,
     {
-        if let Some(slot) = cache.get(key).await {
-            if slot.key.is_none() {
-                self.count(CacheResult::NegativeHit);
-                return Ok(None);
-            }
+        if let Some(slot) = maps.known.get(key).await {
             if slot.fetched.elapsed() < self.ttl {
                 self.count(CacheResult::Hit);
-                return Ok(slot.key);
+                return Ok(Some(slot.key));
             }
             self.count(CacheResult::Miss);
             return match self.fetch(op, load()).await {
                 Ok(fresh) => {
-                    cache.insert(key.to_owned(), fresh.clone()).await;
-                    Ok(fresh.key)
+                    maps.known.insert(key.to_owned(), fresh.clone()).await;
+                    Ok(Some(fresh.key))
+                }
+                Err(LookupError::Unknown) => {
+                    maps.known.invalidate(key).await;
+                    maps.unknown.insert(key.to_owned(), ()).await;
+                    Ok(None)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "key store unavailable; serving a stale cached key");
-                    Ok(slot.key)
+                    Ok(Some(slot.key))
                 }
             };
         }
+        if maps.unknown.contains_key(key) {
+            self.count(CacheResult::NegativeHit);
+            return Ok(None);
+        }
         self.count(CacheResult::Miss);
-        cache
+        match maps
+            .known
             .try_get_with_by_ref(key, self.fetch(op, load()))
             .await
-            .map(|slot| slot.key)
-            .map_err(|e| unshare(&e))
+        {
+            Ok(slot) => Ok(Some(slot.key)),
+            Err(e) if matches!(*e, LookupError::Unknown) => {
+                maps.unknown.insert(key.to_owned(), ()).await;
+                Ok(None)
+            }
+            Err(e) => Err(unshare(&e)),
+        }
     }
 
     /// The key with this public key; `Ok(None)` if there is none.
@@ -220,7 +251,8 @@ fn unshare(e: &Arc<LookupError>) -> LookupError {
         LookupError::Store(StoreError::Corrupt(m)) => {
             LookupError::Store(StoreError::Corrupt(m.clone()))
         }
-        LookupError::Seal(s) => LookupError::Store(StoreError::Corrupt(s.to_string())),
+        LookupError::Activate(s) => LookupError::Store(StoreError::Corrupt(s.to_string())),
+        LookupError::Unknown => LookupError::Unknown,
     }
 }
 
@@ -368,13 +400,13 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(stale.record.revoked_at.is_none());
+        assert!(stale.revoked_at.is_none());
         cache.invalidate(&record).await;
         let fresh = cache
             .by_public_key(&record.public_key)
             .await
             .unwrap()
             .unwrap();
-        assert!(fresh.record.revoked_at.is_some());
+        assert!(fresh.revoked_at.is_some());
     }
 }

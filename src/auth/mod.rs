@@ -243,11 +243,10 @@ pub fn check_key<'a>(
     now: OffsetDateTime,
     policy: &Policy,
 ) -> Result<Option<NonceClaim<'a>>, AuthError> {
-    let record = &key.record;
-    if !accepted.contains(record.auth) {
-        return Err(AuthError::KindNotAccepted(record.auth.as_str()));
+    if !accepted.contains(key.auth) {
+        return Err(AuthError::KindNotAccepted(key.auth.as_str()));
     }
-    let (timestamp, nonce) = match (record.auth, creds) {
+    let (timestamp, nonce) = match (key.auth, creds) {
         (AuthKind::Bearer, Credentials::Bearer { .. }) => (None, None),
         (AuthKind::Bearer, Credentials::Signed { .. }) => {
             return Err(AuthError::MissingCredentials(
@@ -270,10 +269,10 @@ pub fn check_key<'a>(
     };
 
     // Step 5.
-    if record.revoked_at.is_some() {
+    if key.revoked_at.is_some() {
         return Err(AuthError::Revoked);
     }
-    if record.expires_at.is_some_and(|exp| exp <= now) {
+    if key.expires_at.is_some_and(|exp| exp <= now) {
         return Err(AuthError::Expired);
     }
     // Step 6.
@@ -289,7 +288,7 @@ pub fn check_key<'a>(
         }
     }
     // Step 8: the current credential, or the previous one while its rotation grace runs.
-    let previous = key.previous.as_ref().filter(|p| now < p.until);
+    let previous = key.previous.as_deref().filter(|p| now < p.until);
     match creds {
         Credentials::Bearer { secret_hash } => {
             let matches = |h: Option<[u8; 32]>| h.is_some_and(|h| ct_eq(&h, secret_hash));
@@ -335,7 +334,7 @@ pub fn check_key<'a>(
 /// Step 10: the key's scopes grant the route's scope (a route without a scope needs none).
 pub fn check_scope(key: &ActiveKey, route_scope: Option<&str>) -> Result<(), AuthError> {
     match route_scope {
-        Some(s) if !scopes_grant(&key.record.scopes, s) => {
+        Some(s) if !scopes_grant(key.scopes(), s) => {
             Err(AuthError::InsufficientScope(s.to_owned()))
         }
         _ => Ok(()),

@@ -128,7 +128,7 @@ fn fixture(auth: AuthKind, edit: impl FnOnce(&mut NewKey)) -> Fixture {
         &secret,
         now(),
     );
-    let key = ActiveKey::open(record, &mk).unwrap_or_else(|e| panic!("{e}"));
+    let key = ActiveKey::open(&record, &mk).unwrap_or_else(|e| panic!("{e}"));
     Fixture { key, secret }
 }
 
@@ -248,7 +248,7 @@ fn revoked_beats_expired_beats_ip() {
     let h = v1_headers(&f.secret, NOW, "n", "/v1/payments", b"");
     assert_eq!(run(&f, &h, b"", "1.2.3.4"), Err(AuthError::Expired));
     let mut revoked = fixture(AuthKind::HmacV1, |n| n.expires_at = Some(now()));
-    revoked.key.record.revoked_at = Some(now());
+    revoked.key.revoked_at = Some(now());
     let h = v1_headers(&revoked.secret, NOW, "n", "/v1/payments", b"");
     assert_eq!(run(&revoked, &h, b"", "1.2.3.4"), Err(AuthError::Revoked));
 }
@@ -449,7 +449,7 @@ fn rotated(auth: AuthKind, grace_secs: i64) -> (Fixture, SecretString, SecretStr
         now(),
     );
     let fresh = crate::keys::rotate(&mk, &mut record, time::Duration::seconds(grace_secs), now());
-    let key = ActiveKey::open(record, &mk).unwrap();
+    let key = ActiveKey::open(&record, &mk).unwrap();
     (
         Fixture {
             key,
@@ -548,7 +548,7 @@ fn a_second_rotation_ends_the_first_grace() {
     let second = crate::keys::rotate(&mk, &mut record, time::Duration::hours(1), now());
     let third = crate::keys::rotate(&mk, &mut record, time::Duration::hours(1), now());
     let f = Fixture {
-        key: ActiveKey::open(record, &mk).unwrap(),
+        key: ActiveKey::open(&record, &mk).unwrap(),
         secret: third.clone(),
     };
     let at = NOW + 10;

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
+use http::HeaderValue;
+
 use crate::auth::client_ip::AllowList;
 use time::OffsetDateTime;
 
@@ -125,19 +127,36 @@ pub fn rotate(
     secret
 }
 
-/// A key ready for verification: the record plus its unsealed secret (hmac kinds) or its
-/// hash (bearer). Built once per cache fill, shared by every request that uses the key.
+/// A key ready for verification, as the cache holds it: what a request needs and nothing else
+/// (no sealed blobs, names, metadata or counters), so a cached key stays small; the secret
+/// is already unsealed (hmac kinds) or its hash known (bearer). Built once per cache fill,
+/// shared by every request that uses the key.
 #[derive(Debug)]
 pub struct ActiveKey {
-    pub record: KeyRecord,
+    /// `x-keygate-key-id`, `x-keygate-owner` and `x-keygate-scopes` (space-separated) as sent
+    /// upstream, made once: cloning a `HeaderValue` shares its bytes.
+    pub id: HeaderValue,
+    pub owner: HeaderValue,
+    pub scopes: HeaderValue,
+    pub environment: Environment,
+    pub auth: AuthKind,
+    pub revoked_at: Option<OffsetDateTime>,
+    pub expires_at: Option<OffsetDateTime>,
     pub secret: Option<SecretString>,
     pub bearer_hash: Option<[u8; 32]>,
     /// The rotated-out secret or hash and the end of its grace, if a grace may still run.
-    pub previous: Option<PreviousActive>,
-    /// `x-keygate-scopes` as sent upstream, joined once here rather than per request.
-    pub scopes_header: String,
-    /// `record.ip_allow_list` as ranges, built once here rather than scanned per request.
+    pub previous: Option<Box<PreviousActive>>,
+    /// The record's `ip_allow_list` as ranges.
     pub allow: AllowList,
+}
+
+/// Why a stored record cannot become an [`ActiveKey`].
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error(transparent)]
+    Seal(#[from] secret::SecretError),
+    #[error("the record's {0} cannot be sent in a header")]
+    Header(&'static str),
 }
 
 /// The previous credential of a key in its rotation grace, ready for verification.
@@ -160,24 +179,63 @@ fn open_credential(
 }
 
 impl ActiveKey {
-    /// Opens the record's sealed secret(s) with the master key.
-    pub fn open(record: KeyRecord, master: &MasterKey) -> Result<Self, secret::SecretError> {
+    /// Opens the record's sealed secret(s) with the master key and keeps what requests need.
+    pub fn open(record: &KeyRecord, master: &MasterKey) -> Result<Self, ActivateError> {
         let secret = open_credential(&record.credential, master, &record.id)?;
         let previous = match &record.previous {
-            Some(p) => Some(PreviousActive {
+            Some(p) => Some(Box::new(PreviousActive {
                 secret: open_credential(&p.credential, master, &record.id)?,
                 bearer_hash: p.credential.bearer_hash(),
                 until: p.until,
-            }),
+            })),
             None => None,
         };
+        // One buffer for the three header values: one allocation, shared by their slices, so
+        // a request's clone is a reference count and never allocates.
+        let scopes = record.scopes.join(" ");
+        let mut text = String::with_capacity(record.id.len() + record.owner.len() + scopes.len());
+        let mut ranges = [0..0, 0..0, 0..0];
+        for (range, part) in ranges.iter_mut().zip([&record.id, &record.owner, &scopes]) {
+            let start = text.len();
+            text.push_str(part);
+            *range = start..text.len();
+        }
+        let buffer = bytes::Bytes::from(text);
+        let [id, owner, scopes] = ranges;
+        let header = |range: std::ops::Range<usize>, field| {
+            HeaderValue::from_maybe_shared(buffer.slice(range))
+                .map_err(|_| ActivateError::Header(field))
+        };
         Ok(Self {
-            previous,
-            bearer_hash: record.bearer_hash(),
-            scopes_header: record.scopes.join(" "),
-            allow: AllowList::new(&record.ip_allow_list),
+            id: header(id, "id")?,
+            owner: header(owner, "owner")?,
+            scopes: header(scopes, "scopes")?,
+            environment: record.environment,
+            auth: record.auth,
+            revoked_at: record.revoked_at,
+            expires_at: record.expires_at,
             secret,
-            record,
+            bearer_hash: record.bearer_hash(),
+            previous,
+            allow: AllowList::new(&record.ip_allow_list),
         })
+    }
+
+    /// The key's id (`key_…`).
+    pub fn id(&self) -> &str {
+        // Built from a &str in `open`, so always visible ASCII.
+        self.id.to_str().unwrap_or_default()
+    }
+
+    pub fn owner(&self) -> &str {
+        self.owner.to_str().unwrap_or_default()
+    }
+
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        self.scopes
+            .to_str()
+            .unwrap_or_default()
+            .split(' ')
+            .filter(|s| !s.is_empty())
     }
 }

@@ -152,8 +152,12 @@ pub fn new_key_id() -> String {
 }
 
 /// Whether the scopes a key holds grant `wanted`: exact match, `prefix.*`, or `*`.
-pub fn scopes_grant<S: AsRef<str>>(held: &[S], wanted: &str) -> bool {
-    held.iter().any(|h| scope_grants(h.as_ref(), wanted))
+pub fn scopes_grant<I, S>(held: I, wanted: &str) -> bool
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    held.into_iter().any(|h| scope_grants(h.as_ref(), wanted))
 }
 
 fn scope_grants(held: &str, wanted: &str) -> bool {
@@ -187,14 +191,14 @@ mod tests {
 
     #[test]
     fn scope_wildcards() {
-        assert!(scopes_grant(&["payments.create"], "payments.create"));
-        assert!(scopes_grant(&["payments.*"], "payments.create"));
-        assert!(scopes_grant(&["payments.*"], "payments.refunds.create"));
-        assert!(!scopes_grant(&["payments.*"], "payments"));
-        assert!(!scopes_grant(&["payments.*"], "payouts.create"));
-        assert!(!scopes_grant(&["payments"], "payments.create"));
-        assert!(scopes_grant(&["*"], "anything.at_all"));
-        assert!(!scopes_grant::<&str>(&[], "payments.create"));
+        assert!(scopes_grant(["payments.create"], "payments.create"));
+        assert!(scopes_grant(["payments.*"], "payments.create"));
+        assert!(scopes_grant(["payments.*"], "payments.refunds.create"));
+        assert!(!scopes_grant(["payments.*"], "payments"));
+        assert!(!scopes_grant(["payments.*"], "payouts.create"));
+        assert!(!scopes_grant(["payments"], "payments.create"));
+        assert!(scopes_grant(["*"], "anything.at_all"));
+        assert!(!scopes_grant(Vec::<&str>::new(), "payments.create"));
     }
 
     #[test]

@@ -310,7 +310,7 @@ impl Gateway {
             match self
                 .cache
                 .store()
-                .use_nonce(&key.record.id, &claim.value, claim.ttl)
+                .use_nonce(key.id(), &claim.value, claim.ttl)
                 .await
             {
                 Ok(true) => {}
@@ -323,7 +323,7 @@ impl Gateway {
                     };
                     tracing::warn!(error = %e, "store unreachable: checking the nonce locally");
                     let entry = local
-                        .entry(format!("{}\n{}", key.record.id, claim.value))
+                        .entry(format!("{}\n{}", key.id(), claim.value))
                         .or_insert(());
                     if !entry.is_fresh() {
                         return Err(AuthError::ReplayedNonce);
@@ -332,7 +332,7 @@ impl Gateway {
             }
         }
         auth::check_scope(&key, route.scope.as_deref())?;
-        self.usage.record(&key.record.id, now);
+        self.usage.record(key.id(), now);
         Ok(key)
     }
 
@@ -361,11 +361,10 @@ impl Gateway {
             req.remove_header(&EXPECT);
         }
         if let Some(key) = &ctx.key {
-            let r = &key.record;
-            req.insert_header("x-keygate-key-id", r.id.as_str())?;
-            req.insert_header("x-keygate-owner", r.owner.as_str())?;
-            req.insert_header("x-keygate-scopes", key.scopes_header.as_str())?;
-            req.insert_header("x-keygate-environment", r.environment.as_str())?;
+            req.insert_header("x-keygate-key-id", key.id.clone())?;
+            req.insert_header("x-keygate-owner", key.owner.clone())?;
+            req.insert_header("x-keygate-scopes", key.scopes.clone())?;
+            req.insert_header("x-keygate-environment", key.environment.as_str())?;
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(ip) = ctx.client_ip {

@@ -102,11 +102,11 @@ impl Gateway {
                 .await;
         };
         inner.extensions_mut().insert(Actor::Key {
-            key_id: key.record.id.clone(),
+            key_id: key.id().to_owned(),
         });
         inner.extensions_mut().insert(SelfService {
-            owner: key.record.owner.clone(),
-            scopes: key.record.scopes.clone(),
+            owner: key.owner().to_owned(),
+            scopes: key.scopes().map(str::to_owned).collect(),
         });
         let Ok(resp) = router.clone().oneshot(inner).await;
         let (parts, body) = resp.into_parts();

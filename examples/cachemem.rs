@@ -1,0 +1,143 @@
+//! Memory per cached key: fills keygate's own `KeyCache` with N distinct hmac-v1 keys and
+//! prints the growth of this process's resident set. The keys come from a store that makes
+//! each record on request (no Redis or redb file in the measurement), so what grows is the
+//! cache as the gateway holds it: moka's entries, the unsealed `ActiveKey`s, their records.
+//!
+//! ```text
+//! cachemem [N] [unknown]   (default 1000000) -> one JSON line; `unknown`: negative entries
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keygate::cache::KeyCache;
+use keygate::config::CacheConfig;
+use keygate::keys::{
+    build_record, AuditEntry, AuditPage, AuthKind, Environment, KeyRecord, KeyStore, MasterKey,
+    NewKey, Page, SecretString, StoreError, Usage, Write,
+};
+use keygate::metrics::Metrics;
+
+/// Answers every public key with a freshly minted record, as a store holding them all would.
+struct Synthetic {
+    mk: MasterKey,
+    /// Answer "no such key" instead: what a negative entry costs.
+    unknown: bool,
+}
+
+#[async_trait]
+impl KeyStore for Synthetic {
+    async fn write(&self, _: Write<'_>, _: Option<&AuditEntry>) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    async fn list_audit(
+        &self,
+        _: Option<&str>,
+        _: Option<&str>,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<AuditPage, StoreError> {
+        Ok(AuditPage::default())
+    }
+    async fn import_audit(&self, _: &AuditEntry) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    async fn get_by_id(&self, _: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn get_by_public_key(&self, pk: &str) -> Result<Option<KeyRecord>, StoreError> {
+        if self.unknown {
+            return Ok(None);
+        }
+        let new = NewKey {
+            owner: "merchant_0001".into(),
+            name: "checkout server".into(),
+            description: None,
+            scopes: vec!["payments.create".into(), "payments.read".into()],
+            ip_allow_list: vec![],
+            expires_at: None,
+            environment: Environment::Live,
+            auth: AuthKind::HmacV1,
+            metadata: BTreeMap::new(),
+        };
+        let secret = SecretString::new(format!("sk_live_{}", "s".repeat(43)));
+        Ok(Some(build_record(
+            &self.mk,
+            new,
+            pk.to_owned(),
+            &secret,
+            time::OffsetDateTime::now_utc(),
+        )))
+    }
+    async fn get_by_secret_hash(&self, _: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn list(&self, _: Option<&str>, _: Option<&str>, _: usize) -> Result<Page, StoreError> {
+        Ok(Page::default())
+    }
+    async fn use_nonce(&self, _: &str, _: &str, _: Duration) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    async fn add_usage(&self, _: &[(String, Usage)]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map_or(1_000_000, |a| a.parse().expect("N"));
+    let unknown = std::env::args().nth(2).as_deref() == Some("unknown");
+    let (mk, text) = MasterKey::generate();
+    let cfg = CacheConfig {
+        capacity: n,
+        ttl: Duration::from_secs(3600),
+        negative_ttl: Duration::from_secs(5),
+        stale_if_error: Duration::from_secs(600),
+    };
+    let opener = Arc::new(MasterKey::from_base64(text.expose()).unwrap());
+    let store: Arc<dyn KeyStore> = Arc::new(Synthetic { mk, unknown });
+    let cache = KeyCache::new(store, opener, Metrics::new().unwrap(), &cfg);
+    // Public keys made up front: they are the request's, not the cache's.
+    let keys: Vec<String> = (0..n).map(|i| format!("pk_live_{i:024}")).collect();
+    let before = rss_kib();
+    for pk in &keys {
+        assert_eq!(cache.by_public_key(pk).await.unwrap().is_some(), !unknown);
+    }
+    let entries = cache.entries().await;
+    let after = rss_kib();
+    assert_eq!(entries, n, "every key cached");
+    // Each key used once more, as a forwarded request uses it (its identity headers cloned):
+    // a cached key must not grow by serving.
+    let mut sent = 0usize;
+    for pk in &keys {
+        if let Some(key) = cache.by_public_key(pk).await.unwrap() {
+            let headers = [key.id.clone(), key.owner.clone(), key.scopes.clone()];
+            sent += headers.iter().map(|h| h.len()).sum::<usize>();
+        }
+    }
+    let used = rss_kib();
+    println!(
+        "{{\"keys\":{n},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"rss_after_use_kib\":{used},\"bytes_per_key\":{},\"header_bytes\":{sent}}}",
+        (after - before) * 1024 / n
+    );
+}
