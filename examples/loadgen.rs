@@ -6,8 +6,9 @@
 //! ```text
 //! loadgen free-port
 //! loadgen wait URL
-//! loadgen mint ADMIN_URL TOKEN            -> prints "<public_key> <secret>"
+//! loadgen mint ADMIN_URL TOKEN [AUTH]     -> prints "<public_key> <secret>"
 //! loadgen run URL CONNECTIONS SECONDS BODY_BYTES [PUBLIC_KEY SECRET]
+//! loadgen run-bearer URL CONNECTIONS SECONDS BODY_BYTES SECRET
 //! loadgen run-keys URL CONNECTIONS SECONDS BODY_BYTES KEY_FILE   -> each request: the next key
 //! loadgen run-unknown URL CONNECTIONS SECONDS BODY_BYTES DISTINCT -> unknown keys (0: all new)
 //! loadgen seed-redis REDIS_URL MASTER_KEY N KEY_FILE   -> mints N keys straight into Redis
@@ -32,6 +33,8 @@ type Out = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 enum Keys {
     None,
     One(String, String),
+    /// A bearer key's secret in `Authorization`.
+    Bearer(String),
     /// Each request takes the next unused key of the list (all connections share the index):
     /// every request is a key's first, so a cache miss.
     Each(Arc<Vec<(String, String)>>, Arc<AtomicUsize>),
@@ -44,6 +47,7 @@ impl Keys {
         match self {
             Self::None => Some(None),
             Self::One(pk, sk) => Some(Some((pk.clone(), sk.clone()))),
+            Self::Bearer(_) => Some(None),
             Self::Each(list, next) => list
                 .get(next.fetch_add(1, Ordering::Relaxed))
                 .map(|k| Some(k.clone())),
@@ -122,6 +126,9 @@ async fn connection(
             .header("content-type", "application/json");
         // Out of fresh keys: this connection is done.
         let Some(signer) = keys.pick(i) else { break };
+        if let Keys::Bearer(secret) = &keys {
+            req = req.header("authorization", format!("Bearer {secret}"));
+        }
         if let Some((pk, secret)) = &signer {
             let sr = SignRequest {
                 scheme: AuthKind::HmacV1,
@@ -261,12 +268,15 @@ async fn main() -> Out {
             let stream = tokio::net::TcpStream::connect(&t.host).await?;
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
-            let body = r#"{"owner":"bench","name":"load","scopes":["payments.*"]}"#;
+            let auth = args.get(3).map_or("hmac-v1", String::as_str);
+            let body = format!(
+                r#"{{"owner":"bench","name":"load","scopes":["payments.*"],"auth":"{auth}"}}"#
+            );
             let req = hyper::Request::post(&t.path)
                 .header("host", &t.host)
                 .header("authorization", format!("Bearer {}", args[2]))
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from_static(body.as_bytes())))?;
+                .body(Full::new(Bytes::from(body)))?;
             let resp = send.send_request(req).await?;
             let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
             println!("{} {}", v["public_key"].as_str().unwrap_or(""), v["secret"].as_str().unwrap_or(""));
@@ -288,6 +298,7 @@ async fn main() -> Out {
             let keys = Keys::Each(Arc::new(list), Arc::new(AtomicUsize::new(0)));
             run(&args[1..5], keys, 200).await?;
         }
+        Some("run-bearer") => run(&args[1..5], Keys::Bearer(args[5].clone()), 200).await?,
         Some("run-unknown") => run(&args[1..5], Keys::Unknown(args[5].parse()?), 401).await?,
         Some("seed-redis") => seed_redis(&args[1], &args[2], args[3].parse()?, &args[4]).await?,
         Some("redis-commands") => {

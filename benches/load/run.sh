@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Load benchmark, one invocation on one machine (all traffic on loopback, bounded in time):
 #   (a) the upstream (nginx `return 200`) directly
+#   (b) nginx `proxy_pass` with keep-alive to the upstream (its own process, 1 worker) — the peer
 #   (c) keygate on a public route           — pingora's own cost
 #   (c') the same, with the client signing every request as in (d) (keygate ignores it):
 #        the control for (d), since client and gateway share this machine's cores
 #   (d) keygate, cached hmac-v1 key, 1 KiB POST, fresh nonce per request
+#   (g) keygate, cached bearer key
 # Then a second keygate on a private redis-server (same master key, same upstream):
 #   (e) Redis store, cached key        — one Redis round trip per request (the nonce)
 #   (e') Redis store, a fresh key on every request (each request is its key's first: a cache
@@ -13,6 +15,7 @@
 #       Redis commands per second they cause
 # Each is driven by the same client (examples/loadgen.rs) for SECONDS with CONNS keep-alive
 # connections; a markdown table with ratios against (a) and (c) goes to stdout.
+# Then memory per cached key (examples/cachemem: keygate's KeyCache filled with 1,000,000 keys).
 # wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,7 +24,7 @@ CONNS=${CONNS:-16}
 THREADS=${THREADS:-1}
 BODY=1024
 
-cargo build --release --locked --bin keygate --example loadgen >&2
+cargo build --release --locked --bin keygate --example loadgen --example cachemem >&2
 KG=target/release/keygate
 LG=target/release/examples/loadgen
 command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
@@ -32,7 +35,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-up=$($LG free-port); proxy=$($LG free-port); admin=$($LG free-port); metrics=$($LG free-port)
+up=$($LG free-port); ngproxy=$($LG free-port); proxy=$($LG free-port); admin=$($LG free-port); metrics=$($LG free-port)
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -47,6 +50,26 @@ http {
 }
 NGINX
 nginx -c "$work/nginx.conf" -p "$work" &
+pids+=($!)
+mkdir "$work/ngproxy"
+cat > "$work/ngproxy/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/ngproxy/nginx.pid;
+error_log $work/ngproxy/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_buffer_size 64k;
+  upstream up { server 127.0.0.1:$up; keepalive 64; keepalive_requests 10000000; }
+  server {
+    listen 127.0.0.1:$ngproxy;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+nginx -c "$work/ngproxy/nginx.conf" -p "$work/ngproxy" &
 pids+=($!)
 
 cat > "$work/keygate.toml" <<TOML
@@ -84,6 +107,8 @@ pids+=($kgpid)
 $LG wait "http://127.0.0.1:$admin/readyz"
 read -r pk sk < <($LG mint "http://127.0.0.1:$admin" bench-token)
 [ -n "$pk" ] || { echo "minting failed" >&2; cat "$work/keygate.err" >&2; exit 1; }
+read -r _ bsk < <($LG mint "http://127.0.0.1:$admin" bench-token bearer)
+$LG wait "http://127.0.0.1:$ngproxy/x"
 
 run() { $LG run "$1" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "${@:2}"; }
 field() { sed -E "s/.*\"$2\":([0-9.]+).*/\1/" <<<"$1"; }
@@ -91,10 +116,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'
 
 # Warm up pools and the key cache, then measure.
 run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk" >/dev/null
+$LG run-bearer "http://127.0.0.1:$proxy/v1/payments" 1 1 "$BODY" "$bsk" >/dev/null
 a=$(run "http://127.0.0.1:$up/v1/payments")
+b=$(run "http://127.0.0.1:$ngproxy/v1/payments")
 c=$(run "http://127.0.0.1:$proxy/public/payments")
 cs=$(run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")
 d=$(run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")
+g=$($LG run-bearer "http://127.0.0.1:$proxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$bsk")
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
 # The same gateway on Redis.
@@ -134,16 +162,18 @@ echo "## keygate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; ${CONNS} connections × ${SECONDS_PER_RUN} s each; POST ${BODY} B; keygate threads=${THREADS}; nginx 1 worker; client: examples/loadgen (1 thread)"
 echo
-echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (c) | rps vs (c') |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-ra=$(field "$a" rps); rc=$(field "$c" rps); rcs=$(field "$cs" rps)
-for name in a c cs d; do
+echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (b) | rps vs (c) | rps vs (c') |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+ra=$(field "$a" rps); rb=$(field "$b" rps); rc=$(field "$c" rps); rcs=$(field "$cs" rps)
+for name in a b c cs d g; do
   r=${!name}
-  label=$(case $name in a) echo "(a) upstream direct";; c) echo "(c) keygate, public route";; cs) echo "(c') keygate, public route, client signing";; d) echo "(d) keygate, hmac-v1 cached key";; esac)
+  label=$(case $name in a) echo "(a) upstream direct";; b) echo "(b) nginx proxy_pass, keep-alive";; c) echo "(c) keygate, public route";; cs) echo "(c') keygate, public route, client signing";; d) echo "(d) keygate, hmac-v1 cached key";; g) echo "(g) keygate, bearer cached key";; esac)
   rps=$(field "$r" rps)
-  printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
-    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rc")" "$(ratio "$rps" "$rcs")"
+  printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
+    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rb")" "$(ratio "$rps" "$rc")" "$(ratio "$rps" "$rcs")"
 done
+echo
+echo "p99 (d) − p99 (c): $(( $(field "$d" p99_us) - $(field "$c" p99_us) )) µs"
 echo
 echo "keygate peak RSS after the runs: ${rss} KiB"
 echo
@@ -159,6 +189,9 @@ for name in e ef u1 u0; do
   printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
     "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$re")" "$cmds" "$(ratio "$cmds" "$n")"
 done
+echo
+mem=$(target/release/examples/cachemem 1000000)
+echo "Memory per cached key (examples/cachemem, keygate's KeyCache holding 1,000,000 hmac-v1 keys, each then used once): $(field "$mem" bytes_per_key) B; RSS $(field "$mem" rss_before_kib) → $(field "$mem" rss_after_kib) KiB, after use $(field "$mem" rss_after_use_kib) KiB"
 if command -v wrk >/dev/null; then
   echo
   echo "wrk cross-check (GET, ${CONNS} connections, 1 thread, ${SECONDS_PER_RUN} s):"
