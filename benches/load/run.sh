@@ -14,14 +14,15 @@
 #   (u) unknown keys: from a pool of 1,000 (negative cache) and all distinct — with the
 #       Redis commands per second they cause
 # Each is driven by the same client (examples/loadgen.rs) for SECONDS with CONNS keep-alive
-# connections; a markdown table with ratios against (a) and (c) goes to stdout.
+# connections; a markdown table with ratios goes to stdout.
 # Then memory per cached key (examples/cachemem: keygate's KeyCache filled with 1,000,000 keys).
-# wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1.
+# wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1 ROUNDS=3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_RUN=${SECONDS:-10}
 CONNS=${CONNS:-16}
 THREADS=${THREADS:-1}
+ROUNDS=${ROUNDS:-3}
 BODY=1024
 
 cargo build --release --locked --bin keygate --example loadgen --example cachemem >&2
@@ -117,12 +118,21 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'
 # Warm up pools and the key cache, then measure.
 run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk" >/dev/null
 $LG run-bearer "http://127.0.0.1:$proxy/v1/payments" 1 1 "$BODY" "$bsk" >/dev/null
-a=$(run "http://127.0.0.1:$up/v1/payments")
-b=$(run "http://127.0.0.1:$ngproxy/v1/payments")
-c=$(run "http://127.0.0.1:$proxy/public/payments")
-cs=$(run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")
-d=$(run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")
-g=$($LG run-bearer "http://127.0.0.1:$proxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$bsk")
+# ROUNDS rounds, the rows interleaved within each, so a slow spell of this shared machine hits
+# every row alike; each row reports its median round, and the (d)/(c') ratio is also given per
+# round.
+declare -A all
+for round in $(seq "$ROUNDS"); do
+  all[a]+="$(run "http://127.0.0.1:$up/v1/payments")"$'\n'
+  all[b]+="$(run "http://127.0.0.1:$ngproxy/v1/payments")"$'\n'
+  all[c]+="$(run "http://127.0.0.1:$proxy/public/payments")"$'\n'
+  all[cs]+="$(run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")"$'\n'
+  all[d]+="$(run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")"$'\n'
+  all[g]+="$($LG run-bearer "http://127.0.0.1:$proxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$bsk")"$'\n'
+done
+median_run() { grep . <<<"$1" | awk -F'"rps":' '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
+for name in a b c cs d g; do declare "$name=$(median_run "${all[$name]}")"; done
+per_round=$(paste <(grep . <<<"${all[d]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') <(grep . <<<"${all[cs]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}')
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
 # The same gateway on Redis.
@@ -160,7 +170,7 @@ u0=$(with_cmds $LG run-unknown "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "
 
 echo "## keygate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
-echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; ${CONNS} connections × ${SECONDS_PER_RUN} s each; POST ${BODY} B; keygate threads=${THREADS}; nginx 1 worker; client: examples/loadgen (1 thread)"
+echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; ${CONNS} connections × ${SECONDS_PER_RUN} s each, median of ${ROUNDS} interleaved rounds; POST ${BODY} B; keygate threads=${THREADS}; nginx 1 worker; client: examples/loadgen (1 thread)"
 echo
 echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (b) | rps vs (c) | rps vs (c') |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -173,6 +183,7 @@ for name in a b c cs d g; do
     "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rb")" "$(ratio "$rps" "$rc")" "$(ratio "$rps" "$rcs")"
 done
 echo
+echo "(d)/(c') per round: $per_round"
 echo "p99 (d) − p99 (c): $(( $(field "$d" p99_us) - $(field "$c" p99_us) )) µs"
 echo
 echo "keygate peak RSS after the runs: ${rss} KiB"
