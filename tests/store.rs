@@ -344,9 +344,7 @@ async fn records_and_live_nonces_survive_reopening() {
         } = b;
         // Dropping the store is the process going away: no explicit flush first.
         drop(store);
-        // The embedded file keeps expiry in whole seconds rounded up (held a little longer,
-        // never shorter), so a 1 s nonce may be held for up to 2 s.
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         let again = reopen();
         assert_eq!(
             again.get_by_id(&r.id).await.unwrap().as_ref(),

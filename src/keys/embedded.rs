@@ -1,13 +1,14 @@
 //! The embedded store: one redb file (ACID, crash-safe) for a single gateway node.
 //!
 //! Tables: `keys` (id → JSON record), `by_public` (public key → id), `by_hash` (bearer
-//! SHA-256 → id), `by_owner` ((owner, id) → ()), `nonces` ("id\nnonce" → expiry, Unix s).
+//! SHA-256 → id), `by_owner` ((owner, id) → ()), and the audit tables.
 //!
 //! Nonces are checked against memory (atomic, no I/O on the request path) and made durable
-//! by a writer thread that commits them in batches every few milliseconds. A graceful stop
-//! flushes the batch; a crash (SIGKILL, power loss) can lose the last batch, at most
-//! [`NONCE_BATCH_WINDOW`] of nonces. One redb file can be opened by one process only, so
-//! memory is authoritative for the node.
+//! by a writer thread that appends them to a journal beside the file ([`super::nonce_log`])
+//! in batches every few milliseconds. A graceful stop flushes the batch; a crash (SIGKILL,
+//! power loss) can lose the last batch, at most [`NONCE_BATCH_WINDOW`] of nonces. One redb
+//! file can be opened by one process only, so memory is authoritative for the node. Earlier
+//! versions kept nonces in the `nonces` table; opening moves them into the journal.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -24,12 +25,14 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
+use super::nonce_log::{self, NonceLog};
 use super::store::{KeyStore, Page, StoreError, Usage, Write};
 
 const KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("keys");
 const BY_PUBLIC: TableDefinition<'_, &str, &str> = TableDefinition::new("by_public");
 const BY_HASH: TableDefinition<'_, &[u8], &str> = TableDefinition::new("by_hash");
 const BY_OWNER: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("by_owner");
+/// Nonces of earlier versions ("id\nnonce" → expiry, Unix s); emptied into the journal on open.
 const NONCES: TableDefinition<'_, &str, u64> = TableDefinition::new("nonces");
 const AUDIT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("audit");
 const AUDIT_BY_KEY: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("audit_by_key");
@@ -38,7 +41,7 @@ const AUDIT_BY_OWNER: TableDefinition<'_, (&str, &str), ()> =
 
 /// How long the writer thread gathers nonces before one durable commit.
 pub const NONCE_BATCH_WINDOW: Duration = Duration::from_millis(20);
-/// How often expired nonces are purged from the file.
+/// How often expired nonces are purged from memory and journal segments rotated.
 const NONCE_PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// A key store in one local file.
@@ -64,7 +67,7 @@ impl Drop for EmbeddedStore {
 }
 
 enum WriterMsg {
-    Nonce { key: String, expires_unix: u64 },
+    Nonce { key: String, expires_ms: u64 },
     Flush(mpsc::Sender<Result<(), String>>),
 }
 
@@ -113,6 +116,23 @@ impl NonceSet {
         }
     }
 
+    /// Every held nonce still live at `now`, with its expiry.
+    fn live(&self, now: u64) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            out.extend(
+                shard
+                    .iter()
+                    .filter(|(_, until)| **until > now)
+                    .map(|(k, until)| (k.clone(), *until)),
+            );
+        }
+        out
+    }
+
     fn purge(&self, now: u64) {
         for shard in self.shards.iter() {
             shard
@@ -125,10 +145,6 @@ impl NonceSet {
 
 fn unavailable(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Unavailable(e.into().to_string())
-}
-
-fn unix_now() -> u64 {
-    unix_now_ms() / 1000
 }
 
 fn unix_now_ms() -> u64 {
@@ -169,27 +185,23 @@ impl EmbeddedStore {
         }
         txn.commit().map_err(unavailable)?;
 
+        let now_ms = unix_now_ms();
+        let journal_dir = nonce_log::dir_for(path);
+        let (mut journal, live) = NonceLog::open(&journal_dir, now_ms).map_err(|e| {
+            StoreError::Unavailable(format!("nonce journal {}: {e}", journal_dir.display()))
+        })?;
         let nonces = Arc::new(NonceSet::new());
-        let now = unix_now();
-        {
-            let read = db.begin_read().map_err(unavailable)?;
-            let table = read.open_table(NONCES).map_err(unavailable)?;
-            for row in table.iter().map_err(unavailable)? {
-                let (k, exp) = row.map_err(unavailable)?;
-                let exp = exp.value();
-                if exp > now {
-                    nonces.claim(k.value(), exp * 1000, now * 1000);
-                }
-            }
+        for (key, until) in &live {
+            nonces.claim(key, *until, now_ms);
         }
+        migrate_nonce_table(&db, &mut journal, &nonces, now_ms)?;
 
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
-        let writer_db = Arc::clone(&db);
         let writer_nonces = Arc::clone(&nonces);
         let writer_thread = thread::Builder::new()
             .name("keygate-nonce-writer".into())
-            .spawn(move || nonce_writer(&writer_db, &writer_nonces, &rx))
+            .spawn(move || nonce_writer(journal, &writer_nonces, &rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start nonce writer: {e}")))?;
         Ok(Self {
             db,
@@ -199,30 +211,23 @@ impl EmbeddedStore {
         })
     }
 
-    /// Nonces still inside their window, as (key id, nonce, time left), read from the file
-    /// after a flush. Whole seconds, rounded up: a copied nonce may live a little longer than
-    /// its original, never shorter.
+    /// Nonces still inside their window, as (key id, nonce, time left to the millisecond).
+    /// Memory holds every one the journal does (and those of the batch not yet written).
     pub async fn live_nonces(&self) -> Result<Vec<(String, String, Duration)>, StoreError> {
-        self.flush().await?;
-        let now = unix_now();
-        let read = self.db.begin_read().map_err(unavailable)?;
-        let table = read.open_table(NONCES).map_err(unavailable)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(unavailable)? {
-            let (k, exp) = row.map_err(unavailable)?;
-            let exp = exp.value();
-            if exp <= now {
-                continue;
-            }
-            if let Some((id, nonce)) = k.value().split_once('\n') {
-                out.push((
+        let now = unix_now_ms();
+        Ok(self
+            .nonces
+            .live(now)
+            .into_iter()
+            .filter_map(|(key, until)| {
+                let (id, nonce) = key.split_once('\n')?;
+                Some((
                     id.to_owned(),
                     nonce.to_owned(),
-                    Duration::from_secs(exp - now + 1),
-                ));
-            }
-        }
-        Ok(out)
+                    Duration::from_millis(until - now),
+                ))
+            })
+            .collect())
     }
 
     fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
@@ -334,7 +339,41 @@ fn append_audit(
     Ok(())
 }
 
-fn nonce_writer(db: &Database, nonces: &NonceSet, rx: &mpsc::Receiver<WriterMsg>) {
+/// Moves the `nonces` table of earlier versions into memory and the journal, then empties it;
+/// the journal is durable before the rows go.
+fn migrate_nonce_table(
+    db: &Database,
+    journal: &mut NonceLog,
+    nonces: &NonceSet,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let old: Vec<(String, u64)> = {
+        let read = db.begin_read().map_err(unavailable)?;
+        let table = read.open_table(NONCES).map_err(unavailable)?;
+        let mut rows = Vec::new();
+        for row in table.iter().map_err(unavailable)? {
+            let (k, exp) = row.map_err(unavailable)?;
+            rows.push((k.value().to_owned(), exp.value().saturating_mul(1000)));
+        }
+        rows
+    };
+    if old.is_empty() {
+        return Ok(());
+    }
+    let live: Vec<(String, u64)> = old.into_iter().filter(|(_, e)| *e > now_ms).collect();
+    for (key, until) in &live {
+        nonces.claim(key, *until, now_ms);
+    }
+    journal
+        .append(&live)
+        .map_err(|e| StoreError::Unavailable(format!("nonce journal: {e}")))?;
+    let txn = db.begin_write().map_err(unavailable)?;
+    txn.delete_table(NONCES).map_err(unavailable)?;
+    txn.open_table(NONCES).map_err(unavailable)?;
+    txn.commit().map_err(unavailable)
+}
+
+fn nonce_writer(mut journal: NonceLog, nonces: &NonceSet, rx: &mpsc::Receiver<WriterMsg>) {
     let mut last_purge = Instant::now();
     // Parked only while idle: the first message of a batch wakes it, then it sleeps the batch
     // window and drains without waiting. Blocking on every message instead would make each
@@ -343,7 +382,7 @@ fn nonce_writer(db: &Database, nonces: &NonceSet, rx: &mpsc::Receiver<WriterMsg>
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
         let mut take = |msg| match msg {
-            WriterMsg::Nonce { key, expires_unix } => batch.push((key, expires_unix)),
+            WriterMsg::Nonce { key, expires_ms } => batch.push((key, expires_ms)),
             WriterMsg::Flush(done) => flushes.push(done),
         };
         let flush_now = matches!(first, WriterMsg::Flush(_));
@@ -354,34 +393,22 @@ fn nonce_writer(db: &Database, nonces: &NonceSet, rx: &mpsc::Receiver<WriterMsg>
         while let Ok(msg) = rx.try_recv() {
             take(msg);
         }
-        let purge = last_purge.elapsed() >= NONCE_PURGE_EVERY;
-        let result = commit_nonces(db, &batch, purge).map_err(|e| e.to_string());
-        if purge {
-            nonces.purge(unix_now_ms());
-            last_purge = Instant::now();
-        }
+        let result = journal.append(&batch).map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(error = %e, lost = batch.len(), "persisting nonces failed");
+        }
+        if last_purge.elapsed() >= NONCE_PURGE_EVERY {
+            let now = unix_now_ms();
+            nonces.purge(now);
+            if let Err(e) = journal.maintain(now) {
+                tracing::error!(error = %e, "rotating the nonce journal failed");
+            }
+            last_purge = Instant::now();
         }
         for done in flushes {
             let _ = done.send(result.clone());
         }
     }
-}
-
-fn commit_nonces(db: &Database, batch: &[(String, u64)], purge: bool) -> Result<(), StoreError> {
-    let txn = db.begin_write().map_err(unavailable)?;
-    {
-        let mut table = txn.open_table(NONCES).map_err(unavailable)?;
-        for (key, exp) in batch {
-            table.insert(key.as_str(), *exp).map_err(unavailable)?;
-        }
-        if purge {
-            let now = unix_now();
-            table.retain(|_, exp| exp > now).map_err(unavailable)?;
-        }
-    }
-    txn.commit().map_err(unavailable)
 }
 
 #[async_trait]
@@ -607,8 +634,7 @@ impl KeyStore for EmbeddedStore {
         }
         let msg = WriterMsg::Nonce {
             key,
-            // The file keeps whole seconds, rounded up: held a little longer, never shorter.
-            expires_unix: expires.div_ceil(1000),
+            expires_ms: expires,
         };
         self.send(msg)?;
         Ok(true)
@@ -649,5 +675,41 @@ impl KeyStore for EmbeddedStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .map_err(|_| StoreError::Unavailable("nonce writer stopped".into()))?
             .map_err(StoreError::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTableMetadata;
+
+    /// A file written by a version that kept nonces in redb: its live nonces stay used.
+    #[tokio::test]
+    async fn nonces_of_the_old_table_move_into_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.db");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(NONCES).unwrap();
+                let now = unix_now_ms() / 1000;
+                t.insert("key_a\nlive", now + 600).unwrap();
+                t.insert("key_a\ngone", now - 1).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let ttl = Duration::from_secs(600);
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            assert!(!store.use_nonce("key_a", "live", ttl).await.unwrap());
+            assert!(store.use_nonce("key_a", "gone", ttl).await.unwrap());
+            let read = store.db.begin_read().unwrap();
+            assert_eq!(read.open_table(NONCES).unwrap().len().unwrap(), 0);
+        }
+        // Now only in the journal: still used after another restart.
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert!(!store.use_nonce("key_a", "live", ttl).await.unwrap());
+        assert!(!store.use_nonce("key_a", "gone", ttl).await.unwrap());
     }
 }

@@ -5,6 +5,7 @@ pub mod audit;
 mod copy;
 mod embedded;
 mod model;
+mod nonce_log;
 mod redis;
 pub mod secret;
 mod store;
