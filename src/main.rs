@@ -10,6 +10,11 @@ use keygate::cli::{demo, keys, sign};
 use keygate::keys::AuthKind;
 use keygate::{App, Config};
 
+/// mimalloc instead of glibc's malloc: pingora allocates and frees per request, and glibc's
+/// `_int_malloc`/`free`/`malloc_consolidate` were ~15% of the proxy's samples under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a bad config or command line (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
 /// Exit code when the gateway cannot start (EX_SOFTWARE would mislead; EX_UNAVAILABLE).
