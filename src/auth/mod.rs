@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use http::header::{HeaderName, AUTHORIZATION};
 use http::HeaderMap;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -19,20 +20,21 @@ use crate::keys::secret::ct_eq;
 use crate::keys::{scopes_grant, ActiveKey, AuthKind, AuthKinds};
 use crate::problem::ErrorCode;
 
-pub const H_PUBLIC_KEY: &str = "x-api-public-key";
-pub const H_SIGNATURE: &str = "x-api-signature";
-pub const H_TIMESTAMP: &str = "x-api-timestamp";
-pub const H_NONCE: &str = "x-api-nonce";
-pub const H_API_KEY: &str = "x-api-key";
+// Header names made once: a `&str` name is parsed and validated on every map lookup.
+pub const H_PUBLIC_KEY: HeaderName = HeaderName::from_static("x-api-public-key");
+pub const H_SIGNATURE: HeaderName = HeaderName::from_static("x-api-signature");
+pub const H_TIMESTAMP: HeaderName = HeaderName::from_static("x-api-timestamp");
+pub const H_NONCE: HeaderName = HeaderName::from_static("x-api-nonce");
+pub const H_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Every header that carries a credential; removed before forwarding by default.
-pub const CREDENTIAL_HEADERS: [&str; 6] = [
+pub const CREDENTIAL_HEADERS: [HeaderName; 6] = [
     H_PUBLIC_KEY,
     H_SIGNATURE,
     H_TIMESTAMP,
     H_NONCE,
     H_API_KEY,
-    "authorization",
+    AUTHORIZATION,
 ];
 
 /// Why a request was not authenticated. `Display` is the client-facing `detail`: it never
@@ -101,7 +103,7 @@ pub enum Credentials<'a> {
     Bearer { secret_hash: [u8; 32] },
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, AuthError> {
+fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, AuthError> {
     headers
         .get(name)
         .map(|v| {
@@ -120,20 +122,20 @@ fn is_valid_nonce(n: &str) -> bool {
 
 /// Step 3: finds the credentials and checks their shape.
 pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthError> {
-    if let Some(public_key) = header(headers, H_PUBLIC_KEY)? {
+    if let Some(public_key) = header(headers, &H_PUBLIC_KEY)? {
         // Keys imported from other systems keep their own public keys: shape only.
         if !crate::keys::secret::is_valid_public_key(public_key) {
             return Err(AuthError::MalformedCredentials(
                 "x-api-public-key must be 1-128 characters of A-Z a-z 0-9 _ -",
             ));
         }
-        let Some(sig) = header(headers, H_SIGNATURE)? else {
+        let Some(sig) = header(headers, &H_SIGNATURE)? else {
             return Err(AuthError::MissingCredentials("x-api-signature is missing"));
         };
         let signature = signing::parse_signature(sig).ok_or(AuthError::MalformedCredentials(
             "x-api-signature must be 64 hex characters",
         ))?;
-        let timestamp = header(headers, H_TIMESTAMP)?;
+        let timestamp = header(headers, &H_TIMESTAMP)?;
         if timestamp
             .is_some_and(|t| t.is_empty() || t.len() > 12 || !t.bytes().all(|b| b.is_ascii_digit()))
         {
@@ -141,7 +143,7 @@ pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthErr
                 "x-api-timestamp must be Unix time in seconds, decimal",
             ));
         }
-        let nonce = header(headers, H_NONCE)?;
+        let nonce = header(headers, &H_NONCE)?;
         if nonce.is_some_and(|n| !is_valid_nonce(n)) {
             return Err(AuthError::MalformedCredentials(
                 "x-api-nonce must be 1-64 characters of A-Z a-z 0-9 _ -",
@@ -154,7 +156,7 @@ pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthErr
             nonce,
         });
     }
-    let bearer = match header(headers, "authorization")? {
+    let bearer = match header(headers, &AUTHORIZATION)? {
         Some(value) => {
             let (scheme, token) = value
                 .split_once(' ')
@@ -168,14 +170,14 @@ pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthErr
             }
             Some(token.trim())
         }
-        None => header(headers, H_API_KEY)?,
+        None => header(headers, &H_API_KEY)?,
     };
     match bearer {
         Some(secret) if !secret.is_empty() => Ok(Credentials::Bearer {
             secret_hash: crate::keys::SecretString::new(secret.to_owned()).sha256(),
         }),
         Some(_) => Err(AuthError::MalformedCredentials("x-api-key is empty")),
-        None if headers.contains_key(H_SIGNATURE) => {
+        None if headers.contains_key(&H_SIGNATURE) => {
             Err(AuthError::MissingCredentials("x-api-public-key is missing"))
         }
         None => Err(AuthError::MissingCredentials(
