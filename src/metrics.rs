@@ -2,7 +2,8 @@
 //! route names from config, error codes, fixed enums; never key ids, owners or raw paths.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric keygate exports, registered in its own registry.
@@ -15,6 +16,17 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub keys_changed: IntCounterVec,
+    /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
+    /// labels and takes a lock on every request.
+    cache_counters: [IntCounter; 3],
+}
+
+/// One route's hot-path series, looked up once at startup.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    pub auth_duration: Histogram,
+    pub upstream_2xx: Histogram,
+    pub ok: IntCounter,
 }
 
 /// Cache lookup outcomes (`keygate_key_cache_requests_total{result}`).
@@ -119,6 +131,12 @@ impl Metrics {
         registry.register(Box::new(cache_requests.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(keys_changed.clone()))?;
+        let cache_counters = [
+            CacheResult::Hit,
+            CacheResult::Miss,
+            CacheResult::NegativeHit,
+        ]
+        .map(|r| cache_requests.with_label_values(&[r.as_str()]));
         Ok(Self {
             registry,
             requests_total,
@@ -127,13 +145,21 @@ impl Metrics {
             cache_requests,
             store_errors,
             keys_changed,
+            cache_counters,
         })
     }
 
     pub fn cache(&self, result: CacheResult) {
-        self.cache_requests
-            .with_label_values(&[result.as_str()])
-            .inc();
+        self.cache_counters[result as usize].inc();
+    }
+
+    /// The series a route's successful requests touch.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            auth_duration: self.auth_duration.with_label_values(&[route]),
+            upstream_2xx: self.upstream_duration.with_label_values(&[route, "2xx"]),
+            ok: self.requests_total.with_label_values(&[route, "ok"]),
+        }
     }
 
     pub fn key_changed(&self, change: KeyChange) {

@@ -30,7 +30,7 @@ use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::{Config, Route, Upstream};
 use crate::keys::{ActiveKey, AuthKind};
-use crate::metrics::{status_class, Metrics};
+use crate::metrics::{status_class, Metrics, RouteMetrics};
 use crate::problem::{self, ErrorCode};
 pub use route::Router;
 
@@ -49,6 +49,8 @@ pub struct Gateway {
     policy: Policy,
     cache: Arc<KeyCache>,
     metrics: Metrics,
+    /// Per route index, the series of its successful requests.
+    route_metrics: Vec<RouteMetrics>,
     clock: Arc<dyn Clock>,
     /// For bodies beyond pingora's retry buffer; pools connections like pingora's own.
     connector: Connector,
@@ -133,6 +135,11 @@ impl Gateway {
                 body_nonce_retention: config.signing.body_nonce_retention,
             },
             cache,
+            route_metrics: config
+                .routes
+                .iter()
+                .map(|r| metrics.route(&r.name))
+                .collect(),
             metrics,
             clock,
             connector: Connector::new(None),
@@ -161,6 +168,14 @@ impl Gateway {
             return Some(&self.self_service_route);
         }
         ctx.route.and_then(|i| self.router.get(i))
+    }
+
+    /// The matched configured route's pre-made series (none for self-service calls).
+    fn hot_metrics(&self, ctx: &Ctx) -> Option<&RouteMetrics> {
+        if ctx.self_service {
+            return None;
+        }
+        ctx.route.and_then(|i| self.route_metrics.get(i))
     }
 
     fn upstream(&self, route: &Route) -> Option<&Upstream> {
@@ -262,13 +277,19 @@ impl Gateway {
         body: &[u8],
         client_ip: IpAddr,
         route: &Route,
+        route_index: Option<usize>,
     ) -> std::result::Result<Arc<ActiveKey>, AuthError> {
         let started = Instant::now();
         let result = self.check_request(req, body, client_ip, route).await;
-        self.metrics
-            .auth_duration
-            .with_label_values(&[route.name.as_str()])
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed().as_secs_f64();
+        match route_index.and_then(|i| self.route_metrics.get(i)) {
+            Some(m) => m.auth_duration.observe(elapsed),
+            None => self
+                .metrics
+                .auth_duration
+                .with_label_values(&[route.name.as_str()])
+                .observe(elapsed),
+        }
         result
     }
 
@@ -353,7 +374,7 @@ impl Gateway {
             req.remove_header(&name);
         }
         if !forward_credentials {
-            for name in auth::CREDENTIAL_HEADERS {
+            for name in &auth::CREDENTIAL_HEADERS {
                 req.remove_header(name);
             }
         }
@@ -509,7 +530,13 @@ impl ProxyHttp for Gateway {
         };
 
         let result = self
-            .authenticate(session.req_header(), &body, client_ip, route)
+            .authenticate(
+                session.req_header(),
+                &body,
+                client_ip,
+                route,
+                Some(route_index),
+            )
             .await;
         match result {
             Ok(key) => ctx.key = Some(key),
@@ -569,13 +596,16 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let (Some(started), Some(route)) = (ctx.upstream_started, self.route(ctx)) {
-            self.metrics
-                .upstream_duration
-                .with_label_values(&[
-                    route.name.as_str(),
-                    status_class(upstream_response.status.as_u16()),
-                ])
-                .observe(started.elapsed().as_secs_f64());
+            let elapsed = started.elapsed().as_secs_f64();
+            let class = status_class(upstream_response.status.as_u16());
+            match self.hot_metrics(ctx) {
+                Some(m) if class == "2xx" => m.upstream_2xx.observe(elapsed),
+                _ => self
+                    .metrics
+                    .upstream_duration
+                    .with_label_values(&[route.name.as_str(), class])
+                    .observe(elapsed),
+            }
         }
         Ok(())
     }
@@ -619,10 +649,14 @@ impl ProxyHttp for Gateway {
             (None, Some(_)) => "client_closed",
             (None, None) => "ok",
         };
-        self.metrics
-            .requests_total
-            .with_label_values(&[route, outcome])
-            .inc();
+        match self.hot_metrics(ctx) {
+            Some(m) if outcome == "ok" => m.ok.inc(),
+            _ => self
+                .metrics
+                .requests_total
+                .with_label_values(&[route, outcome])
+                .inc(),
+        }
         if let Some(err) = e {
             tracing::debug!(request_id = %ctx.request_id, route, error = %err, "request failed");
         }

@@ -64,6 +64,7 @@ impl Gateway {
                 &body,
                 client_ip,
                 &self.self_service_route,
+                None,
             )
             .await;
         let key = match result {
