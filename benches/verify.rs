@@ -4,6 +4,10 @@
 //! (the irreducible cost: every v1 verification hashes the body once).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+/// The gateway's allocator, so allocation on the measured paths costs what it does in `serve`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::IpAddr;

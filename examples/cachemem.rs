@@ -8,6 +8,10 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// The gateway's allocator: memory per key is measured as `keygate serve` would hold it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,12 +9,15 @@
 #   (g) keygate, cached bearer key
 # Then a second keygate on a private redis-server (same master key, same upstream):
 #   (e) Redis store, cached key        — one Redis round trip per request (the nonce)
-#   (e') Redis store, a fresh key on every request (each request is its key's first: a cache
-#        miss, one lookup round trip, then the nonce)
+#   (f) Redis store, a fresh key on every request (each request is its key's first: a cache
+#       miss, one lookup round trip, then the nonce)
 #   (u) unknown keys: from a pool of 1,000 (negative cache) and all distinct — with the
 #       Redis commands per second they cause
 # Each is driven by the same client (examples/loadgen.rs) for SECONDS with CONNS keep-alive
-# connections; a markdown table with ratios goes to stdout.
+# connections; a markdown table with ratios goes to stdout. Besides requests/s, every row
+# reports the CPU time the process under test (nginx's worker, or keygate) spent per request
+# (/proc/<pid>/stat over the row): this machine's steal time moves requests/s between runs,
+# CPU per request much less.
 # Then memory per cached key (examples/cachemem: keygate's KeyCache filled with 1,000,000 keys).
 # wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1 ROUNDS=3.
 set -euo pipefail
@@ -111,6 +114,19 @@ read -r pk sk < <($LG mint "http://127.0.0.1:$admin" bench-token)
 read -r _ bsk < <($LG mint "http://127.0.0.1:$admin" bench-token bearer)
 $LG wait "http://127.0.0.1:$ngproxy/x"
 
+# CPU seconds (user + system, all threads) of a process, in clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TCK=$(getconf CLK_TCK)
+# measure PID cmd...: the command's JSON line with "cpu_us" (PID's CPU µs per request) added.
+measure() {
+  local pid=$1 before after out n
+  shift
+  before=$(ticks "$pid")
+  out=$("$@")
+  after=$(ticks "$pid")
+  n=$(sed -E 's/.*"requests":([0-9]+).*/\1/' <<<"$out")
+  sed -E "s/}$/,\"cpu_us\":$(awk -v d=$((after - before)) -v n="$n" -v t="$TCK" 'BEGIN { printf "%.1f", (n > 0 ? d * 1e6 / t / n : 0) }')}/" <<<"$out"
+}
 run() { $LG run "$1" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "${@:2}"; }
 field() { sed -E "s/.*\"$2\":([0-9.]+).*/\1/" <<<"$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
@@ -121,18 +137,20 @@ $LG run-bearer "http://127.0.0.1:$proxy/v1/payments" 1 1 "$BODY" "$bsk" >/dev/nu
 # ROUNDS rounds, the rows interleaved within each, so a slow spell of this shared machine hits
 # every row alike; each row reports its median round, and the (d)/(c') ratio is also given per
 # round.
+up_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -1)
+ngproxy_worker=$(pgrep -P "$(cat "$work/ngproxy/nginx.pid")" | head -1)
 declare -A all
 for round in $(seq "$ROUNDS"); do
-  all[a]+="$(run "http://127.0.0.1:$up/v1/payments")"$'\n'
-  all[b]+="$(run "http://127.0.0.1:$ngproxy/v1/payments")"$'\n'
-  all[c]+="$(run "http://127.0.0.1:$proxy/public/payments")"$'\n'
-  all[cs]+="$(run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")"$'\n'
-  all[d]+="$(run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")"$'\n'
-  all[g]+="$($LG run-bearer "http://127.0.0.1:$proxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$bsk")"$'\n'
+  all[a]+="$(measure "$up_worker" run "http://127.0.0.1:$up/v1/payments")"$'\n'
+  all[b]+="$(measure "$ngproxy_worker" run "http://127.0.0.1:$ngproxy/v1/payments")"$'\n'
+  all[c]+="$(measure "$kgpid" run "http://127.0.0.1:$proxy/public/payments")"$'\n'
+  all[cs]+="$(measure "$kgpid" run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")"$'\n'
+  all[d]+="$(measure "$kgpid" run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")"$'\n'
+  all[g]+="$(measure "$kgpid" $LG run-bearer "http://127.0.0.1:$proxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$bsk")"$'\n'
 done
 median_run() { grep . <<<"$1" | awk -F'"rps":' '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
 for name in a b c cs d g; do declare "$name=$(median_run "${all[$name]}")"; done
-per_round=$(paste <(grep . <<<"${all[d]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') <(grep . <<<"${all[cs]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}')
+rounds_ratio() { paste <(grep . <<<"${all[$1]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') <(grep . <<<"${all[$2]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'; }
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
 # The same gateway on Redis.
@@ -144,8 +162,8 @@ redis_url="redis://127.0.0.1:$rport"
 sed -e "s/127.0.0.1:$proxy/127.0.0.1:$rproxy/; s/127.0.0.1:$admin/127.0.0.1:$radmin/; s/127.0.0.1:$metrics/127.0.0.1:$rmetrics/" \
     -e "s|^path = \"$work/keygate.db\"|kind = \"redis\"\nurl = \"$redis_url\"|" "$work/keygate.toml" > "$work/keygate-redis.toml"
 until $LG redis-commands "$redis_url" >/dev/null 2>&1; do sleep 0.05; done
-# Enough fresh keys for (e') at up to 8,000 requests/s.
-fresh=$((SECONDS_PER_RUN * 8000))
+# Enough fresh keys for (f) at up to 12,000 requests/s.
+fresh=$((SECONDS_PER_RUN * 12000))
 $LG seed-redis "$redis_url" "$MASTER" "$fresh" "$work/fresh.keys"
 KEYGATE_MASTER_KEY=$MASTER KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
   $KG serve --config "$work/keygate-redis.toml" 2>"$work/keygate-redis.err" &
@@ -164,7 +182,7 @@ with_cmds() {
   sed -E "s/}$/,\"redis_cmds\":$((after - before))}/" <<<"$out"
 }
 e=$(with_cmds run "http://127.0.0.1:$rproxy/v1/payments" "$rpk" "$rsk")
-ef=$(with_cmds $LG run-keys "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$work/fresh.keys")
+f=$(with_cmds $LG run-keys "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$work/fresh.keys")
 u1=$(with_cmds $LG run-unknown "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" 1000)
 u0=$(with_cmds $LG run-unknown "http://127.0.0.1:$rproxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" 0)
 
@@ -172,18 +190,19 @@ echo "## keygate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; ${CONNS} connections × ${SECONDS_PER_RUN} s each, median of ${ROUNDS} interleaved rounds; POST ${BODY} B; keygate threads=${THREADS}; nginx 1 worker; client: examples/loadgen (1 thread)"
 echo
-echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (b) | rps vs (c) | rps vs (c') |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-ra=$(field "$a" rps); rb=$(field "$b" rps); rc=$(field "$c" rps); rcs=$(field "$cs" rps)
+echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (b) | rps vs (c) | rps vs (c') | CPU µs/request | CPU vs (c) |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+ra=$(field "$a" rps); rb=$(field "$b" rps); rc=$(field "$c" rps); rcs=$(field "$cs" rps); cc=$(field "$c" cpu_us)
 for name in a b c cs d g; do
   r=${!name}
   label=$(case $name in a) echo "(a) upstream direct";; b) echo "(b) nginx proxy_pass, keep-alive";; c) echo "(c) keygate, public route";; cs) echo "(c') keygate, public route, client signing";; d) echo "(d) keygate, hmac-v1 cached key";; g) echo "(g) keygate, bearer cached key";; esac)
   rps=$(field "$r" rps)
-  printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
-    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rb")" "$(ratio "$rps" "$rc")" "$(ratio "$rps" "$rcs")"
+  printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
+    "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rb")" "$(ratio "$rps" "$rc")" "$(ratio "$rps" "$rcs")" \
+    "$(field "$r" cpu_us)" "$(ratio "$(field "$r" cpu_us)" "$cc")"
 done
 echo
-echo "(d)/(c') per round: $per_round"
+echo "(d)/(c) per round: $(rounds_ratio d c); (d)/(c') per round: $(rounds_ratio d cs); (d)/(b) per round: $(rounds_ratio d b)"
 echo "p99 (d) − p99 (c): $(( $(field "$d" p99_us) - $(field "$c" p99_us) )) µs"
 echo
 echo "keygate peak RSS after the runs: ${rss} KiB"
@@ -193,9 +212,9 @@ echo
 echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (e) | Redis commands | per request |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 re=$(field "$e" rps)
-for name in e ef u1 u0; do
+for name in e f u1 u0; do
   r=${!name}
-  label=$(case $name in e) echo "(e) cached key";; ef) echo "(e') every request a fresh key";; u1) echo "(u) unknown keys, pool of 1,000 (answered 401)";; u0) echo "(u) unknown keys, all distinct (answered 401)";; esac)
+  label=$(case $name in e) echo "(e) cached key";; f) echo "(f) every request a fresh key";; u1) echo "(u) unknown keys, pool of 1,000 (answered 401)";; u0) echo "(u) unknown keys, all distinct (answered 401)";; esac)
   rps=$(field "$r" rps); n=$(field "$r" requests); cmds=$(field "$r" redis_cmds)
   printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
     "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$re")" "$cmds" "$(ratio "$cmds" "$n")"
