@@ -3,8 +3,13 @@
 //! each record on request (no Redis or redb file in the measurement), so what grows is the
 //! cache as the gateway holds it: moka's entries, the unsealed `ActiveKey`s, their records.
 //!
+//! With `nonces`, it measures the embedded store's used-nonce set instead: N nonces through
+//! `EmbeddedStore::use_nonce` (journal writes included), then, as the baseline in the same
+//! run, the same N "id\nnonce" strings in a `HashMap<String, u64>` — how the set held them
+//! before it kept keyed 128-bit hashes.
+//!
 //! ```text
-//! cachemem [N] [unknown]   (default 1000000) -> one JSON line; `unknown`: negative entries
+//! cachemem [N] [unknown|nonces]   (default 1000000) -> one JSON line
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -110,7 +115,11 @@ async fn main() {
     let n: u64 = std::env::args()
         .nth(1)
         .map_or(1_000_000, |a| a.parse().expect("N"));
-    let unknown = std::env::args().nth(2).as_deref() == Some("unknown");
+    let mode = std::env::args().nth(2);
+    if mode.as_deref() == Some("nonces") {
+        return nonces(n).await;
+    }
+    let unknown = mode.as_deref() == Some("unknown");
     let (mk, text) = MasterKey::generate();
     let cfg = CacheConfig {
         capacity: n,
@@ -143,5 +152,38 @@ async fn main() {
     println!(
         "{{\"keys\":{n},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"rss_after_use_kib\":{used},\"bytes_per_key\":{},\"header_bytes\":{sent}}}",
         (after - before) * 1024 / n
+    );
+}
+
+/// Memory per used nonce in the embedded store, against the string map it replaced.
+async fn nonces(n: u64) {
+    use keygate::keys::EmbeddedStore;
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("keygate.db")).unwrap();
+    // Ids as minted (a ULID after a prefix) and nonces as the CLI makes them (32 characters):
+    // made up front, they are the requests', not the set's.
+    let ids: Vec<String> = (0..1000)
+        .map(|i| format!("key_01JDQ7Z8X4{i:016}"))
+        .collect();
+    let nonces: Vec<String> = (0..n).map(|i| format!("{i:032x}")).collect();
+    let ttl = Duration::from_secs(600);
+    let before = rss_kib();
+    for (i, nonce) in nonces.iter().enumerate() {
+        let id = &ids[i % ids.len()];
+        assert!(store.use_nonce(id, nonce, ttl).await.unwrap());
+    }
+    store.flush().await.unwrap();
+    let after = rss_kib();
+    let baseline_before = rss_kib();
+    let mut strings: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for (i, nonce) in nonces.iter().enumerate() {
+        strings.insert(format!("{}\n{nonce}", ids[i % ids.len()]), i as u64);
+    }
+    let baseline_after = rss_kib();
+    assert_eq!(strings.len() as u64, n);
+    println!(
+        "{{\"nonces\":{n},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_nonce\":{},\"string_map_bytes_per_nonce\":{}}}",
+        (after - before) * 1024 / n,
+        (baseline_after - baseline_before) * 1024 / n
     );
 }

@@ -10,7 +10,7 @@
 //! file can be opened by one process only, so memory is authoritative for the node. Earlier
 //! versions kept nonces in the `nonces` table; opening moves them into the journal.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -18,10 +18,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
 use redb::{Database, ReadableTable, TableDefinition};
+use siphasher::sip128::SipHasher13;
 
 use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
@@ -52,6 +52,8 @@ pub struct EmbeddedStore {
     /// To the writer thread; `std::sync::mpsc` because the writer is a plain thread.
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<WriterMsg>>,
+    /// The nonce journal (`<store file>.nonces/`).
+    journal_dir: PathBuf,
     /// Joined on drop, so the file is closed (and can be reopened) when the store is gone.
     writer_thread: Option<thread::JoinHandle<()>>,
 }
@@ -71,14 +73,25 @@ enum WriterMsg {
     Flush(mpsc::Sender<Result<(), String>>),
 }
 
-/// Used nonces ("id\nnonce" → expiry, Unix ms) in mutex-guarded shards: check-and-insert is
-/// atomic per nonce, and concurrent checks rarely meet on one lock. Replaced a moka cache with
-/// per-entry expiry and its timer wheel: the check went from 2.2 to 1.2 µs (criterion,
-/// `lookup/embedded_nonce_check`, the key formatting and the writer hand-off included).
+/// Used nonces in mutex-guarded shards: check-and-insert is atomic per nonce, and concurrent
+/// checks rarely meet on one lock. Replaced a moka cache with per-entry expiry and its timer
+/// wheel: the check went from 2.2 to 1.2 µs (criterion, `lookup/embedded_nonce_check`, the
+/// key formatting and the writer hand-off included).
+///
+/// An entry is a 128-bit SipHash-1-3 of "id\nnonce" under a per-process random key, and its
+/// expiry: 24 bytes and no allocation, where the string itself cost ~82 bytes of memory per
+/// request under load. The set must hold every nonce of a 2 × `clock_skew` window (10 minutes
+/// by default), so memory is rate × window × entry size. Keyed, so that no client can aim two
+/// of its nonces at one entry; an accidental collision (2^-128 per pair) could only refuse a
+/// request as a replay, never let one through. The strings live in the journal, which is
+/// what [`EmbeddedStore::live_nonces`] reads.
 struct NonceSet {
-    shards: Box<[std::sync::Mutex<HashMap<String, u64, RandomState>>]>,
-    hasher: RandomState,
+    shards: Box<[std::sync::Mutex<NonceShard>]>,
+    key: SipHasher13,
 }
+
+/// Keyed hash of "id\nnonce" → expiry, Unix ms.
+type NonceShard = HashMap<[u64; 2], u64, RandomState>;
 
 impl NonceSet {
     const SHARDS: usize = 16;
@@ -88,49 +101,24 @@ impl NonceSet {
             shards: (0..Self::SHARDS)
                 .map(|_| std::sync::Mutex::new(HashMap::default()))
                 .collect(),
-            hasher: RandomState::default(),
+            key: SipHasher13::new_with_keys(rand::random(), rand::random()),
         }
-    }
-
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, u64, RandomState>> {
-        let i = usize::try_from(self.hasher.hash_one(key)).unwrap_or(0) % Self::SHARDS;
-        // A panic while holding a shard cannot leave a half-made entry: keep using it.
-        self.shards[i]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records `key` until `expires` (Unix ms); `false` if it is held and not yet expired.
     fn claim(&self, key: &str, expires: u64, now: u64) -> bool {
-        let mut shard = self.shard(key);
-        match shard.get_mut(key) {
-            Some(until) if *until > now => false,
-            Some(until) => {
-                *until = expires;
-                true
-            }
-            None => {
-                shard.insert(key.to_owned(), expires);
-                true
-            }
+        let h = self.key.hash(key.as_bytes());
+        let i = usize::try_from(h.h1).unwrap_or(0) % Self::SHARDS;
+        // A panic while holding a shard cannot leave a half-made entry: keep using it.
+        let mut shard = self.shards[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let until = shard.entry([h.h1, h.h2]).or_insert(0);
+        if *until > now {
+            return false;
         }
-    }
-
-    /// Every held nonce still live at `now`, with its expiry.
-    fn live(&self, now: u64) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            let shard = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            out.extend(
-                shard
-                    .iter()
-                    .filter(|(_, until)| **until > now)
-                    .map(|(k, until)| (k.clone(), *until)),
-            );
-        }
-        out
+        *until = expires;
+        true
     }
 
     fn purge(&self, now: u64) {
@@ -207,24 +195,35 @@ impl EmbeddedStore {
             db,
             nonces,
             writer: Some(tx),
+            journal_dir,
             writer_thread: Some(writer_thread),
         })
     }
 
-    /// Nonces still inside their window, as (key id, nonce, time left to the millisecond).
-    /// Memory holds every one the journal does (and those of the batch not yet written).
+    /// Nonces still inside their window, as (key id, nonce, time left to the millisecond),
+    /// read from the journal once the writer has written what it holds.
     pub async fn live_nonces(&self) -> Result<Vec<(String, String, Duration)>, StoreError> {
+        self.flush().await?;
+        let dir = self.journal_dir.clone();
         let now = unix_now_ms();
-        Ok(self
-            .nonces
-            .live(now)
+        let live = tokio::task::spawn_blocking(move || nonce_log::read_live(&dir, now))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .map_err(|e| StoreError::Unavailable(format!("nonce journal: {e}")))?;
+        // A nonce claimed again after it expired has two records: the later expiry holds.
+        let mut latest: HashMap<String, u64> = HashMap::with_capacity(live.len());
+        for (key, until) in live {
+            let held = latest.entry(key).or_insert(0);
+            *held = (*held).max(until);
+        }
+        Ok(latest
             .into_iter()
             .filter_map(|(key, until)| {
                 let (id, nonce) = key.split_once('\n')?;
                 Some((
                     id.to_owned(),
                     nonce.to_owned(),
-                    Duration::from_millis(until - now),
+                    Duration::from_millis(until.saturating_sub(now)),
                 ))
             })
             .collect())

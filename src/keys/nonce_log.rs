@@ -53,12 +53,7 @@ impl NonceLog {
         fs::create_dir_all(dir)?;
         let mut live = Vec::new();
         let mut sealed = Vec::new();
-        let mut names: Vec<PathBuf> = fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .collect();
-        names.sort();
-        for path in names {
+        for path in segment_paths(dir)? {
             let until = load_segment(&path, now_ms, &mut live)?;
             if until <= now_ms {
                 fs::remove_file(&path)?;
@@ -132,6 +127,27 @@ impl NonceLog {
     fn segments(&self) -> usize {
         self.sealed.len() + 1
     }
+}
+
+/// Every nonce of the journal still live at `now_ms`, read from the files while the journal
+/// may be open for appends (whole batches are read; one being written may be cut short).
+/// Nothing is deleted.
+pub(super) fn read_live(dir: &Path, now_ms: u64) -> io::Result<Vec<(String, u64)>> {
+    let mut live = Vec::new();
+    for path in segment_paths(dir)? {
+        load_segment(&path, now_ms, &mut live)?;
+    }
+    Ok(live)
+}
+
+/// The segment files of a journal, oldest first (names are creation times).
+fn segment_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut names: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// Creates a fresh segment, durable with its directory entry, named after `now_ms` (or later,
@@ -210,6 +226,21 @@ mod tests {
         let (_, mut live) = NonceLog::open(dir.path(), 3_000).unwrap();
         live.sort();
         assert_eq!(live, batch(&[("k\na", 5_000), ("k\nc", 9_000)]));
+    }
+
+    #[test]
+    fn the_open_journal_can_be_read_and_is_left_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = NonceLog::open(dir.path(), 1_000).unwrap();
+        log.append(&batch(&[("k\na", 5_000), ("k\nb", 2_000)]))
+            .unwrap();
+        let mut live = read_live(dir.path(), 3_000).unwrap();
+        live.sort();
+        assert_eq!(live, batch(&[("k\na", 5_000)]));
+        // Reading deleted nothing: the expired record is still in the file.
+        assert_eq!(read_live(dir.path(), 0).unwrap().len(), 2);
+        log.append(&batch(&[("k\nc", 9_000)])).unwrap();
+        assert_eq!(read_live(dir.path(), 3_000).unwrap().len(), 2);
     }
 
     #[test]
