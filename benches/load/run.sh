@@ -2,7 +2,9 @@
 # Load benchmark, one invocation on one machine (all traffic on loopback, bounded in time):
 #   (a) the upstream (nginx `return 200`) directly
 #   (b) nginx `proxy_pass` with keep-alive to the upstream (its own process, 1 worker) — the peer
-#   (c) keygate on a public route           — pingora's own cost
+#   (p) pingora itself: examples/bare_pingora, a ProxyHttp with no filters and keygate's server
+#       settings — the floor under every keygate row
+#   (c) keygate on a public route           — pingora plus keygate's per-request work
 #   (c') the same, with the client signing every request as in (d) (keygate ignores it):
 #        the control for (d), since client and gateway share this machine's cores
 #   (d) keygate, cached hmac-v1 key, 1 KiB POST, fresh nonce per request
@@ -18,7 +20,8 @@
 # reports the CPU time the process under test (nginx's worker, or keygate) spent per request
 # (/proc/<pid>/stat over the row): this machine's steal time moves requests/s between runs,
 # CPU per request much less.
-# Then memory per cached key (examples/cachemem: keygate's KeyCache filled with 1,000,000 keys).
+# Then memory per cached key (examples/cachemem: keygate's KeyCache filled with 1,000,000 keys)
+# and per used nonce of the embedded store (examples/cachemem N nonces).
 # wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1 ROUNDS=3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,7 +31,7 @@ THREADS=${THREADS:-1}
 ROUNDS=${ROUNDS:-3}
 BODY=1024
 
-cargo build --release --locked --bin keygate --example loadgen --example cachemem >&2
+cargo build --release --locked --bin keygate --example loadgen --example cachemem --example bare_pingora >&2
 KG=target/release/keygate
 LG=target/release/examples/loadgen
 command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
@@ -113,6 +116,12 @@ read -r pk sk < <($LG mint "http://127.0.0.1:$admin" bench-token)
 [ -n "$pk" ] || { echo "minting failed" >&2; cat "$work/keygate.err" >&2; exit 1; }
 read -r _ bsk < <($LG mint "http://127.0.0.1:$admin" bench-token bearer)
 $LG wait "http://127.0.0.1:$ngproxy/x"
+# (p): pingora with no filters, keygate's server settings — the floor under every keygate row.
+bare=$($LG free-port)
+target/release/examples/bare_pingora "127.0.0.1:$bare" "127.0.0.1:$up" "$THREADS" 2>"$work/bare.err" &
+barepid=$!
+pids+=($barepid)
+$LG wait "http://127.0.0.1:$bare/x"
 
 # CPU seconds (user + system, all threads) of a process, in clock ticks.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -143,13 +152,14 @@ declare -A all
 for round in $(seq "$ROUNDS"); do
   all[a]+="$(measure "$up_worker" run "http://127.0.0.1:$up/v1/payments")"$'\n'
   all[b]+="$(measure "$ngproxy_worker" run "http://127.0.0.1:$ngproxy/v1/payments")"$'\n'
+  all[p]+="$(measure "$barepid" run "http://127.0.0.1:$bare/public/payments")"$'\n'
   all[c]+="$(measure "$kgpid" run "http://127.0.0.1:$proxy/public/payments")"$'\n'
   all[cs]+="$(measure "$kgpid" run "http://127.0.0.1:$proxy/public/payments" "$pk" "$sk")"$'\n'
   all[d]+="$(measure "$kgpid" run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")"$'\n'
   all[g]+="$(measure "$kgpid" $LG run-bearer "http://127.0.0.1:$proxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$bsk")"$'\n'
 done
 median_run() { grep . <<<"$1" | awk -F'"rps":' '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
-for name in a b c cs d g; do declare "$name=$(median_run "${all[$name]}")"; done
+for name in a b p c cs d g; do declare "$name=$(median_run "${all[$name]}")"; done
 rounds_ratio() { paste <(grep . <<<"${all[$1]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') <(grep . <<<"${all[$2]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'; }
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
@@ -193,15 +203,16 @@ echo
 echo "| run | requests/s | p50 µs | p99 µs | errors | rps vs (a) | rps vs (b) | rps vs (c) | rps vs (c') | CPU µs/request | CPU vs (c) |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 ra=$(field "$a" rps); rb=$(field "$b" rps); rc=$(field "$c" rps); rcs=$(field "$cs" rps); cc=$(field "$c" cpu_us)
-for name in a b c cs d g; do
+for name in a b p c cs d g; do
   r=${!name}
-  label=$(case $name in a) echo "(a) upstream direct";; b) echo "(b) nginx proxy_pass, keep-alive";; c) echo "(c) keygate, public route";; cs) echo "(c') keygate, public route, client signing";; d) echo "(d) keygate, hmac-v1 cached key";; g) echo "(g) keygate, bearer cached key";; esac)
+  label=$(case $name in a) echo "(a) upstream direct";; b) echo "(b) nginx proxy_pass, keep-alive";; p) echo "(p) pingora, no filters (the floor)";; c) echo "(c) keygate, public route";; cs) echo "(c') keygate, public route, client signing";; d) echo "(d) keygate, hmac-v1 cached key";; g) echo "(g) keygate, bearer cached key";; esac)
   rps=$(field "$r" rps)
   printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$rps" "$(field "$r" p50_us)" "$(field "$r" p99_us)" \
     "$(field "$r" non_2xx_or_errors)" "$(ratio "$rps" "$ra")" "$(ratio "$rps" "$rb")" "$(ratio "$rps" "$rc")" "$(ratio "$rps" "$rcs")" \
     "$(field "$r" cpu_us)" "$(ratio "$(field "$r" cpu_us)" "$cc")"
 done
 echo
+echo "(c)/(p) per round: $(rounds_ratio c p); (d)/(p) per round: $(rounds_ratio d p)"
 echo "(d)/(c) per round: $(rounds_ratio d c); (d)/(c') per round: $(rounds_ratio d cs); (d)/(b) per round: $(rounds_ratio d b)"
 echo "p99 (d) − p99 (c): $(( $(field "$d" p99_us) - $(field "$c" p99_us) )) µs"
 echo
@@ -222,6 +233,9 @@ done
 echo
 mem=$(target/release/examples/cachemem 1000000)
 echo "Memory per cached key (examples/cachemem, keygate's KeyCache holding 1,000,000 hmac-v1 keys, each then used once): $(field "$mem" bytes_per_key) B; RSS $(field "$mem" rss_before_kib) → $(field "$mem" rss_after_kib) KiB, after use $(field "$mem" rss_after_use_kib) KiB"
+nm=$(target/release/examples/cachemem 1000000 nonces)
+echo
+echo "Memory per used nonce (examples/cachemem nonces, 1,000,000 through the embedded store, journal writes included): $(field "$nm" bytes_per_nonce) B; the same nonces as strings in a HashMap (the earlier layout, same run): $(field "$nm" string_map_bytes_per_nonce) B. The set holds every nonce of 2 × clock_skew: requests/s × 600 s × this."
 if command -v wrk >/dev/null; then
   echo
   echo "wrk cross-check (GET, ${CONNS} connections, 1 thread, ${SECONDS_PER_RUN} s):"
