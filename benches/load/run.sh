@@ -9,6 +9,8 @@
 #        the control for (d), since client and gateway share this machine's cores
 #   (d) keygate, cached hmac-v1 key, 1 KiB POST, fresh nonce per request
 #   (g) keygate, cached bearer key
+# Those rows run back to back (each at its maximum rate); then (b), (c) and (d) again, paced at
+# RATE requests/s: latency at one offered load, where the p99 target belongs.
 # Then a second keygate on a private redis-server (same master key, same upstream):
 #   (e) Redis store, cached key        — one Redis round trip per request (the nonce)
 #   (f) Redis store, a fresh key on every request (each request is its key's first: a cache
@@ -22,13 +24,15 @@
 # CPU per request much less.
 # Then memory per cached key (examples/cachemem: keygate's KeyCache filled with 1,000,000 keys)
 # and per used nonce of the embedded store (examples/cachemem N nonces).
-# wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1 ROUNDS=3.
+# wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1 ROUNDS=3
+# RATE=2000 (the paced rows).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_RUN=${SECONDS:-10}
 CONNS=${CONNS:-16}
 THREADS=${THREADS:-1}
 ROUNDS=${ROUNDS:-3}
+RATE=${RATE:-2000}
 BODY=1024
 
 cargo build --release --locked --bin keygate --example loadgen --example cachemem --example bare_pingora >&2
@@ -161,6 +165,18 @@ done
 median_run() { grep . <<<"$1" | awk -F'"rps":' '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
 for name in a b p c cs d g; do declare "$name=$(median_run "${all[$name]}")"; done
 rounds_ratio() { paste <(grep . <<<"${all[$1]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') <(grep . <<<"${all[$2]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'; }
+
+# The same rows at one offered load (RATE requests/s, paced, staggered over the connections):
+# latency added by authentication, not restated throughput. Interleaved rounds; the median
+# round by p99.
+declare -A paced
+for round in $(seq "$ROUNDS"); do
+  paced[b]+="$(RATE=$RATE run "http://127.0.0.1:$ngproxy/v1/payments")"$'\n'
+  paced[c]+="$(RATE=$RATE run "http://127.0.0.1:$proxy/public/payments")"$'\n'
+  paced[d]+="$(RATE=$RATE run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")"$'\n'
+done
+median_p99() { grep . <<<"$1" | awk -F'"p99_us":' '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
+rounds_p99_gap() { paste <(grep . <<<"${paced[$1]}" | sed -E 's/.*"p99_us":([0-9]+).*/\1/') <(grep . <<<"${paced[$2]}" | sed -E 's/.*"p99_us":([0-9]+).*/\1/') | awk '{printf "%s%+d", (NR > 1 ? ", " : ""), $1 - $2}'; }
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
 # The same gateway on Redis.
@@ -214,7 +230,19 @@ done
 echo
 echo "(c)/(p) per round: $(rounds_ratio c p); (d)/(p) per round: $(rounds_ratio d p)"
 echo "(d)/(c) per round: $(rounds_ratio d c); (d)/(c') per round: $(rounds_ratio d cs); (d)/(b) per round: $(rounds_ratio d b)"
-echo "p99 (d) − p99 (c): $(( $(field "$d" p99_us) - $(field "$c" p99_us) )) µs"
+echo "p99 (d) − p99 (c) at saturation: $(( $(field "$d" p99_us) - $(field "$c" p99_us) )) µs (each row at its own maximum rate: mostly the throughput difference)"
+echo
+echo "At one offered load, ${RATE} requests/s (paced; a request whose slot passed is timed from its slot), median round by p99:"
+echo
+echo "| run | requests/s | p50 µs | p99 µs | p99.9 µs | errors | behind schedule |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for name in b c d; do
+  r=$(median_p99 "${paced[$name]}")
+  label=$(case $name in b) echo "(b) nginx proxy_pass";; c) echo "(c) keygate, public route";; d) echo "(d) keygate, hmac-v1 cached key";; esac)
+  printf "| %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$(field "$r" rps)" "$(field "$r" p50_us)" "$(field "$r" p99_us)" "$(field "$r" p999_us)" "$(field "$r" non_2xx_or_errors)" "$(field "$r" late)"
+done
+echo
+echo "p99 (d) − p99 (c) per round at ${RATE} requests/s: $(rounds_p99_gap d c) µs"
 echo
 echo "keygate peak RSS after the runs: ${rss} KiB"
 echo
