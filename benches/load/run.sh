@@ -17,18 +17,19 @@
 #       miss, one lookup round trip, then the nonce)
 #   (u) unknown keys: from a pool of 1,000 (negative cache) and all distinct — with the
 #       Redis commands per second they cause
-# Each is driven by the same client (examples/loadgen.rs) for SECONDS with CONNS keep-alive
+# Each is driven by the same client (examples/loadgen.rs) for DURATION seconds with CONNS keep-alive
 # connections; a markdown table with ratios goes to stdout. Besides requests/s, every row
 # reports the CPU time the process under test (nginx's worker, or keygate) spent per request
 # (/proc/<pid>/stat over the row): this machine's steal time moves requests/s between runs,
 # CPU per request much less.
 # Then memory per cached key (examples/cachemem: keygate's KeyCache filled with 1,000,000 keys)
 # and per used nonce of the embedded store (examples/cachemem N nonces).
-# wrk cross-checks (a) and (c) when installed. Knobs: SECONDS=10 CONNS=16 THREADS=1 ROUNDS=3
+# wrk cross-checks (a) and (c) when installed. Knobs: DURATION=5 (seconds per row) CONNS=16 THREADS=1 ROUNDS=3
 # RATE=2000 (the paced rows).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SECONDS_PER_RUN=${SECONDS:-10}
+# Not SECONDS: bash sets that itself (seconds since the shell started), so a default never applies.
+SECONDS_PER_RUN=${DURATION:-5}
 CONNS=${CONNS:-16}
 THREADS=${THREADS:-1}
 ROUNDS=${ROUNDS:-3}
