@@ -51,6 +51,8 @@ pub struct Gateway {
     metrics: Metrics,
     /// Per route index, the series of its successful requests.
     route_metrics: Vec<RouteMetrics>,
+    /// The same for the self-service route.
+    self_service_metrics: RouteMetrics,
     clock: Arc<dyn Clock>,
     /// For bodies beyond pingora's retry buffer; pools connections like pingora's own.
     connector: Connector,
@@ -120,6 +122,7 @@ impl Gateway {
         self_service: Option<axum::Router>,
         usage: Arc<crate::usage::UsageTally>,
     ) -> Self {
+        let self_service_route = self_service::route();
         Self {
             router: Router::new(config.routes.clone()),
             next_endpoint: config
@@ -140,12 +143,13 @@ impl Gateway {
                 .iter()
                 .map(|r| metrics.route(&r.name))
                 .collect(),
+            self_service_metrics: metrics.route(&self_service_route.name),
             metrics,
             clock,
             connector: Connector::new(None),
             request_ids: RequestIds::new(),
             self_service,
-            self_service_route: self_service::route(),
+            self_service_route,
             usage,
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
                 || {
@@ -170,10 +174,10 @@ impl Gateway {
         ctx.route.and_then(|i| self.router.get(i))
     }
 
-    /// The matched configured route's pre-made series (none for self-service calls).
+    /// The matched route's pre-made series.
     fn hot_metrics(&self, ctx: &Ctx) -> Option<&RouteMetrics> {
         if ctx.self_service {
-            return None;
+            return Some(&self.self_service_metrics);
         }
         ctx.route.and_then(|i| self.route_metrics.get(i))
     }
@@ -277,19 +281,13 @@ impl Gateway {
         body: &[u8],
         client_ip: IpAddr,
         route: &Route,
-        route_index: Option<usize>,
+        metrics: &RouteMetrics,
     ) -> std::result::Result<Arc<ActiveKey>, AuthError> {
         let started = Instant::now();
         let result = self.check_request(req, body, client_ip, route).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        match route_index.and_then(|i| self.route_metrics.get(i)) {
-            Some(m) => m.auth_duration.observe(elapsed),
-            None => self
-                .metrics
-                .auth_duration
-                .with_label_values(&[route.name.as_str()])
-                .observe(elapsed),
-        }
+        metrics
+            .auth_duration
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -509,7 +507,10 @@ impl ProxyHttp for Gateway {
                 .await;
         };
         ctx.route = Some(route_index);
-        let Some(route) = self.router.get(route_index) else {
+        let (Some(route), Some(route_metrics)) = (
+            self.router.get(route_index),
+            self.route_metrics.get(route_index),
+        ) else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "route index out of range",
@@ -530,13 +531,7 @@ impl ProxyHttp for Gateway {
         };
 
         let result = self
-            .authenticate(
-                session.req_header(),
-                &body,
-                client_ip,
-                route,
-                Some(route_index),
-            )
+            .authenticate(session.req_header(), &body, client_ip, route, route_metrics)
             .await;
         match result {
             Ok(key) => ctx.key = Some(key),

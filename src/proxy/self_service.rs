@@ -64,7 +64,7 @@ impl Gateway {
                 &body,
                 client_ip,
                 &self.self_service_route,
-                None,
+                &self.self_service_metrics,
             )
             .await;
         let key = match result {
