@@ -163,9 +163,12 @@ for round in $(seq "$ROUNDS"); do
   all[d]+="$(measure "$kgpid" run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")"$'\n'
   all[g]+="$(measure "$kgpid" $LG run-bearer "http://127.0.0.1:$proxy/v1/payments" "$CONNS" "$SECONDS_PER_RUN" "$BODY" "$bsk")"$'\n'
 done
-median_run() { grep . <<<"$1" | awk -F'"rps":' '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
-for name in a b p c cs d g; do declare "$name=$(median_run "${all[$name]}")"; done
-rounds_ratio() { paste <(grep . <<<"${all[$1]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') <(grep . <<<"${all[$2]}" | sed -E 's/.*"rps":([0-9.]+).*/\1/') | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'; }
+# median_by FIELD LINES: the line (one per round) whose FIELD is the median.
+median_by() { grep . <<<"$2" | awk -F"\"$1\":" '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
+# per_round FIELD LINES_X LINES_Y AWK_EXPR FORMAT: AWK_EXPR of ($1 = X's, $2 = Y's FIELD), round by round.
+per_round() { paste <(grep . <<<"$2" | sed -E "s/.*\"$1\":([0-9.]+).*/\\1/") <(grep . <<<"$3" | sed -E "s/.*\"$1\":([0-9.]+).*/\\1/") | awk -v f="$5" "{printf \"%s\" f, (NR > 1 ? \", \" : \"\"), $4}"; }
+for name in a b p c cs d g; do declare "$name=$(median_by rps "${all[$name]}")"; done
+rounds_ratio() { per_round rps "${all[$1]}" "${all[$2]}" '$1 / $2' '%.2f'; }
 
 # The same rows at one offered load (RATE requests/s, paced, staggered over the connections):
 # latency added by authentication, not restated throughput. Interleaved rounds; the median
@@ -176,8 +179,7 @@ for round in $(seq "$ROUNDS"); do
   paced[c]+="$(RATE=$RATE run "http://127.0.0.1:$proxy/public/payments")"$'\n'
   paced[d]+="$(RATE=$RATE run "http://127.0.0.1:$proxy/v1/payments" "$pk" "$sk")"$'\n'
 done
-median_p99() { grep . <<<"$1" | awk -F'"p99_us":' '{split($2, r, ","); print r[1] "\t" $0}' | sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {sub(/^[^\t]*\t/, ""); print}'; }
-rounds_p99_gap() { paste <(grep . <<<"${paced[$1]}" | sed -E 's/.*"p99_us":([0-9]+).*/\1/') <(grep . <<<"${paced[$2]}" | sed -E 's/.*"p99_us":([0-9]+).*/\1/') | awk '{printf "%s%+d", (NR > 1 ? ", " : ""), $1 - $2}'; }
+rounds_p99_gap() { per_round p99_us "${paced[$1]}" "${paced[$2]}" '$1 - $2' '%+d'; }
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$kgpid/status")
 
 # The same gateway on Redis.
@@ -238,7 +240,7 @@ echo
 echo "| run | requests/s | p50 µs | p99 µs | p99.9 µs | errors | behind schedule |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
 for name in b c d; do
-  r=$(median_p99 "${paced[$name]}")
+  r=$(median_by p99_us "${paced[$name]}")
   label=$(case $name in b) echo "(b) nginx proxy_pass";; c) echo "(c) keygate, public route";; d) echo "(d) keygate, hmac-v1 cached key";; esac)
   printf "| %s | %s | %s | %s | %s | %s | %s |\n" "$label" "$(field "$r" rps)" "$(field "$r" p50_us)" "$(field "$r" p99_us)" "$(field "$r" p999_us)" "$(field "$r" non_2xx_or_errors)" "$(field "$r" late)"
 done
