@@ -6,6 +6,7 @@
 //! store I/O and no decryption. Two maps because a key is found either by public key or, for
 //! bearer keys, by the SHA-256 of the presented secret.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,9 @@ type Entry = Option<Arc<ActiveKey>>;
 #[derive(Clone)]
 struct Slot {
     key: Arc<ActiveKey>,
-    fetched: Instant,
+    /// `None`: a change was invalidated while this was being read, so it may predate the
+    /// change; the request that read it uses it, the next one reads the store again.
+    fetched: Option<Instant>,
 }
 
 /// Known keys live `ttl` fresh, then `stale_if_error` longer, served stale only while the store
@@ -93,6 +96,10 @@ pub struct KeyCache {
     by_hash: Maps<[u8; 32]>,
     /// How long a positive entry is trusted before the store is asked again.
     ttl: Duration,
+    /// Bumped by every invalidation. A fill that read the store before a change and inserts
+    /// after its invalidation would otherwise hold the old record (a revoked key still
+    /// working) for a whole `ttl`; fills compare it before and after their read.
+    epoch: AtomicU64,
 }
 
 impl KeyCache {
@@ -109,6 +116,7 @@ impl KeyCache {
             by_public: Maps::new(cfg),
             by_hash: Maps::new(cfg),
             ttl: cfg.ttl,
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -130,15 +138,17 @@ impl KeyCache {
     where
         F: std::future::Future<Output = Result<Option<KeyRecord>, StoreError>>,
     {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let record = load
             .await
             .inspect_err(|_| self.metrics.store_error(op))?
             .ok_or(LookupError::Unknown)?;
         let key = ActiveKey::open(&record, &self.master)
             .inspect_err(|_| self.metrics.store_error("open_secret"))?;
+        let unchanged = self.epoch.load(Ordering::Acquire) == epoch;
         Ok(Slot {
             key: Arc::new(key),
-            fetched: Instant::now(),
+            fetched: unchanged.then(Instant::now),
         })
     }
 
@@ -160,7 +170,7 @@ impl KeyCache {
         F: std::future::Future<Output = Result<Option<KeyRecord>, StoreError>>,
     {
         if let Some(slot) = maps.known.get(key).await {
-            if slot.fetched.elapsed() < self.ttl {
+            if slot.fetched.is_some_and(|f| f.elapsed() < self.ttl) {
                 self.count(CacheResult::Hit);
                 return Ok(Some(slot.key));
             }
@@ -216,6 +226,7 @@ impl KeyCache {
 
     /// Drops every entry that could describe `record`, so the next request reads the store.
     pub async fn invalidate(&self, record: &KeyRecord) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.by_public.invalidate(record.public_key.as_str()).await;
         for hash in record.indexed_hashes() {
             self.by_hash.invalidate(&hash).await;
@@ -226,6 +237,7 @@ impl KeyCache {
 #[async_trait::async_trait]
 impl ChangeSink for KeyCache {
     async fn changed(&self, public_keys: &[String], hashes: &[[u8; 32]]) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         for pk in public_keys {
             self.by_public.invalidate(pk.as_str()).await;
         }
@@ -235,6 +247,7 @@ impl ChangeSink for KeyCache {
     }
 
     fn everything_may_have_changed(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.by_public.invalidate_all();
         self.by_hash.invalidate_all();
     }
@@ -243,14 +256,10 @@ impl ChangeSink for KeyCache {
 /// moka shares one init error between concurrent callers; rebuild an owned one.
 fn unshare(e: &Arc<LookupError>) -> LookupError {
     match &**e {
-        LookupError::Store(StoreError::Conflict) => LookupError::Store(StoreError::Conflict),
-        LookupError::Store(StoreError::NotFound) => LookupError::Store(StoreError::NotFound),
-        LookupError::Store(StoreError::Unavailable(m)) => {
-            LookupError::Store(StoreError::Unavailable(m.clone()))
-        }
         LookupError::Store(StoreError::Corrupt(m)) => {
             LookupError::Store(StoreError::Corrupt(m.clone()))
         }
+        LookupError::Store(other) => LookupError::Store(StoreError::Unavailable(other.to_string())),
         LookupError::Activate(s) => LookupError::Store(StoreError::Corrupt(s.to_string())),
         LookupError::Unknown => LookupError::Unknown,
     }
@@ -394,6 +403,7 @@ mod tests {
         // A change made through the store is seen only after invalidation.
         let mut revoked = record.clone();
         revoked.revoked_at = Some(OffsetDateTime::now_utc());
+        revoked.version += 1;
         store.update(&revoked).await.unwrap();
         let stale = cache
             .by_public_key(&record.public_key)
@@ -408,5 +418,121 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(fresh.revoked_at.is_some());
+    }
+
+    /// A store whose public-key reads wait for a go-ahead, to interleave a fill with a change.
+    struct Paused {
+        inner: Arc<dyn KeyStore>,
+        reading: tokio::sync::Notify,
+        go: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl KeyStore for Paused {
+        async fn write(
+            &self,
+            change: crate::keys::Write<'_>,
+            audit: Option<&crate::keys::AuditEntry>,
+        ) -> Result<bool, StoreError> {
+            self.inner.write(change, audit).await
+        }
+        async fn list_audit(
+            &self,
+            k: Option<&str>,
+            o: Option<&str>,
+            c: Option<&str>,
+            l: usize,
+        ) -> Result<crate::keys::AuditPage, StoreError> {
+            self.inner.list_audit(k, o, c, l).await
+        }
+        async fn import_audit(&self, e: &crate::keys::AuditEntry) -> Result<bool, StoreError> {
+            self.inner.import_audit(e).await
+        }
+        async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.get_by_id(id).await
+        }
+        async fn get_by_public_key(&self, pk: &str) -> Result<Option<KeyRecord>, StoreError> {
+            let read = self.inner.get_by_public_key(pk).await;
+            self.reading.notify_one();
+            self.go.notified().await;
+            read
+        }
+        async fn get_by_secret_hash(&self, h: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.get_by_secret_hash(h).await
+        }
+        async fn list(
+            &self,
+            o: Option<&str>,
+            c: Option<&str>,
+            l: usize,
+        ) -> Result<crate::keys::Page, StoreError> {
+            self.inner.list(o, c, l).await
+        }
+        async fn use_nonce(&self, k: &str, n: &str, t: Duration) -> Result<bool, StoreError> {
+            self.inner.use_nonce(k, n, t).await
+        }
+        async fn add_usage(&self, u: &[(String, crate::keys::Usage)]) -> Result<(), StoreError> {
+            self.inner.add_usage(u).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush().await
+        }
+    }
+
+    /// A fill that read the record before a revocation and lands after its invalidation must
+    /// not keep the revoked key working for a whole TTL.
+    #[tokio::test]
+    async fn a_fill_that_straddles_an_invalidation_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn KeyStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("k.db")).unwrap());
+        let paused = Arc::new(Paused {
+            inner: Arc::clone(&inner),
+            reading: tokio::sync::Notify::new(),
+            go: tokio::sync::Notify::new(),
+        });
+        let (mk, _) = MasterKey::generate();
+        let mk = Arc::new(mk);
+        let store: Arc<dyn KeyStore> = paused.clone();
+        let cache = Arc::new(KeyCache::new(
+            store,
+            mk.clone(),
+            Metrics::new().unwrap(),
+            &cfg(),
+        ));
+        let (record, _) = mint(&mk, new_key(), OffsetDateTime::now_utc());
+        inner.insert(&record).await.unwrap();
+
+        let filling = {
+            let cache = Arc::clone(&cache);
+            let pk = record.public_key.clone();
+            tokio::spawn(async move { cache.by_public_key(&pk).await.unwrap() })
+        };
+        // The fill has read the live record; now the key is revoked and invalidated.
+        paused.reading.notified().await;
+        let mut revoked = record.clone();
+        revoked.revoked_at = Some(OffsetDateTime::now_utc());
+        revoked.version += 1;
+        inner.update(&revoked).await.unwrap();
+        cache.invalidate(&record).await;
+        paused.go.notify_one();
+        let during = filling.await.unwrap().unwrap();
+        assert!(
+            during.revoked_at.is_none(),
+            "the request in flight saw the old record"
+        );
+
+        // The next request reads the store again instead of trusting that fill (the read may
+        // go ahead at once).
+        paused.go.notify_one();
+        let after = cache
+            .by_public_key(&record.public_key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(after.revoked_at.is_some());
     }
 }

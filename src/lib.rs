@@ -3,8 +3,9 @@
 //! A request flows `proxy` (pingora adapter: route, bound and read the body) →
 //! `auth` (pure checks in SPEC §3.4 order) with keys from `cache` (moka) over a
 //! `keys::KeyStore` (embedded redb now) → forwarded upstream with the caller's identity, or
-//! refused with a `problem` (problem+json). `admin` (axum) mints and manages keys on its own
-//! listener; `metrics` is scraped on a third. `config` turns the TOML file into a typed
+//! refused with a `problem` (problem+json). `lifecycle` owns every change to keys and who may
+//! make it; `admin` (axum, its own listener) and self-service on the proxy are adapters over
+//! it. `metrics` is scraped on a third listener. `config` turns the TOML file into a typed
 //! runtime config; `server` wires it all into one pingora `Server`; `usage` counts requests per
 //! key; `cli` holds `demo`, `sign` and `keys`.
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod keys;
+pub mod lifecycle;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;

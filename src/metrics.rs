@@ -2,8 +2,8 @@
 //! route names from config, error codes, fixed enums; never key ids, owners or raw paths.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric keygate exports, registered in its own registry.
@@ -16,6 +16,10 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub keys_changed: IntCounterVec,
+    /// Client connections the proxy closed itself, by reason ([`ConnClosed`]).
+    pub connections_closed: IntCounterVec,
+    /// Client connections open on the proxy listener.
+    pub open_connections: IntGauge,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
     /// labels and takes a lock on every request.
     cache_counters: [IntCounter; 3],
@@ -65,6 +69,30 @@ impl KeyChange {
             Self::Revoked => "revoked",
             Self::Deleted => "deleted",
             Self::Updated => "updated",
+        }
+    }
+}
+
+/// Why the proxy closed a client connection itself
+/// (`keygate_connections_closed_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnClosed {
+    /// The request head did not arrive within `server.header_timeout`.
+    HeaderTimeout,
+    /// The request body did not arrive within `server.body_timeout`.
+    BodyTimeout,
+    /// `server.max_connections` were already open.
+    MaxConnections,
+}
+
+impl ConnClosed {
+    pub const ALL: [ConnClosed; 3] = [Self::HeaderTimeout, Self::BodyTimeout, Self::MaxConnections];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HeaderTimeout => "header_timeout",
+            Self::BodyTimeout => "body_timeout",
+            Self::MaxConnections => "max_connections",
         }
     }
 }
@@ -125,6 +153,22 @@ impl Metrics {
             ),
             &["change"],
         )?;
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "keygate_connections_closed_total",
+                "Client connections the proxy closed itself, by reason",
+            ),
+            &["reason"],
+        )?;
+        let open_connections = IntGauge::new(
+            "keygate_open_connections",
+            "Client connections open on the proxy listener",
+        )?;
+        registry.register(Box::new(connections_closed.clone()))?;
+        registry.register(Box::new(open_connections.clone()))?;
+        for reason in ConnClosed::ALL {
+            connections_closed.with_label_values(&[reason.as_str()]);
+        }
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(auth_duration.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
@@ -145,6 +189,8 @@ impl Metrics {
             cache_requests,
             store_errors,
             keys_changed,
+            connections_closed,
+            open_connections,
             cache_counters,
         })
     }
@@ -165,6 +211,12 @@ impl Metrics {
     pub fn key_changed(&self, change: KeyChange) {
         self.keys_changed
             .with_label_values(&[change.as_str()])
+            .inc();
+    }
+
+    pub fn connection_closed(&self, why: ConnClosed) {
+        self.connections_closed
+            .with_label_values(&[why.as_str()])
             .inc();
     }
 
@@ -191,5 +243,39 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::core::Collector;
+
+    /// docs/metrics.md names every metric: one added without its doc line fails here.
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../docs/metrics.md");
+        let m = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+        let collectors: [&dyn Collector; 8] = [
+            &m.requests_total,
+            &m.auth_duration,
+            &m.upstream_duration,
+            &m.cache_requests,
+            &m.store_errors,
+            &m.keys_changed,
+            &m.connections_closed,
+            &m.open_connections,
+        ];
+        let names: Vec<String> = collectors
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect();
+        assert_eq!(names.len(), 8);
+        for name in names {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "docs/metrics.md lacks {name}"
+            );
+        }
     }
 }

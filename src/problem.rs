@@ -36,6 +36,37 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for documentation checks.
+    pub const ALL: [ErrorCode; 24] = {
+        use ErrorCode::*;
+        [
+            NoRoute,
+            BodyTooLarge,
+            MissingCredentials,
+            MalformedCredentials,
+            UnknownKey,
+            RevokedKey,
+            ExpiredKey,
+            IpNotAllowed,
+            StaleTimestamp,
+            BadSignature,
+            MissingNonce,
+            ReplayedNonce,
+            InsufficientScope,
+            StoreUnavailable,
+            UpstreamUnavailable,
+            UpstreamTimeout,
+            BadRequest,
+            Internal,
+            Unauthorized,
+            NotFound,
+            MethodNotAllowed,
+            ValidationFailed,
+            MalformedJson,
+            Conflict,
+        ]
+    };
+
     /// HTTP status, machine code and human title.
     pub fn parts(self) -> (u16, &'static str, &'static str) {
         use ErrorCode::*;
@@ -79,7 +110,11 @@ impl ErrorCode {
             ),
             ValidationFailed => (422, "validation_failed", "Request fields are invalid"),
             MalformedJson => (400, "malformed_json", "Request body is not valid JSON"),
-            Conflict => (409, "conflict", "Resource already exists"),
+            Conflict => (
+                409,
+                "conflict",
+                "Conflicts with the resource's current state",
+            ),
         }
     }
 
@@ -142,5 +177,23 @@ mod tests {
         assert_eq!(v["detail"], "nope");
         assert_eq!(v["request_id"], "req-1");
         assert!(v.get("errors").is_none());
+    }
+
+    /// docs/errors.md names every code with its status: a code added without its doc line
+    /// fails here.
+    #[test]
+    fn every_code_is_documented() {
+        let doc = include_str!("../docs/errors.md");
+        for code in ErrorCode::ALL {
+            let row = doc
+                .lines()
+                .find(|l| l.contains(&format!("| `{}` |", code.as_str())));
+            let row = row.unwrap_or_else(|| panic!("docs/errors.md lacks `{}`", code.as_str()));
+            assert!(
+                row.contains(&format!("| {} |", code.status())),
+                "docs/errors.md gives `{}` another status: {row}",
+                code.as_str()
+            );
+        }
     }
 }

@@ -16,7 +16,9 @@ use crate::cache::KeyCache;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreConfig};
 use crate::keys::{EmbeddedStore, KeyStore, MasterKey, RedisStore, SecretString, StoreError};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::proxy::guard::{Guarded, Limits};
 use crate::proxy::Gateway;
 use crate::usage::{UsageFlusher, UsageTally};
 
@@ -30,6 +32,8 @@ pub enum StartError {
     NoMasterKey,
     #[error("secrets.master_key_file {0}: {1}")]
     MasterKeyFile(String, String),
+    #[error("admin.token_file {0}: {1}")]
+    AdminTokenFile(String, String),
     #[error("master key: {0}")]
     MasterKey(#[from] crate::keys::secret::SecretError),
     #[error("store: {0}")]
@@ -44,6 +48,31 @@ pub enum StartError {
     Runtime(std::io::Error),
 }
 
+/// Reads a secret file that must not be readable by group or others; `Ok(None)` if absent.
+fn read_private_file(path: &std::path::Path) -> Result<Option<SecretString>, String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "mode {:o} lets other users read it; chmod 600 it",
+                mode & 0o777
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    std::fs::read_to_string(path)
+        .map(|t| Some(SecretString::new(t.trim().to_owned())))
+        .map_err(|e| e.to_string())
+}
+
 /// Reads the master key from the environment, else from `secrets.master_key_file`, which must
 /// not be readable by group or others.
 pub fn load_master_key(
@@ -56,33 +85,73 @@ pub fn load_master_key(
     let Some(path) = &config.secrets.master_key_file else {
         return Err(StartError::NoMasterKey);
     };
-    let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            StartError::NoMasterKey
-        } else {
-            StartError::MasterKeyFile(shown.clone(), e.to_string())
-        }
-    })?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(StartError::MasterKeyFile(
-                shown,
-                format!(
-                    "mode {:o} lets other users read it; chmod 600 it",
-                    mode & 0o777
-                ),
-            ));
+    let text = read_private_file(path)
+        .map_err(|e| StartError::MasterKeyFile(path.display().to_string(), e))?
+        .ok_or(StartError::NoMasterKey)?;
+    Ok(MasterKey::from_base64(text.expose())?)
+}
+
+/// The SHA-256 of every accepted admin token: `admin.token_sha256`, the token in
+/// `admin.token_file` (mode 0600) and `KEYGATE_ADMIN_TOKEN`.
+pub fn load_admin_tokens(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<[u8; 32]>, StartError> {
+    let mut hashes = config.admin.token_sha256.clone();
+    if let Some(path) = &config.admin.token_file {
+        let shown = path.display().to_string();
+        let token = read_private_file(path)
+            .map_err(|e| StartError::AdminTokenFile(shown.clone(), e))?
+            .filter(|t| !t.expose().is_empty())
+            .ok_or_else(|| StartError::AdminTokenFile(shown, "missing or empty".into()))?;
+        hashes.push(token.sha256());
+    }
+    if let Some(token) = env(ENV_ADMIN_TOKEN).filter(|t| !t.is_empty()) {
+        hashes.push(SecretString::new(token).sha256());
+    }
+    Ok(hashes)
+}
+
+/// Secrets in the environment stay readable in `/proc/<pid>/environ` for the life of the
+/// process; files (or systemd credentials) do not. Said once at start, outside the demo.
+fn warn_about_env_secrets(env: &dyn Fn(&str) -> Option<String>) {
+    for (var, instead) in [
+        (ENV_MASTER_KEY, "secrets.master_key_file"),
+        (ENV_ADMIN_TOKEN, "admin.token_file or admin.token_sha256"),
+    ] {
+        if env(var).is_some_and(|v| !v.is_empty()) {
+            tracing::warn!(
+                "{var} is set: it stays readable in /proc/<pid>/environ for the life of the \
+                 process; prefer {instead}"
+            );
         }
     }
-    let text = SecretString::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| StartError::MasterKeyFile(shown.clone(), e.to_string()))?,
-    );
-    Ok(MasterKey::from_base64(text.expose())?)
+}
+
+/// Raises the soft descriptor limit to the hard one where allowed, and derives the default
+/// `server.max_connections` from it: each proxied request can hold an upstream connection
+/// too, and the listeners, store and logs need a reserve.
+fn connection_limit(configured: Option<usize>) -> usize {
+    let nofile = rlimit::increase_nofile_limit(u64::MAX)
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot raise the descriptor limit"))
+        .unwrap_or(1024);
+    let derived = usize::try_from(nofile.saturating_sub(256) / 2)
+        .unwrap_or(usize::MAX)
+        .max(64);
+    match configured {
+        Some(n) => {
+            if n > derived {
+                tracing::warn!(
+                    max_connections = n,
+                    descriptors = nofile,
+                    "server.max_connections is above half the descriptor limit: a flood \
+                     could leave none for upstreams and the admin listener"
+                );
+            }
+            n
+        }
+        None => derived,
+    }
 }
 
 /// Opens the configured store.
@@ -118,10 +187,8 @@ impl App {
     pub fn from_config(config: Config) -> Result<Self, StartError> {
         let env = |k: &str| std::env::var(k).ok();
         let master = load_master_key(&config, &env)?;
-        let mut admin_token_hashes = config.admin.token_sha256.clone();
-        if let Some(token) = env(ENV_ADMIN_TOKEN).filter(|t| !t.is_empty()) {
-            admin_token_hashes.push(SecretString::new(token).sha256());
-        }
+        let admin_token_hashes = load_admin_tokens(&config, &env)?;
+        warn_about_env_secrets(&env);
         if admin_token_hashes.is_empty() {
             tracing::warn!("no admin token configured: every /v1 admin call will be refused");
         }
@@ -169,12 +236,16 @@ impl App {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
+        let lifecycle = Arc::new(Lifecycle::new(
+            Arc::clone(&self.store),
+            Arc::clone(&cache),
+            Arc::clone(&self.master),
+            metrics.clone(),
+            Arc::clone(&self.clock),
+        ));
         let admin_state = Arc::new(AdminState {
+            lifecycle: Arc::clone(&lifecycle),
             store: Arc::clone(&self.store),
-            cache: Arc::clone(&cache),
-            master: Arc::clone(&self.master),
-            metrics: metrics.clone(),
-            clock: Arc::clone(&self.clock),
             token_hashes: self.admin_token_hashes.clone(),
             proxy_addr: cfg.server.listen,
         });
@@ -184,7 +255,7 @@ impl App {
             cache,
             metrics.clone(),
             Arc::clone(&self.clock),
-            Some(admin::self_service_router(Arc::clone(&admin_state))),
+            Some(lifecycle),
             Arc::clone(&usage),
         );
         server.add_service(background_service(
@@ -195,10 +266,18 @@ impl App {
                 metrics: metrics.clone(),
             },
         ));
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            gateway,
-            "keygate proxy",
+        let limits = Limits {
+            max_connections: connection_limit(cfg.server.max_connections),
+            header_timeout: cfg.server.header_timeout,
+            body_timeout: cfg.server.body_timeout,
+        };
+        let mut proxy = pingora::services::listening::Service::new(
+            "keygate proxy".to_owned(),
+            Guarded::new(
+                pingora::proxy::http_proxy(&server.configuration, gateway),
+                limits,
+                metrics.clone(),
+            ),
         );
         proxy.add_tcp(&cfg.server.listen.to_string());
         server.add_service(proxy);
@@ -230,6 +309,7 @@ impl App {
         }
 
         tracing::info!(
+            max_connections = limits.max_connections,
             proxy = %cfg.server.listen,
             admin = %cfg.admin.listen,
             metrics = %cfg.metrics.listen,

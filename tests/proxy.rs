@@ -155,8 +155,16 @@ async fn body_too_large_is_413_without_reading_it() {
     let resp = gw.send_v1(&key, "POST", "/v1/payments", &body).await;
     assert_problem(resp, 413, "body_too_large").await;
 
-    // A chunked body has no length up front: it is counted while read.
-    let head = "POST /v1/payments HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
+    // A chunked body has no length up front: it is counted while read, once the headers
+    // have passed checks 3-7 (credentials come before a byte of the body is read).
+    let signed: String =
+        support::v1_headers(&key, "POST", "/v1/payments", b"", support::now(), "n1")
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+    let head = format!(
+        "POST /v1/payments HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n{signed}\r\n"
+    );
     let chunk = format!("100000\r\n{}\r\n", "b".repeat(0x100000));
     let out = raw_exchange(
         gw.proxy,

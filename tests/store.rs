@@ -175,6 +175,7 @@ async fn update_replaces_the_record_and_its_indexes() {
         b.store.insert(&r).await.unwrap();
         r.owner = "globex".into();
         r.revoked_at = Some(OffsetDateTime::now_utc());
+        r.version += 1;
         b.store.update(&r).await.unwrap();
         assert_eq!(
             b.store.get_by_id(&r.id).await.unwrap().as_ref(),
@@ -203,6 +204,113 @@ async fn update_replaces_the_record_and_its_indexes() {
             b.store.update(&ghost).await,
             Err(StoreError::NotFound)
         ));
+    }
+}
+
+/// Every write names the version it replaces; a stale one changes nothing.
+#[tokio::test]
+async fn an_update_from_a_stale_read_is_refused_and_changes_nothing() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let r = record(&mk, "acme", AuthKind::HmacV1);
+        b.store.insert(&r).await.unwrap();
+        let mut first = r.clone();
+        first.name = "first".into();
+        first.version += 1;
+        b.store.update(&first).await.unwrap();
+        // A second writer that read `r` before the first wrote.
+        let mut late = r.clone();
+        late.name = "late".into();
+        late.version += 1;
+        assert!(
+            matches!(
+                b.store.update(&late).await,
+                Err(StoreError::VersionConflict)
+            ),
+            "{}",
+            b.name
+        );
+        let mut skipping = first.clone();
+        skipping.version += 2;
+        assert!(matches!(
+            b.store.update(&skipping).await,
+            Err(StoreError::VersionConflict)
+        ));
+        let now = b.store.get_by_id(&r.id).await.unwrap().unwrap();
+        assert_eq!((now.name.as_str(), now.version), ("first", 2), "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn revocation_is_final() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let mut r = record(&mk, "acme", AuthKind::HmacV1);
+        b.store.insert(&r).await.unwrap();
+        r.revoked_at = Some(OffsetDateTime::now_utc());
+        r.version += 1;
+        b.store.update(&r).await.unwrap();
+        let mut undone = r.clone();
+        undone.revoked_at = None;
+        undone.version += 1;
+        assert!(
+            matches!(b.store.update(&undone).await, Err(StoreError::RevokedFinal)),
+            "{}",
+            b.name
+        );
+        // Other changes to a revoked key are still possible.
+        let mut renamed = r.clone();
+        renamed.name = "renamed".into();
+        renamed.version += 1;
+        b.store.update(&renamed).await.unwrap();
+        let now = b.store.get_by_id(&r.id).await.unwrap().unwrap();
+        assert!(now.revoked_at.is_some(), "{}", b.name);
+    }
+}
+
+/// Concurrent read-modify-write loops that retry on `VersionConflict` lose no change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_lose_no_change() {
+    const WRITERS: usize = 8;
+    const EACH: usize = 10;
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let r = record(&mk, "acme", AuthKind::HmacV1);
+        b.store.insert(&r).await.unwrap();
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let store = Arc::clone(&b.store);
+            let id = r.id.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut conflicts = 0u32;
+                for i in 0..EACH {
+                    loop {
+                        let mut cur = store.get_by_id(&id).await.unwrap().unwrap();
+                        cur.metadata.insert(format!("w{w}-{i}"), "1".into());
+                        cur.version += 1;
+                        match store.update(&cur).await {
+                            Ok(()) => break,
+                            Err(StoreError::VersionConflict) => conflicts += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                conflicts
+            }));
+        }
+        let mut conflicts = 0;
+        for t in tasks {
+            conflicts += t.await.unwrap();
+        }
+        let end = b.store.get_by_id(&r.id).await.unwrap().unwrap();
+        assert_eq!(
+            end.metadata.len(),
+            WRITERS * EACH,
+            "{}: lost changes",
+            b.name
+        );
+        assert_eq!(end.version, 1 + (WRITERS * EACH) as u64, "{}", b.name);
+        println!("{}: {conflicts} conflicts retried", b.name);
     }
 }
 
@@ -424,12 +532,14 @@ async fn a_rotated_bearer_key_is_indexed_by_both_hashes_until_the_next_rotation(
         let (mut r, first) = mint(&mk, new_key("acme", AuthKind::Bearer), now);
         b.store.insert(&r).await.unwrap();
         let second = keygate::keys::rotate(&mk, &mut r, time::Duration::minutes(5), now);
+        r.version += 1;
         b.store.update(&r).await.unwrap();
         for s in [&first, &second] {
             let found = b.store.get_by_secret_hash(&s.sha256()).await.unwrap();
             assert_eq!(found.map(|f| f.id), Some(r.id.clone()), "{}", b.name);
         }
         let third = keygate::keys::rotate(&mk, &mut r, time::Duration::ZERO, now);
+        r.version += 1;
         b.store.update(&r).await.unwrap();
         assert_eq!(
             b.store.get_by_secret_hash(&first.sha256()).await.unwrap(),
@@ -486,7 +596,9 @@ async fn audit_entries_commit_with_their_change_and_list_newest_first() {
             &a.owner,
             vec!["name".into()],
         );
-        b.store.write(Write::Update(&a), Some(&e)).await.unwrap();
+        let mut a2 = a.clone();
+        a2.version += 1;
+        b.store.write(Write::Update(&a2), Some(&e)).await.unwrap();
         expected_a.push(e.id.clone());
 
         // A refused change writes no entry: inserting the same record again conflicts.
@@ -630,6 +742,7 @@ async fn usage_adds_up_moves_last_used_forward_and_leaves_updated_at() {
         // An admin change keeps the counts.
         let mut renamed = got.clone();
         renamed.name = "renamed".into();
+        renamed.version += 1;
         b.store.update(&renamed).await.unwrap();
         assert_eq!(
             b.store

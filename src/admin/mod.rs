@@ -1,7 +1,6 @@
-//! The admin API (SPEC §5) on its own listener: mint, read, list and revoke keys, plus
-//! `/healthz` and `/readyz`. Every `/v1/` call needs an admin bearer token.
-
-mod validate;
+//! The admin API (SPEC §5) on its own listener: an axum adapter over [`crate::lifecycle`]
+//! (parse, call, render), plus `/healthz` and `/readyz`. Every `/v1/` call needs an admin
+//! bearer token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,26 +13,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
-use time::Duration;
-use time::OffsetDateTime;
 
-use crate::cache::KeyCache;
-use crate::clock::Clock;
-use crate::keys::{
-    build_record, mint, rotate, Action, Actor, AuditEntry, KeyRecord, KeyStore, MasterKey,
-    SecretString, StoreError, Write,
-};
-use crate::metrics::{KeyChange, Metrics};
+use crate::keys::{KeyStore, SecretString};
+use crate::lifecycle::{self, input, view::key_json, Lifecycle, Principal};
 use crate::problem::{self, ErrorCode};
 
 /// What the admin handlers share.
 pub struct AdminState {
+    pub lifecycle: Arc<Lifecycle>,
+    /// Probed by `/readyz`.
     pub store: Arc<dyn KeyStore>,
-    pub cache: Arc<KeyCache>,
-    pub master: Arc<MasterKey>,
-    pub metrics: Metrics,
-    pub clock: Arc<dyn Clock>,
     /// SHA-256 of every accepted admin token.
     pub token_hashes: Vec<[u8; 32]>,
     /// The proxy listener, probed by `/readyz`.
@@ -50,45 +39,21 @@ tokio::task_local! {
 pub enum AdminError {
     #[error("send Authorization: Bearer <admin token>")]
     Unauthorized,
-    #[error("no key with this id or public key")]
-    NotFound,
     #[error("no such admin endpoint")]
     NoSuchEndpoint,
     #[error("this resource does not support this method")]
     MethodNotAllowed,
-    #[error("{0}")]
-    MalformedJson(String),
-    #[error("one or more fields are invalid")]
-    Validation(std::collections::BTreeMap<String, String>),
-    #[error("a key with this public key or secret already exists")]
-    Conflict,
-    #[error("the key store is unavailable")]
-    StoreUnavailable,
+    #[error(transparent)]
+    Lifecycle(#[from] lifecycle::Error),
 }
 
 impl AdminError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::Unauthorized => ErrorCode::Unauthorized,
-            Self::NotFound | Self::NoSuchEndpoint => ErrorCode::NotFound,
+            Self::NoSuchEndpoint => ErrorCode::NotFound,
             Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
-            Self::MalformedJson(_) => ErrorCode::MalformedJson,
-            Self::Validation(_) => ErrorCode::ValidationFailed,
-            Self::Conflict => ErrorCode::Conflict,
-            Self::StoreUnavailable => ErrorCode::StoreUnavailable,
-        }
-    }
-}
-
-impl From<StoreError> for AdminError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Conflict => Self::Conflict,
-            StoreError::NotFound => Self::NotFound,
-            other => {
-                tracing::error!(error = %other, "admin store operation failed");
-                Self::StoreUnavailable
-            }
+            Self::Lifecycle(e) => e.code(),
         }
     }
 }
@@ -98,7 +63,7 @@ impl IntoResponse for AdminError {
         let code = self.code();
         let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
         let errors = match &self {
-            Self::Validation(e) => Some(e),
+            Self::Lifecycle(e) => e.errors(),
             _ => None,
         };
         let body = problem::render(code, &self.to_string(), &request_id, errors);
@@ -181,7 +146,7 @@ async fn require_admin(
     headers: HeaderMap,
     mut req: Request,
     next: Next,
-) -> Result<Response, AdminError> {
+) -> Result<Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -197,7 +162,7 @@ async fn require_admin(
     if !accepted {
         return Err(AdminError::Unauthorized);
     }
-    req.extensions_mut().insert(Actor::Admin {
+    req.extensions_mut().insert(Principal::Admin {
         token_id: hex::encode(&hash[..6]),
     });
     Ok(next.run(req).await)
@@ -223,93 +188,16 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
-fn rfc3339(t: Option<OffsetDateTime>) -> Value {
-    t.and_then(|t| t.format(&Rfc3339).ok())
-        .map_or(Value::Null, Value::String)
-}
-
-/// A record as the admin API shows it; the secret only when just minted.
-pub fn key_json(r: &KeyRecord, secret: Option<&SecretString>) -> Value {
-    let mut v = json!({
-        "id": r.id,
-        "public_key": r.public_key,
-        "secret_prefix": r.secret_prefix,
-        "owner": r.owner,
-        "name": r.name,
-        "description": r.description,
-        "scopes": r.scopes,
-        "ip_allow_list": r.ip_allow_list.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "expires_at": rfc3339(r.expires_at),
-        "environment": r.environment.as_str(),
-        "auth": r.auth.as_str(),
-        "metadata": r.metadata,
-        "created_at": rfc3339(Some(r.created_at)),
-        "updated_at": rfc3339(Some(r.updated_at)),
-        "revoked_at": rfc3339(r.revoked_at),
-        "last_used_at": rfc3339(r.last_used_at),
-        "total_requests": r.total_requests,
-    });
-    if let (Some(s), Some(obj)) = (secret, v.as_object_mut()) {
-        obj.insert("secret".into(), Value::String(s.expose().to_owned()));
-    }
-    v
-}
-
-/// The names of the fields a new record sets, for its audit entry.
-fn set_fields(r: &KeyRecord) -> Vec<String> {
-    let optional = [
-        ("description", r.description.is_some()),
-        ("scopes", !r.scopes.is_empty()),
-        ("ip_allow_list", !r.ip_allow_list.is_empty()),
-        ("expires_at", r.expires_at.is_some()),
-        ("metadata", !r.metadata.is_empty()),
-    ];
-    ["owner", "name", "environment", "auth"]
-        .into_iter()
-        .chain(optional.into_iter().filter(|(_, set)| *set).map(|(f, _)| f))
-        .map(str::to_owned)
-        .collect()
-}
-
-fn entry(
-    state: &AdminState,
-    actor: &Actor,
-    action: Action,
-    r: &KeyRecord,
-    fields: Vec<String>,
-) -> AuditEntry {
-    AuditEntry::new(
-        state.clock.now(),
-        actor.clone(),
-        action,
-        &r.id,
-        &r.owner,
-        fields,
-    )
-}
+type Result<T> = std::result::Result<T, AdminError>;
 
 async fn create_key(
     State(state): State<Arc<AdminState>>,
-    Extension(actor): Extension<Actor>,
-    caller: Caller,
+    Extension(who): Extension<Principal>,
     body: Bytes,
-) -> Result<Response, AdminError> {
-    let now = state.clock.now();
-    let own_owner = caller.as_ref().map(|Extension(c)| c.owner.as_str());
-    let new = validate::create_body(&body, now, own_owner)?;
-    if let Some(Extension(c)) = &caller {
-        validate::within_caller(&new, c)?;
-    }
-    let (record, secret) = mint(&state.master, new, now);
-    let audit = entry(&state, &actor, Action::Create, &record, set_fields(&record));
-    state
-        .store
-        .write(Write::Insert(&record), Some(&audit))
-        .await?;
-    // A negative entry for this public key (or bearer hash) must not outlive its creation.
-    state.cache.invalidate(&record).await;
-    state.metrics.key_changed(KeyChange::Created);
-    tracing::info!(key_id = %record.id, owner = %record.owner, "key created");
+) -> Result<Response> {
+    let lc = &state.lifecycle;
+    let new = input::create_body(&body, lc.now(), &who.defaults())?;
+    let (record, secret) = lc.mint(&who, new).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(key_json(&record, Some(&secret))),
@@ -317,203 +205,75 @@ async fn create_key(
         .into_response())
 }
 
-/// A key acting through `/_keygate/v1/keys` on the proxy: confined to its own owner, and
-/// able to grant only scopes it holds itself.
-#[derive(Clone, Debug)]
-pub struct SelfService {
-    pub owner: String,
-    pub scopes: Vec<String>,
-}
-
-/// Present only on self-service requests.
-type Caller = Option<Extension<SelfService>>;
-
-/// A key by id or public key. Another owner's key is "not found" to a self-service caller, so
-/// it cannot even learn that the key exists.
-async fn find(state: &AdminState, id: &str, caller: &Caller) -> Result<KeyRecord, AdminError> {
-    let found = match state.store.get_by_id(id).await? {
-        Some(r) => Some(r),
-        None => state.store.get_by_public_key(id).await?,
-    };
-    found
-        .filter(|r| {
-            caller
-                .as_ref()
-                .is_none_or(|Extension(c)| c.owner == r.owner)
-        })
-        .ok_or(AdminError::NotFound)
-}
-
-/// The routes a key holding `keys.manage` may call on the proxy listener. The proxy
-/// authenticates the request and attaches the [`Actor`] and [`SelfService`] extensions.
-pub fn self_service_router(state: Arc<AdminState>) -> Router {
-    Router::new()
-        .route("/v1/keys", post(create_key).get(list_keys))
-        .route("/v1/keys/{id}", get(get_key))
-        .route("/v1/keys/{id}/rotate", post(rotate_key))
-        .route("/v1/keys/{id}/revoke", post(revoke_key))
-        // An operation self-service does not offer is simply not there.
-        .fallback(|| async { AdminError::NoSuchEndpoint })
-        .method_not_allowed_fallback(|| async { AdminError::NoSuchEndpoint })
-        .layer(middleware::from_fn(with_request_id))
-        .with_state(state)
-}
-
 async fn get_key(
     State(state): State<Arc<AdminState>>,
-    caller: Caller,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-) -> Result<Response, AdminError> {
-    let record = find(&state, &id, &caller).await?;
+) -> Result<Response> {
+    let record = state.lifecycle.get(&who, &id).await?;
     Ok(axum::Json(key_json(&record, None)).into_response())
-}
-
-/// `status` of a key as the list filter sees it.
-fn status_of(r: &KeyRecord, now: OffsetDateTime) -> &'static str {
-    if r.revoked_at.is_some() {
-        "revoked"
-    } else if r.expires_at.is_some_and(|e| e <= now) {
-        "expired"
-    } else {
-        "active"
-    }
 }
 
 async fn list_keys(
     State(state): State<Arc<AdminState>>,
-    caller: Caller,
+    Extension(who): Extension<Principal>,
     Query(q): Query<std::collections::HashMap<String, String>>,
-) -> Result<Response, AdminError> {
-    let mut query = validate::list_query(&q)?;
-    if let Some(Extension(c)) = &caller {
-        query.owner = Some(c.owner.as_str());
-    }
-    let now = state.clock.now();
-    let wanted = |r: &KeyRecord| {
-        query
-            .environment
-            .is_none_or(|e| r.environment.as_str() == e)
-            && query.status.is_none_or(|s| status_of(r, now) == s)
-    };
-    // Filters apply after the store's page, so keep reading pages until this one is full.
-    let mut items = Vec::with_capacity(query.limit);
-    let mut cursor = query.cursor.map(str::to_owned);
-    let next_cursor = loop {
-        let page = state
-            .store
-            .list(query.owner, cursor.as_deref(), query.limit)
-            .await?;
-        let mut full_at = None;
-        for r in page.items {
-            if wanted(&r) {
-                items.push(key_json(&r, None));
-                if items.len() == query.limit {
-                    full_at = Some(r.id);
-                    break;
-                }
-            }
-        }
-        match (full_at, page.next_cursor) {
-            (Some(id), _) => break Some(id),
-            (None, Some(c)) => cursor = Some(c),
-            (None, None) => break None,
-        }
-    };
+) -> Result<Response> {
+    let query = input::list_query(&q)?;
+    let (items, next_cursor) = state.lifecycle.list(&who, &query).await?;
+    let items: Vec<Value> = items.iter().map(|r| key_json(r, None)).collect();
     Ok(axum::Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
-}
-
-/// Writes `record` and makes every gateway cache forget the old one.
-async fn save(
-    state: &AdminState,
-    before: &KeyRecord,
-    after: &KeyRecord,
-    change: KeyChange,
-    audit: &AuditEntry,
-) -> Result<(), AdminError> {
-    state.store.write(Write::Update(after), Some(audit)).await?;
-    state.cache.invalidate(before).await;
-    state.cache.invalidate(after).await;
-    state.metrics.key_changed(change);
-    Ok(())
 }
 
 async fn patch_key(
     State(state): State<Arc<AdminState>>,
-    Extension(actor): Extension<Actor>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Response, AdminError> {
-    let before = find(&state, &id, &None).await?;
-    let mut record = before.clone();
-    let changed = validate::apply_patch(&mut record, &body, state.clock.now())?;
-    if !changed.is_empty() {
-        let fields = changed.iter().map(|f| (*f).to_owned()).collect();
-        let audit = entry(&state, &actor, Action::Update, &record, fields);
-        save(&state, &before, &record, KeyChange::Updated, &audit).await?;
-        tracing::info!(key_id = %record.id, fields = ?changed, "key updated");
-    }
+) -> Result<Response> {
+    let lc = &state.lifecycle;
+    let patch = input::patch_body(&body, lc.now())?;
+    let record = lc.update(&who, &id, &patch).await?;
     Ok(axum::Json(key_json(&record, None)).into_response())
 }
 
 async fn rotate_key(
     State(state): State<Arc<AdminState>>,
-    Extension(actor): Extension<Actor>,
-    caller: Caller,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Response, AdminError> {
-    let grace: Duration = validate::rotate_body(&body)?;
-    let before = find(&state, &id, &caller).await?;
-    let mut record = before.clone();
-    let secret = rotate(&state.master, &mut record, grace, state.clock.now());
-    let audit = entry(
-        &state,
-        &actor,
-        Action::Rotate,
-        &record,
-        vec!["secret".into()],
-    );
-    save(&state, &before, &record, KeyChange::Rotated, &audit).await?;
-    tracing::info!(key_id = %record.id, grace_seconds = grace.whole_seconds(), "key rotated");
+) -> Result<Response> {
+    let grace = input::rotate_body(&body)?;
+    let (record, secret) = state.lifecycle.rotate(&who, &id, grace).await?;
     Ok(axum::Json(key_json(&record, Some(&secret))).into_response())
+}
+
+async fn revoke_key(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let record = state.lifecycle.revoke(&who, &id).await?;
+    Ok(axum::Json(key_json(&record, None)).into_response())
 }
 
 async fn delete_key(
     State(state): State<Arc<AdminState>>,
-    Extension(actor): Extension<Actor>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-) -> Result<Response, AdminError> {
-    let record = find(&state, &id, &None).await?;
-    let audit = entry(&state, &actor, Action::Delete, &record, Vec::new());
-    if !state
-        .store
-        .write(Write::Delete(&record.id), Some(&audit))
-        .await?
-    {
-        return Err(AdminError::NotFound);
-    }
-    state.cache.invalidate(&record).await;
-    state.metrics.key_changed(KeyChange::Deleted);
-    tracing::info!(key_id = %record.id, "key deleted");
+) -> Result<Response> {
+    state.lifecycle.delete(&who, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn import_key(
     State(state): State<Arc<AdminState>>,
-    Extension(actor): Extension<Actor>,
+    Extension(who): Extension<Principal>,
     body: Bytes,
-) -> Result<Response, AdminError> {
-    let now = state.clock.now();
-    let (new, public_key, secret) = validate::import_body(&body, now)?;
-    let record = build_record(&state.master, new, public_key, &secret, now);
-    let audit = entry(&state, &actor, Action::Import, &record, set_fields(&record));
-    state
-        .store
-        .write(Write::Insert(&record), Some(&audit))
-        .await?;
-    state.cache.invalidate(&record).await;
-    state.metrics.key_changed(KeyChange::Created);
-    tracing::info!(key_id = %record.id, owner = %record.owner, "key imported");
+) -> Result<Response> {
+    let lc = &state.lifecycle;
+    let (new, public_key, secret) = input::import_body(&body, lc.now())?;
+    let record = lc.import(&who, new, public_key, &secret).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(key_json(&record, Some(&secret))),
@@ -521,45 +281,13 @@ async fn import_key(
         .into_response())
 }
 
-async fn revoke_key(
-    State(state): State<Arc<AdminState>>,
-    Extension(actor): Extension<Actor>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Response, AdminError> {
-    let mut record = find(&state, &id, &caller).await?;
-    if record.revoked_at.is_none() {
-        let now = state.clock.now();
-        record.revoked_at = Some(now);
-        record.updated_at = now;
-        let audit = entry(
-            &state,
-            &actor,
-            Action::Revoke,
-            &record,
-            vec!["revoked_at".into()],
-        );
-        state
-            .store
-            .write(Write::Update(&record), Some(&audit))
-            .await?;
-        state.metrics.key_changed(KeyChange::Revoked);
-        tracing::info!(key_id = %record.id, "key revoked");
-    }
-    // Invalidate even when it was already revoked: a stale entry must never outlive this call.
-    state.cache.invalidate(&record).await;
-    Ok(axum::Json(key_json(&record, None)).into_response())
-}
-
 async fn list_audit(
     State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Principal>,
     Query(q): Query<std::collections::HashMap<String, String>>,
-) -> Result<Response, AdminError> {
-    let query = validate::audit_query(&q)?;
-    let page = state
-        .store
-        .list_audit(query.key_id, query.owner, query.cursor, query.limit)
-        .await?;
+) -> Result<Response> {
+    let query = input::audit_query(&q)?;
+    let page = state.lifecycle.audit_log(&who, &query).await?;
     Ok(axum::Json(json!({"items": page.items, "next_cursor": page.next_cursor})).into_response())
 }
 

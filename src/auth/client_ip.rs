@@ -4,31 +4,46 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+/// An `X-Forwarded-For` from a trusted proxy that cannot be read entirely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("X-Forwarded-For from a trusted proxy must be a list of IP addresses")]
+pub struct BadForwardedFor;
+
 /// The TCP peer, unless the peer is a trusted proxy: then the right-most `X-Forwarded-For`
-/// entry that is not itself trusted. `xff` is every `X-Forwarded-For` value in order.
+/// entry that is not itself trusted. `xff` is every `X-Forwarded-For` value in order, as bytes.
+///
+/// A trusted peer vouches for the whole list it sends, so any entry that is not an IP address
+/// (non-ASCII bytes, `unknown`, a port, an empty entry) refuses the request: falling back to
+/// the proxy's own address would let a client pick which allow-list applies.
 pub fn client_ip<'a>(
     peer: IpAddr,
-    xff: impl DoubleEndedIterator<Item = &'a str>,
+    xff: impl DoubleEndedIterator<Item = &'a [u8]>,
     trusted: &AllowList,
-) -> IpAddr {
+) -> Result<IpAddr, BadForwardedFor> {
     let peer = peer.to_canonical();
     if !trusted.contains(peer) {
-        return peer;
+        return Ok(peer);
     }
     let mut candidate = peer;
+    let mut client = None;
     for value in xff.rev() {
-        for entry in value.rsplit(',') {
-            // An entry we cannot read ends the chain: the last hop we could read vouched for it.
-            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
-                return candidate;
-            };
-            candidate = ip.to_canonical();
-            if !trusted.contains(candidate) {
-                return candidate;
+        let text = std::str::from_utf8(value).map_err(|_| BadForwardedFor)?;
+        for entry in text.rsplit(',') {
+            let ip = entry
+                .trim()
+                .parse::<IpAddr>()
+                .map_err(|_| BadForwardedFor)?
+                .to_canonical();
+            // Once the client is found, the rest is still read: the whole list must parse.
+            if client.is_none() {
+                candidate = ip;
+                if !trusted.contains(ip) {
+                    client = Some(ip);
+                }
             }
         }
     }
-    candidate
+    Ok(client.unwrap_or(candidate))
 }
 
 /// A set of networks as sorted, merged address ranges: membership is a binary search, so a
@@ -67,6 +82,20 @@ impl AllowList {
     /// No networks at all (for an allow-list: any address may use the key).
     pub fn is_empty(&self) -> bool {
         self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// Whether every address of `net` is in the list (one merged range must hold all of it).
+    pub fn covers(&self, net: &IpNet) -> bool {
+        let (ranges, start, end) = match net {
+            IpNet::V4(n) => (
+                &self.v4,
+                u128::from(u32::from(n.network())),
+                u128::from(u32::from(n.broadcast())),
+            ),
+            IpNet::V6(n) => (&self.v6, u128::from(n.network()), u128::from(n.broadcast())),
+        };
+        let after = ranges.partition_point(|&(s, _)| s <= start);
+        after > 0 && ranges[after - 1].1 >= end
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -113,10 +142,10 @@ mod tests {
     fn untrusted_peer_is_the_client_whatever_xff_says() {
         let got = client_ip(
             ip("203.0.113.9"),
-            ["1.2.3.4"].into_iter(),
+            [b"1.2.3.4".as_slice(), b"\xff"].into_iter(),
             &nets(&["10.0.0.0/8"]),
         );
-        assert_eq!(got, ip("203.0.113.9"));
+        assert_eq!(got, Ok(ip("203.0.113.9")));
     }
 
     #[test]
@@ -124,26 +153,52 @@ mod tests {
         let trusted = nets(&["10.0.0.0/8"]);
         let got = client_ip(
             ip("10.0.0.1"),
-            ["6.6.6.6, 198.51.100.7", "10.0.0.2"].into_iter(),
+            [b"6.6.6.6, 198.51.100.7".as_slice(), b"10.0.0.2"].into_iter(),
             &trusted,
         );
-        assert_eq!(got, ip("198.51.100.7"));
+        assert_eq!(got, Ok(ip("198.51.100.7")));
+        let all_trusted = client_ip(
+            ip("10.0.0.1"),
+            [b"10.0.0.3, 10.0.0.2".as_slice()].into_iter(),
+            &trusted,
+        );
+        assert_eq!(all_trusted, Ok(ip("10.0.0.3")));
     }
 
     #[test]
     fn trusted_peer_without_xff_is_the_client() {
         let got = client_ip(ip("10.0.0.1"), std::iter::empty(), &nets(&["10.0.0.0/8"]));
-        assert_eq!(got, ip("10.0.0.1"));
+        assert_eq!(got, Ok(ip("10.0.0.1")));
     }
 
+    /// A trusted proxy vouches for its whole list: anything unreadable in it refuses the
+    /// request instead of falling back to the proxy's own address.
     #[test]
-    fn garbage_in_xff_stops_the_walk() {
-        let got = client_ip(
-            ip("10.0.0.1"),
-            ["198.51.100.7, garbage"].into_iter(),
-            &nets(&["10.0.0.0/8"]),
+    fn garbage_from_a_trusted_proxy_is_refused() {
+        let trusted = nets(&["127.0.0.0/8"]);
+        for bad in [
+            b"\xff, 203.0.113.7".as_slice(),
+            b"203.0.113.7, bogus",
+            b"bogus, 203.0.113.7",
+            b"203.0.113.7,,10.0.0.1",
+            b"",
+            b"unknown",
+            b"203.0.113.7:443",
+        ] {
+            let got = client_ip(ip("127.0.0.1"), [bad].into_iter(), &trusted);
+            assert_eq!(
+                got,
+                Err(BadForwardedFor),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let ok = client_ip(
+            ip("127.0.0.1"),
+            [b" 203.0.113.7 ".as_slice()].into_iter(),
+            &trusted,
         );
-        assert_eq!(got, ip("10.0.0.1"));
+        assert_eq!(ok, Ok(ip("203.0.113.7")));
     }
 
     #[test]
@@ -166,6 +221,19 @@ mod tests {
             nets(&["10.0.0.0/24", "10.0.2.0/24", "10.0.0.0/8"]).ranges(),
             1
         );
+    }
+
+    #[test]
+    fn covers_whole_networks_only() {
+        let list = nets(&["10.0.0.0/24", "10.0.1.0/24", "2001:db8::/32"]);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert!(list.covers(&net("10.0.0.0/23")), "two adjacent /24s merge");
+        assert!(list.covers(&net("10.0.1.7/32")));
+        assert!(!list.covers(&net("10.0.0.0/22")));
+        assert!(!list.covers(&net("0.0.0.0/0")));
+        assert!(list.covers(&net("2001:db8:1::/48")));
+        assert!(!list.covers(&net("2001:db9::/48")));
+        assert!(!nets(&[]).covers(&net("10.0.0.1/32")));
     }
 
     /// The ranges answer exactly what a scan of `IpNet::contains` answers: overlapping,

@@ -1,8 +1,9 @@
 //! Authentication of a request: credential parsing and the pure checks of SPEC §3.4.
 //!
-//! [`parse_credentials`] is step 3, [`check_key`] steps 5–8 plus nonce extraction, and
-//! [`check_scope`] step 10. None of them does I/O or knows pingora: the proxy looks the key
-//! up (step 4) and records the nonce (step 9) between them.
+//! [`parse_credentials`] is step 3; [`check_head`] steps 5–7, which need only the headers, so
+//! the proxy runs them before reading a byte of the body; [`check_signature`] step 8 plus
+//! nonce extraction ([`check_key`] is both); [`check_scope`] step 10. None of them does I/O or
+//! knows pingora: the proxy looks the key up (step 4) and records the nonce (step 9).
 
 pub mod client_ip;
 pub mod signing;
@@ -120,8 +121,34 @@ fn is_valid_nonce(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Credential headers of the signed schemes; any of them means the request is signed.
+const SIGNED_HEADERS: [HeaderName; 4] = [H_PUBLIC_KEY, H_SIGNATURE, H_TIMESTAMP, H_NONCE];
+
+/// Refuses what two parsers could read two ways: a credential header sent more than once, or
+/// a signed scheme and a bearer secret in one request. Either could let keygate verify one
+/// value while the upstream (with `forward_credentials`) acts on the other.
+fn unambiguous(headers: &HeaderMap) -> Result<(), AuthError> {
+    for name in &CREDENTIAL_HEADERS {
+        let mut values = headers.get_all(name).iter();
+        if values.next().is_some() && values.next().is_some() {
+            return Err(AuthError::MalformedCredentials(
+                "a credential header is sent more than once",
+            ));
+        }
+    }
+    let signed = SIGNED_HEADERS.iter().any(|n| headers.contains_key(n));
+    let bearer = headers.contains_key(AUTHORIZATION) as u8 + headers.contains_key(H_API_KEY) as u8;
+    if (signed && bearer > 0) || bearer > 1 {
+        return Err(AuthError::MalformedCredentials(
+            "send one kind of credentials: a signature, Authorization or x-api-key",
+        ));
+    }
+    Ok(())
+}
+
 /// Step 3: finds the credentials and checks their shape.
 pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthError> {
+    unambiguous(headers)?;
     if let Some(public_key) = header(headers, &H_PUBLIC_KEY)? {
         // Keys imported from other systems keep their own public keys: shape only.
         if !crate::keys::secret::is_valid_public_key(public_key) {
@@ -226,30 +253,33 @@ fn body_nonce(body: &[u8]) -> Result<String, AuthError> {
         AuthError::MissingNonce("the body must be a JSON object with a nonce field")
     })?;
     match parsed.nonce {
+        // A JSON number is read as an integer or a double: its text is short, whatever was sent.
         Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
-        Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s),
+        // The x-api-nonce rule: a nonce is kept for `body_nonce_retention`, so its size is
+        // bounded like the header's.
+        Some(serde_json::Value::String(s)) if is_valid_nonce(&s) => Ok(s),
         Some(_) => Err(AuthError::MissingNonce(
-            "nonce must be a number or a non-empty string",
+            "nonce must be a number or 1-64 characters of A-Z a-z 0-9 _ -",
         )),
         None => Err(AuthError::MissingNonce("the body has no nonce field")),
     }
 }
 
-/// Steps 4½–8 for a key that was found: kind, revocation, expiry, allow-list, timestamp,
-/// signature. Returns the nonce to record, if the key's scheme has one.
-pub fn check_key<'a>(
+/// Steps 4½–7 for a key that was found, on the headers alone: kind, revocation, expiry,
+/// allow-list, timestamp — and, for a bearer secret, step 8 too, which needs no body.
+pub fn check_head(
     key: &ActiveKey,
-    creds: &Credentials<'a>,
-    req: &RequestParts<'a>,
+    creds: &Credentials<'_>,
+    client_ip: IpAddr,
     accepted: AuthKinds,
     now: OffsetDateTime,
     policy: &Policy,
-) -> Result<Option<NonceClaim<'a>>, AuthError> {
+) -> Result<(), AuthError> {
     if !accepted.contains(key.auth) {
         return Err(AuthError::KindNotAccepted(key.auth.as_str()));
     }
-    let (timestamp, nonce) = match (key.auth, creds) {
-        (AuthKind::Bearer, Credentials::Bearer { .. }) => (None, None),
+    let timestamp = match (key.auth, creds) {
+        (AuthKind::Bearer, Credentials::Bearer { .. }) => None,
         (AuthKind::Bearer, Credentials::Signed { .. }) => {
             return Err(AuthError::MissingCredentials(
                 "this key authenticates with a bearer secret, not a signature",
@@ -262,10 +292,10 @@ pub fn check_key<'a>(
             },
         ) => {
             let t = timestamp.ok_or(AuthError::MissingCredentials("x-api-timestamp is missing"))?;
-            let n = nonce.ok_or(AuthError::MissingCredentials("x-api-nonce is missing"))?;
-            (Some(t), Some(n))
+            nonce.ok_or(AuthError::MissingCredentials("x-api-nonce is missing"))?;
+            Some(t)
         }
-        (AuthKind::HmacBody, Credentials::Signed { .. }) => (None, None),
+        (AuthKind::HmacBody, Credentials::Signed { .. }) => None,
         // The bearer index holds only bearer keys; a signed key reached by hash is a bug.
         (_, Credentials::Bearer { .. }) => return Err(AuthError::UnknownKey),
     };
@@ -278,8 +308,8 @@ pub fn check_key<'a>(
         return Err(AuthError::Expired);
     }
     // Step 6.
-    if !key.allow.is_empty() && !key.allow.contains(req.client_ip) {
-        return Err(AuthError::IpNotAllowed(req.client_ip.to_canonical()));
+    if !key.allow.is_empty() && !key.allow.contains(client_ip) {
+        return Err(AuthError::IpNotAllowed(client_ip.to_canonical()));
     }
     // Step 7.
     if let Some(t) = timestamp {
@@ -289,48 +319,79 @@ pub fn check_key<'a>(
             return Err(AuthError::StaleTimestamp(skew));
         }
     }
-    // Step 8: the current credential, or the previous one while its rotation grace runs.
-    let previous = key.previous.as_deref().filter(|p| now < p.until);
-    match creds {
-        Credentials::Bearer { secret_hash } => {
-            let matches = |h: Option<[u8; 32]>| h.is_some_and(|h| ct_eq(&h, secret_hash));
-            if !(matches(key.bearer_hash) || matches(previous.and_then(|p| p.bearer_hash))) {
-                return Err(AuthError::BadSignature);
-            }
-            Ok(None)
-        }
-        Credentials::Signed { signature, .. } => {
-            let verifies = |secret: Option<&crate::keys::SecretString>| {
-                secret.is_some_and(|s| {
-                    let s = s.expose().as_bytes();
-                    let expected = match (timestamp, nonce) {
-                        (Some(t), Some(n)) => {
-                            signing::mac_v1(s, t, n, req.method, req.target, req.body)
-                        }
-                        _ => signing::mac_body(s, req.body),
-                    };
-                    ct_eq(&expected, signature)
-                })
-            };
-            if !(verifies(key.secret.as_ref())
-                || verifies(previous.and_then(|p| p.secret.as_ref())))
-            {
-                return Err(AuthError::BadSignature);
-            }
-            // Step 9's input; recorded by the caller only now that the signature verified.
-            let claim = match nonce {
-                Some(n) => NonceClaim {
-                    value: Cow::Borrowed(n),
-                    ttl: policy.clock_skew * 2,
-                },
-                None => NonceClaim {
-                    value: Cow::Owned(body_nonce(req.body)?),
-                    ttl: policy.body_nonce_retention,
-                },
-            };
-            Ok(Some(claim))
+    // Step 8 for bearer secrets: the current hash, or the previous one while its grace runs.
+    if let Credentials::Bearer { secret_hash } = creds {
+        let previous = key.previous.as_deref().filter(|p| now < p.until);
+        let matches = |h: Option<[u8; 32]>| h.is_some_and(|h| ct_eq(&h, secret_hash));
+        if !(matches(key.bearer_hash) || matches(previous.and_then(|p| p.bearer_hash))) {
+            return Err(AuthError::BadSignature);
         }
     }
+    Ok(())
+}
+
+/// Step 8 for signed keys, once the body is read: the signature over the request with the
+/// current secret, or the previous one while its rotation grace runs. Returns the nonce to
+/// record; `None` for bearer secrets, already checked by [`check_head`].
+pub fn check_signature<'a>(
+    key: &ActiveKey,
+    creds: &Credentials<'a>,
+    req: &RequestParts<'a>,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Option<NonceClaim<'a>>, AuthError> {
+    let Credentials::Signed {
+        signature,
+        timestamp,
+        nonce,
+        ..
+    } = creds
+    else {
+        return Ok(None);
+    };
+    let (timestamp, nonce) = match key.auth {
+        AuthKind::HmacV1 => (*timestamp, *nonce),
+        _ => (None, None),
+    };
+    let previous = key.previous.as_deref().filter(|p| now < p.until);
+    let verifies = |secret: Option<&crate::keys::SecretString>| {
+        secret.is_some_and(|s| {
+            let s = s.expose().as_bytes();
+            let expected = match (timestamp, nonce) {
+                (Some(t), Some(n)) => signing::mac_v1(s, t, n, req.method, req.target, req.body),
+                _ => signing::mac_body(s, req.body),
+            };
+            ct_eq(&expected, signature)
+        })
+    };
+    if !(verifies(key.secret.as_ref()) || verifies(previous.and_then(|p| p.secret.as_ref()))) {
+        return Err(AuthError::BadSignature);
+    }
+    // Step 9's input; recorded by the caller only now that the signature verified.
+    let claim = match nonce {
+        Some(n) => NonceClaim {
+            value: Cow::Borrowed(n),
+            ttl: policy.clock_skew * 2,
+        },
+        None => NonceClaim {
+            value: Cow::Owned(body_nonce(req.body)?),
+            ttl: policy.body_nonce_retention,
+        },
+    };
+    Ok(Some(claim))
+}
+
+/// Steps 4½–8 for a key that was found: [`check_head`] then [`check_signature`].
+pub fn check_key<'a>(
+    key: &ActiveKey,
+    creds: &Credentials<'a>,
+    req: &RequestParts<'a>,
+    accepted: AuthKinds,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Option<NonceClaim<'a>>, AuthError> {
+    check_head(key, creds, req.client_ip, accepted, now, policy)?;
+    check_signature(key, creds, req, now, policy)
 }
 
 /// Step 10: the key's scopes grant the route's scope (a route without a scope needs none).

@@ -39,6 +39,15 @@ pub(crate) struct ServerFile {
     pub(crate) trusted_proxies: Vec<String>,
     #[serde(default = "default_shutdown_grace")]
     pub(crate) shutdown_grace: String,
+    /// Total time to receive a request head, counted from the connection's start or the end
+    /// of its previous request.
+    #[serde(default = "default_header_timeout")]
+    pub(crate) header_timeout: String,
+    /// Total time to receive a request body once its head is in.
+    #[serde(default = "default_body_timeout")]
+    pub(crate) body_timeout: String,
+    /// Client connections held at once; absent: half the descriptor limit, less a reserve.
+    pub(crate) max_connections: Option<u64>,
 }
 
 impl Default for ServerFile {
@@ -49,8 +58,18 @@ impl Default for ServerFile {
             max_body_bytes: default_max_body_bytes(),
             trusted_proxies: Vec::new(),
             shutdown_grace: default_shutdown_grace(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
+            max_connections: None,
         }
     }
+}
+
+fn default_header_timeout() -> String {
+    "10s".into()
+}
+fn default_body_timeout() -> String {
+    "30s".into()
 }
 
 fn default_listen() -> String {
@@ -73,6 +92,8 @@ pub(crate) struct AdminFile {
     pub(crate) listen: String,
     #[serde(default)]
     pub(crate) token_sha256: Vec<String>,
+    /// A file holding one admin token (mode 0600), instead of `KEYGATE_ADMIN_TOKEN`.
+    pub(crate) token_file: Option<String>,
 }
 
 impl Default for AdminFile {
@@ -80,6 +101,7 @@ impl Default for AdminFile {
         Self {
             listen: default_admin_listen(),
             token_sha256: Vec::new(),
+            token_file: None,
         }
     }
 }

@@ -35,6 +35,13 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub trusted_proxies: Vec<IpNet>,
     pub shutdown_grace: Duration,
+    /// Total time to receive a request head (and the longest a kept-alive connection waits
+    /// idle for its next request).
+    pub header_timeout: Duration,
+    /// Total time to receive a request body once its head is in.
+    pub body_timeout: Duration,
+    /// Client connections held at once; `None`: derived from the descriptor limit at start.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +49,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// SHA-256 of each accepted admin token (from the file; the env token is added at start).
     pub token_sha256: Vec<[u8; 32]>,
+    /// A file holding one admin token, read at start.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -257,7 +266,24 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             })
             .collect(),
         shutdown_grace: p.duration("server.shutdown_grace", &f.server.shutdown_grace),
+        header_timeout: p.duration("server.header_timeout", &f.server.header_timeout),
+        body_timeout: p.duration("server.body_timeout", &f.server.body_timeout),
+        max_connections: f
+            .server
+            .max_connections
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
     };
+    for (key, d) in [
+        ("server.header_timeout", server.header_timeout),
+        ("server.body_timeout", server.body_timeout),
+    ] {
+        if d < Duration::from_millis(100) {
+            p.add(key, "must be at least 100ms");
+        }
+    }
+    if server.max_connections == Some(0) {
+        p.add("server.max_connections", "must be at least 1");
+    }
     if server.threads == 0 {
         p.add("server.threads", "must be at least 1");
     }
@@ -280,6 +306,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
     let admin = AdminConfig {
         listen: p.socket("admin.listen", &f.admin.listen),
         token_sha256,
+        token_file: f.admin.token_file.map(PathBuf::from),
     };
     let metrics = MetricsConfig {
         listen: p.socket("metrics.listen", &f.metrics.listen),

@@ -160,6 +160,8 @@ impl EmbeddedStore {
         let db = Database::create(path).map_err(|e| {
             StoreError::Unavailable(format!("{}: {}", path.display(), redb::Error::from(e)))
         })?;
+        super::owner_only(path, 0o600)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(unavailable)?;
         {
             txn.open_table(KEYS).map_err(unavailable)?;
@@ -419,12 +421,12 @@ impl KeyStore for EmbeddedStore {
     ) -> Result<bool, StoreError> {
         enum Owned {
             Insert(KeyRecord, Vec<u8>),
-            Update(KeyRecord, Vec<u8>),
+            Update(KeyRecord),
             Delete(String),
         }
         let change = match change {
             Write::Insert(r) => Owned::Insert(r.clone(), encode(r)?),
-            Write::Update(r) => Owned::Update(r.clone(), encode(r)?),
+            Write::Update(r) => Owned::Update(r.clone()),
             Write::Delete(id) => Owned::Delete(id.to_owned()),
         };
         let audit = audit
@@ -443,16 +445,28 @@ impl KeyStore for EmbeddedStore {
                     drop(keys);
                     index(txn, record)?;
                 }
-                Owned::Update(record, bytes) => {
+                Owned::Update(record) => {
                     let old = match keys.get(record.id.as_str()).map_err(unavailable)? {
                         Some(v) => decode(v.value())?,
                         None => return Err(StoreError::NotFound),
                     };
-                    keys.insert(record.id.as_str(), bytes.as_slice())
+                    // Inside the write transaction, so nothing can land between check and write.
+                    if old.version.checked_add(1) != Some(record.version) {
+                        return Err(StoreError::VersionConflict);
+                    }
+                    if old.revoked_at.is_some() && record.revoked_at.is_none() {
+                        return Err(StoreError::RevokedFinal);
+                    }
+                    // Usage is not the writer's to change: keep what the flusher added since
+                    // the writer read the record.
+                    let mut record = record.clone();
+                    record.total_requests = old.total_requests;
+                    record.last_used_at = old.last_used_at;
+                    keys.insert(record.id.as_str(), encode(&record)?.as_slice())
                         .map_err(unavailable)?;
                     drop(keys);
                     unindex(txn, &old)?;
-                    index(txn, record)?;
+                    index(txn, &record)?;
                 }
                 Owned::Delete(id) => {
                     let old = match keys.remove(id.as_str()).map_err(unavailable)? {

@@ -30,6 +30,21 @@ pub use model::{
 pub use secret::{Environment, MasterKey, SecretString};
 pub use store::{ChangeSink, KeyStore, Page, StoreError, Usage, Write};
 
+/// Restricts `path` to its owner (`mode`: 0o600 for files, 0o700 for directories), whatever
+/// the umask made of it: store files hold sealed secrets and usage.
+pub(crate) fn owner_only(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, mode);
+        Ok(())
+    }
+}
+
 /// Everything a new key is made from, already validated.
 #[derive(Clone, Debug)]
 pub struct NewKey {
@@ -88,6 +103,8 @@ pub fn build_record(
         total_requests: 0,
         credential,
         previous: None,
+        version: 1,
+        created_by: None,
     }
 }
 

@@ -106,6 +106,15 @@ pub struct KeyRecord {
     /// The credential replaced by the last rotation, accepted until `until` (rotation grace).
     #[serde(default)]
     pub previous: Option<PreviousCredential>,
+    /// Bumped by every change: a write names the version it replaces, and the store refuses it
+    /// if the record moved on (compare-and-set), so no change is ever lost to a concurrent one.
+    /// Records of earlier versions read as 0.
+    #[serde(default)]
+    pub version: u64,
+    /// The key that minted this one through self-service, if any: a key may act on the keys
+    /// it minted.
+    #[serde(default)]
+    pub created_by: Option<String>,
 }
 
 /// A rotated-out credential and the end of its grace period.

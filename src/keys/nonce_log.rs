@@ -51,6 +51,8 @@ impl NonceLog {
     /// ("key id\nnonce", expiry in Unix ms). Expired segments are deleted.
     pub(super) fn open(dir: &Path, now_ms: u64) -> io::Result<(Self, Vec<(String, u64)>)> {
         fs::create_dir_all(dir)?;
+        // Used nonces say which keys are in use and when: for this user only.
+        super::owner_only(dir, 0o700)?;
         let mut live = Vec::new();
         let mut sealed = Vec::new();
         for path in segment_paths(dir)? {
@@ -161,10 +163,11 @@ fn new_segment(dir: &Path, now_ms: u64, sealed: &[(PathBuf, u64)]) -> io::Result
         }
         stamp += 1;
     };
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)?;
+    let mut options = OpenOptions::new();
+    options.create_new(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path)?;
     file.write_all(MAGIC)?;
     file.sync_all()?;
     File::open(dir)?.sync_all()?;

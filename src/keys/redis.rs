@@ -39,6 +39,14 @@ local old = redis.call('GET', rk)
 if op == 'insert' and old then return 'conflict' end
 if op == 'update' and not old then return 'not_found' end
 if op == 'delete' and not old then return 'absent' end
+local o = old and cjson.decode(old)
+if op == 'update' then
+  -- Compare-and-set on the record version, inside the script: nothing lands in between.
+  if (tonumber(o['version']) or 0) + 1 ~= tonumber(ARGV[11]) then return 'version_conflict' end
+  if o['revoked_at'] ~= nil and o['revoked_at'] ~= cjson.null and ARGV[12] ~= '1' then
+    return 'revoked'
+  end
+end
 local function hashes_of(rec)
   local out = {}
   local c = rec['credential']
@@ -60,8 +68,7 @@ if op ~= 'delete' then
   end
 end
 local changed = {}
-if old then
-  local o = cjson.decode(old)
+if o then
   redis.call('DEL', '{kg}:pk:' .. o['public_key'])
   table.insert(changed, 'pk:' .. o['public_key'])
   for _, h in ipairs(hashes_of(o)) do
@@ -513,6 +520,16 @@ impl KeyStore for RedisStore {
                 inv.arg("").arg("").arg("").arg("");
             }
         }
+        // ARGV[11], ARGV[12]: the version written and whether it is revoked (compare-and-set).
+        match change {
+            Write::Insert(r) | Write::Update(r) => {
+                inv.arg(r.version)
+                    .arg(if r.revoked_at.is_some() { "1" } else { "0" });
+            }
+            Write::Delete(_) => {
+                inv.arg(0).arg("0");
+            }
+        }
         let outcome: String = inv
             .invoke_async(&mut self.conn())
             .await
@@ -521,6 +538,8 @@ impl KeyStore for RedisStore {
             "ok" => Ok(true),
             "absent" => Ok(false),
             "conflict" => Err(StoreError::Conflict),
+            "version_conflict" => Err(StoreError::VersionConflict),
+            "revoked" => Err(StoreError::RevokedFinal),
             "not_found" => Err(StoreError::NotFound),
             other => Err(StoreError::Corrupt(format!(
                 "write script answered {other:?}"

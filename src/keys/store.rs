@@ -12,6 +12,12 @@ use super::model::KeyRecord;
 pub enum StoreError {
     #[error("a key with this public key or secret already exists")]
     Conflict,
+    /// The record is no longer at the version the write replaces: someone else changed it.
+    #[error("the record was changed concurrently")]
+    VersionConflict,
+    /// The write would clear `revoked_at`: revocation is final.
+    #[error("the key is revoked; revocation is final")]
+    RevokedFinal,
     #[error("no such key")]
     NotFound,
     #[error("store unavailable: {0}")]
@@ -40,7 +46,9 @@ pub struct Page {
 pub enum Write<'a> {
     /// Adds a record; `Conflict` if its id, public key or a bearer hash is taken.
     Insert(&'a KeyRecord),
-    /// Replaces the record with the same id; `NotFound` if there is none.
+    /// Replaces the record with the same id, compare-and-set: the stored record must be at
+    /// `version - 1` of the one given (`VersionConflict` otherwise), and a revoked record stays
+    /// revoked (`RevokedFinal`). `NotFound` if there is none.
     Update(&'a KeyRecord),
     /// Removes a record and its indexes.
     Delete(&'a str),
@@ -84,7 +92,8 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.write(Write::Insert(record), None).await.map(drop)
     }
-    /// Replaces a record without an audit entry (tools, tests).
+    /// Replaces a record without an audit entry (tools, tests); compare-and-set as
+    /// [`Write::Update`].
     async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.write(Write::Update(record), None).await.map(drop)
     }

@@ -1,13 +1,17 @@
 //! The pingora adapter: routing, body hold-back, authentication, forwarding, problem+json.
 //!
-//! No byte of an authenticated request reaches the upstream before it is verified: the body
-//! is read whole in `request_filter` (bounded by `server.max_body_bytes`), then verified.
+//! No byte of an authenticated request reaches the upstream before it is verified. Checks 3–7
+//! of SPEC §3.4 run on the headers alone, before a byte of the body is read, so unauthenticated
+//! clients cannot make keygate buffer bodies; then the body is read whole (bounded by
+//! `server.max_body_bytes` and `server.body_timeout`) and the signature verified.
 //! Bodies up to pingora's 64 KiB retry buffer are replayed upstream by pingora itself; larger
 //! ones are sent by [`forward`] through pingora's connector. Public routes stream as usual.
 
 mod forward;
+pub mod guard;
 mod route;
 mod self_service;
+pub mod target;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, EXPECT};
+use http::header::EXPECT;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -45,6 +49,8 @@ pub struct Gateway {
     /// Round-robin position per upstream.
     next_endpoint: Vec<AtomicUsize>,
     max_body_bytes: usize,
+    /// Bounds draining an unread body after a refusal.
+    body_timeout: Duration,
     trusted_proxies: AllowList,
     policy: Policy,
     cache: Arc<KeyCache>,
@@ -57,8 +63,8 @@ pub struct Gateway {
     /// For bodies beyond pingora's retry buffer; pools connections like pingora's own.
     connector: Connector,
     request_ids: RequestIds,
-    /// The admin handlers serving `/_keygate/v1/keys` to keys holding `keys.manage`.
-    self_service: Option<axum::Router>,
+    /// The key lifecycle, serving `/_keygate/v1/keys` to keys holding `keys.manage`.
+    lifecycle: Option<Arc<crate::lifecycle::Lifecycle>>,
     self_service_route: Route,
     /// Requests per key, written to the store by the usage flusher.
     usage: Arc<crate::usage::UsageTally>,
@@ -119,7 +125,7 @@ impl Gateway {
         cache: Arc<KeyCache>,
         metrics: Metrics,
         clock: Arc<dyn Clock>,
-        self_service: Option<axum::Router>,
+        lifecycle: Option<Arc<crate::lifecycle::Lifecycle>>,
         usage: Arc<crate::usage::UsageTally>,
     ) -> Self {
         let self_service_route = self_service::route();
@@ -132,6 +138,7 @@ impl Gateway {
                 .collect(),
             upstreams: config.upstreams.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            body_timeout: config.server.body_timeout,
             trusted_proxies: AllowList::new(&config.server.trusted_proxies),
             policy: Policy {
                 clock_skew: config.signing.clock_skew,
@@ -148,7 +155,7 @@ impl Gateway {
             clock,
             connector: Connector::new(None),
             request_ids: RequestIds::new(),
-            self_service,
+            lifecycle,
             self_service_route,
             usage,
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
@@ -205,7 +212,10 @@ impl Gateway {
     }
 
     /// The client address of SPEC §3.5.
-    fn client_ip(&self, session: &Session) -> IpAddr {
+    fn client_ip(
+        &self,
+        session: &Session,
+    ) -> std::result::Result<IpAddr, auth::client_ip::BadForwardedFor> {
         let peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -215,23 +225,26 @@ impl Gateway {
             .headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok());
+            .map(http::HeaderValue::as_bytes);
         auth::client_ip::client_ip(peer_ip, xff, &self.trusted_proxies)
     }
 
-    /// Answers with problem+json and records the outcome. `drained`: the request body was
-    /// read completely, so the connection can serve another request.
+    /// Answers with problem+json and records the outcome. A body not yet read is drained by
+    /// pingora after the answer (bounded by `server.body_timeout`), so the client reads the
+    /// answer instead of a reset and the connection can serve another request.
     async fn refuse(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
         code: ErrorCode,
         detail: &str,
-        drained: bool,
     ) -> Result<bool> {
         ctx.outcome = Some(code);
-        if !drained {
-            session.set_keepalive(None);
+        if !session.is_body_done() {
+            // Pingora would close at once; drain instead (discarding, bounded in time), so the
+            // client is not cut off mid-send and never reads a reset instead of the answer.
+            session.set_close_on_response_before_downstream_finish(false);
+            session.set_total_drain_timeout(Some(self.body_timeout));
         }
         write_problem(session, code, detail, &ctx.request_id).await?;
         Ok(true)
@@ -239,13 +252,16 @@ impl Gateway {
 
     /// 413 `body_too_large`; the body is not drained, so the connection closes after it.
     async fn refuse_too_large(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.outcome = Some(ErrorCode::BodyTooLarge);
+        session.set_keepalive(None);
         let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
-        self.refuse(session, ctx, ErrorCode::BodyTooLarge, &detail, false)
-            .await
+        write_problem(session, ErrorCode::BodyTooLarge, &detail, &ctx.request_id).await?;
+        Ok(true)
     }
 
-    /// Reads the whole body, refusing it once it passes `max_body_bytes`.
-    async fn read_body(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Result<Bytes, ()>> {
+    /// Reads the whole body; `Ok(None)` once it passes `max_body_bytes`. A malformed body
+    /// (a bad chunk size) is the client's error: 400, not 500.
+    async fn read_body(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Option<Bytes>> {
         session.enable_retry_buffering();
         if is_expect_continue_req(session.req_header()) {
             session.write_continue_response().await?;
@@ -254,10 +270,13 @@ impl Gateway {
         let mut first: Option<Bytes> = None;
         let mut rest = BytesMut::new();
         let mut total = 0usize;
-        while let Some(chunk) = session.read_request_body().await? {
+        while let Some(chunk) = session.read_request_body().await.map_err(|mut e| {
+            e.as_down();
+            e
+        })? {
             total += chunk.len();
             if total > self.max_body_bytes {
-                return Ok(Err(()));
+                return Ok(None);
             }
             // The common case is one chunk: keep it without copying.
             match &first {
@@ -270,33 +289,63 @@ impl Gateway {
                 }
             }
         }
-        Ok(Ok(first.unwrap_or_else(|| rest.freeze())))
+        guard::body_received();
+        Ok(Some(first.unwrap_or_else(|| rest.freeze())))
     }
 
-    /// Steps 3–10 of SPEC §3.4 for a matched, non-public route, timed into
+    /// Steps 3–10 of SPEC §3.4 for a matched, non-public route: 3–7 on the headers, then the
+    /// body is read, then 8–10. Refusals are answered here (`Ok(None)`); on success, the key
+    /// and the body. Time spent checking, not waiting for the body, goes into
     /// `keygate_auth_duration_seconds{route}`.
     async fn authenticate(
         &self,
-        req: &RequestHeader,
-        body: &[u8],
+        session: &mut Session,
+        ctx: &mut Ctx,
         client_ip: IpAddr,
         route: &Route,
         metrics: &RouteMetrics,
-    ) -> std::result::Result<Arc<ActiveKey>, AuthError> {
+    ) -> Result<Option<(Arc<ActiveKey>, Bytes)>> {
         let started = Instant::now();
-        let result = self.check_request(req, body, client_ip, route).await;
-        metrics
-            .auth_duration
-            .observe(started.elapsed().as_secs_f64());
-        result
+        let now = self.clock.now();
+        let head = self
+            .check_head(session.req_header(), client_ip, route, now)
+            .await;
+        let mut spent = started.elapsed();
+        let key = match head {
+            Ok(key) => key,
+            Err(e) => {
+                metrics.auth_duration.observe(spent.as_secs_f64());
+                return self
+                    .refuse(session, ctx, e.code(), &e.to_string())
+                    .await
+                    .map(|_| None);
+            }
+        };
+        let Some(body) = self.read_body(session, ctx).await? else {
+            return self.refuse_too_large(session, ctx).await.map(|_| None);
+        };
+        let started = Instant::now();
+        let checked = self
+            .check_body(session.req_header(), &key, &body, client_ip, route, now)
+            .await;
+        spent += started.elapsed();
+        metrics.auth_duration.observe(spent.as_secs_f64());
+        match checked {
+            Ok(()) => Ok(Some((key, body))),
+            Err(e) => self
+                .refuse(session, ctx, e.code(), &e.to_string())
+                .await
+                .map(|_| None),
+        }
     }
 
-    async fn check_request(
+    /// Steps 3–7 (and 8 for bearer secrets): what the headers alone can decide.
+    async fn check_head(
         &self,
         req: &RequestHeader,
-        body: &[u8],
         client_ip: IpAddr,
         route: &Route,
+        now: time::OffsetDateTime,
     ) -> std::result::Result<Arc<ActiveKey>, AuthError> {
         let creds = auth::parse_credentials(&req.headers)?;
         let found = match &creds {
@@ -316,6 +365,23 @@ impl Gateway {
                 return Err(AuthError::StoreUnavailable);
             }
         };
+        auth::check_head(&key, &creds, client_ip, route.auth, now, &self.policy)?;
+        Ok(key)
+    }
+
+    /// Steps 8–10 once the body is read: signature, nonce, scope.
+    async fn check_body(
+        &self,
+        req: &RequestHeader,
+        key: &ActiveKey,
+        body: &[u8],
+        client_ip: IpAddr,
+        route: &Route,
+        now: time::OffsetDateTime,
+    ) -> std::result::Result<(), AuthError> {
+        // Parsed again rather than kept across the body read (which borrows the session
+        // mutably): a few header lookups, already known to succeed.
+        let creds = auth::parse_credentials(&req.headers)?;
         let target = String::from_utf8_lossy(req.raw_path());
         let parts = RequestParts {
             method: req.method.as_str(),
@@ -323,8 +389,7 @@ impl Gateway {
             body,
             client_ip,
         };
-        let now = self.clock.now();
-        let claim = auth::check_key(&key, &creds, &parts, route.auth, now, &self.policy)?;
+        let claim = auth::check_signature(key, &creds, &parts, now, &self.policy)?;
         if let Some(claim) = claim {
             match self
                 .cache
@@ -350,9 +415,9 @@ impl Gateway {
                 }
             }
         }
-        auth::check_scope(&key, route.scope.as_deref())?;
+        auth::check_scope(key, route.scope.as_deref())?;
         self.usage.record(key.id(), now);
-        Ok(key)
+        Ok(())
     }
 
     /// The upstream request: identity added, spoofed identity and (by default) credentials
@@ -365,7 +430,7 @@ impl Gateway {
         let spoofed: Vec<http::HeaderName> = req
             .headers
             .keys()
-            .filter(|n| n.as_str().starts_with("x-keygate-"))
+            .filter(|n| is_spoofed(n.as_str()))
             .cloned()
             .collect();
         for name in spoofed {
@@ -404,6 +469,24 @@ impl Gateway {
     }
 }
 
+/// Whether a client-sent header must never reach the upstream whatever the upstream's
+/// settings: an `x-keygate-*` identity header, or an underscore spelling of one or of a
+/// credential header (`x_keygate_owner`, `x_api_key`), which CGI/WSGI-style frameworks read
+/// as the dashed name.
+fn is_spoofed(name: &str) -> bool {
+    if name.starts_with("x-keygate-") {
+        return true;
+    }
+    if !name.contains('_') {
+        return false;
+    }
+    let dashed = name.replace('_', "-");
+    dashed.starts_with("x-keygate-")
+        || auth::CREDENTIAL_HEADERS
+            .iter()
+            .any(|c| c == dashed.as_str())
+}
+
 /// Writes a complete problem+json response.
 async fn write_problem(
     session: &mut Session,
@@ -435,7 +518,7 @@ fn error_code(e: &Error) -> Option<ErrorCode> {
         _ => match e.esource() {
             ErrorSource::Upstream => Some(ErrorCode::UpstreamUnavailable),
             ErrorSource::Downstream => match e.etype() {
-                WriteError | ReadError | ConnectionClosed => None,
+                WriteError | ReadError | ConnectionClosed | ReadTimedout | WriteTimedout => None,
                 _ => Some(ErrorCode::BadRequest),
             },
             ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
@@ -446,16 +529,6 @@ fn error_code(e: &Error) -> Option<ErrorCode> {
             },
         },
     }
-}
-
-fn content_length(req: &RequestHeader) -> Option<u64> {
-    req.headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 #[async_trait]
@@ -478,35 +551,59 @@ impl ProxyHttp for Gateway {
 
     /// Routes, bounds and reads the body, authenticates; answers refusals itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        guard::head_received();
         let req = session.req_header();
         ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
+        // Before routing: a path an upstream could read as another route, or a length two
+        // parsers could read two ways, is refused whatever the route.
+        if let Err(detail) = target::check_path(req.uri.path()) {
+            return self
+                .refuse(session, ctx, ErrorCode::BadRequest, detail)
+                .await;
+        }
+        let declared = match target::content_length(&req.headers) {
+            Ok(n) => n,
+            Err(detail) => {
+                // The body's extent is unknown: it cannot be drained, only closed on.
+                session.set_keepalive(None);
+                return self
+                    .refuse(session, ctx, ErrorCode::BadRequest, detail)
+                    .await;
+            }
+        };
         let is_self_service = req
             .uri
             .path()
             .strip_prefix(self_service::PREFIX)
             .is_some_and(|rest| rest.starts_with("/v1/keys"));
-        if is_self_service {
-            ctx.self_service = true;
-            if content_length(req).is_some_and(|n| n > self.max_body_bytes as u64) {
-                return self.refuse_too_large(session, ctx).await;
-            }
-            let client_ip = self.client_ip(session);
-            ctx.client_ip = Some(client_ip);
-            return self.self_service(session, ctx, client_ip).await;
-        }
         // Step 1.
-        let Some(route_index) = self.router.find(&req.method, req.uri.path()) else {
-            return self
-                .refuse(
-                    session,
-                    ctx,
-                    ErrorCode::NoRoute,
-                    "no route matches this method and path",
-                    false,
-                )
-                .await;
+        let route_index = if is_self_service {
+            ctx.self_service = true;
+            None
+        } else {
+            let Some(i) = self.router.find(&req.method, req.uri.path()) else {
+                let detail = "no route matches this method and path";
+                return self.refuse(session, ctx, ErrorCode::NoRoute, detail).await;
+            };
+            ctx.route = Some(i);
+            Some(i)
         };
-        ctx.route = Some(route_index);
+        // Step 2, before reading a byte when the length is declared.
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return self.refuse_too_large(session, ctx).await;
+        }
+        let client_ip = match self.client_ip(session) {
+            Ok(ip) => ip,
+            Err(e) => {
+                return self
+                    .refuse(session, ctx, ErrorCode::BadRequest, &e.to_string())
+                    .await
+            }
+        };
+        ctx.client_ip = Some(client_ip);
+        let Some(route_index) = route_index else {
+            return self.self_service(session, ctx, client_ip).await;
+        };
         let (Some(route), Some(route_metrics)) = (
             self.router.get(route_index),
             self.route_metrics.get(route_index),
@@ -516,32 +613,20 @@ impl ProxyHttp for Gateway {
                 "route index out of range",
             ));
         };
-        // Step 2, before reading a byte when the length is declared.
-        if content_length(req).is_some_and(|n| n > self.max_body_bytes as u64) {
-            return self.refuse_too_large(session, ctx).await;
-        }
-        let client_ip = self.client_ip(session);
-        ctx.client_ip = Some(client_ip);
         if route.public {
+            if session.is_body_empty() {
+                guard::body_received();
+            }
             return Ok(false);
         }
 
-        let Ok(body) = self.read_body(session, ctx).await? else {
-            return self.refuse_too_large(session, ctx).await;
+        let Some((key, body)) = self
+            .authenticate(session, ctx, client_ip, route, route_metrics)
+            .await?
+        else {
+            return Ok(true);
         };
-
-        let result = self
-            .authenticate(session.req_header(), &body, client_ip, route, route_metrics)
-            .await;
-        match result {
-            Ok(key) => ctx.key = Some(key),
-            Err(e) => {
-                return self
-                    .refuse(session, ctx, e.code(), &e.to_string(), true)
-                    .await;
-            }
-        }
-
+        ctx.key = Some(key);
         if session.as_downstream().retry_buffer_truncated() {
             // Too large for pingora to replay: send it ourselves, verified and whole.
             self.forward_direct(session, ctx, body).await?;
@@ -555,13 +640,16 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if ctx.key.is_none() {
             ctx.public_body_bytes += body.as_ref().map_or(0, Bytes::len);
             if ctx.public_body_bytes > self.max_body_bytes {
                 return Error::e_explain(ErrorType::HTTPStatus(413), "public route body too large");
+            }
+            if end_of_stream {
+                guard::body_received();
             }
         }
         Ok(())
@@ -638,6 +726,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        guard::request_done();
         let route = self.route(ctx).map_or("unmatched", |r| r.name.as_str());
         let outcome = match (ctx.outcome, e) {
             (Some(code), _) => code.as_str(),

@@ -1,20 +1,22 @@
 //! Self-service on the proxy listener (SPEC §5): `/_keygate/v1/keys…`, signed as usual by a
-//! key holding `keys.manage`, served in-process by the admin handlers, which confine the key
-//! to its own owner. Never forwarded upstream.
+//! key holding `keys.manage`. A thin adapter over [`crate::lifecycle`], which decides what the
+//! key may do; never forwarded upstream.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use bytes::Bytes;
+use http::Method;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
-use tower::ServiceExt;
+use serde_json::{json, Value};
 
 use super::{Ctx, Gateway};
-use crate::admin::SelfService;
 use crate::config::{PathPattern, Route};
-use crate::keys::{Actor, AuthKinds};
-use crate::problem::ErrorCode;
+use crate::keys::AuthKinds;
+use crate::lifecycle::{self, input, view::key_json, Lifecycle};
+use crate::problem::{self, ErrorCode};
 
 /// Requests under this prefix are self-service calls.
 pub(super) const PREFIX: &str = "/_keygate";
@@ -36,6 +38,52 @@ pub(super) fn route() -> Route {
     }
 }
 
+/// One self-service call by the key `key_id`: mint, list, get, rotate or revoke; anything
+/// else is not there. Returns the status and JSON body of a success.
+async fn call(
+    lc: &Lifecycle,
+    key_id: &str,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> std::result::Result<(u16, Value), lifecycle::Error> {
+    let who = lc.key_principal(key_id).await?;
+    let Some(rest) = path.strip_prefix("/v1/keys") else {
+        return Err(lifecycle::Error::NotFound);
+    };
+    let segments: Vec<&str> = rest.split('/').skip(1).collect();
+    match (method, segments.as_slice()) {
+        (&Method::POST, []) => {
+            let new = input::create_body(body, lc.now(), &who.defaults())?;
+            let (record, secret) = lc.mint(&who, new).await?;
+            Ok((201, key_json(&record, Some(&secret))))
+        }
+        (&Method::GET, []) => {
+            let pairs: HashMap<String, String> =
+                form_urlencoded::parse(query.unwrap_or("").as_bytes())
+                    .into_owned()
+                    .collect();
+            let q = input::list_query(&pairs)?;
+            let (items, next_cursor) = lc.list(&who, &q).await?;
+            let items: Vec<Value> = items.iter().map(|r| key_json(r, None)).collect();
+            Ok((200, json!({"items": items, "next_cursor": next_cursor})))
+        }
+        (&Method::GET, [id]) if !id.is_empty() => {
+            Ok((200, key_json(&lc.get(&who, id).await?, None)))
+        }
+        (&Method::POST, [id, "rotate"]) if !id.is_empty() => {
+            let grace = input::rotate_body(body)?;
+            let (record, secret) = lc.rotate(&who, id, grace).await?;
+            Ok((200, key_json(&record, Some(&secret))))
+        }
+        (&Method::POST, [id, "revoke"]) if !id.is_empty() => {
+            Ok((200, key_json(&lc.revoke(&who, id).await?, None)))
+        }
+        _ => Err(lifecycle::Error::NotFound),
+    }
+}
+
 impl Gateway {
     /// Reads, authenticates and answers a self-service request; always answers itself.
     pub(super) async fn self_service(
@@ -44,83 +92,48 @@ impl Gateway {
         ctx: &mut Ctx,
         client_ip: IpAddr,
     ) -> Result<bool> {
-        let Some(router) = &self.self_service else {
+        let Some(lc) = &self.lifecycle else {
             return self
                 .refuse(
                     session,
                     ctx,
                     ErrorCode::NoRoute,
                     "self-service is not enabled",
-                    false,
                 )
                 .await;
         };
-        let Ok(body) = self.read_body(session, ctx).await? else {
-            return self.refuse_too_large(session, ctx).await;
+        let route = &self.self_service_route;
+        let Some((key, body)) = self
+            .authenticate(session, ctx, client_ip, route, &self.self_service_metrics)
+            .await?
+        else {
+            return Ok(true);
         };
-        let result = self
-            .authenticate(
-                session.req_header(),
-                &body,
-                client_ip,
-                &self.self_service_route,
-                &self.self_service_metrics,
-            )
-            .await;
-        let key = match result {
-            Ok(key) => key,
+        let req = session.req_header();
+        let path = req.uri.path().strip_prefix(PREFIX).unwrap_or("/");
+        let outcome = call(lc, key.id(), &req.method, path, req.uri.query(), &body).await;
+        let (status, bytes) = match outcome {
+            Ok((status, v)) => (status, serde_json::to_vec(&v).unwrap_or_default()),
             Err(e) => {
-                return self
-                    .refuse(session, ctx, e.code(), &e.to_string(), true)
-                    .await
+                let code = e.code();
+                ctx.outcome = Some(code);
+                let body = problem::render(code, &e.to_string(), &ctx.request_id, e.errors());
+                (code.status(), body)
             }
         };
-
-        let req = session.req_header();
-        let target = req
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .strip_prefix(PREFIX)
-            .unwrap_or("/")
-            .to_owned();
-        let mut inner = http::Request::builder()
-            .method(req.method.clone())
-            .uri(target)
-            .header("x-request-id", ctx.request_id.as_str());
-        if let Some(ct) = req.headers.get(http::header::CONTENT_TYPE) {
-            inner = inner.header(http::header::CONTENT_TYPE, ct);
-        }
-        let Ok(mut inner) = inner.body(axum::body::Body::from(body)) else {
-            return self
-                .refuse(
-                    session,
-                    ctx,
-                    ErrorCode::BadRequest,
-                    "request target is not valid",
-                    true,
-                )
-                .await;
+        let content_type = if status < 400 {
+            "application/json"
+        } else {
+            problem::CONTENT_TYPE
         };
-        inner.extensions_mut().insert(Actor::Key {
-            key_id: key.id().to_owned(),
-        });
-        inner.extensions_mut().insert(SelfService {
-            owner: key.owner().to_owned(),
-            scopes: key.scopes().map(str::to_owned).collect(),
-        });
-        let Ok(resp) = router.clone().oneshot(inner).await;
-        let (parts, body) = resp.into_parts();
-        let bytes: Bytes = axum::body::to_bytes(body, usize::MAX)
-            .await
-            .unwrap_or_default();
-        let mut h = ResponseHeader::build(parts.status.as_u16(), Some(parts.headers.len() + 1))?;
-        for (name, value) in &parts.headers {
-            h.append_header(name.clone(), value.clone())?;
-        }
+        let mut h = ResponseHeader::build(status, Some(3))?;
+        h.insert_header("content-type", content_type)?;
         h.insert_header("content-length", bytes.len().to_string())?;
+        h.insert_header("x-request-id", ctx.request_id.as_str())?;
         session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(bytes), true).await?;
+        session
+            .write_response_body(Some(Bytes::from(bytes)), true)
+            .await?;
         Ok(true)
     }
 }

@@ -176,6 +176,10 @@ pub struct Options {
     pub store_toml: Option<String>,
     /// Replaces the `[cache]` table.
     pub cache_toml: Option<String>,
+    /// Extra TOML placed in `[admin]`.
+    pub admin_extra: String,
+    /// Pass the test admin token in `KEYGATE_ADMIN_TOKEN` (the default).
+    pub admin_token_env: bool,
 }
 
 impl Options {
@@ -189,6 +193,8 @@ impl Options {
             admin_token_sha256: Vec::new(),
             store_toml: None,
             cache_toml: None,
+            admin_extra: String::new(),
+            admin_token_env: true,
         }
     }
 }
@@ -241,6 +247,7 @@ shutdown_grace = "{grace}"
 [admin]
 listen = "127.0.0.1:{admin}"
 token_sha256 = {hashes:?}
+{admin_extra}
 
 [metrics]
 listen = "127.0.0.1:{metrics}"
@@ -258,6 +265,7 @@ listen = "127.0.0.1:{metrics}"
                 )),
                 routes = opts.routes,
                 hashes = opts.admin_token_sha256,
+                admin_extra = opts.admin_extra,
                 cache = opts
                     .cache_toml
                     .clone()
@@ -266,11 +274,16 @@ listen = "127.0.0.1:{metrics}"
             let config_path = dir.join("keygate.toml");
             std::fs::write(&config_path, config).unwrap();
             let log = std::fs::File::create(dir.join(format!("gateway-{attempt}.log"))).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+            if opts.admin_token_env {
+                cmd.env("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+            } else {
+                cmd.env_remove("KEYGATE_ADMIN_TOKEN");
+            }
+            let child = cmd
                 .args(["serve", "--config"])
                 .arg(&config_path)
                 .env("KEYGATE_MASTER_KEY", &master_key)
-                .env("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -1,4 +1,5 @@
-//! Validation of admin request bodies and queries: every bad field named in one 422.
+//! The JSON bodies and queries of key changes, as both the admin API and self-service take them,
+//! validated into typed values: every bad field named in one 422.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -7,7 +8,7 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::AdminError;
+use super::Error;
 use crate::keys::{is_valid_scope, AuthKind, Environment, KeyRecord, NewKey, SecretString};
 
 const MAX_NAME: usize = 255;
@@ -18,7 +19,7 @@ const MAX_ALLOW_LIST: usize = 1000;
 const MAX_METADATA: usize = 32;
 const MAX_METADATA_KEY: usize = 64;
 const MAX_METADATA_VALUE: usize = 512;
-pub(super) const MAX_LIMIT: usize = 200;
+pub const MAX_LIMIT: usize = 200;
 const MAX_GRACE_SECONDS: i64 = 7 * 24 * 3600;
 const DEFAULT_LIMIT: usize = 50;
 
@@ -89,13 +90,13 @@ fn is_header_safe(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminError> {
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            return AdminError::MalformedJson(format!("request body is not valid JSON: {inner}"));
+            return Error::MalformedJson(format!("request body is not valid JSON: {inner}"));
         }
         let text = inner.to_string();
         // serde names an unknown field only in its message: "unknown field `x`, expected …".
@@ -107,7 +108,7 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminError
             let field = if path == "." { "body".to_owned() } else { path };
             (field, text)
         });
-        AdminError::Validation(BTreeMap::from([(field, msg)]))
+        Error::Validation(BTreeMap::from([(field, msg)]))
     })
 }
 
@@ -120,11 +121,11 @@ impl Checks {
         self.0.insert(field.to_owned(), msg.to_owned());
     }
 
-    fn finish(self) -> Result<(), AdminError> {
+    fn finish(self) -> Result<(), Error> {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(AdminError::Validation(self.0))
+            Err(Error::Validation(self.0))
         }
     }
 
@@ -256,52 +257,58 @@ impl Checks {
     }
 }
 
-/// Validates a create request into a [`NewKey`].
-/// `default_owner` fills an absent `owner` (self-service callers mint for their own).
-pub(super) fn create_body(
-    body: &[u8],
-    now: OffsetDateTime,
-    default_owner: Option<&str>,
-) -> Result<NewKey, AdminError> {
+/// What a create request gets for the fields it leaves out: for an admin, `test`, any address
+/// and no expiry; for a key minting through self-service, its own owner, environment,
+/// allow-list and expiry ([`super::Principal::defaults`]).
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub owner: Option<String>,
+    pub environment: Environment,
+    pub ip_allow_list: Vec<IpNet>,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            owner: None,
+            environment: Environment::Test,
+            ip_allow_list: Vec::new(),
+            expires_at: None,
+        }
+    }
+}
+
+/// Validates a create request into a [`NewKey`], absent fields taken from `defaults`.
+pub fn create_body(body: &[u8], now: OffsetDateTime, defaults: &Defaults) -> Result<NewKey, Error> {
     let b: CreateKeyBody = parse_json(body)?;
     let mut c = Checks::default();
     let new = NewKey {
-        owner: c.owner(b.owner.or_else(|| default_owner.map(str::to_owned))),
+        owner: c.owner(b.owner.or_else(|| defaults.owner.clone())),
         name: c.name(b.name),
         description: c.description(b.description),
         scopes: c.scopes(b.scopes),
-        ip_allow_list: c.ip_allow_list(b.ip_allow_list),
-        expires_at: c.expires_at(b.expires_at.as_deref(), now),
-        environment: c.environment(b.environment.as_deref(), Environment::Test),
+        ip_allow_list: match b.ip_allow_list {
+            Some(raw) => c.ip_allow_list(Some(raw)),
+            None => defaults.ip_allow_list.clone(),
+        },
+        expires_at: match b.expires_at.as_deref() {
+            Some(raw) => c.expires_at(Some(raw), now),
+            None => defaults.expires_at,
+        },
+        environment: c.environment(b.environment.as_deref(), defaults.environment),
         auth: c.auth(b.auth.as_deref()),
         metadata: c.metadata(b.metadata),
     };
     c.finish().map(|()| new)
 }
 
-/// Self-service limits: a key mints only for its own owner, and grants only scopes it holds.
-pub(super) fn within_caller(new: &NewKey, caller: &super::SelfService) -> Result<(), AdminError> {
-    let mut c = Checks::default();
-    if new.owner != caller.owner {
-        c.err("owner", "you can only mint keys for your own owner");
-    }
-    for (i, s) in new.scopes.iter().enumerate() {
-        if !crate::keys::scopes_grant(&caller.scopes, s) {
-            c.err(
-                &format!("scopes[{i}]"),
-                "you can only grant scopes you hold",
-            );
-        }
-    }
-    c.finish()
-}
-
 /// Validates an import: the pair as given (the secret is used as text, exactly), plus the
 /// create fields. `environment` defaults from a `pk_live_`/`pk_test_` prefix, else `test`.
-pub(super) fn import_body(
+pub fn import_body(
     body: &[u8],
     now: OffsetDateTime,
-) -> Result<(NewKey, String, SecretString), AdminError> {
+) -> Result<(NewKey, String, SecretString), Error> {
     let b: ImportKeyBody = parse_json(body)?;
     let mut c = Checks::default();
     let public_key = b.public_key.unwrap_or_default();
@@ -340,51 +347,69 @@ pub(super) fn import_body(
     c.finish().map(|()| (new, public_key, secret))
 }
 
-/// Applies a validated `PATCH` to `record`; returns the names of the fields it changed.
-pub(super) fn apply_patch(
-    record: &mut KeyRecord,
-    body: &[u8],
-    now: OffsetDateTime,
-) -> Result<Vec<&'static str>, AdminError> {
+/// A validated `PATCH`: each field present is replaced; `Some(None)` clears it.
+#[derive(Clone, Debug, Default)]
+pub struct Patch {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub ip_allow_list: Option<Vec<IpNet>>,
+    pub expires_at: Option<Option<OffsetDateTime>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Validates a `PATCH` body.
+pub fn patch_body(body: &[u8], now: OffsetDateTime) -> Result<Patch, Error> {
     let b: PatchKeyBody = parse_json(body)?;
     let mut c = Checks::default();
-    let mut changed = Vec::new();
-    if let Some(name) = b.name {
-        record.name = c.name(Some(name));
-        changed.push("name");
+    let patch = Patch {
+        name: b.name.map(|n| c.name(Some(n))),
+        description: b.description.map(|d| c.description(d)),
+        scopes: b.scopes.map(|s| c.scopes(Some(s))),
+        ip_allow_list: b.ip_allow_list.map(|ips| c.ip_allow_list(Some(ips))),
+        expires_at: b
+            .expires_at
+            .map(|e| e.and_then(|raw| c.expires_at(Some(&raw), now))),
+        metadata: b.metadata.map(|m| c.metadata(Some(m))),
+    };
+    c.finish().map(|()| patch)
+}
+
+impl Patch {
+    /// Applies the patch to `record`; returns the names of the fields it sets.
+    pub fn apply(&self, record: &mut KeyRecord) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut set = |field: &str| changed.push(field.to_owned());
+        if let Some(name) = &self.name {
+            record.name.clone_from(name);
+            set("name");
+        }
+        if let Some(d) = &self.description {
+            record.description.clone_from(d);
+            set("description");
+        }
+        if let Some(s) = &self.scopes {
+            record.scopes.clone_from(s);
+            set("scopes");
+        }
+        if let Some(ips) = &self.ip_allow_list {
+            record.ip_allow_list.clone_from(ips);
+            set("ip_allow_list");
+        }
+        if let Some(e) = self.expires_at {
+            record.expires_at = e;
+            set("expires_at");
+        }
+        if let Some(m) = &self.metadata {
+            record.metadata.clone_from(m);
+            set("metadata");
+        }
+        changed
     }
-    if let Some(d) = b.description {
-        record.description = c.description(d);
-        changed.push("description");
-    }
-    if let Some(s) = b.scopes {
-        record.scopes = c.scopes(Some(s));
-        changed.push("scopes");
-    }
-    if let Some(ips) = b.ip_allow_list {
-        record.ip_allow_list = c.ip_allow_list(Some(ips));
-        changed.push("ip_allow_list");
-    }
-    if let Some(e) = b.expires_at {
-        record.expires_at = match e {
-            Some(raw) => c.expires_at(Some(&raw), now),
-            None => None,
-        };
-        changed.push("expires_at");
-    }
-    if let Some(m) = b.metadata {
-        record.metadata = c.metadata(Some(m));
-        changed.push("metadata");
-    }
-    c.finish()?;
-    if !changed.is_empty() {
-        record.updated_at = now;
-    }
-    Ok(changed)
 }
 
 /// `grace_seconds` of a rotation: 0 (the default) to 7 days. An empty body means 0.
-pub(super) fn rotate_body(body: &[u8]) -> Result<time::Duration, AdminError> {
+pub fn rotate_body(body: &[u8]) -> Result<time::Duration, Error> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(time::Duration::ZERO);
     }
@@ -398,7 +423,7 @@ pub(super) fn rotate_body(body: &[u8]) -> Result<time::Duration, AdminError> {
         }),
     };
     let Some(secs) = secs.filter(|s| (0..=MAX_GRACE_SECONDS).contains(s)) else {
-        return Err(AdminError::Validation(BTreeMap::from([(
+        return Err(Error::Validation(BTreeMap::from([(
             "grace_seconds".to_owned(),
             "must be a whole number of seconds from 0 to 604800 (7 days)".to_owned(),
         )])));
@@ -407,35 +432,23 @@ pub(super) fn rotate_body(body: &[u8]) -> Result<time::Duration, AdminError> {
 }
 
 /// The query of `GET /v1/keys`.
-pub(super) struct ListQuery<'a> {
-    pub(super) owner: Option<&'a str>,
-    pub(super) cursor: Option<&'a str>,
-    pub(super) limit: usize,
-    pub(super) environment: Option<&'a str>,
-    pub(super) status: Option<&'a str>,
+pub struct ListQuery<'a> {
+    pub owner: Option<&'a str>,
+    pub cursor: Option<&'a str>,
+    pub limit: usize,
+    pub environment: Option<&'a str>,
+    pub status: Option<&'a str>,
 }
 
 /// `owner`, `cursor`, `limit` (1–200, default 50), `environment`, `status`.
-pub(super) fn list_query(q: &HashMap<String, String>) -> Result<ListQuery<'_>, AdminError> {
+pub fn list_query(q: &HashMap<String, String>) -> Result<ListQuery<'_>, Error> {
     let mut errors = BTreeMap::new();
     for k in q.keys() {
         if !["owner", "cursor", "limit", "environment", "status"].contains(&k.as_str()) {
             errors.insert(k.clone(), "unknown query parameter".to_owned());
         }
     }
-    let limit = match q.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                errors.insert(
-                    "limit".into(),
-                    "must be a whole number from 1 to 200".into(),
-                );
-                DEFAULT_LIMIT
-            }
-        },
-    };
+    let limit = parse_limit(q, &mut errors);
     let get = |k: &str| q.get(k).map(String::as_str).filter(|s| !s.is_empty());
     // Present but empty is not "absent" for an enumerated filter.
     let environment = q.get("environment").map(String::as_str);
@@ -447,7 +460,7 @@ pub(super) fn list_query(q: &HashMap<String, String>) -> Result<ListQuery<'_>, A
         errors.insert("status".into(), "must be active, revoked or expired".into());
     }
     if !errors.is_empty() {
-        return Err(AdminError::Validation(errors));
+        return Err(Error::Validation(errors));
     }
     Ok(ListQuery {
         owner: get("owner"),
@@ -459,15 +472,15 @@ pub(super) fn list_query(q: &HashMap<String, String>) -> Result<ListQuery<'_>, A
 }
 
 /// The query of `GET /v1/audit`.
-pub(super) struct AuditQuery<'a> {
-    pub(super) key_id: Option<&'a str>,
-    pub(super) owner: Option<&'a str>,
-    pub(super) cursor: Option<&'a str>,
-    pub(super) limit: usize,
+pub struct AuditQuery<'a> {
+    pub key_id: Option<&'a str>,
+    pub owner: Option<&'a str>,
+    pub cursor: Option<&'a str>,
+    pub limit: usize,
 }
 
 /// `key_id`, `owner`, `cursor`, `limit` (1–200, default 50).
-pub(super) fn audit_query(q: &HashMap<String, String>) -> Result<AuditQuery<'_>, AdminError> {
+pub fn audit_query(q: &HashMap<String, String>) -> Result<AuditQuery<'_>, Error> {
     let mut errors = BTreeMap::new();
     for k in q.keys() {
         if !["key_id", "owner", "cursor", "limit"].contains(&k.as_str()) {
@@ -476,7 +489,7 @@ pub(super) fn audit_query(q: &HashMap<String, String>) -> Result<AuditQuery<'_>,
     }
     let limit = parse_limit(q, &mut errors);
     if !errors.is_empty() {
-        return Err(AdminError::Validation(errors));
+        return Err(Error::Validation(errors));
     }
     let get = |k: &str| q.get(k).map(String::as_str).filter(|s| !s.is_empty());
     Ok(AuditQuery {
@@ -507,8 +520,8 @@ fn parse_limit(q: &HashMap<String, String>, errors: &mut BTreeMap<String, String
 mod tests {
     use super::*;
 
-    fn create_body_t(body: &[u8], now: OffsetDateTime) -> Result<NewKey, AdminError> {
-        create_body(body, now, None)
+    fn create_body_t(body: &[u8], now: OffsetDateTime) -> Result<NewKey, Error> {
+        create_body(body, now, &Defaults::default())
     }
 
     fn now() -> OffsetDateTime {
@@ -527,7 +540,7 @@ mod tests {
     fn every_bad_field_is_named() {
         let body = br#"{"name":"","scopes":["ok.scope","Bad"],"ip_allow_list":["10.0.0.0/33"],
             "expires_at":"2020-01-01T00:00:00Z","environment":"prod","auth":"hmac-v9"}"#;
-        let Err(AdminError::Validation(errors)) = create_body_t(body, now()) else {
+        let Err(Error::Validation(errors)) = create_body_t(body, now()) else {
             panic!("expected validation errors");
         };
         let fields: Vec<&str> = errors.keys().map(String::as_str).collect();
@@ -549,15 +562,15 @@ mod tests {
     fn malformed_json_is_not_a_validation_error() {
         assert!(matches!(
             create_body_t(b"{\"owner\":", now()),
-            Err(AdminError::MalformedJson(_))
+            Err(Error::MalformedJson(_))
         ));
         assert!(matches!(
             create_body_t(br#"{"owner":"a","name":"b","colour":"red"}"#, now()),
-            Err(AdminError::Validation(_))
+            Err(Error::Validation(_))
         ));
         assert!(matches!(
             create_body_t(br#"{"owner":"a","name":"b","scopes":"x"}"#, now()),
-            Err(AdminError::Validation(e)) if e.contains_key("scopes")
+            Err(Error::Validation(e)) if e.contains_key("scopes")
         ));
     }
 }

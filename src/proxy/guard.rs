@@ -1,0 +1,242 @@
+//! Limits on client connections to the proxy listener, which pingora does not offer itself: at
+//! most `server.max_connections` at once, and total deadlines for each request head
+//! (`server.header_timeout`) and body (`server.body_timeout`). Pingora only bounds each read
+//! (60 s), so a client trickling a byte at a time could hold a connection for ever.
+//!
+//! [`Guarded`] wraps pingora's proxy app. Each connection runs inside a task-local
+//! [`Deadline`] that the proxy's phases move as a request goes from head to body to upstream;
+//! a watchdog beside the connection drops it when the deadline passes. Moving the deadline is
+//! two atomic stores; the watchdog wakes only when a deadline may have passed.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+
+use crate::metrics::{ConnClosed, Metrics};
+
+/// The limits, from `[server]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+}
+
+tokio::task_local! {
+    /// The deadline of the connection this task serves (HTTP/1: one task per connection).
+    static DEADLINE: Arc<Deadline>;
+}
+
+/// What the connection is waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Stage {
+    /// A request head: the first, or the next on a kept-alive connection.
+    Head = 0,
+    /// The body of a request whose head is in.
+    Body = 1,
+    /// Nothing the client owes: the upstream or keygate is working.
+    Free = 2,
+}
+
+/// A connection's current deadline, moved by the proxy's phases, read by its watchdog.
+#[derive(Debug)]
+pub struct Deadline {
+    /// Milliseconds after `start`; `u64::MAX` when there is none.
+    at_ms: AtomicU64,
+    stage: AtomicU8,
+    /// tokio's clock, so tests can pause it.
+    start: Instant,
+    limits: Limits,
+}
+
+impl Deadline {
+    fn new(limits: Limits) -> Self {
+        let d = Self {
+            at_ms: AtomicU64::new(u64::MAX),
+            stage: AtomicU8::new(Stage::Free as u8),
+            start: Instant::now(),
+            limits,
+        };
+        d.set(Stage::Head, Some(limits.header_timeout));
+        d
+    }
+
+    fn set(&self, stage: Stage, within: Option<Duration>) {
+        let at = within.map_or(u64::MAX, |w| {
+            u64::try_from((self.start.elapsed() + w).as_millis()).unwrap_or(u64::MAX)
+        });
+        self.at_ms.store(at, Ordering::Release);
+        self.stage.store(stage as u8, Ordering::Release);
+    }
+
+    fn current(&self) -> (Option<Instant>, Stage) {
+        let at = self.at_ms.load(Ordering::Acquire);
+        let stage = match self.stage.load(Ordering::Acquire) {
+            0 => Stage::Head,
+            1 => Stage::Body,
+            _ => Stage::Free,
+        };
+        let at = (at != u64::MAX).then(|| self.start + Duration::from_millis(at));
+        (at, stage)
+    }
+}
+
+fn with_deadline(f: impl FnOnce(&Deadline)) {
+    // Absent outside a guarded connection (HTTP/2 streams run in tasks of their own).
+    let _ = DEADLINE.try_with(|d| f(d));
+}
+
+/// The request head is in: the client now owes its body, within `server.body_timeout`.
+pub fn head_received() {
+    with_deadline(|d| d.set(Stage::Body, Some(d.limits.body_timeout)));
+}
+
+/// The body is in (or there is none): nothing is owed until the response is sent.
+pub fn body_received() {
+    with_deadline(|d| d.set(Stage::Free, None));
+}
+
+/// The response is sent: the next request head is owed within `server.header_timeout`
+/// (this also bounds how long a kept-alive connection may sit idle).
+pub fn request_done() {
+    with_deadline(|d| d.set(Stage::Head, Some(d.limits.header_timeout)));
+}
+
+/// Resolves when the connection's deadline has passed, with the stage it passed in. Wakes at
+/// the deadline it knows, or after `tick` when there is none or it moved, and looks again.
+async fn expired(d: &Deadline, tick: Duration) -> Stage {
+    loop {
+        let (at, stage) = d.current();
+        let now = Instant::now();
+        match at {
+            Some(at) if at <= now => return stage,
+            Some(at) => tokio::time::sleep_until(at.min(now + tick)).await,
+            None => tokio::time::sleep(tick).await,
+        }
+    }
+}
+
+/// Counts an open connection while it lives.
+struct Open<'a>(&'a AtomicUsize, &'a Metrics);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.open_connections.dec();
+    }
+}
+
+/// Pingora's proxy app with keygate's connection limits around each connection.
+pub struct Guarded<A> {
+    inner: Arc<A>,
+    limits: Limits,
+    open: AtomicUsize,
+    metrics: Metrics,
+    /// How often a watchdog looks again when its deadline moved or there is none.
+    tick: Duration,
+}
+
+impl<A> Guarded<A> {
+    pub fn new(inner: A, limits: Limits, metrics: Metrics) -> Self {
+        let tick = (limits.header_timeout.min(limits.body_timeout) / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        Self {
+            inner: Arc::new(inner),
+            limits,
+            open: AtomicUsize::new(0),
+            metrics,
+            tick,
+        }
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for Guarded<A>
+where
+    A: ServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        self.metrics.open_connections.inc();
+        let _open = Open(&self.open, &self.metrics);
+        if open > self.limits.max_connections {
+            // Closed at once, so descriptors stay free for the admin and metrics listeners.
+            self.metrics.connection_closed(ConnClosed::MaxConnections);
+            tracing::debug!(open, "server.max_connections reached; connection closed");
+            return None;
+        }
+        let deadline = Arc::new(Deadline::new(self.limits));
+        let served = DEADLINE.scope(
+            Arc::clone(&deadline),
+            self.inner.process_new(stream, shutdown),
+        );
+        tokio::select! {
+            biased;
+            reused = served => reused,
+            stage = expired(&deadline, self.tick) => {
+                let why = match stage {
+                    Stage::Body => ConnClosed::BodyTimeout,
+                    Stage::Head | Stage::Free => ConnClosed::HeaderTimeout,
+                };
+                self.metrics.connection_closed(why);
+                tracing::debug!(reason = why.as_str(), "slow client; connection closed");
+                None
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 1,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_fires_in_the_stage_it_was_set_for() {
+        let d = Deadline::new(limits());
+        let fired = expired(&d, Duration::from_secs(1)).await;
+        assert_eq!(fired, Stage::Head);
+        assert!(d.start.elapsed() >= Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn moving_the_deadline_moves_the_watchdog() {
+        let d = Arc::new(Deadline::new(limits()));
+        let watched = Arc::clone(&d);
+        let watchdog = tokio::spawn(async move { expired(&watched, Duration::from_secs(1)).await });
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        DEADLINE.sync_scope(Arc::clone(&d), head_received);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        DEADLINE.sync_scope(Arc::clone(&d), body_received);
+        // Nothing is owed while the upstream works, however long.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!watchdog.is_finished());
+        DEADLINE.sync_scope(Arc::clone(&d), request_done);
+        let stage = watchdog.await.unwrap_or(Stage::Free);
+        assert_eq!(stage, Stage::Head);
+        assert!(d.start.elapsed() >= Duration::from_secs(629));
+    }
+}
