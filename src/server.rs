@@ -24,6 +24,16 @@ use crate::usage::{UsageFlusher, UsageTally};
 
 pub const ENV_MASTER_KEY: &str = "KEYGATE_MASTER_KEY";
 pub const ENV_ADMIN_TOKEN: &str = "KEYGATE_ADMIN_TOKEN";
+/// Set by systemd for a unit with `LoadCredential=`: keygate reads `master-key` and
+/// `admin-token` there.
+pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+/// A systemd credential named `name`, if the unit was given one.
+fn credential(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<std::path::PathBuf> {
+    let dir = env(ENV_CREDENTIALS_DIRECTORY).filter(|d| !d.is_empty())?;
+    let path = std::path::Path::new(&dir).join(name);
+    path.exists().then_some(path)
+}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +83,8 @@ fn read_private_file(path: &std::path::Path) -> Result<Option<SecretString>, Str
         .map_err(|e| e.to_string())
 }
 
-/// Reads the master key from the environment, else from `secrets.master_key_file`, which must
-/// not be readable by group or others.
+/// Reads the master key from `KEYGATE_MASTER_KEY`, else the systemd credential `master-key`,
+/// else `secrets.master_key_file`; a file must not be readable by group or others.
 pub fn load_master_key(
     config: &Config,
     env: &dyn Fn(&str) -> Option<String>,
@@ -82,7 +92,11 @@ pub fn load_master_key(
     if let Some(text) = env(ENV_MASTER_KEY).filter(|t| !t.trim().is_empty()) {
         return Ok(MasterKey::from_base64(&text)?);
     }
-    let Some(path) = &config.secrets.master_key_file else {
+    let from_systemd = credential(env, "master-key");
+    let Some(path) = from_systemd
+        .as_ref()
+        .or(config.secrets.master_key_file.as_ref())
+    else {
         return Err(StartError::NoMasterKey);
     };
     let text = read_private_file(path)
@@ -92,13 +106,15 @@ pub fn load_master_key(
 }
 
 /// The SHA-256 of every accepted admin token: `admin.token_sha256`, the token in
-/// `admin.token_file` (mode 0600) and `KEYGATE_ADMIN_TOKEN`.
+/// `admin.token_file` (mode 0600), the systemd credential `admin-token` and
+/// `KEYGATE_ADMIN_TOKEN`.
 pub fn load_admin_tokens(
     config: &Config,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<[u8; 32]>, StartError> {
     let mut hashes = config.admin.token_sha256.clone();
-    if let Some(path) = &config.admin.token_file {
+    let from_systemd = credential(env, "admin-token");
+    for path in config.admin.token_file.iter().chain(from_systemd.iter()) {
         let shown = path.display().to_string();
         let token = read_private_file(path)
             .map_err(|e| StartError::AdminTokenFile(shown.clone(), e))?
@@ -386,4 +402,42 @@ impl BackgroundService for AxumService {
 /// Checks a config file; prints every problem with its key path (used by `check-config`).
 pub fn check_config(path: &Path) -> Result<Config, crate::config::ConfigErrors> {
     Config::load(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_private(path: &std::path::Path, text: &str) {
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("{e}"));
+        crate::keys::owner_only(path, 0o600).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn secrets_come_from_systemd_credentials() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (_, b64) = MasterKey::generate();
+        write_private(
+            &dir.path().join("master-key"),
+            &format!("{}\n", b64.expose()),
+        );
+        write_private(&dir.path().join("admin-token"), "tok-from-systemd\n");
+        let creds = dir.path().display().to_string();
+        let env = move |k: &str| (k == ENV_CREDENTIALS_DIRECTORY).then(|| creds.clone());
+        let config = Config::from_toml("").unwrap_or_else(|e| panic!("{e}"));
+        assert!(load_master_key(&config, &env).is_ok());
+        let tokens = load_admin_tokens(&config, &env).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tokens,
+            vec![SecretString::new("tok-from-systemd".into()).sha256()]
+        );
+        // Without the credential (and nothing else), there is no master key.
+        let none = |_: &str| None;
+        let config = Config::from_toml("[secrets]\nmaster_key_file = \"/nonexistent/k\"")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            load_master_key(&config, &none),
+            Err(StartError::NoMasterKey)
+        ));
+    }
 }

@@ -607,3 +607,19 @@ async fn malformed_framing_is_400_not_500_and_never_forwarded() {
     }
     assert_eq!(echo.count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_chunk_on_a_public_route_is_400_not_500() {
+    let echo = Echo::start().await;
+    let gw = Gateway::start(Options::new(&echo)).await;
+    let out = raw(
+        &gw,
+        "POST /public/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    assert!(out.contains("bad_request"), "{out}");
+    // Public routes stream: the upstream may have seen the head and a body cut short, never
+    // a whole request.
+    assert!(echo.seen().iter().all(|r| r.body.is_empty()));
+}
