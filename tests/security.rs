@@ -77,10 +77,24 @@ fn status_of(raw_response: &str) -> u16 {
 
 // ---- 1. A keys.manage key cannot take over a stronger key of its owner -------------------
 
+/// The embedded store, or (with `redis`) a private Redis.
+fn opts_on(echo: &Echo, redis: Option<&RedisServer>) -> Options {
+    let mut opts = Options::new(echo);
+    if let Some(r) = redis {
+        opts.store_toml = Some(format!("[store]\nkind = \"redis\"\nurl = \"{}\"", r.url()));
+    }
+    opts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manager_cannot_touch_keys_with_powers_it_lacks() {
+    a_manager_cannot_touch_stronger_keys(None).await;
+    a_manager_cannot_touch_stronger_keys(Some(&RedisServer::start())).await;
+}
+
+async fn a_manager_cannot_touch_stronger_keys(redis: Option<&RedisServer>) {
     let echo = Echo::start().await;
-    let gw = Gateway::start(Options::new(&echo)).await;
+    let gw = Gateway::start(opts_on(&echo, redis)).await;
     let manager = gw
         .mint(json!({"owner": "acme", "scopes": ["keys.manage"], "environment": "live"}))
         .await;
@@ -172,8 +186,13 @@ async fn a_manager_cannot_touch_keys_with_powers_it_lacks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minted_child_stays_within_its_parent() {
+    minted_children_stay_within(None).await;
+    minted_children_stay_within(Some(&RedisServer::start())).await;
+}
+
+async fn minted_children_stay_within(redis: Option<&RedisServer>) {
     let echo = Echo::start().await;
-    let gw = Gateway::start(Options::new(&echo)).await;
+    let gw = Gateway::start(opts_on(&echo, redis)).await;
     let manager = gw
         .mint(
             json!({"owner": "acme", "scopes": ["keys.manage", "payments.*"],
