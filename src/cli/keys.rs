@@ -400,3 +400,40 @@ fn table(page: &Value) -> String {
     }
     out.trim_end().to_owned()
 }
+
+/// `keygate keys …`: one admin API call, printed; the exit code says how it went.
+pub fn run_command(
+    admin_url: &str,
+    as_json: bool,
+    command: &KeysCommand,
+) -> std::process::ExitCode {
+    use super::EX_UNAVAILABLE;
+    use std::process::ExitCode;
+    let Some(token) = std::env::var("KEYGATE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    else {
+        eprintln!("keygate keys: set KEYGATE_ADMIN_TOKEN to an admin token");
+        return ExitCode::from(EX_USAGE);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keygate keys: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    match rt.block_on(run(command, admin_url, &token, as_json)) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keygate keys: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

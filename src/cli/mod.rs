@@ -1,5 +1,345 @@
-//! Command-line subcommands beyond `serve`: `demo`, `sign` and `keys`.
+//! The command line: every subcommand's arguments (clap) and the dispatch to its module.
+//! `main.rs` only calls [`main`].
 
 pub mod demo;
 pub mod keys;
+mod serve;
 pub mod sign;
+mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use keys::{KeyFields, KeysCommand};
+
+/// Exit code for a bad config or command line (sysexits EX_USAGE).
+pub const EX_USAGE: u8 = 64;
+/// Exit code when the gateway cannot start (EX_SOFTWARE would mislead; EX_UNAVAILABLE).
+pub const EX_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "Authenticating reverse proxy for payment APIs"
+)]
+pub struct Cli {
+    /// Config file; with no subcommand, runs the gateway with it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate a config file; print every problem with its key path; exit 64 on error.
+    CheckConfig { file: PathBuf },
+    /// Zero-setup quickstart: embedded store, echo upstream, one demo key.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9902")]
+        metrics_listen: SocketAddr,
+    },
+    /// Manage keys through the admin API (token from KEYGATE_ADMIN_TOKEN).
+    Keys {
+        /// The admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
+        admin_url: String,
+        /// Print the server's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
+    /// Work on key stores directly (no running gateway needed).
+    Store {
+        #[command(subcommand)]
+        command: StoreCmd,
+    },
+    /// Print the signature headers for a request.
+    Sign {
+        #[arg(long)]
+        public_key: Option<String>,
+        /// The key's secret (or KEYGATE_SECRET).
+        #[arg(long, env = "KEYGATE_SECRET", hide_env_values = true)]
+        secret: String,
+        #[arg(long, default_value = "hmac-v1")]
+        scheme: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Path and query exactly as on the request line.
+        #[arg(long, default_value = "/")]
+        target: String,
+        /// Body text; see also --body-file.
+        #[arg(long, conflicts_with = "body_file")]
+        body: Option<String>,
+        #[arg(long)]
+        body_file: Option<PathBuf>,
+        /// Unix seconds; default now.
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// Default: a random UUID.
+        #[arg(long)]
+        nonce: Option<String>,
+        /// Also print a curl command for this base URL, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreCmd {
+    /// Copy every key (sealed secrets unchanged), audit entry and live nonce of an embedded
+    /// store into a Redis store. Safe to re-run: nothing is copied twice, and keys already in
+    /// the target are left as they are.
+    Copy {
+        /// The embedded store file (stop the gateway using it first).
+        #[arg(long)]
+        from: PathBuf,
+        /// redis://, rediss:// or redis+cluster:// URL (password in the URL).
+        #[arg(long)]
+        to: String,
+        /// PEM CA certificates to trust for rediss:// instead of the system's.
+        #[arg(long)]
+        tls_ca_file: Option<PathBuf>,
+    },
+}
+
+/// Fields shared by `keys create`, `keys import` and `keys update`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct FieldArgs {
+    #[arg(long)]
+    owner: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    /// Repeat for several scopes.
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// An address or CIDR; repeat for several.
+    #[arg(long = "ip")]
+    ip_allow_list: Vec<String>,
+    /// RFC 3339, e.g. 2027-01-31T00:00:00Z.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// live or test.
+    #[arg(long)]
+    environment: Option<String>,
+    /// hmac-v1, hmac-body or bearer.
+    #[arg(long)]
+    auth: Option<String>,
+    /// key=value; repeat for several.
+    #[arg(long = "metadata")]
+    metadata: Vec<String>,
+}
+
+impl From<FieldArgs> for KeyFields {
+    fn from(a: FieldArgs) -> Self {
+        Self {
+            owner: a.owner,
+            name: a.name,
+            description: a.description,
+            scopes: a.scopes,
+            ip_allow_list: a.ip_allow_list,
+            expires_at: a.expires_at,
+            environment: a.environment,
+            auth: a.auth,
+            metadata: a.metadata,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Mint a key; its secret is printed once.
+    Create(FieldArgs),
+    /// Bring an existing key pair from another system.
+    Import {
+        #[arg(long)]
+        public_key: String,
+        /// The secret as the other system issued it (or KEYGATE_SECRET).
+        #[arg(long, env = "KEYGATE_SECRET", hide_env_values = true)]
+        secret: String,
+        #[command(flatten)]
+        fields: FieldArgs,
+    },
+    /// List keys, newest first.
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        environment: Option<String>,
+        /// active, revoked or expired.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show one key (by id or public key).
+    Get { id: String },
+    /// Change name, description, scopes, allow-list, expiry or metadata.
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: FieldArgs,
+        #[arg(long)]
+        clear_description: bool,
+        #[arg(long)]
+        clear_expires_at: bool,
+    },
+    /// Give a key a new secret; the old one keeps working for --grace-seconds.
+    Rotate {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        grace_seconds: u64,
+    },
+    /// Refuse a key from now on.
+    Revoke { id: String },
+    /// Remove a key.
+    Delete { id: String },
+}
+
+impl From<KeysCmd> for KeysCommand {
+    fn from(c: KeysCmd) -> Self {
+        match c {
+            KeysCmd::Create(f) => Self::Create(f.into()),
+            KeysCmd::Import {
+                public_key,
+                secret,
+                fields,
+            } => Self::Import {
+                public_key,
+                secret,
+                fields: fields.into(),
+            },
+            KeysCmd::List {
+                owner,
+                environment,
+                status,
+                limit,
+                cursor,
+            } => Self::List {
+                owner,
+                environment,
+                status,
+                limit,
+                cursor,
+            },
+            KeysCmd::Get { id } => Self::Get { id },
+            KeysCmd::Update {
+                id,
+                fields,
+                clear_description,
+                clear_expires_at,
+            } => Self::Update {
+                id,
+                fields: fields.into(),
+                clear_description,
+                clear_expires_at,
+            },
+            KeysCmd::Rotate { id, grace_seconds } => Self::Rotate { id, grace_seconds },
+            KeysCmd::Revoke { id } => Self::Revoke { id },
+            KeysCmd::Delete { id } => Self::Delete { id },
+        }
+    }
+}
+
+/// Parses the command line and runs the subcommand; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; anything else is a usage error (64).
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        None | Some(Command::Serve) => {
+            let Some(path) = cli.config else {
+                eprintln!("keygate: --config FILE is required (or try `keygate demo`)");
+                return ExitCode::from(EX_USAGE);
+            };
+            serve::init_logging();
+            serve::serve(&path)
+        }
+        Some(Command::Store {
+            command:
+                StoreCmd::Copy {
+                    from,
+                    to,
+                    tls_ca_file,
+                },
+        }) => store::copy(&from, &to, tls_ca_file.as_deref()),
+        Some(Command::CheckConfig { file }) => match serve::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Some(Command::Demo {
+            listen,
+            admin_listen,
+            metrics_listen,
+        }) => {
+            serve::init_logging();
+            let opts = demo::DemoOptions {
+                listen,
+                admin_listen,
+                metrics_listen,
+            };
+            match demo::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keygate demo: {e}");
+                    ExitCode::from(EX_UNAVAILABLE)
+                }
+            }
+        }
+        Some(Command::Keys {
+            admin_url,
+            json,
+            command,
+        }) => keys::run_command(&admin_url, json, &command.into()),
+        Some(Command::Sign {
+            public_key,
+            secret,
+            scheme,
+            method,
+            target,
+            body,
+            body_file,
+            timestamp,
+            nonce,
+            url,
+        }) => sign::run(sign::SignArgs {
+            public_key,
+            secret,
+            scheme,
+            method,
+            target,
+            body,
+            body_file,
+            timestamp,
+            nonce,
+            url,
+        }),
+    }
+}

@@ -67,6 +67,78 @@ pub fn curl(base_url: &str, req: &SignRequest) -> String {
     out
 }
 
+/// `keygate sign`'s arguments, as parsed.
+#[derive(Debug)]
+pub struct SignArgs {
+    pub public_key: Option<String>,
+    pub secret: String,
+    pub scheme: String,
+    pub method: String,
+    pub target: String,
+    pub body: Option<String>,
+    pub body_file: Option<std::path::PathBuf>,
+    pub timestamp: Option<i64>,
+    pub nonce: Option<String>,
+    pub url: Option<String>,
+}
+
+/// Prints the signature headers (and a curl command with `url`).
+pub fn run(args: SignArgs) -> std::process::ExitCode {
+    use super::EX_USAGE;
+    use std::process::ExitCode;
+    let SignArgs {
+        public_key,
+        secret,
+        scheme,
+        method,
+        target,
+        body,
+        body_file,
+        timestamp,
+        nonce,
+        url,
+    } = args;
+    let Some(scheme) = AuthKind::parse(&scheme) else {
+        eprintln!("keygate sign: --scheme must be hmac-v1, hmac-body or bearer");
+        return ExitCode::from(EX_USAGE);
+    };
+    if scheme != AuthKind::Bearer && public_key.is_none() {
+        eprintln!(
+            "keygate sign: --public-key is required for {}",
+            scheme.as_str()
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let body = match (body, body_file) {
+        (Some(b), _) => b.into_bytes(),
+        (None, Some(f)) => match std::fs::read(&f) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("keygate sign: {}: {e}", f.display());
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        (None, None) => Vec::new(),
+    };
+    let req = SignRequest {
+        scheme,
+        public_key: public_key.unwrap_or_default(),
+        secret,
+        method,
+        target,
+        body,
+        timestamp: timestamp.unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp()),
+        nonce: nonce.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+    };
+    for (name, value) in headers(&req) {
+        println!("{name}: {value}");
+    }
+    if let Some(url) = url {
+        println!("\n{}", curl(url.trim_end_matches('/'), &req));
+    }
+    ExitCode::SUCCESS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# A/B of two keygate binaries in one invocation: the same nginx upstream, the same client
+# (examples/loadgen), the rows interleaved round by round so a slow spell of this shared
+# machine hits both alike. Rows: a public route (c) and a cached hmac-v1 key with a 1 KiB
+# POST (d). Reports per binary the median requests/s and CPU µs per request of the gateway
+# process, and the B/A ratios per round.
+#   benches/load/ab.sh A_BINARY B_BINARY        (e.g. a build of main and of a branch)
+# Knobs: DURATION=5 (seconds per row) CONNS=16 ROUNDS=3. All traffic stays on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+A=${1:?usage: ab.sh A_BINARY B_BINARY}
+B=${2:?usage: ab.sh A_BINARY B_BINARY}
+DURATION=${DURATION:-5}
+CONNS=${CONNS:-16}
+ROUNDS=${ROUNDS:-3}
+BODY=1024
+cargo build --release --locked --example loadgen >&2
+LG=target/release/examples/loadgen
+command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+up=$($LG free-port)
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_buffer_size 64k;
+  server { listen 127.0.0.1:$up; location / { return 200 "ok\n"; } }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" &
+pids+=($!)
+
+MASTER=$(head -c 32 /dev/urandom | base64)
+declare -A proxy kgpid pk sk
+for side in A B; do
+  bin=${!side}
+  p=$($LG free-port); a=$($LG free-port); m=$($LG free-port)
+  mkdir "$work/$side"
+  cat > "$work/$side/keygate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$p"
+threads = 1
+[admin]
+listen = "127.0.0.1:$a"
+[metrics]
+listen = "127.0.0.1:$m"
+[store]
+path = "$work/$side/keygate.db"
+[cache]
+ttl = "1h"
+[[upstreams]]
+name = "nginx"
+endpoints = ["127.0.0.1:$up"]
+[[routes]]
+name = "create-payment"
+methods = ["POST"]
+path = "/v1/payments"
+scope = "payments.create"
+upstream = "nginx"
+[[routes]]
+name = "public"
+path = "/public/*"
+upstream = "nginx"
+public = true
+TOML
+  KEYGATE_MASTER_KEY=$MASTER KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
+    "$bin" serve --config "$work/$side/keygate.toml" 2>"$work/$side/keygate.err" &
+  kgpid[$side]=$!
+  pids+=($!)
+  proxy[$side]=$p
+  $LG wait "http://127.0.0.1:$a/readyz"
+  read -r k s < <($LG mint "http://127.0.0.1:$a" bench-token)
+  pk[$side]=$k
+  sk[$side]=$s
+  $LG run "http://127.0.0.1:$p/v1/payments" 2 1 "$BODY" "$k" "$s" >/dev/null
+done
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TCK=$(getconf CLK_TCK)
+# One row: "rps cpu_us" of the gateway process.
+row() {
+  local pid=$1 before after out n rps
+  shift
+  before=$(ticks "$pid")
+  out=$($LG run "$@")
+  after=$(ticks "$pid")
+  n=$(sed -E 's/.*"requests":([0-9]+).*/\1/' <<<"$out")
+  rps=$(sed -E 's/.*"rps":([0-9.]+).*/\1/' <<<"$out")
+  awk -v r="$rps" -v d=$((after - before)) -v n="$n" -v t="$TCK" 'BEGIN { printf "%.0f %.1f\n", r, (n > 0 ? d * 1e6 / t / n : 0) }'
+}
+declare -A res
+for round in $(seq "$ROUNDS"); do
+  for side in A B; do
+    p=${proxy[$side]}
+    res[$side,c]+="$(row "${kgpid[$side]}" "http://127.0.0.1:$p/public/payments" "$CONNS" "$DURATION" "$BODY")"$'\n'
+    res[$side,d]+="$(row "${kgpid[$side]}" "http://127.0.0.1:$p/v1/payments" "$CONNS" "$DURATION" "$BODY" "${pk[$side]}" "${sk[$side]}")"$'\n'
+  done
+done
+median() { grep . <<<"$1" | sort -n -k"$2" | awk -v n="$ROUNDS" -v k="$2" 'NR == int((n + 1) / 2) {print $k}'; }
+echo "| row | A req/s | B req/s | A CPU µs/req | B CPU µs/req | B/A req/s by round |"
+echo "|---|---|---|---|---|---|"
+for r in c d; do
+  per=$(paste <(grep . <<<"${res[A,$r]}") <(grep . <<<"${res[B,$r]}") | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), ($1 > 0 ? $3 / $1 : 0)}')
+  name=$([ "$r" = c ] && echo "(c) public route" || echo "(d) hmac-v1, 1 KiB POST")
+  echo "| $name | $(median "${res[A,$r]}" 1) | $(median "${res[B,$r]}" 1) | $(median "${res[A,$r]}" 2) | $(median "${res[B,$r]}" 2) | $per |"
+done
