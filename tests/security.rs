@@ -15,33 +15,6 @@ use support::{
     assert_problem, now, raw_exchange, v1_headers, Echo, Gateway, Key, Options, ADMIN_TOKEN,
 };
 
-/// A signed self-service call.
-async fn call(
-    gw: &Gateway,
-    key: &Key,
-    method: &str,
-    target: &str,
-    body: Value,
-) -> reqwest::Response {
-    let bytes = if body.is_null() {
-        Vec::new()
-    } else {
-        serde_json::to_vec(&body).unwrap()
-    };
-    let mut headers = v1_headers(
-        key,
-        method,
-        target,
-        &bytes,
-        now(),
-        &uuid::Uuid::new_v4().to_string(),
-    );
-    if !bytes.is_empty() {
-        headers.push(("content-type".into(), "application/json".into()));
-    }
-    gw.send(method, target, &headers, &bytes).await
-}
-
 /// Signed headers as raw header lines, for requests a client library would not send.
 fn raw_signed(key: &Key, method: &str, target: &str, body: &[u8]) -> String {
     v1_headers(
@@ -123,10 +96,11 @@ async fn a_manager_cannot_touch_stronger_keys(redis: Option<&RedisServer>) {
             Value::Null,
         ),
     ] {
-        let r = call(&gw, &manager, method, &target, body).await;
+        let r = gw.call(&manager, method, &target, body).await;
         assert_problem(r, 404, "not_found").await;
     }
-    let list: Value = call(&gw, &manager, "GET", "/_keygate/v1/keys", Value::Null)
+    let list: Value = gw
+        .call(&manager, "GET", "/_keygate/v1/keys", Value::Null)
         .await
         .json()
         .await
@@ -148,37 +122,37 @@ async fn a_manager_cannot_touch_stronger_keys(redis: Option<&RedisServer>) {
     assert_eq!(gw.key_record(&strong.id).await["version"], 1);
 
     // A key it minted is its own to rotate and revoke, even though it holds only keys.manage.
-    let child: Value = call(
-        &gw,
-        &manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "child"}),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let child: Value = gw
+        .call(
+            &manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "child"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(child["created_by"], manager.id.as_str());
     let child_id = child["id"].as_str().unwrap();
-    let r = call(
-        &gw,
-        &manager,
-        "POST",
-        &format!("/_keygate/v1/keys/{child_id}/rotate"),
-        Value::Null,
-    )
-    .await;
+    let r = gw
+        .call(
+            &manager,
+            "POST",
+            &format!("/_keygate/v1/keys/{child_id}/rotate"),
+            Value::Null,
+        )
+        .await;
     assert_eq!(r.status(), 200);
     // And itself: its powers are its own.
-    let r = call(
-        &gw,
-        &manager,
-        "POST",
-        &format!("/_keygate/v1/keys/{}/rotate", manager.id),
-        Value::Null,
-    )
-    .await;
+    let r = gw
+        .call(
+            &manager,
+            "POST",
+            &format!("/_keygate/v1/keys/{}/rotate", manager.id),
+            Value::Null,
+        )
+        .await;
     assert_eq!(r.status(), 200);
 }
 
@@ -201,14 +175,14 @@ async fn minted_children_stay_within(redis: Option<&RedisServer>) {
         )
         .await;
     // Defaults: the parent's environment, allow-list and expiry.
-    let r = call(
-        &gw,
-        &manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "c", "scopes": ["payments.read"]}),
-    )
-    .await;
+    let r = gw
+        .call(
+            &manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "c", "scopes": ["payments.read"]}),
+        )
+        .await;
     assert_eq!(r.status(), 201);
     let child: Value = r.json().await.unwrap();
     assert_eq!(child["environment"], "test");
@@ -220,27 +194,27 @@ async fn minted_children_stay_within(redis: Option<&RedisServer>) {
         .starts_with("pk_test_"));
 
     // Anything wider is a 422 naming each field.
-    let r = call(
-        &gw,
-        &manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "c", "environment": "live", "ip_allow_list": ["0.0.0.0/0"],
+    let r = gw
+        .call(
+            &manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "c", "environment": "live", "ip_allow_list": ["0.0.0.0/0"],
                "expires_at": "2030-01-01T00:00:00Z"}),
-    )
-    .await;
+        )
+        .await;
     let body = assert_problem(r, 422, "validation_failed").await;
     for field in ["environment", "ip_allow_list[0]", "expires_at"] {
         assert!(body["errors"].get(field).is_some(), "{field}: {body}");
     }
-    let r = call(
-        &gw,
-        &manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "c", "ip_allow_list": []}),
-    )
-    .await;
+    let r = gw
+        .call(
+            &manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "c", "ip_allow_list": []}),
+        )
+        .await;
     let body = assert_problem(r, 422, "validation_failed").await;
     assert!(body["errors"].get("ip_allow_list").is_some(), "{body}");
     assert_eq!(echo.count(), 0);
@@ -300,15 +274,7 @@ async fn revocation_race(gw: &Gateway, trials: usize) -> usize {
             }));
         }
         tokio::time::sleep(Duration::from_millis(40)).await;
-        let r = gw
-            .http
-            .post(gw.admin_url(&format!("/v1/keys/{}/revoke", target.id)))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let answered: Value = r.json().await.unwrap();
+        let answered = gw.revoke(&target).await;
         assert!(answered["revoked_at"].is_string());
         tokio::time::sleep(Duration::from_millis(40)).await;
         stop.store(true, Ordering::Relaxed);

@@ -39,37 +39,17 @@ async fn world() -> World {
     }
 }
 
-async fn call(w: &World, key: &Key, method: &str, target: &str, body: Value) -> reqwest::Response {
-    let bytes = if body.is_null() {
-        Vec::new()
-    } else {
-        serde_json::to_vec(&body).unwrap()
-    };
-    let mut headers = support::v1_headers(
-        key,
-        method,
-        target,
-        &bytes,
-        support::now(),
-        &uuid::Uuid::new_v4().to_string(),
-    );
-    if !bytes.is_empty() {
-        headers.push(("content-type".into(), "application/json".into()));
-    }
-    w.gw.send(method, target, &headers, &bytes).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manager_mints_lists_gets_rotates_and_revokes_its_own_keys() {
     let w = world().await;
-    let r = call(
-        &w,
-        &w.manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "from self-service", "scopes": ["payments.create"]}),
-    )
-    .await;
+    let r =
+        w.gw.call(
+            &w.manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "from self-service", "scopes": ["payments.create"]}),
+        )
+        .await;
     assert_eq!(r.status(), 201);
     assert!(r.headers().contains_key("x-request-id"));
     let minted: Value = r.json().await.unwrap();
@@ -77,11 +57,12 @@ async fn a_manager_mints_lists_gets_rotates_and_revokes_its_own_keys() {
     assert!(minted["secret"].as_str().unwrap().starts_with("sk_test_"));
     let id = minted["id"].as_str().unwrap().to_owned();
 
-    let list: Value = call(&w, &w.manager, "GET", "/_keygate/v1/keys", Value::Null)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value =
+        w.gw.call(&w.manager, "GET", "/_keygate/v1/keys", Value::Null)
+            .await
+            .json()
+            .await
+            .unwrap();
     let owners: Vec<&str> = list["items"]
         .as_array()
         .unwrap()
@@ -91,50 +72,50 @@ async fn a_manager_mints_lists_gets_rotates_and_revokes_its_own_keys() {
     assert_eq!(owners.len(), 3, "{list}");
     assert!(owners.iter().all(|o| *o == "acme"));
     // Asking for another owner's listing still yields only its own keys.
-    let list: Value = call(
-        &w,
-        &w.manager,
-        "GET",
-        "/_keygate/v1/keys?owner=globex",
-        Value::Null,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let list: Value =
+        w.gw.call(
+            &w.manager,
+            "GET",
+            "/_keygate/v1/keys?owner=globex",
+            Value::Null,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     assert!(list["items"]
         .as_array()
         .unwrap()
         .iter()
         .all(|k| k["owner"] == "acme"));
 
-    let got = call(
-        &w,
-        &w.manager,
-        "GET",
-        &format!("/_keygate/v1/keys/{id}"),
-        Value::Null,
-    )
-    .await;
+    let got =
+        w.gw.call(
+            &w.manager,
+            "GET",
+            &format!("/_keygate/v1/keys/{id}"),
+            Value::Null,
+        )
+        .await;
     assert_eq!(got.status(), 200);
-    let rotated = call(
-        &w,
-        &w.manager,
-        "POST",
-        &format!("/_keygate/v1/keys/{id}/rotate"),
-        json!({"grace_seconds": 0}),
-    )
-    .await;
+    let rotated =
+        w.gw.call(
+            &w.manager,
+            "POST",
+            &format!("/_keygate/v1/keys/{id}/rotate"),
+            json!({"grace_seconds": 0}),
+        )
+        .await;
     assert_eq!(rotated.status(), 200);
     assert!(rotated.json::<Value>().await.unwrap()["secret"].is_string());
-    let revoked = call(
-        &w,
-        &w.manager,
-        "POST",
-        &format!("/_keygate/v1/keys/{}/revoke", w.acme_key.id),
-        Value::Null,
-    )
-    .await;
+    let revoked =
+        w.gw.call(
+            &w.manager,
+            "POST",
+            &format!("/_keygate/v1/keys/{}/revoke", w.acme_key.id),
+            Value::Null,
+        )
+        .await;
     assert_eq!(revoked.status(), 200);
     assert_problem(
         w.gw.send_v1(&w.acme_key, "GET", "/v1/payments/p1", b"")
@@ -178,7 +159,7 @@ async fn another_owners_keys_are_not_found() {
         ("POST", format!("/_keygate/v1/keys/{}/rotate", other.id)),
         ("POST", format!("/_keygate/v1/keys/{}/revoke", other.id)),
     ] {
-        let r = call(&w, &w.manager, method, &target, Value::Null).await;
+        let r = w.gw.call(&w.manager, method, &target, Value::Null).await;
         assert_problem(r, 404, "not_found").await;
     }
     // Untouched: the other owner's key still works.
@@ -193,76 +174,78 @@ async fn another_owners_keys_are_not_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manager_cannot_grant_more_than_it_holds_or_mint_for_others() {
     let w = world().await;
-    let r = call(
-        &w,
-        &w.manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "x", "scopes": ["refunds.create", "payments.read"]}),
-    )
-    .await;
+    let r =
+        w.gw.call(
+            &w.manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "x", "scopes": ["refunds.create", "payments.read"]}),
+        )
+        .await;
     let body = assert_problem(r, 422, "validation_failed").await;
     assert_eq!(
         body["errors"],
         json!({"scopes[0]": "you can only grant scopes you hold"})
     );
-    let r = call(
-        &w,
-        &w.manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "x", "scopes": ["*"]}),
-    )
-    .await;
+    let r =
+        w.gw.call(
+            &w.manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "x", "scopes": ["*"]}),
+        )
+        .await;
     assert_problem(r, 422, "validation_failed").await;
-    let r = call(
-        &w,
-        &w.manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "x", "owner": "globex"}),
-    )
-    .await;
+    let r =
+        w.gw.call(
+            &w.manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "x", "owner": "globex"}),
+        )
+        .await;
     let body = assert_problem(r, 422, "validation_failed").await;
     assert!(body["errors"].get("owner").is_some());
     // Holding keys.manage, it may hand keys.manage on.
-    let r = call(
-        &w,
-        &w.manager,
-        "POST",
-        "/_keygate/v1/keys",
-        json!({"name": "deputy", "scopes": ["keys.manage"]}),
-    )
-    .await;
+    let r =
+        w.gw.call(
+            &w.manager,
+            "POST",
+            "/_keygate/v1/keys",
+            json!({"name": "deputy", "scopes": ["keys.manage"]}),
+        )
+        .await;
     assert_eq!(r.status(), 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_without_keys_manage_and_unsigned_calls_are_refused() {
     let w = world().await;
-    let r = call(&w, &w.acme_key, "GET", "/_keygate/v1/keys", Value::Null).await;
+    let r =
+        w.gw.call(&w.acme_key, "GET", "/_keygate/v1/keys", Value::Null)
+            .await;
     let body = assert_problem(r, 403, "insufficient_scope").await;
     assert!(body["detail"].as_str().unwrap().contains("keys.manage"));
     let r = w.gw.send("GET", "/_keygate/v1/keys", &[], b"").await;
     assert_problem(r, 401, "missing_credentials").await;
     // Operations self-service does not offer.
-    let r = call(
-        &w,
-        &w.manager,
-        "DELETE",
-        &format!("/_keygate/v1/keys/{}", w.acme_key.id),
-        Value::Null,
-    )
-    .await;
+    let r =
+        w.gw.call(
+            &w.manager,
+            "DELETE",
+            &format!("/_keygate/v1/keys/{}", w.acme_key.id),
+            Value::Null,
+        )
+        .await;
     assert_problem(r, 404, "not_found").await;
-    let r = call(
-        &w,
-        &w.manager,
-        "PATCH",
-        &format!("/_keygate/v1/keys/{}", w.acme_key.id),
-        json!({"name": "n"}),
-    )
-    .await;
+    let r =
+        w.gw.call(
+            &w.manager,
+            "PATCH",
+            &format!("/_keygate/v1/keys/{}", w.acme_key.id),
+            json!({"name": "n"}),
+        )
+        .await;
     assert_problem(r, 404, "not_found").await;
     // Replays are refused like anywhere else on the proxy.
     let h = support::v1_headers(

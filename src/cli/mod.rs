@@ -66,34 +66,7 @@ pub enum Command {
         command: StoreCmd,
     },
     /// Print the signature headers for a request.
-    Sign {
-        #[arg(long)]
-        public_key: Option<String>,
-        /// The key's secret (or KEYGATE_SECRET).
-        #[arg(long, env = "KEYGATE_SECRET", hide_env_values = true)]
-        secret: String,
-        #[arg(long, default_value = "hmac-v1")]
-        scheme: String,
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// Path and query exactly as on the request line.
-        #[arg(long, default_value = "/")]
-        target: String,
-        /// Body text; see also --body-file.
-        #[arg(long, conflicts_with = "body_file")]
-        body: Option<String>,
-        #[arg(long)]
-        body_file: Option<PathBuf>,
-        /// Unix seconds; default now.
-        #[arg(long)]
-        timestamp: Option<i64>,
-        /// Default: a random UUID.
-        #[arg(long)]
-        nonce: Option<String>,
-        /// Also print a curl command for this base URL, e.g. http://127.0.0.1:8080.
-        #[arg(long)]
-        url: Option<String>,
-    },
+    Sign(sign::SignArgs),
 }
 
 #[derive(Subcommand)]
@@ -318,28 +291,6 @@ pub fn main() -> ExitCode {
             json,
             command,
         }) => keys::run_command(&admin_url, json, &command.into()),
-        Some(Command::Sign {
-            public_key,
-            secret,
-            scheme,
-            method,
-            target,
-            body,
-            body_file,
-            timestamp,
-            nonce,
-            url,
-        }) => sign::run(sign::SignArgs {
-            public_key,
-            secret,
-            scheme,
-            method,
-            target,
-            body,
-            body_file,
-            timestamp,
-            nonce,
-            url,
-        }),
+        Some(Command::Sign(args)) => sign::run(args),
     }
 }

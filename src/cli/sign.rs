@@ -67,18 +67,34 @@ pub fn curl(base_url: &str, req: &SignRequest) -> String {
     out
 }
 
-/// `keygate sign`'s arguments, as parsed.
-#[derive(Debug)]
+/// `keygate sign`'s arguments.
+#[derive(clap::Args, Debug)]
 pub struct SignArgs {
+    #[arg(long)]
     pub public_key: Option<String>,
+    /// The key's secret (or KEYGATE_SECRET).
+    #[arg(long, env = "KEYGATE_SECRET", hide_env_values = true)]
     pub secret: String,
+    #[arg(long, default_value = "hmac-v1")]
     pub scheme: String,
+    #[arg(long, default_value = "GET")]
     pub method: String,
+    /// Path and query exactly as on the request line.
+    #[arg(long, default_value = "/")]
     pub target: String,
+    /// Body text; see also --body-file.
+    #[arg(long, conflicts_with = "body_file")]
     pub body: Option<String>,
+    #[arg(long)]
     pub body_file: Option<std::path::PathBuf>,
+    /// Unix seconds; default now.
+    #[arg(long)]
     pub timestamp: Option<i64>,
+    /// Default: a random UUID.
+    #[arg(long)]
     pub nonce: Option<String>,
+    /// Also print a curl command for this base URL, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
     pub url: Option<String>,
 }
 

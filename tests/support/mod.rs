@@ -413,7 +413,8 @@ listen = "127.0.0.1:{metrics}"
             .unwrap()
     }
 
-    pub async fn revoke(&self, key: &Key) {
+    /// Revokes through the admin API; the record it answered.
+    pub async fn revoke(&self, key: &Key) -> Value {
         let r = self
             .http
             .post(self.admin_url(&format!("/v1/keys/{}/revoke", key.id)))
@@ -422,6 +423,57 @@ listen = "127.0.0.1:{metrics}"
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// The metrics listener's text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of the first metrics line starting with `prefix` (0 when absent).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// A self-service (or any) call signed with `hmac-v1` now; `body` as JSON unless null.
+    pub async fn call(
+        &self,
+        key: &Key,
+        method: &str,
+        target: &str,
+        body: Value,
+    ) -> reqwest::Response {
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
+        let mut headers = v1_headers(
+            key,
+            method,
+            target,
+            &bytes,
+            now(),
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        if !bytes.is_empty() {
+            headers.push(("content-type".into(), "application/json".into()));
+        }
+        self.send(method, target, &headers, &bytes).await
     }
 
     /// Sends a request signed with `hmac-v1` now, with a fresh nonce.
