@@ -1,7 +1,9 @@
 //! Criterion micro-benchmarks of the hot path: one verification per scheme and body size, a
 //! cached key lookup, the nonce check, route matching (10 and 1,000 routes), the IP
-//! allow-list (1 and 1,000 CIDRs), and a SHA-256 of the same body as the in-run baseline
-//! (the irreducible cost: every v1 verification hashes the body once).
+//! allow-list (1 and 1,000 CIDRs), the checks of a request head before routing (path,
+//! `Content-Length`, credential parsing with its ambiguity checks) against route matching as
+//! their in-run baseline, and a SHA-256 of the same body as the in-run baseline of
+//! verification (the irreducible cost: every v1 verification hashes the body once).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 /// The gateway's allocator, so allocation on the measured paths costs what it does in `serve`.
@@ -277,11 +279,48 @@ fn bench_allow_list(c: &mut Criterion) {
     g.finish();
 }
 
+/// What every request pays before routing since the security fixes, beside the route lookup
+/// it sits next to (10 routes).
+fn bench_request_head(c: &mut Criterion) {
+    let mut toml = String::from("[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\"]\n");
+    for i in 0..10 {
+        toml.push_str(&format!(
+            "[[routes]]\npath = \"/v1/r{i}/*\"\nupstream = \"u\"\n"
+        ));
+    }
+    let router = Router::new(Config::from_toml(&toml).unwrap().routes);
+    let path = "/v1/r9/pay_01HZX3M5ZKQ2Y7/refunds";
+    let h = headers(&[
+        ("x-api-public-key", PK.into()),
+        ("x-api-timestamp", "1764460800".into()),
+        ("x-api-nonce", "0b6a4f2e-7c1d-4e5a-9b3f-2d8c6e1a0f47".into()),
+        ("x-api-signature", "ab".repeat(32)),
+        ("content-length", "1024".into()),
+        ("content-type", "application/json".into()),
+        ("host", "api.example.com".into()),
+    ]);
+    let mut g = c.benchmark_group("request_head");
+    g.bench_function("baseline_route_find_10", |b| {
+        b.iter(|| black_box(router.find(&http::Method::POST, black_box(path))))
+    });
+    g.bench_function("check_path", |b| {
+        b.iter(|| black_box(keygate::proxy::target::check_path(black_box(path))))
+    });
+    g.bench_function("content_length", |b| {
+        b.iter(|| black_box(keygate::proxy::target::content_length(black_box(&h))))
+    });
+    g.bench_function("parse_credentials", |b| {
+        b.iter(|| black_box(parse_credentials(black_box(&h)).is_ok()))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_verify,
     bench_lookups,
     bench_routes,
-    bench_allow_list
+    bench_allow_list,
+    bench_request_head
 );
 criterion_main!(benches);

@@ -8,6 +8,7 @@
 # Knobs: DURATION=5 (seconds per row) CONNS=16 ROUNDS=3. All traffic stays on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source benches/load/common.sh
 A=${1:?usage: ab.sh A_BINARY B_BINARY}
 B=${2:?usage: ab.sh A_BINARY B_BINARY}
 DURATION=${DURATION:-5}
@@ -24,19 +25,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 up=$($LG free-port)
-cat > "$work/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  client_body_buffer_size 64k;
-  server { listen 127.0.0.1:$up; location / { return 200 "ok\n"; } }
-}
-NGINX
+upstream_nginx "$work" "$up"
 nginx -c "$work/nginx.conf" -p "$work" &
 pids+=($!)
 
@@ -46,33 +35,7 @@ for side in A B; do
   bin=${!side}
   p=$($LG free-port); a=$($LG free-port); m=$($LG free-port)
   mkdir "$work/$side"
-  cat > "$work/$side/keygate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$p"
-threads = 1
-[admin]
-listen = "127.0.0.1:$a"
-[metrics]
-listen = "127.0.0.1:$m"
-[store]
-path = "$work/$side/keygate.db"
-[cache]
-ttl = "1h"
-[[upstreams]]
-name = "nginx"
-endpoints = ["127.0.0.1:$up"]
-[[routes]]
-name = "create-payment"
-methods = ["POST"]
-path = "/v1/payments"
-scope = "payments.create"
-upstream = "nginx"
-[[routes]]
-name = "public"
-path = "/public/*"
-upstream = "nginx"
-public = true
-TOML
+  keygate_toml "$p" "$a" "$m" "$work/$side/keygate.db" "$up" 1 > "$work/$side/keygate.toml"
   KEYGATE_MASTER_KEY=$MASTER KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
     "$bin" serve --config "$work/$side/keygate.toml" 2>"$work/$side/keygate.err" &
   kgpid[$side]=$!
@@ -85,8 +48,6 @@ TOML
   $LG run "http://127.0.0.1:$p/v1/payments" 2 1 "$BODY" "$k" "$s" >/dev/null
 done
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TCK=$(getconf CLK_TCK)
 # One row: "rps cpu_us" of the gateway process.
 row() {
   local pid=$1 before after out n rps

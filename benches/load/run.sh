@@ -28,6 +28,7 @@
 # RATE=2000 (the paced rows).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source benches/load/common.sh
 # Not SECONDS: bash sets that itself (seconds since the shell started), so a default never applies.
 SECONDS_PER_RUN=${DURATION:-5}
 CONNS=${CONNS:-16}
@@ -48,19 +49,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 up=$($LG free-port); ngproxy=$($LG free-port); proxy=$($LG free-port); admin=$($LG free-port); metrics=$($LG free-port)
-cat > "$work/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  client_body_buffer_size 64k;
-  server { listen 127.0.0.1:$up; location / { return 200 "ok\n"; } }
-}
-NGINX
+upstream_nginx "$work" "$up"
 nginx -c "$work/nginx.conf" -p "$work" &
 pids+=($!)
 mkdir "$work/ngproxy"
@@ -84,33 +73,7 @@ NGINX
 nginx -c "$work/ngproxy/nginx.conf" -p "$work/ngproxy" &
 pids+=($!)
 
-cat > "$work/keygate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$proxy"
-threads = $THREADS
-[admin]
-listen = "127.0.0.1:$admin"
-[metrics]
-listen = "127.0.0.1:$metrics"
-[store]
-path = "$work/keygate.db"
-[cache]
-ttl = "1h"
-[[upstreams]]
-name = "nginx"
-endpoints = ["127.0.0.1:$up"]
-[[routes]]
-name = "create-payment"
-methods = ["POST"]
-path = "/v1/payments"
-scope = "payments.create"
-upstream = "nginx"
-[[routes]]
-name = "public"
-path = "/public/*"
-upstream = "nginx"
-public = true
-TOML
+keygate_toml "$proxy" "$admin" "$metrics" "$work/keygate.db" "$up" "$THREADS" > "$work/keygate.toml"
 MASTER=$(head -c 32 /dev/urandom | base64)
 KEYGATE_MASTER_KEY=$MASTER KEYGATE_ADMIN_TOKEN=bench-token RUST_LOG=error \
   $KG serve --config "$work/keygate.toml" 2>"$work/keygate.err" &
@@ -128,9 +91,6 @@ barepid=$!
 pids+=($barepid)
 $LG wait "http://127.0.0.1:$bare/x"
 
-# CPU seconds (user + system, all threads) of a process, in clock ticks.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TCK=$(getconf CLK_TCK)
 # measure PID cmd...: the command's JSON line with "cpu_us" (PID's CPU µs per request) added.
 measure() {
   local pid=$1 before after out n

@@ -146,7 +146,7 @@ fn unambiguous(headers: &HeaderMap) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// Step 3: finds the credentials and checks their shape.
+/// Step 3: finds the credentials and checks their shape, refusing ambiguous ones.
 pub fn parse_credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthError> {
     unambiguous(headers)?;
     if let Some(public_key) = header(headers, &H_PUBLIC_KEY)? {

@@ -311,8 +311,8 @@ impl Gateway {
             .check_head(session.req_header(), client_ip, route, now)
             .await;
         let mut spent = started.elapsed();
-        let key = match head {
-            Ok(key) => key,
+        let (key, signature) = match head {
+            Ok(found) => found,
             Err(e) => {
                 metrics.auth_duration.observe(spent.as_secs_f64());
                 return self
@@ -325,9 +325,18 @@ impl Gateway {
             return self.refuse_too_large(session, ctx).await.map(|_| None);
         };
         let started = Instant::now();
-        let checked = self
-            .check_body(session.req_header(), &key, &body, client_ip, route, now)
-            .await;
+        // Steps 8–10 now that the body is in (bearer secrets were checked on the head).
+        let checked = match signature {
+            Some(sig) => {
+                self.check_signed(session.req_header(), &key, sig, &body, client_ip, now)
+                    .await
+            }
+            None => Ok(()),
+        }
+        .and_then(|()| auth::check_scope(&key, route.scope.as_deref()));
+        if checked.is_ok() {
+            self.usage.record(key.id(), now);
+        }
         spent += started.elapsed();
         metrics.auth_duration.observe(spent.as_secs_f64());
         match checked {
@@ -339,14 +348,15 @@ impl Gateway {
         }
     }
 
-    /// Steps 3–7 (and 8 for bearer secrets): what the headers alone can decide.
+    /// Steps 3–7 (and 8 for bearer secrets): what the headers alone can decide. Returns the
+    /// key and, for a signed request, its signature.
     async fn check_head(
         &self,
         req: &RequestHeader,
         client_ip: IpAddr,
         route: &Route,
         now: time::OffsetDateTime,
-    ) -> std::result::Result<Arc<ActiveKey>, AuthError> {
+    ) -> std::result::Result<(Arc<ActiveKey>, Option<[u8; 32]>), AuthError> {
         let creds = auth::parse_credentials(&req.headers)?;
         let found = match &creds {
             Credentials::Signed { public_key, .. } => self.cache.by_public_key(public_key).await,
@@ -366,22 +376,36 @@ impl Gateway {
             }
         };
         auth::check_head(&key, &creds, client_ip, route.auth, now, &self.policy)?;
-        Ok(key)
+        let signature = match creds {
+            Credentials::Signed { signature, .. } => Some(signature),
+            Credentials::Bearer { .. } => None,
+        };
+        Ok((key, signature))
     }
 
-    /// Steps 8–10 once the body is read: signature, nonce, scope.
-    async fn check_body(
+    /// Steps 8 and 9 of a signed request.
+    async fn check_signed(
         &self,
         req: &RequestHeader,
         key: &ActiveKey,
+        signature: [u8; 32],
         body: &[u8],
         client_ip: IpAddr,
-        route: &Route,
         now: time::OffsetDateTime,
     ) -> std::result::Result<(), AuthError> {
-        // Parsed again rather than kept across the body read (which borrows the session
-        // mutably): a few header lookups, already known to succeed.
-        let creds = auth::parse_credentials(&req.headers)?;
+        // The head's other credentials, already checked by parse_credentials: a lookup each,
+        // rather than hold a borrow of the request across reading the body.
+        let text = |name| {
+            req.headers
+                .get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+        };
+        let creds = Credentials::Signed {
+            public_key: "",
+            signature,
+            timestamp: text(&auth::H_TIMESTAMP),
+            nonce: text(&auth::H_NONCE),
+        };
         let target = String::from_utf8_lossy(req.raw_path());
         let parts = RequestParts {
             method: req.method.as_str(),
@@ -415,8 +439,6 @@ impl Gateway {
                 }
             }
         }
-        auth::check_scope(key, route.scope.as_deref())?;
-        self.usage.record(key.id(), now);
         Ok(())
     }
 
