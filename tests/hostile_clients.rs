@@ -9,23 +9,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{now, v1_headers, Echo, Gateway, Key, Options};
+use support::{now, Echo, Gateway, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn signed_lines(key: &Key, method: &str, target: &str, ts: i64) -> String {
-    v1_headers(
-        key,
-        method,
-        target,
-        b"",
-        ts,
-        &uuid::Uuid::new_v4().to_string(),
-    )
-    .iter()
-    .map(|(k, v)| format!("{k}: {v}\r\n"))
-    .collect()
-}
 
 /// Reads what arrives within `wait`; stops early once `enough` is seen or the peer closes.
 async fn read_for(s: &mut TcpStream, wait: Duration, enough: &str) -> (String, bool) {
@@ -67,12 +53,21 @@ async fn checks_3_to_7_answer_before_a_byte_of_the_body() {
     let t = "/v1/payments";
     let cases = [
         ("missing_credentials", String::new()),
-        ("unknown_key", signed_lines(&unknown, "POST", t, now())),
-        ("revoked_key", signed_lines(&revoked, "POST", t, now())),
-        ("ip_not_allowed", signed_lines(&fenced, "POST", t, now())),
+        (
+            "unknown_key",
+            support::v1_lines(&unknown, "POST", t, b"", now()),
+        ),
+        (
+            "revoked_key",
+            support::v1_lines(&revoked, "POST", t, b"", now()),
+        ),
+        (
+            "ip_not_allowed",
+            support::v1_lines(&fenced, "POST", t, b"", now()),
+        ),
         (
             "stale_timestamp",
-            signed_lines(&live, "POST", t, now() - 3600),
+            support::v1_lines(&live, "POST", t, b"", now() - 3600),
         ),
     ];
     for (code, creds) in cases {

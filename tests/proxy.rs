@@ -157,11 +157,7 @@ async fn body_too_large_is_413_without_reading_it() {
 
     // A chunked body has no length up front: it is counted while read, once the headers
     // have passed checks 3-7 (credentials come before a byte of the body is read).
-    let signed: String =
-        support::v1_headers(&key, "POST", "/v1/payments", b"", support::now(), "n1")
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}\r\n"))
-            .collect();
+    let signed = support::v1_lines(&key, "POST", "/v1/payments", b"", support::now());
     let head = format!(
         "POST /v1/payments HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n{signed}\r\n"
     );

@@ -15,21 +15,6 @@ use support::{
     assert_problem, now, raw_exchange, v1_headers, Echo, Gateway, Key, Options, ADMIN_TOKEN,
 };
 
-/// Signed headers as raw header lines, for requests a client library would not send.
-fn raw_signed(key: &Key, method: &str, target: &str, body: &[u8]) -> String {
-    v1_headers(
-        key,
-        method,
-        target,
-        body,
-        now(),
-        &uuid::Uuid::new_v4().to_string(),
-    )
-    .iter()
-    .map(|(k, v)| format!("{k}: {v}\r\n"))
-    .collect()
-}
-
 async fn raw(gw: &Gateway, request: &str) -> String {
     raw_exchange(
         gw.proxy,
@@ -354,7 +339,7 @@ async fn dot_segments_and_encoded_separators_are_refused_before_routing() {
         "/v1/payments/../admin/secret",
         "http://gw/v1/payments/../admin/secret",
     ] {
-        let signed = raw_signed(&reader, "GET", target, b"");
+        let signed = support::v1_lines(&reader, "GET", target, b"", now());
         let out = raw(
             &gw,
             &format!("GET {target} HTTP/1.1\r\nhost: gw\r\n{signed}\r\n"),
@@ -436,7 +421,7 @@ async fn an_unreadable_forwarded_for_from_a_trusted_proxy_is_400() {
     let gw = Gateway::start(opts).await;
     let key = gw.mint(json!({"ip_allow_list": ["127.0.0.0/8"]})).await;
     for xff in [&b"\xff, 203.0.113.7"[..], b"203.0.113.7, bogus", b"unknown"] {
-        let signed = raw_signed(&key, "GET", "/v1/payments/p1", b"");
+        let signed = support::v1_lines(&key, "GET", "/v1/payments/p1", b"", now());
         let mut req = format!("GET /v1/payments/p1 HTTP/1.1\r\nhost: gw\r\n{signed}").into_bytes();
         req.extend_from_slice(b"x-forwarded-for: ");
         req.extend_from_slice(xff);

@@ -587,6 +587,22 @@ pub fn v1_headers(
     }))
 }
 
+/// `hmac-v1` headers at `ts` with a fresh nonce, as raw `name: value\r\n` lines, for requests
+/// written byte by byte.
+pub fn v1_lines(key: &Key, method: &str, target: &str, body: &[u8], ts: i64) -> String {
+    v1_headers(
+        key,
+        method,
+        target,
+        body,
+        ts,
+        &uuid::Uuid::new_v4().to_string(),
+    )
+    .iter()
+    .map(|(k, v)| format!("{k}: {v}\r\n"))
+    .collect()
+}
+
 pub fn body_headers(key: &Key, body: &[u8]) -> Vec<(String, String)> {
     to_owned_headers(sign::headers(&SignRequest {
         scheme: AuthKind::HmacBody,
