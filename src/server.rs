@@ -50,6 +50,10 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("store.tls_ca_file {0}: {1}")]
     TlsCaFile(String, std::io::Error),
+    #[error("server.tls {0}")]
+    Tls(#[from] crate::proxy::tls::TlsError),
+    #[error("TLS listener: {0}")]
+    TlsListener(String),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("metrics: {0}")]
@@ -295,8 +299,26 @@ impl App {
                 metrics.clone(),
             ),
         );
-        proxy.add_tcp(&cfg.server.listen.to_string());
+        let certificate = cfg
+            .server
+            .tls
+            .as_ref()
+            .map(crate::proxy::tls::Certificate::new)
+            .transpose()?;
+        match &certificate {
+            Some(cert) => {
+                let settings = cert
+                    .settings()
+                    .map_err(|e| StartError::TlsListener(e.to_string()))?;
+                proxy.add_tls_with_settings(&cfg.server.listen.to_string(), None, settings);
+            }
+            None => proxy.add_tcp(&cfg.server.listen.to_string()),
+        }
         server.add_service(proxy);
+        server.add_service(background_service(
+            "keygate reload",
+            crate::proxy::tls::Reloader(certificate),
+        ));
 
         server.add_service(background_service(
             "keygate admin",

@@ -48,6 +48,16 @@ pub(crate) struct ServerFile {
     pub(crate) body_timeout: String,
     /// Client connections held at once; absent: half the descriptor limit, less a reserve.
     pub(crate) max_connections: Option<u64>,
+    /// TLS on the proxy listener; absent: plain HTTP.
+    pub(crate) tls: Option<TlsFile>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsFile {
+    pub(crate) cert_file: String,
+    pub(crate) key_file: String,
 }
 
 impl Default for ServerFile {
@@ -61,6 +71,7 @@ impl Default for ServerFile {
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),
             max_connections: None,
+            tls: None,
         }
     }
 }

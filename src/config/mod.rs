@@ -42,6 +42,15 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Client connections held at once; `None`: derived from the descriptor limit at start.
     pub max_connections: Option<usize>,
+    /// TLS on the proxy listener; `None`: plain HTTP (behind a load balancer).
+    pub tls: Option<TlsConfig>,
+}
+
+/// A certificate chain and its key, PEM files, re-read on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -272,7 +281,16 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             .server
             .max_connections
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        tls: f.server.tls.as_ref().map(|t| TlsConfig {
+            cert_file: PathBuf::from(&t.cert_file),
+            key_file: PathBuf::from(&t.key_file),
+        }),
     };
+    if let Some(tls) = &server.tls {
+        if let Err(e) = crate::proxy::tls::load(tls) {
+            p.add("server.tls", e.to_string());
+        }
+    }
     for (key, d) in [
         ("server.header_timeout", server.header_timeout),
         ("server.body_timeout", server.body_timeout),

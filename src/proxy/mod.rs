@@ -12,6 +12,7 @@ pub mod guard;
 mod route;
 mod self_service;
 pub mod target;
+pub mod tls;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

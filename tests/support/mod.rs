@@ -517,17 +517,22 @@ listen = "127.0.0.1:{metrics}"
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// Sends `signal` (e.g. "HUP") to the gateway.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Sends `signal` (e.g. "TERM") and waits up to `within` for the process to exit.
     pub fn signal_and_wait(
         &mut self,
         signal: &str,
         within: Duration,
     ) -> Option<std::process::ExitStatus> {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.signal(signal);
         let deadline = Instant::now() + within;
         let child = self.child.as_mut()?;
         while Instant::now() < deadline {

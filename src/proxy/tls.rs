@@ -1,0 +1,126 @@
+//! TLS on the proxy listener (rustls, TLS 1.2 and 1.3): the certificate chain and key from
+//! `[server.tls]`, held behind a resolver that SIGHUP reloads, so a renewed certificate is
+//! served to the next handshake while connections already open carry on.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::ALPN;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::config::TlsConfig;
+
+/// Why a certificate or key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cert_file {0}: {1}")]
+    Cert(String, String),
+    #[error("key_file {0}: {1}")]
+    Key(String, String),
+}
+
+/// Reads and checks the chain (leaf first) and its private key.
+pub fn load(cfg: &TlsConfig) -> Result<CertifiedKey, TlsError> {
+    let shown = |p: &Path| p.display().to_string();
+    let certs = CertificateDer::pem_file_iter(&cfg.cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Cert(shown(&cfg.cert_file), e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert(
+            shown(&cfg.cert_file),
+            "no PEM certificate in it".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|e| TlsError::Key(shown(&cfg.key_file), e.to_string()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| TlsError::Key(shown(&cfg.key_file), e.to_string()))?;
+    let certified = CertifiedKey::new(certs, signing);
+    certified.keys_match().map_err(|e| {
+        TlsError::Key(
+            shown(&cfg.key_file),
+            format!("does not match the certificate: {e}"),
+        )
+    })?;
+    Ok(certified)
+}
+
+/// The certificate every handshake gets; replaced whole on reload.
+#[derive(Debug)]
+pub struct Certificate {
+    cfg: TlsConfig,
+    /// Read on every handshake, written on reload: a read lock is uncontended in practice.
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certificate {
+    pub fn new(cfg: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(Arc::new(load(cfg)?)),
+            cfg: cfg.clone(),
+        }))
+    }
+
+    /// Reads the files again; on any problem the certificate in use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = Arc::new(load(&self.cfg)?);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// pingora's listener settings: this certificate, HTTP/1.1 by ALPN.
+    pub fn settings(self: &Arc<Self>) -> pingora::Result<TlsSettings> {
+        let mut settings = TlsSettings::intermediate("", "")?;
+        settings.set_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        settings.set_alpn(ALPN::H1);
+        Ok(settings)
+    }
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ))
+    }
+}
+
+/// Reloads the certificate (if any) on SIGHUP for as long as the server runs; without TLS a
+/// SIGHUP is logged and ignored rather than ending the process (its default action).
+pub struct Reloader(pub Option<Arc<Certificate>>);
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: certificates will not reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match self.0.as_ref().map(|c| c.reload()) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the old one stays"),
+                    None => tracing::info!("SIGHUP: nothing to reload"),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! TLS on the proxy listener through the real binary: signed requests over TLS 1.2 and 1.3,
+//! older versions refused, and the certificate reloaded on SIGHUP while a client keeps going.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::redis::TlsFiles;
+use support::{now, Echo, Gateway, Key, Options};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+fn tls_options(echo: &Echo, files: &TlsFiles) -> Options {
+    let mut opts = Options::new(echo);
+    opts.server_extra = format!(
+        "\n[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        files.cert.display().to_string(),
+        files.key.display().to_string()
+    );
+    opts
+}
+
+fn client(cas: &[&Path], versions: &[&'static rustls::SupportedProtocolVersion]) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(CertificateDer::from_pem_file(ca).unwrap())
+            .unwrap();
+    }
+    let mut cfg =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    // Every connection a full handshake: a resumed session shows no certificate.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg
+}
+
+/// One request on a fresh TLS connection; the answer's status and the leaf the server showed.
+async fn over_tls(
+    cfg: &Arc<ClientConfig>,
+    addr: SocketAddr,
+    request: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(cfg));
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec())
+        .unwrap_or_default();
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no response: {text:?}"))?;
+    Ok((status, leaf))
+}
+
+fn signed_get(key: &Key, target: &str) -> String {
+    format!(
+        "GET {target} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n{}\r\n",
+        support::v1_lines(key, "GET", target, b"", now())
+    )
+}
+
+fn leaf_der(path: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(path)
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_requests_pass_over_tls_1_2_and_1_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let echo = Echo::start().await;
+    let gw = Gateway::start(tls_options(&echo, &files)).await;
+    let key = gw.mint(json!({})).await;
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let cfg = Arc::new(client(&[&files.ca], versions));
+        let (status, leaf) = over_tls(&cfg, gw.proxy, &signed_get(&key, "/v1/payments/p1"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(leaf, leaf_der(&files.cert));
+    }
+    assert_eq!(echo.count(), 2);
+    let seen = echo.seen().pop().unwrap();
+    assert_eq!(seen.headers["x-keygate-key-id"], key.id.as_str());
+    // Plain HTTP on the TLS port is not served.
+    let out = support::raw_exchange(
+        gw.proxy,
+        &[b"GET /public/x HTTP/1.1\r\nhost: x\r\n\r\n"],
+        Duration::ZERO,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(!out.contains("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_1_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let echo = Echo::start().await;
+    let gw = Gateway::start(tls_options(&echo, &files)).await;
+    // rustls cannot speak TLS 1.1; OpenSSL's client can.
+    let Ok(out) = std::process::Command::new("openssl")
+        // SECLEVEL=0: Debian's OpenSSL would otherwise refuse to offer TLS 1.1 itself.
+        .args([
+            "s_client",
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+            "-connect",
+            &gw.proxy.to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+    else {
+        eprintln!("SKIPPED: no openssl binary to offer TLS 1.1 (apt-get install -y openssl)");
+        return;
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "TLS 1.1 was accepted: {text}");
+    assert!(
+        text.contains("Cipher is (NONE)"),
+        "no cipher may be agreed: {text}"
+    );
+    assert!(
+        text.contains("alert"),
+        "the server answers with an alert: {text}"
+    );
+}
+
+/// A client keeps opening TLS connections while the certificate files are replaced and the
+/// gateway gets SIGHUP: no request fails, and handshakes after the reload show the new leaf.
+/// A broken file on a later SIGHUP leaves the certificate in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_certificate_reloads_on_sighup_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TlsFiles::generate(dir.path());
+    let next_dir = tempfile::tempdir().unwrap();
+    let second = TlsFiles::generate(next_dir.path());
+    let echo = Echo::start().await;
+    let mut gw = Gateway::start(tls_options(&echo, &first)).await;
+    let cfg = Arc::new(client(
+        &[&first.ca, &second.ca],
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (cfg, stop, done, failed) = (cfg.clone(), stop.clone(), done.clone(), failed.clone());
+        let addr = gw.proxy;
+        tokio::spawn(async move {
+            let req = "GET /public/tick HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+            while !stop.load(Ordering::Relaxed) {
+                match over_tls(&cfg, addr, req).await {
+                    Ok((200, _)) => done.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::copy(&second.cert, &first.cert).unwrap();
+    std::fs::copy(&second.key, &first.key).unwrap();
+    gw.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, leaf) = over_tls(
+        &cfg,
+        gw.proxy,
+        "GET /public/x HTTP/1.1\r\nhost: l\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        leaf,
+        leaf_der(&second.cert),
+        "a handshake after SIGHUP gets the new certificate"
+    );
+
+    // A broken file: the reload is refused and the new certificate stays in use.
+    std::fs::write(&first.cert, "not a certificate").unwrap();
+    gw.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let (_, leaf) = over_tls(
+        &cfg,
+        gw.proxy,
+        "GET /public/x HTTP/1.1\r\nhost: l\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(leaf, leaf_der(&second.cert));
+    assert!(gw.log().contains("not reloaded"), "{}", gw.log());
+    let (ok, bad) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("requests over TLS during two reloads: {ok} answered, {bad} failed");
+    assert!(ok > 10, "only {ok} requests ran");
+    assert_eq!(bad, 0);
+    assert!(gw
+        .signal_and_wait("TERM", Duration::from_secs(10))
+        .is_some());
+}
+
+#[test]
+fn check_config_names_an_unreadable_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    std::fs::write(
+        &path,
+        "[server.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("server.tls") && stderr.contains("/nonexistent/cert.pem"),
+        "{stderr}"
+    );
+}
