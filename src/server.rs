@@ -346,6 +346,15 @@ impl App {
             server.add_boxed_service(svc);
         }
 
+        for up in &cfg.upstreams {
+            if up.tls.as_ref().is_some_and(|t| !t.verify) {
+                tracing::warn!(
+                    upstream = %up.name,
+                    "TLS certificate verification is OFF for this upstream (verify = false): \
+                     anyone on the path can impersonate it and read every forwarded request"
+                );
+            }
+        }
         tracing::info!(
             max_connections = limits.max_connections,
             proxy = %cfg.server.listen,

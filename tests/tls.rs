@@ -263,3 +263,152 @@ fn check_config_names_an_unreadable_certificate() {
         "{stderr}"
     );
 }
+
+/// An HTTPS upstream with a certificate from its own CA: answers every request with 200 and
+/// records the server name each handshake asked for, and each request head.
+struct HttpsUpstream {
+    addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl HttpsUpstream {
+    async fn start(files: &TlsFiles) -> Self {
+        let certs = vec![CertificateDer::from_pem_file(&files.cert).unwrap()];
+        let key =
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+        let record = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, record) = (acceptor.clone(), Arc::clone(&record));
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let sni = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    record
+                        .lock()
+                        .unwrap()
+                        .push((sni, String::from_utf8_lossy(&head).into_owned()));
+                    let _ = tls
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+}
+
+fn https_routes(up: SocketAddr, tls_lines: &str) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "bank"
+endpoints = ["{up}"]
+tls = true
+{tls_lines}
+
+[[routes]]
+name = "bank"
+path = "/v1/*"
+upstream = "bank"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_is_verified_against_its_ca_with_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let bank = HttpsUpstream::start(&files).await;
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    let ca = files.ca.display().to_string();
+    opts.routes = https_routes(bank.addr, &format!("sni = \"localhost\"\nca_file = {ca:?}"));
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let seen = bank.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].0, "localhost",
+        "the upstream saw the configured SNI"
+    );
+    assert!(
+        seen[0].1.contains(&format!("x-keygate-key-id: {}", key.id)),
+        "{}",
+        seen[0].1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_with_an_untrusted_certificate_is_502_unless_verify_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = TlsFiles::generate(other_dir.path());
+    let bank = HttpsUpstream::start(&files).await;
+    let echo = Echo::start().await;
+    // Trusting another CA: the handshake fails, and the request never reaches the bank.
+    let mut opts = Options::new(&echo);
+    let wrong_ca = other.ca.display().to_string();
+    opts.routes = https_routes(
+        bank.addr,
+        &format!("sni = \"localhost\"\nca_file = {wrong_ca:?}"),
+    );
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    support::assert_problem(r, 502, "upstream_unavailable").await;
+    assert!(bank.seen.lock().unwrap().is_empty());
+    drop(gw);
+
+    // verify = false: it goes through, and the start said so loudly.
+    let mut opts = Options::new(&echo);
+    opts.routes = https_routes(bank.addr, "verify = false");
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    assert_eq!(r.status(), 200, "{}", gw.log());
+    assert!(gw.log().contains("verification is OFF"), "{}", gw.log());
+}
+
+#[test]
+fn tls_to_an_ip_literal_needs_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    std::fs::write(&path, https_routes("127.0.0.1:9".parse().unwrap(), "")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("upstreams[0].sni"), "{stderr}");
+}

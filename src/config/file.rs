@@ -261,6 +261,13 @@ pub(crate) struct UpstreamFile {
     pub(crate) endpoints: Vec<String>,
     #[serde(default)]
     pub(crate) tls: bool,
+    /// TLS server name; default: the endpoints' host name.
+    pub(crate) sni: Option<String>,
+    /// PEM CA certificates to trust instead of the system's.
+    pub(crate) ca_file: Option<String>,
+    /// `false` skips certificate verification (warned about at start).
+    #[serde(default = "default_true")]
+    pub(crate) verify: bool,
     #[serde(default)]
     pub(crate) forward_credentials: bool,
     /// keygate extension (README): TCP connect timeout.
@@ -269,6 +276,10 @@ pub(crate) struct UpstreamFile {
     /// keygate extension (README): how long to wait for each read of the response.
     #[serde(default = "default_read_timeout")]
     pub(crate) read_timeout: String,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_connect_timeout() -> String {

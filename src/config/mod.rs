@@ -112,9 +112,22 @@ pub struct SecretsConfig {
 pub struct Upstream {
     pub name: String,
     pub endpoints: Vec<SocketAddr>,
+    /// TLS to the upstream; `None`: plain HTTP.
+    pub tls: Option<UpstreamTls>,
     pub forward_credentials: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+}
+
+/// TLS to one upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The server name sent and verified.
+    pub sni: String,
+    /// CA certificates trusted instead of the system's.
+    pub ca: Option<std::sync::Arc<pingora::protocols::tls::CaType>>,
+    /// `false`: the certificate is not verified at all.
+    pub verify: bool,
 }
 
 /// How a route's path is matched.
@@ -444,12 +457,6 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
     if u.name.is_empty() {
         p.add(format!("{at}.name"), "must not be empty");
     }
-    if u.tls {
-        p.add(
-            format!("{at}.tls"),
-            "TLS to upstreams is not supported by this build yet",
-        );
-    }
     if u.endpoints.is_empty() {
         p.add(
             format!("{at}.endpoints"),
@@ -466,13 +473,89 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
             ),
         }
     }
+    let tls = u.tls.then(|| upstream_tls(p, &at, u));
+    if !u.tls && (u.sni.is_some() || u.ca_file.is_some() || !u.verify) {
+        p.add(
+            format!("{at}.tls"),
+            "sni, ca_file and verify need tls = true",
+        );
+    }
     Upstream {
         name: u.name.clone(),
         endpoints,
+        tls,
         forward_credentials: u.forward_credentials,
         connect_timeout: p.duration(&format!("{at}.connect_timeout"), &u.connect_timeout),
         read_timeout: p.duration(&format!("{at}.read_timeout"), &u.read_timeout),
     }
+}
+
+/// The TLS settings of an upstream: its server name (the endpoints' host name unless `sni`
+/// says otherwise; an IP literal needs `sni`, or pingora would skip verification) and CAs.
+fn upstream_tls(p: &mut Problems, at: &str, u: &UpstreamFile) -> UpstreamTls {
+    let hosts: Vec<&str> = u
+        .endpoints
+        .iter()
+        .map(|e| e.rsplit_once(':').map_or(e.as_str(), |(h, _)| h))
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .collect();
+    let sni = match &u.sni {
+        Some(s) if !s.is_empty() => s.clone(),
+        _ => match hosts.first() {
+            Some(h) if h.parse::<IpAddr>().is_err() && hosts.iter().all(|o| o == h) => {
+                (*h).to_owned()
+            }
+            // Unverified, the name only has to be one rustls can put in a handshake: with no
+            // name at all, pingora's connector cannot connect.
+            Some(h) if !u.verify => (*h).to_owned(),
+            _ => {
+                p.add(
+                    format!("{at}.sni"),
+                    "required when the endpoints are IP addresses or different hosts",
+                );
+                String::new()
+            }
+        },
+    };
+    let ca = u
+        .ca_file
+        .as_ref()
+        .and_then(|f| match load_ca(Path::new(f)) {
+            Ok(ca) => Some(ca),
+            Err(e) => {
+                p.add(format!("{at}.ca_file"), e);
+                None
+            }
+        });
+    UpstreamTls {
+        sni,
+        ca,
+        verify: u.verify,
+    }
+}
+
+/// PEM CA certificates, each checked by rustls before pingora takes it.
+fn load_ca(path: &Path) -> Result<std::sync::Arc<pingora::protocols::tls::CaType>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let ders = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if ders.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    let mut check = rustls::RootCertStore::empty();
+    let mut out = Vec::with_capacity(ders.len());
+    for der in ders {
+        check
+            .add(der.clone())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        out.push(pingora::utils::tls::WrappedX509::new(
+            der.as_ref().to_vec(),
+            pingora::utils::tls::parse_x509,
+        ));
+    }
+    Ok(std::sync::Arc::from(out.into_boxed_slice()))
 }
 
 fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstream]) -> Route {

@@ -204,7 +204,16 @@ impl Gateway {
             .endpoints
             .get(i)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream has no endpoints"))?;
-        let mut peer = HttpPeer::new(*addr, false, String::new());
+        let mut peer = match &up.tls {
+            Some(tls) => {
+                let mut peer = HttpPeer::new(*addr, true, tls.sni.clone());
+                peer.options.ca.clone_from(&tls.ca);
+                peer.options.verify_cert = tls.verify;
+                peer.options.verify_hostname = tls.verify;
+                peer
+            }
+            None => HttpPeer::new(*addr, false, String::new()),
+        };
         peer.options.connection_timeout = Some(up.connect_timeout);
         peer.options.read_timeout = Some(up.read_timeout);
         peer.options.write_timeout = Some(up.read_timeout);
