@@ -305,10 +305,25 @@ impl HttpsUpstream {
                             Ok(n) => head.extend_from_slice(&buf[..n]),
                         }
                     }
+                    // Read the declared body too, so a large POST is answered after it.
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let end = text.find("\r\n\r\n").map_or(0, |i| i + 4);
+                    let declared = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|n| n.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let mut have = head.len() - end;
+                    while have < declared {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => have += n,
+                        }
+                    }
                     record
                         .lock()
                         .unwrap()
-                        .push((sni, String::from_utf8_lossy(&head).into_owned()));
+                        .push((sni, format!("{text}body_len={have}")));
                     let _ = tls
                         .write_all(
                             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
@@ -364,6 +379,13 @@ async fn an_https_upstream_is_verified_against_its_ca_with_sni() {
         "{}",
         seen[0].1
     );
+    // A body beyond pingora's 64 KiB retry buffer goes through keygate's own connector.
+    let body = vec![b'x'; 100 * 1024];
+    let r = gw.send_v1(&key, "POST", "/v1/transfers", &body).await;
+    assert_eq!(r.status(), 200);
+    let seen = bank.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[1].1.ends_with("body_len=102400"), "{}", seen[1].1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
