@@ -662,15 +662,16 @@ async fn metrics_count_outcomes_by_route() {
         401
     );
     assert_eq!(gw.send("GET", "/nope", &[], b"").await.status(), 404);
-    let text = gw
-        .http
-        .get(format!("http://{}/metrics", gw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // A request is counted in pingora's logging phase, just after its answer is sent: wait for
+    // the last one.
+    let mut text = String::new();
+    for _ in 0..40 {
+        text = gw.metrics_text().await;
+        if text.contains("keygate_requests_total{outcome=\"no_route\",route=\"unmatched\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let line = |prefix: &str| {
         text.lines()
             .find(|l| l.starts_with(prefix))

@@ -82,6 +82,12 @@ async fn over_tls(
     Ok((status, leaf))
 }
 
+/// The leaf certificate a fresh handshake gets now.
+async fn leaf_shown(cfg: &Arc<ClientConfig>, addr: SocketAddr) -> Vec<u8> {
+    let req = "GET /public/x HTTP/1.1\r\nhost: l\r\nconnection: close\r\n\r\n";
+    over_tls(cfg, addr, req).await.unwrap().1
+}
+
 fn signed_get(key: &Key, target: &str) -> String {
     format!(
         "GET {target} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n{}\r\n",
@@ -205,13 +211,7 @@ async fn the_certificate_reloads_on_sighup_without_a_failed_request() {
     std::fs::copy(&second.key, &first.key).unwrap();
     gw.signal("HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, leaf) = over_tls(
-        &cfg,
-        gw.proxy,
-        "GET /public/x HTTP/1.1\r\nhost: l\r\nconnection: close\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let leaf = leaf_shown(&cfg, gw.proxy).await;
     assert_eq!(
         leaf,
         leaf_der(&second.cert),
@@ -224,13 +224,7 @@ async fn the_certificate_reloads_on_sighup_without_a_failed_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     traffic.await.unwrap();
-    let (_, leaf) = over_tls(
-        &cfg,
-        gw.proxy,
-        "GET /public/x HTTP/1.1\r\nhost: l\r\nconnection: close\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let leaf = leaf_shown(&cfg, gw.proxy).await;
     assert_eq!(leaf, leaf_der(&second.cert));
     assert!(gw.log().contains("not reloaded"), "{}", gw.log());
     let (ok, bad) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
