@@ -183,8 +183,9 @@ async fn trickled_heads_and_bodies_are_cut_off_at_their_deadlines() {
         bodies >= (CLIENTS / 2) as f64,
         "body_timeout closed {bodies}"
     );
+    // The log may be coloured: look for the level alone.
     assert!(
-        !gw.log().contains(" ERROR "),
+        !gw.log().contains("ERROR"),
         "slow clients are not errors: {}",
         gw.log()
     );
