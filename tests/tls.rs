@@ -267,17 +267,35 @@ struct HttpsUpstream {
 
 impl HttpsUpstream {
     async fn start(files: &TlsFiles) -> Self {
+        Self::start_with(files, None).await
+    }
+
+    /// With `client_ca`, the upstream requires a client certificate that CA signed.
+    async fn start_with(files: &TlsFiles, client_ca: Option<&Path>) -> Self {
         let certs = vec![CertificateDer::from_pem_file(&files.cert).unwrap()];
         let key =
             tokio_rustls::rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_file(ca).unwrap())
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let cfg = builder.with_single_cert(certs, key).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -427,4 +445,41 @@ fn tls_to_an_ip_literal_needs_sni() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("upstreams[0].sni"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_requires_client_certificates_gets_keygates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TlsFiles::generate(dir.path());
+    let client_dir = tempfile::tempdir().unwrap();
+    let client_id = TlsFiles::generate(client_dir.path());
+    let bank = HttpsUpstream::start_with(&server, Some(&client_id.ca)).await;
+    let echo = Echo::start().await;
+    let ca = server.ca.display().to_string();
+    let base = format!("sni = \"localhost\"\nca_file = {ca:?}");
+
+    // Without a client certificate the bank refuses the handshake.
+    let mut opts = Options::new(&echo);
+    opts.routes = https_routes(bank.addr, &base);
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    support::assert_problem(r, 502, "upstream_unavailable").await;
+    assert!(bank.seen.lock().unwrap().is_empty());
+    drop(gw);
+
+    let mut opts = Options::new(&echo);
+    opts.routes = https_routes(
+        bank.addr,
+        &format!(
+            "{base}\nclient_cert_file = {:?}\nclient_key_file = {:?}",
+            client_id.cert.display().to_string(),
+            client_id.key.display().to_string()
+        ),
+    );
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(bank.seen.lock().unwrap().len(), 1);
 }

@@ -268,6 +268,9 @@ pub(crate) struct UpstreamFile {
     /// `false` skips certificate verification (warned about at start).
     #[serde(default = "default_true")]
     pub(crate) verify: bool,
+    /// A client certificate chain (PEM) for mTLS to the upstream, with its key.
+    pub(crate) client_cert_file: Option<String>,
+    pub(crate) client_key_file: Option<String>,
     #[serde(default)]
     pub(crate) forward_credentials: bool,
     /// keygate extension (README): TCP connect timeout.

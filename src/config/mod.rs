@@ -128,6 +128,8 @@ pub struct UpstreamTls {
     pub ca: Option<std::sync::Arc<pingora::protocols::tls::CaType>>,
     /// `false`: the certificate is not verified at all.
     pub verify: bool,
+    /// keygate's own certificate and key, for upstreams that require client certificates.
+    pub client: Option<std::sync::Arc<pingora::utils::tls::CertKey>>,
 }
 
 /// How a route's path is matched.
@@ -527,11 +529,63 @@ fn upstream_tls(p: &mut Problems, at: &str, u: &UpstreamFile) -> UpstreamTls {
                 None
             }
         });
+    let client = match (&u.client_cert_file, &u.client_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => match load_client_cert(Path::new(cert), Path::new(key)) {
+            Ok(ck) => Some(ck),
+            Err(e) => {
+                p.add(format!("{at}.client_cert_file"), e);
+                None
+            }
+        },
+        _ => {
+            p.add(
+                format!("{at}.client_cert_file"),
+                "client_cert_file and client_key_file go together",
+            );
+            None
+        }
+    };
     UpstreamTls {
         sni,
         ca,
         verify: u.verify,
+        client,
     }
+}
+
+/// A client certificate chain and key for mTLS, checked by rustls (chain parses, key matches
+/// the leaf) before pingora, which panics on bad input, takes them.
+fn load_client_cert(
+    cert: &Path,
+    key: &Path,
+) -> Result<std::sync::Arc<pingora::utils::tls::CertKey>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", cert.display()));
+    }
+    let mut check = rustls::RootCertStore::empty();
+    for c in &certs {
+        check
+            .add(c.clone())
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    rustls::sign::CertifiedKey::new(certs.clone(), signing)
+        .keys_match()
+        .map_err(|e| format!("{}: does not match the certificate: {e}", key.display()))?;
+    let raw_key = key_der.secret_der().to_vec();
+    Ok(std::sync::Arc::new(pingora::utils::tls::CertKey::new(
+        certs.iter().map(|c| c.as_ref().to_vec()).collect(),
+        raw_key,
+    )))
 }
 
 /// PEM CA certificates, each checked by rustls before pingora takes it.

@@ -210,6 +210,7 @@ impl Gateway {
                 peer.options.ca.clone_from(&tls.ca);
                 peer.options.verify_cert = tls.verify;
                 peer.options.verify_hostname = tls.verify;
+                peer.client_cert_key.clone_from(&tls.client);
                 peer
             }
             None => HttpPeer::new(*addr, false, String::new()),
