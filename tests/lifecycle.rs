@@ -270,45 +270,65 @@ fn parse_curl(lines: &[String]) -> (String, String, Vec<(String, String)>, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_a_signed_curl_command_that_works() {
-    let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
-    let mut child = Command::new(BIN)
-        .args(["demo", "--listen", &format!("127.0.0.1:{proxy}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
+    // A port picked free can be taken by a parallel test before the demo binds it: then the
+    // demo exits (or pingora retries the bind for 30 s), and it is tried again on other ports.
+    let http = reqwest::Client::new();
+    let mut attempt = 0;
+    let (mut child, method, url, headers, body) = loop {
+        attempt += 1;
+        let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
+        let mut child = Command::new(BIN)
+            .args(["demo", "--listen", &format!("127.0.0.1:{proxy}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = tokio::task::spawn_blocking(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                let done = line.contains("Ctrl-C stops the demo");
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            lines
+        })
+        .await
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            let done = line.contains("Ctrl-C stops the demo");
-            lines.push(line);
-            if done {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut exited = false;
+        while http
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                exited = true;
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        lines
-    })
-    .await
-    .unwrap();
-    let (method, url, headers, body) = parse_curl(&lines);
+        if exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(
+                attempt < 4,
+                "the demo did not become ready in {attempt} attempts"
+            );
+            continue;
+        }
+        let (method, url, headers, body) = parse_curl(&lines);
+        break (child, method, url, headers, body);
+    };
     assert_eq!(method, "POST");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http
-        .get(format!("http://127.0.0.1:{admin}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "demo did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let mut req = http.post(&url).body(body.clone());
     for (k, v) in &headers {
         req = req.header(k.as_str(), v.as_str());
