@@ -366,6 +366,21 @@ upstream = "bank"
     )
 }
 
+/// A gateway whose `/v1/*` routes go to the HTTPS `bank` with these upstream TLS lines, and
+/// the answer to one signed `GET /v1/balance` through it.
+async fn balance_via(
+    echo: &Echo,
+    bank: SocketAddr,
+    tls_lines: &str,
+) -> (Gateway, reqwest::Response) {
+    let mut opts = Options::new(echo);
+    opts.routes = https_routes(bank, tls_lines);
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    (gw, r)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_is_verified_against_its_ca_with_sni() {
     let dir = tempfile::tempdir().unwrap();
@@ -409,25 +424,15 @@ async fn an_upstream_with_an_untrusted_certificate_is_502_unless_verify_is_off()
     let bank = HttpsUpstream::start(&files).await;
     let echo = Echo::start().await;
     // Trusting another CA: the handshake fails, and the request never reaches the bank.
-    let mut opts = Options::new(&echo);
     let wrong_ca = other.ca.display().to_string();
-    opts.routes = https_routes(
-        bank.addr,
-        &format!("sni = \"localhost\"\nca_file = {wrong_ca:?}"),
-    );
-    let gw = Gateway::start(opts).await;
-    let key = gw.mint(json!({})).await;
-    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    let tls_lines = format!("sni = \"localhost\"\nca_file = {wrong_ca:?}");
+    let (gw, r) = balance_via(&echo, bank.addr, &tls_lines).await;
     support::assert_problem(r, 502, "upstream_unavailable").await;
     assert!(bank.seen.lock().unwrap().is_empty());
     drop(gw);
 
     // verify = false: it goes through, and the start said so loudly.
-    let mut opts = Options::new(&echo);
-    opts.routes = https_routes(bank.addr, "verify = false");
-    let gw = Gateway::start(opts).await;
-    let key = gw.mint(json!({})).await;
-    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    let (gw, r) = balance_via(&echo, bank.addr, "verify = false").await;
     assert_eq!(r.status(), 200, "{}", gw.log());
     assert!(gw.log().contains("verification is OFF"), "{}", gw.log());
 }
@@ -459,27 +464,17 @@ async fn an_upstream_that_requires_client_certificates_gets_keygates() {
     let base = format!("sni = \"localhost\"\nca_file = {ca:?}");
 
     // Without a client certificate the bank refuses the handshake.
-    let mut opts = Options::new(&echo);
-    opts.routes = https_routes(bank.addr, &base);
-    let gw = Gateway::start(opts).await;
-    let key = gw.mint(json!({})).await;
-    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    let (gw, r) = balance_via(&echo, bank.addr, &base).await;
     support::assert_problem(r, 502, "upstream_unavailable").await;
     assert!(bank.seen.lock().unwrap().is_empty());
     drop(gw);
 
-    let mut opts = Options::new(&echo);
-    opts.routes = https_routes(
-        bank.addr,
-        &format!(
-            "{base}\nclient_cert_file = {:?}\nclient_key_file = {:?}",
-            client_id.cert.display().to_string(),
-            client_id.key.display().to_string()
-        ),
+    let tls_lines = format!(
+        "{base}\nclient_cert_file = {:?}\nclient_key_file = {:?}",
+        client_id.cert.display().to_string(),
+        client_id.key.display().to_string()
     );
-    let gw = Gateway::start(opts).await;
-    let key = gw.mint(json!({})).await;
-    let r = gw.send_v1(&key, "GET", "/v1/balance", b"").await;
+    let (_gw, r) = balance_via(&echo, bank.addr, &tls_lines).await;
     assert_eq!(r.status(), 200);
     assert_eq!(bank.seen.lock().unwrap().len(), 1);
 }
