@@ -315,8 +315,56 @@ fn bench_request_head(c: &mut Criterion) {
     g.finish();
 }
 
+/// The cost of `x-keygate-assertion` per request: Ed25519 and HS256, beside the SHA-256 of
+/// a 1 KiB body that both include (the baseline).
+fn bench_assertion(c: &mut Criterion) {
+    use keygate::assertion::{keyring, Asserter, Facts, Mode, SharedSecret};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("bench.db")).unwrap();
+    let (key, mk) = key(AuthKind::HmacV1);
+    let now = time::OffsetDateTime::now_utc();
+    let asserter = Asserter::new(
+        "keygate".into(),
+        Duration::from_secs(60),
+        Duration::from_secs(10),
+    );
+    asserter.install(rt.block_on(keyring::ensure(&store, &mk, now)).unwrap());
+    let hs = Mode::Hs256(SharedSecret::new(vec![7u8; 48]).unwrap());
+    let body = vec![b'x'; 1024];
+    let target = "/v1/payments?idempotency=7";
+    let mut g = c.benchmark_group("assertion");
+    let digest = |body: &[u8]| -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(body).into()
+    };
+    g.bench_function("baseline_body_sha256_1k", |b| {
+        b.iter(|| black_box(digest(black_box(&body))))
+    });
+    for (name, mode) in [("ed25519", Mode::Ed25519), ("hs256", hs)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let sha = digest(black_box(&body));
+                let facts = Facts {
+                    key: &key,
+                    request_id: "0f3a9c1e2b4d-0000000001",
+                    method: "POST",
+                    target,
+                    body_sha256: &sha,
+                };
+                black_box(asserter.assert(&mode, "payments", &facts, now).unwrap())
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    bench_assertion,
     bench_verify,
     bench_lookups,
     bench_routes,

@@ -10,6 +10,7 @@
 //! key; `cli` holds `demo`, `sign` and `keys`.
 
 pub mod admin;
+pub mod assertion;
 pub mod auth;
 pub mod cache;
 pub mod cli;

@@ -12,10 +12,13 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::ServiceWithDependents;
 
 use crate::admin::{self, AdminState};
+use crate::assertion::{Asserter, RefreshService, SigningKeys};
 use crate::cache::KeyCache;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreConfig};
-use crate::keys::{EmbeddedStore, KeyStore, MasterKey, RedisStore, SecretString, StoreError};
+use crate::keys::{
+    EmbeddedStore, KeyStore, MasterKey, RedisStore, SecretString, SigningKeyStore, StoreError,
+};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::proxy::guard::{Guarded, Limits};
@@ -62,31 +65,6 @@ pub enum StartError {
     Runtime(std::io::Error),
 }
 
-/// Reads a secret file that must not be readable by group or others; `Ok(None)` if absent.
-fn read_private_file(path: &std::path::Path) -> Result<Option<SecretString>, String> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "mode {:o} lets other users read it; chmod 600 it",
-                mode & 0o777
-            ));
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = meta;
-    std::fs::read_to_string(path)
-        .map(|t| Some(SecretString::new(t.trim().to_owned())))
-        .map_err(|e| e.to_string())
-}
-
 /// Reads the master key from `KEYGATE_MASTER_KEY`, else the systemd credential `master-key`,
 /// else `secrets.master_key_file`; a file must not be readable by group or others.
 pub fn load_master_key(
@@ -103,7 +81,7 @@ pub fn load_master_key(
     else {
         return Err(StartError::NoMasterKey);
     };
-    let text = read_private_file(path)
+    let text = crate::keys::secret::read_private_file(path)
         .map_err(|e| StartError::MasterKeyFile(path.display().to_string(), e))?
         .ok_or(StartError::NoMasterKey)?;
     Ok(MasterKey::from_base64(text.expose())?)
@@ -120,7 +98,7 @@ pub fn load_admin_tokens(
     let from_systemd = credential(env, "admin-token");
     for path in config.admin.token_file.iter().chain(from_systemd.iter()) {
         let shown = path.display().to_string();
-        let token = read_private_file(path)
+        let token = crate::keys::secret::read_private_file(path)
             .map_err(|e| StartError::AdminTokenFile(shown.clone(), e))?
             .filter(|t| !t.expose().is_empty())
             .ok_or_else(|| StartError::AdminTokenFile(shown, "missing or empty".into()))?;
@@ -174,10 +152,27 @@ fn connection_limit(configured: Option<usize>) -> usize {
     }
 }
 
+/// The configured store, seen through each of its small traits.
+pub struct Stores {
+    pub keys: Arc<dyn KeyStore>,
+    pub signing_keys: Arc<dyn SigningKeyStore>,
+}
+
+impl Stores {
+    /// One backend serving every concern.
+    pub fn of<S: KeyStore + SigningKeyStore>(store: S) -> Self {
+        let store = Arc::new(store);
+        Self {
+            keys: Arc::clone(&store) as Arc<dyn KeyStore>,
+            signing_keys: store,
+        }
+    }
+}
+
 /// Opens the configured store.
-pub fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
+pub fn open_store(config: &Config) -> Result<Stores, StartError> {
     match &config.store {
-        StoreConfig::Embedded { path } => Ok(Arc::new(EmbeddedStore::open(path)?)),
+        StoreConfig::Embedded { path } => Ok(Stores::of(EmbeddedStore::open(path)?)),
         StoreConfig::Redis {
             target,
             tls_ca_file,
@@ -188,7 +183,7 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
                     std::fs::read(f).map_err(|e| StartError::TlsCaFile(f.display().to_string(), e))
                 })
                 .transpose()?;
-            Ok(Arc::new(RedisStore::connect(target, ca.as_deref())?))
+            Ok(Stores::of(RedisStore::connect(target, ca.as_deref())?))
         }
     }
 }
@@ -197,6 +192,7 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
 pub struct App {
     pub config: Config,
     pub store: Arc<dyn KeyStore>,
+    pub signing_keys: Arc<dyn SigningKeyStore>,
     pub master: Arc<MasterKey>,
     pub admin_token_hashes: Vec<[u8; 32]>,
     pub clock: Arc<dyn Clock>,
@@ -212,10 +208,11 @@ impl App {
         if admin_token_hashes.is_empty() {
             tracing::warn!("no admin token configured: every /v1 admin call will be refused");
         }
-        let store = open_store(&config)?;
+        let stores = open_store(&config)?;
         Ok(Self {
             config,
-            store,
+            store: stores.keys,
+            signing_keys: stores.signing_keys,
             master: Arc::new(master),
             admin_token_hashes,
             clock: Arc::new(SystemClock),
@@ -263,11 +260,33 @@ impl App {
             metrics.clone(),
             Arc::clone(&self.clock),
         ));
+        let asserter = Arc::new(Asserter::new(
+            cfg.assertion.issuer.clone(),
+            cfg.assertion.ttl,
+            cfg.assertion.refresh_interval,
+        ));
+        let signing_keys = Arc::new(SigningKeys {
+            asserter: Arc::clone(&asserter),
+            store: Arc::clone(&self.signing_keys),
+            master: Arc::clone(&self.master),
+            clock: Arc::clone(&self.clock),
+            refresh: cfg.assertion.refresh_interval,
+            metrics: metrics.clone(),
+        });
+        server.add_service(background_service(
+            "keygate assertion keys",
+            RefreshService(Arc::clone(&signing_keys)),
+        ));
         let admin_state = Arc::new(AdminState {
             lifecycle: Arc::clone(&lifecycle),
             store: Arc::clone(&self.store),
             token_hashes: self.admin_token_hashes.clone(),
             proxy_addr: cfg.server.listen,
+            signing_keys: Arc::clone(&signing_keys),
+            needs_signing_keys: cfg
+                .upstreams
+                .iter()
+                .any(|u| matches!(u.assertion, crate::assertion::Mode::Ed25519)),
         });
         let usage = Arc::new(UsageTally::default());
         let gateway = Gateway::new(
@@ -277,6 +296,7 @@ impl App {
             Arc::clone(&self.clock),
             Some(lifecycle),
             Arc::clone(&usage),
+            asserter,
         );
         server.add_service(background_service(
             "keygate usage",

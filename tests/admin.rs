@@ -22,7 +22,10 @@ async fn health_and_readiness_need_no_token() {
     let r = gw.http.get(gw.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body, json!({"store": true, "proxy_listener": true}));
+    assert_eq!(
+        body,
+        json!({"store": true, "proxy_listener": true, "assertion_keys": true})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use base64::Engine;
 use keygate::keys::{
     mint, AuthKind, EmbeddedStore, Environment, KeyRecord, KeyStore, MasterKey, NewKey, RedisStore,
-    StoreError,
+    SigningKeyStore, StoreError, Versioned,
 };
 use time::OffsetDateTime;
 
@@ -21,6 +21,8 @@ mod redis_server;
 struct Backend {
     name: &'static str,
     store: Arc<dyn KeyStore>,
+    /// The same backend through its signing-keys trait.
+    signing: Arc<dyn SigningKeyStore>,
     reopen: Box<dyn Fn() -> Arc<dyn KeyStore> + Send>,
     _dir: Option<tempfile::TempDir>,
     /// Servers kept alive for the backend's lifetime.
@@ -30,10 +32,11 @@ struct Backend {
 fn embedded() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.db");
-    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
+    let both = Arc::new(EmbeddedStore::open(&path).unwrap());
     Backend {
         name: "embedded",
-        store,
+        store: both.clone(),
+        signing: both,
         reopen: Box::new(move || Arc::new(EmbeddedStore::open(&path).unwrap())),
         _dir: Some(dir),
         _servers: None,
@@ -43,9 +46,11 @@ fn embedded() -> Backend {
 fn redis() -> Backend {
     let server = redis_server::RedisServer::start();
     let url = server.url();
+    let both = Arc::new(RedisStore::open(&url).unwrap());
     Backend {
         name: "redis",
-        store: Arc::new(RedisStore::open(&url).unwrap()),
+        store: both.clone(),
+        signing: both,
         reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
         _dir: None,
         _servers: Some(Box::new(server)),
@@ -56,9 +61,11 @@ fn redis() -> Backend {
 fn redis_cluster() -> Backend {
     let cluster = redis_server::RedisCluster::start();
     let url = cluster.url();
+    let both = Arc::new(RedisStore::open(&url).unwrap());
     Backend {
         name: "redis-cluster",
-        store: Arc::new(RedisStore::open(&url).unwrap()),
+        store: both.clone(),
+        signing: both,
         reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
         _dir: None,
         _servers: Some(Box::new(cluster)),
@@ -238,6 +245,58 @@ async fn an_update_from_a_stale_read_is_refused_and_changes_nothing() {
         ));
         let now = b.store.get_by_id(&r.id).await.unwrap().unwrap();
         assert_eq!((now.name.as_str(), now.version), ("first", 2), "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn the_signing_keys_document_is_written_compare_and_set() {
+    for b in backends() {
+        let s = &b.signing;
+        assert_eq!(s.load_signing_keys().await.unwrap(), None, "{}", b.name);
+        let doc = |version: u64, body: &str| Versioned {
+            version,
+            body: body.as_bytes().to_vec(),
+        };
+        // The first write must be version 1; a writer skipping ahead is refused.
+        assert!(matches!(
+            s.save_signing_keys(&doc(2, "skip")).await,
+            Err(StoreError::VersionConflict)
+        ));
+        s.save_signing_keys(&doc(1, "first")).await.unwrap();
+        // Two writers that both read version 1: one wins, the other changes nothing.
+        let (da, db) = (doc(2, "a"), doc(2, "b"));
+        let (a, b2) = tokio::join!(s.save_signing_keys(&da), s.save_signing_keys(&db));
+        let won: Vec<bool> = [&a, &b2].iter().map(|r| r.is_ok()).collect();
+        assert_eq!(
+            won.iter().filter(|w| **w).count(),
+            1,
+            "{}: {a:?} {b2:?}",
+            b.name
+        );
+        let loser = if a.is_ok() { &b2 } else { &a };
+        assert!(
+            matches!(loser, Err(StoreError::VersionConflict)),
+            "{}",
+            b.name
+        );
+        let stored = s.load_signing_keys().await.unwrap().unwrap();
+        assert_eq!(stored.version, 2, "{}", b.name);
+        let winner = if a.is_ok() { "a" } else { "b" };
+        assert_eq!(stored.body, winner.as_bytes(), "{}", b.name);
+        // Binary-safe, large enough for a keyring of several keys.
+        let big: Vec<u8> = (0..=255u8).cycle().take(8192).collect();
+        s.save_signing_keys(&Versioned {
+            version: 3,
+            body: big.clone(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            s.load_signing_keys().await.unwrap().unwrap().body,
+            big,
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -445,13 +504,14 @@ async fn records_and_live_nonces_survive_reopening() {
             .unwrap());
         let Backend {
             store,
+            signing,
             reopen,
             name,
             _dir,
             _servers,
         } = b;
         // Dropping the store is the process going away: no explicit flush first.
-        drop(store);
+        drop((store, signing));
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let again = reopen();
         assert_eq!(

@@ -14,6 +14,7 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde_json::{json, Value};
 
+use crate::assertion::{KeyringError, SigningKeys};
 use crate::keys::{KeyStore, SecretString};
 use crate::lifecycle::{self, input, view::key_json, Lifecycle, Principal};
 use crate::problem::{self, ErrorCode};
@@ -27,6 +28,10 @@ pub struct AdminState {
     pub token_hashes: Vec<[u8; 32]>,
     /// The proxy listener, probed by `/readyz`.
     pub proxy_addr: SocketAddr,
+    /// The assertion keyring: JWKS, status, rotation.
+    pub signing_keys: Arc<SigningKeys>,
+    /// Some upstream uses Ed25519 assertions: not ready until the keyring is loaded.
+    pub needs_signing_keys: bool,
 }
 
 tokio::task_local! {
@@ -45,6 +50,14 @@ pub enum AdminError {
     MethodNotAllowed,
     #[error(transparent)]
     Lifecycle(#[from] lifecycle::Error),
+    #[error("the body is not a JSON object")]
+    MalformedJson,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the assertion keyring is not loaded yet")]
+    KeyringNotLoaded,
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
 }
 
 impl AdminError {
@@ -54,6 +67,14 @@ impl AdminError {
             Self::NoSuchEndpoint => ErrorCode::NotFound,
             Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             Self::Lifecycle(e) => e.code(),
+            Self::MalformedJson => ErrorCode::MalformedJson,
+            Self::Invalid(_) => ErrorCode::ValidationFailed,
+            Self::KeyringNotLoaded => ErrorCode::StoreUnavailable,
+            Self::Keyring(e) => match e {
+                KeyringError::TooManyKeys | KeyringError::Contended => ErrorCode::Conflict,
+                KeyringError::Store(_) => ErrorCode::StoreUnavailable,
+                KeyringError::Seal { .. } | KeyringError::Corrupt(_) => ErrorCode::Internal,
+            },
         }
     }
 }
@@ -97,6 +118,8 @@ fn v1_routes() -> Vec<(&'static str, MethodRouter<Arc<AdminState>>)> {
         ("/v1/keys/{id}/rotate", post(rotate_key)),
         ("/v1/keys/{id}/revoke", post(revoke_key)),
         ("/v1/audit", get(list_audit)),
+        ("/v1/assertion/keys", get(assertion_keys)),
+        ("/v1/assertion/rotate", post(rotate_assertion_key)),
         (
             "/v1/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -119,6 +142,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
+        .route("/.well-known/jwks.json", get(jwks))
         .merge(v1)
         .fallback(|| async { AdminError::NoSuchEndpoint })
         .method_not_allowed_fallback(|| async { AdminError::MethodNotAllowed })
@@ -176,14 +200,19 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         state.proxy_addr
     };
     let proxy_ok = tokio::net::TcpStream::connect(probe).await.is_ok();
-    let status = if store_ok && proxy_ok {
+    let keys_ok = state.signing_keys.asserter.keyring().is_some();
+    let status = if store_ok && proxy_ok && (keys_ok || !state.needs_signing_keys) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        axum::Json(json!({"store": store_ok, "proxy_listener": proxy_ok})),
+        axum::Json(json!({
+            "store": store_ok,
+            "proxy_listener": proxy_ok,
+            "assertion_keys": keys_ok,
+        })),
     )
         .into_response()
 }
@@ -289,6 +318,65 @@ async fn list_audit(
     let query = input::audit_query(&q)?;
     let page = state.lifecycle.audit_log(&who, &query).await?;
     Ok(axum::Json(json!({"items": page.items, "next_cursor": page.next_cursor})).into_response())
+}
+
+/// The public keys that verify assertions (RFC 7517); no token: they are public.
+async fn jwks(State(state): State<Arc<AdminState>>) -> Response {
+    jwks_response(&state.signing_keys.jwks())
+}
+
+/// A JWKS answer, cacheable for a minute (rotations publish keys ahead of use).
+pub fn jwks_response(doc: &Value) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/jwk-set+json"),
+            (header::CACHE_CONTROL, "public, max-age=60"),
+        ],
+        doc.to_string(),
+    )
+        .into_response()
+}
+
+async fn assertion_keys(State(state): State<Arc<AdminState>>) -> Result<Response> {
+    let status = state
+        .signing_keys
+        .status()
+        .ok_or(AdminError::KeyringNotLoaded)?;
+    Ok(axum::Json(status).into_response())
+}
+
+/// `{"publish_ahead_seconds": N}` (optional, default 600): the new key is published at once
+/// and signs from N seconds on, so verifiers caching the JWKS see it before it is used.
+async fn rotate_assertion_key(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> Result<Response> {
+    const DEFAULT_AHEAD: u64 = 600;
+    const MAX_AHEAD: u64 = 7 * 24 * 3600;
+    let ahead = if body.iter().all(u8::is_ascii_whitespace) {
+        DEFAULT_AHEAD
+    } else {
+        let v: Value = serde_json::from_slice(&body).map_err(|_| AdminError::MalformedJson)?;
+        let obj = v.as_object().ok_or(AdminError::MalformedJson)?;
+        if let Some(k) = obj.keys().find(|k| *k != "publish_ahead_seconds") {
+            return Err(AdminError::Invalid(format!("unknown field {k:?}")));
+        }
+        match obj.get("publish_ahead_seconds") {
+            None => DEFAULT_AHEAD,
+            Some(n) => n.as_u64().filter(|n| *n <= MAX_AHEAD).ok_or_else(|| {
+                AdminError::Invalid(format!(
+                    "publish_ahead_seconds must be an integer from 0 to {MAX_AHEAD}"
+                ))
+            })?,
+        }
+    };
+    let status = state
+        .signing_keys
+        .rotate(std::time::Duration::from_secs(ahead))
+        .await?;
+    tracing::info!(by = ?who, publish_ahead_seconds = ahead, "assertion key rotated");
+    Ok(axum::Json(status).into_response())
 }
 
 #[cfg(test)]

@@ -15,9 +15,7 @@ use serde_json::json;
 use super::sign::{self, SignRequest};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::keys::{
-    mint, AuthKind, EmbeddedStore, Environment, KeyStore, MasterKey, NewKey, SecretString,
-};
+use crate::keys::{mint, AuthKind, EmbeddedStore, Environment, MasterKey, NewKey, SecretString};
 use crate::server::{AxumService, StartError};
 use crate::App;
 
@@ -130,7 +128,8 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
         "kgadm_{}",
         Alphanumeric.sample_string(&mut OsRng, 32)
     ));
-    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&dir.join("keygate.db"))?);
+    let stores = crate::server::Stores::of(EmbeddedStore::open(&dir.join("keygate.db"))?);
+    let store = stores.keys;
 
     let clock = SystemClock;
     let new = NewKey {
@@ -191,6 +190,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
     let app = App {
         config,
         store,
+        signing_keys: stores.signing_keys,
         master: Arc::new(master),
         admin_token_hashes: vec![admin_token.sha256()],
         clock: Arc::new(clock),

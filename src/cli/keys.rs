@@ -235,11 +235,31 @@ pub async fn run(
             None,
         ),
     };
+    let (status, text, value) = admin_call(base, method, &path, token, body.as_ref()).await?;
+    if as_json {
+        return Ok(if status == 204 { "{}".into() } else { text });
+    }
+    Ok(match cmd {
+        KeysCommand::Delete { id } => format!("deleted {id}"),
+        KeysCommand::List { .. } => table(&value),
+        _ => record(&value),
+    })
+}
+
+/// One admin API call: the status, the body text and the body as JSON (null if not JSON).
+/// An error answer becomes [`KeysError::Refused`] with the problem's code and details.
+pub async fn admin_call(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> Result<(u16, String, Value), KeysError> {
     let url = format!("{base}{path}");
     let mut req = reqwest::Client::new()
         .request(method, &url)
         .bearer_auth(token);
-    if let Some(b) = &body {
+    if let Some(b) = body {
         req = req.json(b);
     }
     let resp = req.send().await.map_err(|e| KeysError::Unreachable {
@@ -269,14 +289,7 @@ pub async fn run(
             errors,
         });
     }
-    if as_json {
-        return Ok(if status == 204 { "{}".into() } else { text });
-    }
-    Ok(match cmd {
-        KeysCommand::Delete { id } => format!("deleted {id}"),
-        KeysCommand::List { .. } => table(&value),
-        _ => record(&value),
-    })
+    Ok((status, text, value))
 }
 
 /// Percent-encodes a path segment or query value.
@@ -407,13 +420,25 @@ pub fn run_command(
     as_json: bool,
     command: &KeysCommand,
 ) -> std::process::ExitCode {
+    with_admin_token("keys", |token| async move {
+        run(command, admin_url, &token, as_json).await
+    })
+}
+
+/// Runs one admin call made by `call` with the token from `KEYGATE_ADMIN_TOKEN`, prints what
+/// it returns, and turns failures into the exit codes above.
+pub fn with_admin_token<F, Fut>(what: &str, call: F) -> std::process::ExitCode
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<String, KeysError>>,
+{
     use super::EX_UNAVAILABLE;
     use std::process::ExitCode;
     let Some(token) = std::env::var("KEYGATE_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
     else {
-        eprintln!("keygate keys: set KEYGATE_ADMIN_TOKEN to an admin token");
+        eprintln!("keygate {what}: set KEYGATE_ADMIN_TOKEN to an admin token");
         return ExitCode::from(EX_USAGE);
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -422,17 +447,17 @@ pub fn run_command(
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("keygate keys: {e}");
+            eprintln!("keygate {what}: {e}");
             return ExitCode::from(EX_UNAVAILABLE);
         }
     };
-    match rt.block_on(run(command, admin_url, &token, as_json)) {
+    match rt.block_on(call(token)) {
         Ok(out) => {
             println!("{out}");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("keygate keys: {e}");
+            eprintln!("keygate {what}: {e}");
             ExitCode::from(e.exit_code())
         }
     }

@@ -1,6 +1,7 @@
 //! The command line: every subcommand's arguments (clap) and the dispatch to its module.
 //! `main.rs` only calls [`main`].
 
+pub mod assertion;
 pub mod demo;
 pub mod keys;
 mod serve;
@@ -60,6 +61,17 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCmd,
     },
+    /// The keys that sign x-keygate-assertion, through the admin API (token from
+    /// KEYGATE_ADMIN_TOKEN).
+    Assertion {
+        #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
+        admin_url: String,
+        /// Print the server's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: AssertionCmd,
+    },
     /// Work on key stores directly (no running gateway needed).
     Store {
         #[command(subcommand)]
@@ -67,6 +79,20 @@ pub enum Command {
     },
     /// Print the signature headers for a request.
     Sign(sign::SignArgs),
+}
+
+#[derive(Subcommand)]
+pub enum AssertionCmd {
+    /// Each signing key's id, state (next, active, retiring) and dates.
+    Keys,
+    /// Add a new signing key. It is published in the JWKS at once and signs after
+    /// --publish-ahead, so verifiers caching the JWKS know it first; the current key stays
+    /// published until the assertions it signed have expired.
+    Rotate {
+        /// e.g. 10m, 0s.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        publish_ahead: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -292,5 +318,20 @@ pub fn main() -> ExitCode {
             command,
         }) => keys::run_command(&admin_url, json, &command.into()),
         Some(Command::Sign(args)) => sign::run(args),
+        Some(Command::Assertion {
+            admin_url,
+            json,
+            command,
+        }) => {
+            let cmd = match command {
+                AssertionCmd::Keys => assertion::AssertionCommand::Keys,
+                AssertionCmd::Rotate { publish_ahead } => {
+                    assertion::AssertionCommand::Rotate { publish_ahead }
+                }
+            };
+            keys::with_admin_token("assertion", |token| async move {
+                assertion::run(cmd, &admin_url, &token, json).await
+            })
+        }
     }
 }

@@ -21,6 +21,8 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) secrets: SecretsFile,
     #[serde(default)]
+    pub(crate) assertion: AssertionFile,
+    #[serde(default)]
     pub(crate) upstreams: Vec<UpstreamFile>,
     #[serde(default)]
     pub(crate) routes: Vec<RouteFile>,
@@ -50,6 +52,8 @@ pub(crate) struct ServerFile {
     pub(crate) max_connections: Option<u64>,
     /// TLS on the proxy listener; absent: plain HTTP.
     pub(crate) tls: Option<TlsFile>,
+    /// This gateway fleet's name: the `iss` of its assertions (default "keygate").
+    pub(crate) name: Option<String>,
 }
 
 /// `[server.tls]`.
@@ -72,6 +76,7 @@ impl Default for ServerFile {
             body_timeout: default_body_timeout(),
             max_connections: None,
             tls: None,
+            name: None,
         }
     }
 }
@@ -248,6 +253,38 @@ fn default_body_nonce_retention() -> String {
     "24h".into()
 }
 
+/// `[assertion]`: the upstream identity assertion, fleet-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AssertionFile {
+    /// `exp - iat` of every assertion.
+    #[serde(default = "default_assertion_ttl")]
+    pub(crate) ttl: String,
+    /// How often the signing keys are re-read from the store (rotations reach the fleet).
+    #[serde(default = "default_assertion_refresh")]
+    pub(crate) refresh_interval: String,
+    /// Also answer `GET /.well-known/jwks.json` on the proxy listener.
+    #[serde(default)]
+    pub(crate) jwks_on_proxy: bool,
+}
+
+impl Default for AssertionFile {
+    fn default() -> Self {
+        Self {
+            ttl: default_assertion_ttl(),
+            refresh_interval: default_assertion_refresh(),
+            jwks_on_proxy: false,
+        }
+    }
+}
+
+fn default_assertion_ttl() -> String {
+    "60s".into()
+}
+fn default_assertion_refresh() -> String {
+    "10s".into()
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SecretsFile {
@@ -273,12 +310,21 @@ pub(crate) struct UpstreamFile {
     pub(crate) client_key_file: Option<String>,
     #[serde(default)]
     pub(crate) forward_credentials: bool,
+    /// `ed25519` (default), `hs256` or `off`.
+    #[serde(default = "default_assertion")]
+    pub(crate) assertion: String,
+    /// With `assertion = "hs256"`: a file (mode 0600) holding the shared secret.
+    pub(crate) assertion_secret_file: Option<String>,
     /// keygate extension (README): TCP connect timeout.
     #[serde(default = "default_connect_timeout")]
     pub(crate) connect_timeout: String,
     /// keygate extension (README): how long to wait for each read of the response.
     #[serde(default = "default_read_timeout")]
     pub(crate) read_timeout: String,
+}
+
+fn default_assertion() -> String {
+    "ed25519".into()
 }
 
 fn default_true() -> bool {

@@ -24,6 +24,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub signing: SigningConfig,
     pub secrets: SecretsConfig,
+    pub assertion: AssertionConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
 }
@@ -108,9 +109,21 @@ pub struct SecretsConfig {
     pub master_key_file: Option<PathBuf>,
 }
 
+/// `[assertion]` and `server.name`: fleet-wide settings of the upstream identity assertion.
+#[derive(Debug, Clone)]
+pub struct AssertionConfig {
+    /// The `iss` claim: `server.name`, else "keygate".
+    pub issuer: String,
+    pub ttl: Duration,
+    pub refresh_interval: Duration,
+    pub jwks_on_proxy: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    /// How requests to it are asserted.
+    pub assertion: crate::assertion::Mode,
     pub endpoints: Vec<SocketAddr>,
     /// TLS to the upstream; `None`: plain HTTP.
     pub tls: Option<UpstreamTls>,
@@ -413,6 +426,25 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
     let secrets = SecretsConfig {
         master_key_file: f.secrets.master_key_file.map(PathBuf::from),
     };
+    let assertion = AssertionConfig {
+        issuer: match &f.server.name {
+            Some(n) if n.trim().is_empty() => {
+                p.add("server.name", "must not be empty");
+                String::new()
+            }
+            Some(n) => n.clone(),
+            None => "keygate".into(),
+        },
+        ttl: p.duration("assertion.ttl", &f.assertion.ttl),
+        refresh_interval: p.duration("assertion.refresh_interval", &f.assertion.refresh_interval),
+        jwks_on_proxy: f.assertion.jwks_on_proxy,
+    };
+    if assertion.ttl < Duration::from_secs(1) {
+        p.add("assertion.ttl", "must be at least 1s");
+    }
+    if assertion.refresh_interval < Duration::from_secs(1) {
+        p.add("assertion.refresh_interval", "must be at least 1s");
+    }
 
     let upstreams: Vec<Upstream> = f
         .upstreams
@@ -446,6 +478,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             cache,
             signing,
             secrets,
+            assertion,
             upstreams,
             routes,
         })
@@ -482,8 +515,49 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
             "sni, ca_file and verify need tls = true",
         );
     }
+    let assertion = match (u.assertion.as_str(), &u.assertion_secret_file) {
+        ("ed25519", None) => crate::assertion::Mode::Ed25519,
+        ("off", None) => crate::assertion::Mode::Off,
+        ("hs256", Some(file)) => {
+            match crate::keys::secret::read_private_file(Path::new(file)).and_then(|secret| {
+                let secret = secret.ok_or_else(|| "no such file".to_owned())?;
+                crate::assertion::SharedSecret::new(secret.expose().as_bytes().to_vec())
+            }) {
+                Ok(secret) => crate::assertion::Mode::Hs256(secret),
+                Err(e) => {
+                    p.add(
+                        format!("{at}.assertion_secret_file"),
+                        format!("{file}: {e}"),
+                    );
+                    crate::assertion::Mode::Off
+                }
+            }
+        }
+        ("hs256", None) => {
+            p.add(
+                format!("{at}.assertion_secret_file"),
+                "required with assertion = \"hs256\"",
+            );
+            crate::assertion::Mode::Off
+        }
+        ("ed25519" | "off", Some(_)) => {
+            p.add(
+                format!("{at}.assertion_secret_file"),
+                "only used with assertion = \"hs256\"",
+            );
+            crate::assertion::Mode::Off
+        }
+        (other, _) => {
+            p.add(
+                format!("{at}.assertion"),
+                format!("{other:?} is not \"ed25519\", \"hs256\" or \"off\""),
+            );
+            crate::assertion::Mode::Off
+        }
+    };
     Upstream {
         name: u.name.clone(),
+        assertion,
         endpoints,
         tls,
         forward_credentials: u.forward_credentials,

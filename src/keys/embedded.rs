@@ -26,7 +26,7 @@ use siphasher::sip128::SipHasher13;
 use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
 use super::nonce_log::{self, NonceLog};
-use super::store::{KeyStore, Page, StoreError, Usage, Write};
+use super::store::{KeyStore, Page, SigningKeyStore, StoreError, Usage, Versioned, Write};
 
 const KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("keys");
 const BY_PUBLIC: TableDefinition<'_, &str, &str> = TableDefinition::new("by_public");
@@ -38,6 +38,9 @@ const AUDIT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("audit");
 const AUDIT_BY_KEY: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("audit_by_key");
 const AUDIT_BY_OWNER: TableDefinition<'_, (&str, &str), ()> =
     TableDefinition::new("audit_by_owner");
+/// Small whole documents: name → 8-byte big-endian version ‖ body (the assertion keyring).
+const DOCUMENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("documents");
+const SIGNING_KEYS_DOC: &str = "signing_keys";
 
 /// How long the writer thread gathers nonces before one durable commit.
 pub const NONCE_BATCH_WINDOW: Duration = Duration::from_millis(20);
@@ -172,6 +175,7 @@ impl EmbeddedStore {
             txn.open_table(AUDIT).map_err(unavailable)?;
             txn.open_table(AUDIT_BY_KEY).map_err(unavailable)?;
             txn.open_table(AUDIT_BY_OWNER).map_err(unavailable)?;
+            txn.open_table(DOCUMENTS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -409,6 +413,49 @@ fn nonce_writer(mut journal: NonceLog, nonces: &NonceSet, rx: &mpsc::Receiver<Wr
         for done in flushes {
             let _ = done.send(result.clone());
         }
+    }
+}
+
+/// Splits a stored document into its version and body.
+fn decode_document(stored: &[u8]) -> Result<Versioned, StoreError> {
+    let (head, body) = stored
+        .split_first_chunk::<8>()
+        .ok_or_else(|| StoreError::Corrupt("document shorter than its version".into()))?;
+    Ok(Versioned {
+        version: u64::from_be_bytes(*head),
+        body: body.to_vec(),
+    })
+}
+
+#[async_trait]
+impl SigningKeyStore for EmbeddedStore {
+    async fn load_signing_keys(&self) -> Result<Option<Versioned>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(DOCUMENTS).map_err(unavailable)?;
+        let stored = table.get(SIGNING_KEYS_DOC).map_err(unavailable)?;
+        stored.map(|v| decode_document(v.value())).transpose()
+    }
+
+    async fn save_signing_keys(&self, doc: &Versioned) -> Result<(), StoreError> {
+        let mut bytes = Vec::with_capacity(8 + doc.body.len());
+        bytes.extend_from_slice(&doc.version.to_be_bytes());
+        bytes.extend_from_slice(&doc.body);
+        let version = doc.version;
+        self.transact(move |txn| {
+            let mut table = txn.open_table(DOCUMENTS).map_err(unavailable)?;
+            let at = match table.get(SIGNING_KEYS_DOC).map_err(unavailable)? {
+                Some(v) => decode_document(v.value())?.version,
+                None => 0,
+            };
+            if at.checked_add(1) != Some(version) {
+                return Err(StoreError::VersionConflict);
+            }
+            table
+                .insert(SIGNING_KEYS_DOC, bytes.as_slice())
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -28,7 +28,7 @@ pub use model::{
     StoredCredential,
 };
 pub use secret::{Environment, MasterKey, SecretString};
-pub use store::{ChangeSink, KeyStore, Page, StoreError, Usage, Write};
+pub use store::{ChangeSink, KeyStore, Page, SigningKeyStore, StoreError, Usage, Versioned, Write};
 
 /// Restricts `path` to its owner (`mode`: 0o600 for files, 0o700 for directories), whatever
 /// the umask made of it: store files hold sealed secrets and usage.

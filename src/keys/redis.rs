@@ -30,7 +30,9 @@ use time::OffsetDateTime;
 
 use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
-use super::store::{ChangeSink, KeyStore, Page, StoreError, Usage, Write};
+use super::store::{
+    ChangeSink, KeyStore, Page, SigningKeyStore, StoreError, Usage, Versioned, Write,
+};
 
 const WRITE_SCRIPT: &str = r#"
 local op, id = ARGV[1], ARGV[2]
@@ -139,6 +141,16 @@ return 1
 /// Every script names this key, so a cluster client sends it to the master holding `{kg}`.
 /// The keys a script builds itself share the tag, hence the slot.
 const ANCHOR: &str = "{kg}:all";
+
+/// The assertion keyring: hash `v` (version), `b` (the sealed document).
+const SIGNING_KEYS: &str = "{kg}:signing_keys";
+
+const SIGNING_KEYS_SCRIPT: &str = r#"
+local at = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if at + 1 ~= tonumber(ARGV[1]) then return 'version_conflict' end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2])
+return 'ok'
+"#;
 
 /// Where every write announces the public keys and bearer hashes it touched.
 const CHANGES_CHANNEL: &str = "kg:changes";
@@ -296,6 +308,7 @@ pub struct RedisStore {
     usage: Script,
     lookup: Script,
     audit_import: Script,
+    signing_keys: Script,
     /// The connection's driver task lives here, so the store works from any runtime —
     /// pingora's per-service runtimes, and the small one that runs the final flush after they
     /// are gone. Shut down in the background on drop (dropping it in async code would panic).
@@ -403,6 +416,7 @@ impl RedisStore {
             usage: Script::new(USAGE_SCRIPT),
             lookup: Script::new(LOOKUP_SCRIPT),
             audit_import: Script::new(AUDIT_IMPORT_SCRIPT),
+            signing_keys: Script::new(SIGNING_KEYS_SCRIPT),
             runtime: Some(runtime),
         })
     }
@@ -477,6 +491,42 @@ fn hashes_arg(record: &KeyRecord) -> String {
         .map(hex::encode)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[async_trait]
+impl SigningKeyStore for RedisStore {
+    async fn load_signing_keys(&self) -> Result<Option<Versioned>, StoreError> {
+        let (version, body): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(SIGNING_KEYS)
+            .arg("v")
+            .arg("b")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match (version, body) {
+            (Some(version), Some(body)) => Ok(Some(Versioned { version, body })),
+            (None, None) => Ok(None),
+            _ => Err(StoreError::Corrupt("signing keys: half a document".into())),
+        }
+    }
+
+    async fn save_signing_keys(&self, doc: &Versioned) -> Result<(), StoreError> {
+        let outcome: String = self
+            .signing_keys
+            .key(SIGNING_KEYS)
+            .arg(doc.version)
+            .arg(doc.body.as_slice())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match outcome.as_str() {
+            "ok" => Ok(()),
+            "version_conflict" => Err(StoreError::VersionConflict),
+            other => Err(StoreError::Corrupt(format!(
+                "signing keys script answered {other:?}"
+            ))),
+        }
+    }
 }
 
 #[async_trait]

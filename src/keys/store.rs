@@ -126,3 +126,22 @@ pub trait KeyStore: Send + Sync + 'static {
     /// can open (embedded) has none to report.
     fn watch(&self, _sink: std::sync::Arc<dyn ChangeSink>) {}
 }
+
+/// A small document stored whole, with the version it is at (1 for the first write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    pub version: u64,
+    pub body: Vec<u8>,
+}
+
+/// Where the fleet's assertion signing keys live (sealed under the master key by the caller:
+/// the store sees only ciphertext). One document, written compare-and-set, so two gateways
+/// creating or rotating the keyring at once cannot both win.
+#[async_trait]
+pub trait SigningKeyStore: Send + Sync + 'static {
+    /// The keyring document, `None` before the first write.
+    async fn load_signing_keys(&self) -> Result<Option<Versioned>, StoreError>;
+    /// Writes `doc.body` as `doc.version`; the stored document must be at `doc.version - 1`
+    /// (absent counts as 0), else `VersionConflict` and nothing changes.
+    async fn save_signing_keys(&self, doc: &Versioned) -> Result<(), StoreError>;
+}

@@ -28,6 +28,7 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::http::v1::common::is_expect_continue_req;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use sha2::Digest;
 
 use crate::auth::client_ip::AllowList;
 use crate::auth::{self, AuthError, Credentials, Policy, RequestParts};
@@ -38,6 +39,9 @@ use crate::keys::{ActiveKey, AuthKind};
 use crate::metrics::{status_class, Metrics, RouteMetrics};
 use crate::problem::{self, ErrorCode};
 pub use route::Router;
+
+/// Where verifiers fetch the assertion keys (`assertion.jwks_on_proxy`).
+const JWKS_PATH: &str = "/.well-known/jwks.json";
 
 /// How long an idle pooled upstream connection is kept: below the 5 s keep-alive default of
 /// Node.js servers, so keygate closes first and never writes into a connection being closed.
@@ -71,6 +75,10 @@ pub struct Gateway {
     usage: Arc<crate::usage::UsageTally>,
     /// With `store.nonce_fallback = "local"`: nonces seen while the store was unreachable.
     local_nonces: Option<moka::sync::Cache<String, ()>>,
+    /// Signs `x-keygate-assertion`.
+    asserter: Arc<crate::assertion::Asserter>,
+    /// `assertion.jwks_on_proxy`: answer `GET /.well-known/jwks.json` here too.
+    jwks_on_proxy: bool,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -88,6 +96,8 @@ pub struct Ctx {
     upstream_started: Option<Instant>,
     /// A self-service call (metrics label), answered by keygate itself.
     self_service: bool,
+    /// The `x-keygate-assertion` value, made once the request is verified.
+    assertion: Option<String>,
 }
 
 /// Request ids: a random per-process prefix and a counter, unique without a syscall.
@@ -128,6 +138,7 @@ impl Gateway {
         clock: Arc<dyn Clock>,
         lifecycle: Option<Arc<crate::lifecycle::Lifecycle>>,
         usage: Arc<crate::usage::UsageTally>,
+        asserter: Arc<crate::assertion::Asserter>,
     ) -> Self {
         let self_service_route = self_service::route();
         Self {
@@ -159,6 +170,8 @@ impl Gateway {
             lifecycle,
             self_service_route,
             usage,
+            asserter,
+            jwks_on_proxy: config.assertion.jwks_on_proxy,
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
                 || {
                     // Long enough for body nonces; memory is bounded by the outage's traffic.
@@ -483,6 +496,9 @@ impl Gateway {
             req.insert_header("x-keygate-scopes", key.scopes.clone())?;
             req.insert_header("x-keygate-environment", key.environment.as_str())?;
         }
+        if let Some(assertion) = &ctx.assertion {
+            req.insert_header(crate::assertion::HEADER, assertion.as_str())?;
+        }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(ip) = ctx.client_ip {
             let prior: Vec<&str> = req
@@ -579,6 +595,7 @@ impl ProxyHttp for Gateway {
             public_body_bytes: 0,
             upstream_started: None,
             self_service: false,
+            assertion: None,
         }
     }
 
@@ -604,6 +621,27 @@ impl ProxyHttp for Gateway {
                     .await;
             }
         };
+        if self.jwks_on_proxy
+            && req.uri.path() == JWKS_PATH
+            && matches!(req.method, http::Method::GET | http::Method::HEAD)
+        {
+            let doc = self.asserter.jwks(self.clock.now()).to_string();
+            let mut h = ResponseHeader::build(200, Some(4))?;
+            h.insert_header("content-type", "application/jwk-set+json")?;
+            h.insert_header("cache-control", "public, max-age=60")?;
+            h.insert_header("content-length", doc.len().to_string())?;
+            h.insert_header("x-request-id", ctx.request_id.as_str())?;
+            let head_only = req.method == http::Method::HEAD;
+            session
+                .write_response_header(Box::new(h), head_only)
+                .await?;
+            if !head_only {
+                session
+                    .write_response_body(Some(Bytes::from(doc)), true)
+                    .await?;
+            }
+            return Ok(true);
+        }
         let is_self_service = req
             .uri
             .path()
@@ -659,6 +697,34 @@ impl ProxyHttp for Gateway {
         else {
             return Ok(true);
         };
+        if let Some(up) = self
+            .upstream(route)
+            .filter(|u| !matches!(u.assertion, crate::assertion::Mode::Off))
+        {
+            let req = session.req_header();
+            let target = String::from_utf8_lossy(req.raw_path());
+            let body_sha256: [u8; 32] = sha2::Sha256::digest(&body).into();
+            let facts = crate::assertion::Facts {
+                key: &key,
+                request_id: &ctx.request_id,
+                method: req.method.as_str(),
+                target: &target,
+                body_sha256: &body_sha256,
+            };
+            match self
+                .asserter
+                .assert(&up.assertion, &up.name, &facts, self.clock.now())
+            {
+                Ok(assertion) => ctx.assertion = assertion,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot sign the upstream assertion");
+                    let detail = "the gateway cannot sign for the upstream yet; retry shortly";
+                    return self
+                        .refuse(session, ctx, ErrorCode::StoreUnavailable, detail)
+                        .await;
+                }
+            }
+        }
         ctx.key = Some(key);
         if session.as_downstream().retry_buffer_truncated() {
             // Too large for pingora to replay: send it ourselves, verified and whole.
