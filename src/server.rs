@@ -310,14 +310,17 @@ impl App {
             max_connections: connection_limit(cfg.server.max_connections),
             header_timeout: cfg.server.header_timeout,
             body_timeout: cfg.server.body_timeout,
+            h2c: cfg.server.h2c,
         };
+        let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = cfg.server.h2c;
+        // An h2 connection with no open stream is closed like an idle HTTP/1 keep-alive.
+        options.h2_idle_timeout = Some(cfg.server.header_timeout);
+        http.server_options = Some(options);
         let mut proxy = pingora::services::listening::Service::new(
             "keygate proxy".to_owned(),
-            Guarded::new(
-                pingora::proxy::http_proxy(&server.configuration, gateway),
-                limits,
-                metrics.clone(),
-            ),
+            Guarded::new(http, limits, metrics.clone()),
         );
         let certificate = cfg
             .server

@@ -54,6 +54,9 @@ pub(crate) struct ServerFile {
     pub(crate) tls: Option<TlsFile>,
     /// This gateway fleet's name: the `iss` of its assertions (default "keygate").
     pub(crate) name: Option<String>,
+    /// HTTP/2 without TLS (prior knowledge), for a plain listener behind a load balancer.
+    #[serde(default)]
+    pub(crate) h2c: bool,
 }
 
 /// `[server.tls]`.
@@ -62,6 +65,9 @@ pub(crate) struct ServerFile {
 pub(crate) struct TlsFile {
     pub(crate) cert_file: String,
     pub(crate) key_file: String,
+    /// SPEC §8 spells `h2c` here; accepted, with the same meaning as `server.h2c`.
+    #[serde(default)]
+    pub(crate) h2c: bool,
 }
 
 impl Default for ServerFile {
@@ -77,6 +83,7 @@ impl Default for ServerFile {
             max_connections: None,
             tls: None,
             name: None,
+            h2c: false,
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Client connections held at once; `None`: derived from the descriptor limit at start.
     pub max_connections: Option<usize>,
+    /// Accept HTTP/2 with prior knowledge on a plain listener (`server.h2c`).
+    pub h2c: bool,
     /// TLS on the proxy listener; `None`: plain HTTP (behind a load balancer).
     pub tls: Option<TlsConfig>,
 }
@@ -309,6 +311,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             .server
             .max_connections
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        h2c: f.server.h2c || f.server.tls.as_ref().is_some_and(|t| t.h2c),
         tls: f.server.tls.as_ref().map(|t| TlsConfig {
             cert_file: PathBuf::from(&t.cert_file),
             key_file: PathBuf::from(&t.key_file),

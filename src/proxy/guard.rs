@@ -7,16 +7,23 @@
 //! [`Deadline`] that the proxy's phases move as a request goes from head to body to upstream;
 //! a watchdog beside the connection drops it when the deadline passes. Moving the deadline is
 //! two atomic stores; the watchdog wakes only when a deadline may have passed.
+//!
+//! HTTP/2 runs each stream in a task of its own, outside the connection's task-local. An h2
+//! connection owes its first stream within `header_timeout` (its streams find the deadline in
+//! a registry by peer address); after that pingora's h2 idle timeout (set to `header_timeout`)
+//! closes it when no stream is open, and each stream's body is bounded by the proxy itself.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::protocols::Stream;
+use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 
 use crate::metrics::{ConnClosed, Metrics};
@@ -27,7 +34,38 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// HTTP/2 with prior knowledge is accepted on the plain listener (`server.h2c`).
+    pub h2c: bool,
 }
+
+/// Open HTTP/2 connections by peer address, for their streams (see the module docs).
+static H2_CONNECTIONS: LazyLock<Mutex<HashMap<SocketAddr, Arc<Deadline>>>> =
+    LazyLock::new(Mutex::default);
+
+/// Keeps an h2 connection in [`H2_CONNECTIONS`] while it lives.
+struct H2Registered(SocketAddr);
+
+impl H2Registered {
+    fn new(peer: SocketAddr, deadline: Arc<Deadline>) -> Self {
+        h2_connections().insert(peer, deadline);
+        Self(peer)
+    }
+}
+
+impl Drop for H2Registered {
+    fn drop(&mut self) {
+        h2_connections().remove(&self.0);
+    }
+}
+
+fn h2_connections() -> std::sync::MutexGuard<'static, HashMap<SocketAddr, Arc<Deadline>>> {
+    H2_CONNECTIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4), which an h2c client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 tokio::task_local! {
     /// The deadline of the connection this task serves (HTTP/1: one task per connection).
@@ -94,9 +132,23 @@ fn with_deadline(f: impl FnOnce(&Deadline)) {
     let _ = DEADLINE.try_with(|d| f(d));
 }
 
-/// The request head is in: the client now owes its body, within `server.body_timeout`.
-pub fn head_received() {
-    with_deadline(|d| d.set(Stage::Body, Some(d.limits.body_timeout)));
+/// The request head is in: the client now owes its body, within `server.body_timeout`. An
+/// HTTP/2 stream (from `peer`) instead frees its connection of the first-stream deadline.
+pub fn head_received(peer: Option<SocketAddr>) {
+    if DEADLINE
+        .try_with(|d| d.set(Stage::Body, Some(d.limits.body_timeout)))
+        .is_err()
+    {
+        if let Some(d) = peer.and_then(|p| h2_connections().get(&p).cloned()) {
+            d.set(Stage::Free, None);
+        }
+    }
+}
+
+/// Whether this task serves one HTTP/1 connection, whose deadlines the watchdog enforces;
+/// `false` for an HTTP/2 stream, whose body the caller must bound itself.
+pub fn deadlines_enforced() -> bool {
+    DEADLINE.try_with(|_| ()).is_ok()
 }
 
 /// The body is in (or there is none): nothing is owed until the response is sent.
@@ -178,10 +230,31 @@ where
             return None;
         }
         let deadline = Arc::new(Deadline::new(self.limits));
-        let served = DEADLINE.scope(
-            Arc::clone(&deadline),
-            self.inner.process_new(stream, shutdown),
-        );
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let served = async {
+            let mut stream = stream;
+            let h2 = match stream.selected_alpn_proto() {
+                Some(ALPN::H2) => true,
+                // pingora peeks the same way; a peek consumes nothing.
+                None if self.limits.h2c => {
+                    let mut buf = [0u8; H2_PREFACE.len()];
+                    stream.try_peek(&mut buf).await.unwrap_or(false) && buf == H2_PREFACE
+                }
+                _ => false,
+            };
+            let _registered = h2
+                .then_some(peer)
+                .flatten()
+                .map(|p| H2Registered::new(p, Arc::clone(&deadline)));
+            DEADLINE
+                .scope(
+                    Arc::clone(&deadline),
+                    self.inner.process_new(stream, shutdown),
+                )
+                .await
+        };
         tokio::select! {
             biased;
             reused = served => reused,
@@ -211,6 +284,7 @@ mod tests {
             max_connections: 1,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            h2c: false,
         }
     }
 
@@ -228,7 +302,7 @@ mod tests {
         let watched = Arc::clone(&d);
         let watchdog = tokio::spawn(async move { expired(&watched, Duration::from_secs(1)).await });
         tokio::time::sleep(Duration::from_secs(9)).await;
-        DEADLINE.sync_scope(Arc::clone(&d), head_received);
+        DEADLINE.sync_scope(Arc::clone(&d), || head_received(None));
         tokio::time::sleep(Duration::from_secs(20)).await;
         DEADLINE.sync_scope(Arc::clone(&d), body_received);
         // Nothing is owed while the upstream works, however long.

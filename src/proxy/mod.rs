@@ -271,16 +271,32 @@ impl Gateway {
             session.set_total_drain_timeout(Some(self.body_timeout));
         }
         write_problem(session, code, detail, &ctx.request_id).await?;
+        self.drain_h2_stream(session).await;
         Ok(true)
     }
 
-    /// 413 `body_too_large`; the body is not drained, so the connection closes after it.
+    /// 413 `body_too_large`; over HTTP/1 the body is not drained, so the connection closes
+    /// after it. An HTTP/2 stream is drained: only the stream ends, not the connection.
     async fn refuse_too_large(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.outcome = Some(ErrorCode::BodyTooLarge);
         session.set_keepalive(None);
         let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
         write_problem(session, ErrorCode::BodyTooLarge, &detail, &ctx.request_id).await?;
+        self.drain_h2_stream(session).await;
         Ok(true)
+    }
+
+    /// After an answer sent before an HTTP/2 request body was read: reads and discards the
+    /// rest (bounded by `server.body_timeout`), so the client sees the stream end cleanly
+    /// rather than reset while it is still sending, and reads the answer.
+    async fn drain_h2_stream(&self, session: &mut Session) {
+        if !session.as_downstream().is_http2() || session.is_body_done() {
+            return;
+        }
+        session.set_total_drain_timeout(Some(self.body_timeout));
+        if let Err(e) = session.as_downstream_mut().drain_request_body().await {
+            tracing::debug!(error = %e, "h2 request body not drained");
+        }
     }
 
     /// Reads the whole body; `Ok(None)` once it passes `max_body_bytes`. A malformed body
@@ -291,30 +307,47 @@ impl Gateway {
             session.write_continue_response().await?;
             ctx.answered_expect = true;
         }
-        let mut first: Option<Bytes> = None;
-        let mut rest = BytesMut::new();
-        let mut total = 0usize;
-        while let Some(chunk) = session.read_request_body().await.map_err(|mut e| {
-            e.as_down();
-            e
-        })? {
-            total += chunk.len();
-            if total > self.max_body_bytes {
-                return Ok(None);
-            }
-            // The common case is one chunk: keep it without copying.
-            match &first {
-                None if rest.is_empty() => first = Some(chunk),
-                _ => {
-                    if let Some(f) = first.take() {
-                        rest.extend_from_slice(&f);
+        let max = self.max_body_bytes;
+        let read = async {
+            let mut first: Option<Bytes> = None;
+            let mut rest = BytesMut::new();
+            let mut total = 0usize;
+            while let Some(chunk) = session.read_request_body().await.map_err(|mut e| {
+                e.as_down();
+                e
+            })? {
+                total += chunk.len();
+                if total > max {
+                    return Ok(None);
+                }
+                // The common case is one chunk: keep it without copying.
+                match &first {
+                    None if rest.is_empty() => first = Some(chunk),
+                    _ => {
+                        if let Some(f) = first.take() {
+                            rest.extend_from_slice(&f);
+                        }
+                        rest.extend_from_slice(&chunk);
                     }
-                    rest.extend_from_slice(&chunk);
                 }
             }
-        }
+            Ok::<_, Box<Error>>(Some(first.unwrap_or_else(|| rest.freeze())))
+        };
+        let body = if guard::deadlines_enforced() {
+            read.await?
+        } else {
+            // An HTTP/2 stream: no connection watchdog covers it, so bound it here.
+            match tokio::time::timeout(self.body_timeout, read).await {
+                Ok(body) => body?,
+                Err(_) => {
+                    let mut e = Error::explain(ErrorType::ReadTimedout, "server.body_timeout");
+                    e.as_down();
+                    return Err(e);
+                }
+            }
+        };
         guard::body_received();
-        Ok(Some(first.unwrap_or_else(|| rest.freeze())))
+        Ok(body)
     }
 
     /// Steps 3–10 of SPEC §3.4 for a matched, non-public route: 3–7 on the headers, then the
@@ -601,7 +634,7 @@ impl ProxyHttp for Gateway {
 
     /// Routes, bounds and reads the body, authenticates; answers refusals itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        guard::head_received();
+        guard::head_received(session.client_addr().and_then(|a| a.as_inet()).copied());
         let req = session.req_header();
         ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
         // Before routing: a path an upstream could read as another route, or a length two

@@ -78,11 +78,11 @@ impl Certificate {
         Ok(())
     }
 
-    /// pingora's listener settings: this certificate, HTTP/1.1 by ALPN.
+    /// pingora's listener settings: this certificate; ALPN offers `h2` and `http/1.1`.
     pub fn settings(self: &Arc<Self>) -> pingora::Result<TlsSettings> {
         let mut settings = TlsSettings::intermediate("", "")?;
         settings.set_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
-        settings.set_alpn(ALPN::H1);
+        settings.set_alpn(ALPN::H2H1);
         Ok(settings)
     }
 }

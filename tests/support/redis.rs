@@ -33,10 +33,18 @@ impl TlsFiles {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // A subject of its own: with rcgen's default for both, OpenSSL clients (curl) take the
+        // leaf for a self-signed certificate.
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "keygate test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
-        let params =
+        let mut params =
             CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         let files = Self {
             ca: dir.join("ca.pem"),

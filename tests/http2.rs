@@ -1,0 +1,341 @@
+//! HTTP/2 through the real binary, with a real h2 client (curl, built on nghttp2): over TLS by
+//! ALPN, and h2c with prior knowledge when `server.h2c` is on. Same verification, same body
+//! rule, same errors as HTTP/1.1; a stream whose body stalls is cut at `server.body_timeout`
+//! while the connection's other streams go on.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use support::redis::TlsFiles;
+use support::{now, Echo, Gateway, Key, Options};
+
+/// One curl exchange: the HTTP version used, the status and the body.
+#[derive(Debug)]
+struct Reply {
+    version: String,
+    status: u16,
+    body: String,
+    /// curl's own complaint, if any: read only in failure messages (`Debug`).
+    #[allow(dead_code)]
+    error: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The contract's problem+json with `code`, over HTTP/2.
+    fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.version.as_str(), self.status),
+            ("2", status),
+            "{self:?}"
+        );
+        assert_eq!(self.json()["code"], code, "{self:?}");
+    }
+}
+
+/// Runs curl with `flags` (protocol and trust) on `url`.
+async fn curl(
+    flags: &[String],
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Reply {
+    let dir = tempfile::tempdir().unwrap();
+    let (body_file, out_file) = (dir.path().join("body"), dir.path().join("out"));
+    std::fs::write(&body_file, body).unwrap();
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "-X",
+        method,
+        "-w",
+        "%{http_version} %{http_code}",
+        "-o",
+    ])
+    .arg(&out_file)
+    .args(flags);
+    if !body.is_empty() {
+        cmd.arg("--data-binary")
+            .arg(format!("@{}", body_file.display()));
+        cmd.args(["-H", "content-type: application/json"]);
+    }
+    for (k, v) in headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    cmd.arg(url);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("curl is needed: apt-get install -y curl");
+    let written = String::from_utf8_lossy(&out.stdout).to_string();
+    let (version, status) = written.split_once(' ').unwrap_or(("", "0"));
+    Reply {
+        version: version.to_owned(),
+        status: status.parse().unwrap_or(0),
+        body: std::fs::read_to_string(&out_file).unwrap_or_default(),
+        error: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+fn signed(key: &Key, method: &str, target: &str, body: &[u8]) -> Vec<(String, String)> {
+    support::v1_headers(
+        key,
+        method,
+        target,
+        body,
+        now(),
+        &uuid::Uuid::new_v4().to_string(),
+    )
+}
+
+/// The contract, checked over one protocol: a signed request passes with the caller's
+/// identity and assertion; unsigned, badly signed, replayed, oversized and unrouted requests
+/// get the same problem+json as over HTTP/1.1.
+async fn the_contract_holds(echo: &Echo, gw: &Gateway, flags: &[String], base: &str) {
+    let key = gw.mint(json!({})).await;
+    let body = br#"{"amount":"10.00"}"#;
+    echo.clear();
+    let headers = signed(&key, "POST", "/v1/payments", body);
+    let ok = curl(
+        flags,
+        "POST",
+        &format!("{base}/v1/payments"),
+        &headers,
+        body,
+    )
+    .await;
+    assert_eq!((ok.version.as_str(), ok.status), ("2", 200), "{ok:?}");
+    let seen = echo.seen().pop().unwrap();
+    assert_eq!(&seen.body[..], body);
+    assert_eq!(seen.headers["x-keygate-key-id"], key.id.as_str());
+    assert!(seen.headers.contains_key("x-keygate-assertion"));
+    // The same headers again: the nonce is spent.
+    curl(
+        flags,
+        "POST",
+        &format!("{base}/v1/payments"),
+        &headers,
+        body,
+    )
+    .await
+    .assert_problem(401, "replayed_nonce");
+    curl(flags, "POST", &format!("{base}/v1/payments"), &[], body)
+        .await
+        .assert_problem(401, "missing_credentials");
+    let mut bad = signed(&key, "POST", "/v1/payments", body);
+    for (k, v) in &mut bad {
+        if k == "x-api-signature" {
+            *v = "00".repeat(32);
+        }
+    }
+    curl(flags, "POST", &format!("{base}/v1/payments"), &bad, body)
+        .await
+        .assert_problem(401, "bad_signature");
+    // The body rule: the signature covers the exact bytes sent.
+    let other = signed(&key, "POST", "/v1/payments", b"{}");
+    curl(flags, "POST", &format!("{base}/v1/payments"), &other, body)
+        .await
+        .assert_problem(401, "bad_signature");
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let h = signed(&key, "POST", "/v1/payments", &big);
+    curl(flags, "POST", &format!("{base}/v1/payments"), &h, &big)
+        .await
+        .assert_problem(413, "body_too_large");
+    curl(flags, "GET", &format!("{base}/nowhere"), &[], b"")
+        .await
+        .assert_problem(404, "no_route");
+    assert_eq!(
+        echo.count(),
+        1,
+        "only the good request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_over_tls_by_alpn_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.server_extra = format!(
+        "\n[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        files.cert.display().to_string(),
+        files.key.display().to_string()
+    );
+    let gw = Gateway::start(opts).await;
+    let ca = files.ca.display().to_string();
+    let base = format!("https://localhost:{}", gw.proxy.port());
+    let resolve = format!("localhost:{}:127.0.0.1", gw.proxy.port());
+    let h2: Vec<String> = ["--http2", "--cacert", &ca, "--resolve", &resolve]
+        .map(String::from)
+        .to_vec();
+    the_contract_holds(&echo, &gw, &h2, &base).await;
+    // HTTP/1.1 on the same listener still works.
+    let h1: Vec<String> = ["--http1.1", "--cacert", &ca, "--resolve", &resolve]
+        .map(String::from)
+        .to_vec();
+    let r = curl(&h1, "GET", &format!("{base}/public/x"), &[], b"").await;
+    assert_eq!((r.version.as_str(), r.status), ("1.1", 200), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_prior_knowledge_only_when_enabled() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.server_extra = "h2c = true".into();
+    let gw = Gateway::start(opts).await;
+    let base = format!("http://{}", gw.proxy);
+    let h2c = vec!["--http2-prior-knowledge".to_owned()];
+    the_contract_holds(&echo, &gw, &h2c, &base).await;
+    let r = curl(
+        &["--http1.1".into()],
+        "GET",
+        &format!("{base}/public/x"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!((r.version.as_str(), r.status), ("1.1", 200), "{r:?}");
+
+    // Without server.h2c, the h2 preface is not HTTP/1.1 either: no answer is a 200.
+    let plain = Gateway::start(Options::new(&echo)).await;
+    let r = curl(
+        &h2c,
+        "GET",
+        &format!("http://{}/public/x", plain.proxy),
+        &[],
+        b"",
+    )
+    .await;
+    assert_ne!(r.status, 200, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_h2_body_is_cut_at_body_timeout_and_other_streams_go_on() {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.server_extra = "h2c = true\nbody_timeout = \"1s\"\nheader_timeout = \"1s\"".into();
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+
+    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+
+    // Announces 100 bytes, sends 10, then nothing.
+    let body = vec![b'x'; 100];
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(&[b'x'; 10]))))
+        .await
+        .unwrap();
+    let mut stalled = http::Request::post(format!("http://{}/v1/payments", gw.proxy))
+        .header("content-length", "100")
+        .body(StreamBody::new(tokio_stream_from(rx)).boxed())
+        .unwrap();
+    for (k, v) in signed(&key, "POST", "/v1/payments", &body) {
+        stalled.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let started = Instant::now();
+    let stalled = tokio::spawn(sender.send_request(stalled));
+
+    // Meanwhile another stream on the same connection is served.
+    let (mut sender2, ok_body) = (sender.clone(), br#"{"amount":"1.00"}"#);
+    let mut ok = http::Request::post(format!("http://{}/v1/payments", gw.proxy))
+        .body(
+            Full::new(Bytes::from_static(ok_body))
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+        .unwrap();
+    for (k, v) in signed(&key, "POST", "/v1/payments", ok_body) {
+        ok.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let resp = sender2.send_request(ok).await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let outcome = tokio::time::timeout(Duration::from_secs(10), stalled)
+        .await
+        .expect("the stalled stream was never cut")
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        outcome.is_err() || outcome.as_ref().is_ok_and(|r| r.status() != 200),
+        "{outcome:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "cut too early: {waited:?}"
+    );
+    drop(tx);
+    assert_eq!(
+        echo.count(),
+        1,
+        "the stalled request never reached the upstream"
+    );
+
+    // A connection in use outlives header_timeout (1 s): requests for 2.5 s all pass.
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut served = 0;
+    while Instant::now() < until {
+        let mut req = http::Request::get(format!("http://{}/v1/payments/p1", gw.proxy))
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap();
+        for (k, v) in signed(&key, "GET", "/v1/payments/p1", b"") {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(served >= 10, "{served}");
+
+    // A client that opens h2 and never sends a request is closed after header_timeout.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut idle = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let opened = Instant::now();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "an idle h2 connection was kept open");
+    let lived = opened.elapsed();
+    assert!(
+        lived >= Duration::from_millis(900) && lived < Duration::from_secs(5),
+        "{lived:?}"
+    );
+}
+
+/// A stream of the channel's items, for a streaming request body.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
