@@ -58,6 +58,7 @@ fn key_record(auth: AuthKind) -> (keygate::keys::KeyRecord, MasterKey) {
         environment: Environment::Test,
         auth,
         metadata: BTreeMap::new(),
+        tls_client_cert_sha256: None,
     };
     let record = build_record(
         &mk,
@@ -115,6 +116,7 @@ fn bench_verify(c: &mut Criterion) {
                     target: "/v1/payments",
                     body,
                     client_ip: ip,
+                    client_cert: None,
                 };
                 black_box(check_key(&v1, &creds, &req, AuthKinds::ALL, now, &POLICY).unwrap());
             });
@@ -142,6 +144,7 @@ fn bench_verify(c: &mut Criterion) {
                 target: "/v1/payments",
                 body: &body,
                 client_ip: ip,
+                client_cert: None,
             };
             black_box(check_key(&hb, &creds, &req, AuthKinds::ALL, now, &POLICY).unwrap());
         });
@@ -157,6 +160,7 @@ fn bench_verify(c: &mut Criterion) {
                 target: "/v1/payments",
                 body: b"",
                 client_ip: ip,
+                client_cert: None,
             };
             black_box(check_key(&bearer, &creds, &req, AuthKinds::ALL, now, &POLICY).unwrap());
         });

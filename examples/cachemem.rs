@@ -71,6 +71,7 @@ impl KeyStore for Synthetic {
             environment: Environment::Live,
             auth: AuthKind::HmacV1,
             metadata: BTreeMap::new(),
+            tls_client_cert_sha256: None,
         };
         let secret = SecretString::new(format!("sk_live_{}", "s".repeat(43)));
         Ok(Some(build_record(

@@ -291,6 +291,7 @@ mod tests {
             environment: Environment::Test,
             auth: AuthKind::HmacV1,
             metadata: Default::default(),
+            tls_client_cert_sha256: None,
         }
     }
 

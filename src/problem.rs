@@ -31,6 +31,7 @@ error_codes! {
     RevokedKey,
     ExpiredKey,
     IpNotAllowed,
+    ClientCertRequired,
     StaleTimestamp,
     BadSignature,
     MissingNonce,
@@ -66,6 +67,11 @@ impl ErrorCode {
                 403,
                 "ip_not_allowed",
                 "Client address is not allowed for this key",
+            ),
+            ClientCertRequired => (
+                401,
+                "client_cert_required",
+                "This key needs the TLS client certificate it is bound to",
             ),
             StaleTimestamp => (
                 401,

@@ -87,6 +87,7 @@ fn new_key(owner: &str, auth: AuthKind) -> NewKey {
         environment: Environment::Live,
         auth,
         metadata: BTreeMap::new(),
+        tls_client_cert_sha256: None,
     }
 }
 

@@ -30,6 +30,7 @@ fn new_key(auth: AuthKind) -> NewKey {
         environment: Environment::Test,
         auth,
         metadata: BTreeMap::new(),
+        tls_client_cert_sha256: None,
     }
 }
 

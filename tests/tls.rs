@@ -52,6 +52,21 @@ async fn over_tls(
     addr: SocketAddr,
     request: &str,
 ) -> Result<(u16, Vec<u8>), String> {
+    let (text, leaf) = exchange_tls(cfg, addr, request).await?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no response: {text:?}"))?;
+    Ok((status, leaf))
+}
+
+/// One request on a fresh TLS connection; the whole answer and the leaf the server showed.
+async fn exchange_tls(
+    cfg: &Arc<ClientConfig>,
+    addr: SocketAddr,
+    request: &str,
+) -> Result<(String, Vec<u8>), String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -72,14 +87,13 @@ async fn over_tls(
         .await
         .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no response: {text:?}"))?;
-    Ok((status, leaf))
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    if let Ok(Err(e)) = read {
+        if out.is_empty() {
+            return Err(e.to_string());
+        }
+    }
+    Ok((String::from_utf8_lossy(&out).into_owned(), leaf))
 }
 
 /// The leaf certificate a fresh handshake gets now.
@@ -477,4 +491,175 @@ async fn an_upstream_that_requires_client_certificates_gets_keygates() {
     let (_gw, r) = balance_via(&echo, bank.addr, &tls_lines).await;
     assert_eq!(r.status(), 200);
     assert_eq!(bank.seen.lock().unwrap().len(), 1);
+}
+
+/// A CA and client certificates it issued, with their keys, for mTLS tests.
+struct ClientPki {
+    ca_file: std::path::PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl ClientPki {
+    fn new(dir: &Path, name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let ca = params.self_signed(&ca_key).unwrap();
+        let ca_file = dir.join(format!("{name}.pem"));
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        Self {
+            ca_file,
+            ca,
+            ca_key,
+        }
+    }
+
+    /// A client certificate: (DER chain, key DER, SHA-256 of the leaf).
+    fn client(
+        &self,
+        cn: &str,
+    ) -> (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+        [u8; 32],
+    ) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let der = cert.der().clone();
+        let digest: [u8; 32] = ring_sha256(der.as_ref());
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (vec![der], key_der, digest)
+    }
+}
+
+fn ring_sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// A client trusting `server_ca` and presenting `cert` (if any).
+fn mtls_client(
+    server_ca: &Path,
+    cert: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(server_ca).unwrap())
+        .unwrap();
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    Arc::new(match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// The `code` of a problem+json answer, or "ok" for a 200.
+fn outcome(text: &str) -> String {
+    if text.starts_with("HTTP/1.1 200") {
+        return "ok".into();
+    }
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("unparsed: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_bound_to_a_client_certificate_needs_that_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let clients = ClientPki::new(dir.path(), "partner-ca");
+    let strangers = ClientPki::new(dir.path(), "other-ca");
+    let echo = Echo::start().await;
+    let mut opts = tls_options(&echo, &files);
+    opts.server_extra.push_str(&format!(
+        "client_ca_file = {:?}\n",
+        clients.ca_file.display().to_string()
+    ));
+    let gw = Gateway::start(opts).await;
+
+    let (chain_a, key_a, sha_a) = clients.client("acme-prod");
+    let (chain_b, key_b, _) = clients.client("acme-other");
+    let (chain_c, key_c, _) = strangers.client("mallory");
+    // As `openssl x509 -fingerprint -sha256` prints it: upper case with colons.
+    let printed: Vec<String> = sha_a.iter().map(|b| format!("{b:02X}")).collect();
+    let bound = gw
+        .mint(json!({"tls_client_cert_sha256": printed.join(":")}))
+        .await;
+    assert_eq!(bound.record["tls_client_cert_sha256"], hex::encode(sha_a));
+    let free = gw.mint(json!({})).await;
+
+    let with_a = mtls_client(&files.ca, Some((chain_a, key_a)));
+    let with_b = mtls_client(&files.ca, Some((chain_b, key_b)));
+    let without = mtls_client(&files.ca, None);
+    let send = |cfg: &Arc<ClientConfig>, key: &Key| {
+        let cfg = Arc::clone(cfg);
+        let req = signed_get(key, "/v1/payments/p1");
+        let addr = gw.proxy;
+        async move { outcome(&exchange_tls(&cfg, addr, &req).await.unwrap().0) }
+    };
+    assert_eq!(send(&with_a, &bound).await, "ok");
+    assert_eq!(send(&with_b, &bound).await, "client_cert_required");
+    assert_eq!(send(&without, &bound).await, "client_cert_required");
+    // Keys without a binding work with or without a certificate.
+    assert_eq!(send(&without, &free).await, "ok");
+    assert_eq!(send(&with_b, &free).await, "ok");
+    assert_eq!(echo.count(), 3);
+    // A certificate from a CA the gateway does not trust fails the handshake.
+    let with_c = mtls_client(&files.ca, Some((chain_c, key_c)));
+    let req = signed_get(&free, "/v1/payments/p1");
+    let refused = exchange_tls(&with_c, gw.proxy, &req).await;
+    assert!(
+        refused.as_ref().map_or(true, |(text, _)| text.is_empty()),
+        "{refused:?}"
+    );
+    assert_eq!(echo.count(), 3);
+
+    // Unbinding (PATCH null) lets the key in without a certificate.
+    let r = gw
+        .http
+        .patch(gw.admin_url(&format!("/v1/keys/{}", bound.id)))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .json(&json!({"tls_client_cert_sha256": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while send(&without, &bound).await != "ok" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unbinding never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A malformed fingerprint is a validation error naming the field.
+    let r = gw
+        .http
+        .post(gw.admin_url("/v1/keys"))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .json(&json!({"owner": "acme", "name": "x", "tls_client_cert_sha256": "abc"}))
+        .send()
+        .await
+        .unwrap();
+    let body = support::assert_problem(r, 422, "validation_failed").await;
+    assert!(
+        body["errors"]["tls_client_cert_sha256"].is_string(),
+        "{body}"
+    );
 }

@@ -56,6 +56,10 @@ pub enum AuthError {
     Expired,
     #[error("client address {0} is not in this key's allow-list")]
     IpNotAllowed(IpAddr),
+    #[error(
+        "this key is bound to a TLS client certificate, which this connection did not present"
+    )]
+    ClientCertRequired,
     #[error("x-api-timestamp is more than {0} s away from the gateway's clock")]
     StaleTimestamp(u64),
     #[error("the signature does not match the request")]
@@ -80,6 +84,7 @@ impl AuthError {
             Self::Revoked => ErrorCode::RevokedKey,
             Self::Expired => ErrorCode::ExpiredKey,
             Self::IpNotAllowed(_) => ErrorCode::IpNotAllowed,
+            Self::ClientCertRequired => ErrorCode::ClientCertRequired,
             Self::StaleTimestamp(_) => ErrorCode::StaleTimestamp,
             Self::BadSignature => ErrorCode::BadSignature,
             Self::MissingNonce(_) => ErrorCode::MissingNonce,
@@ -222,6 +227,8 @@ pub struct RequestParts<'a> {
     pub target: &'a str,
     pub body: &'a [u8],
     pub client_ip: IpAddr,
+    /// SHA-256 of the verified TLS client certificate the connection presented, if any.
+    pub client_cert: Option<&'a [u8]>,
 }
 
 /// Time windows from `[signing]`.
@@ -271,6 +278,7 @@ pub fn check_head(
     key: &ActiveKey,
     creds: &Credentials<'_>,
     client_ip: IpAddr,
+    client_cert: Option<&[u8]>,
     accepted: AuthKinds,
     now: OffsetDateTime,
     policy: &Policy,
@@ -310,6 +318,12 @@ pub fn check_head(
     // Step 6.
     if !key.allow.is_empty() && !key.allow.contains(client_ip) {
         return Err(AuthError::IpNotAllowed(client_ip.to_canonical()));
+    }
+    // Step 6½ (SPEC §8): a key bound to a client certificate needs that certificate.
+    if let Some(bound) = &key.client_cert_sha256 {
+        if !client_cert.is_some_and(|presented| ct_eq(presented, bound)) {
+            return Err(AuthError::ClientCertRequired);
+        }
     }
     // Step 7.
     if let Some(t) = timestamp {
@@ -390,7 +404,15 @@ pub fn check_key<'a>(
     now: OffsetDateTime,
     policy: &Policy,
 ) -> Result<Option<NonceClaim<'a>>, AuthError> {
-    check_head(key, creds, req.client_ip, accepted, now, policy)?;
+    check_head(
+        key,
+        creds,
+        req.client_ip,
+        req.client_cert,
+        accepted,
+        now,
+        policy,
+    )?;
     check_signature(key, creds, req, now, policy)
 }
 

@@ -118,6 +118,7 @@ fn fixture(auth: AuthKind, edit: impl FnOnce(&mut NewKey)) -> Fixture {
         environment: Environment::Test,
         auth,
         metadata: BTreeMap::new(),
+        tls_client_cert_sha256: None,
     };
     edit(&mut new);
     let secret = SecretString::new("sk_test_4eC39HqLyjWDarjtT1zdp7dc4eC39HqLyjWDarjtT1z".into());
@@ -172,6 +173,7 @@ fn req<'a>(body: &'a [u8], client: &str) -> RequestParts<'a> {
         target: "/v1/payments",
         body,
         client_ip: ip(client),
+        client_cert: None,
     }
 }
 
@@ -440,6 +442,7 @@ fn rotated(auth: AuthKind, grace_secs: i64) -> (Fixture, SecretString, SecretStr
         environment: Environment::Test,
         auth,
         metadata: BTreeMap::new(),
+        tls_client_cert_sha256: None,
     };
     let mut record = build_record(
         &mk,
@@ -537,6 +540,7 @@ fn a_second_rotation_ends_the_first_grace() {
         environment: Environment::Test,
         auth: AuthKind::HmacV1,
         metadata: BTreeMap::new(),
+        tls_client_cert_sha256: None,
     };
     let mut record = build_record(
         &mk,

@@ -142,6 +142,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
         environment: Environment::Test,
         auth: AuthKind::HmacV1,
         metadata: BTreeMap::new(),
+        tls_client_cert_sha256: None,
     };
     let (record, secret) = mint(&master, new, clock.now());
     tokio::runtime::Builder::new_current_thread()

@@ -27,6 +27,7 @@ pub struct KeyFields {
     pub auth: Option<String>,
     /// `key=value` pairs.
     pub metadata: Vec<String>,
+    pub tls_client_cert_sha256: Option<String>,
 }
 
 /// One `keys` subcommand.
@@ -53,6 +54,7 @@ pub enum KeysCommand {
         fields: KeyFields,
         clear_description: bool,
         clear_expires_at: bool,
+        clear_tls_client_cert: bool,
     },
     Rotate {
         id: String,
@@ -117,6 +119,7 @@ fn fields_json(f: &KeyFields) -> Result<Map<String, Value>, KeysError> {
     put("expires_at", f.expires_at.as_ref());
     put("environment", f.environment.as_ref());
     put("auth", f.auth.as_ref());
+    put("tls_client_cert_sha256", f.tls_client_cert_sha256.as_ref());
     if !f.scopes.is_empty() {
         m.insert("scopes".into(), json!(f.scopes));
     }
@@ -195,6 +198,7 @@ pub async fn run(
             fields,
             clear_description,
             clear_expires_at,
+            clear_tls_client_cert,
         } => {
             if fields.owner.is_some() || fields.environment.is_some() || fields.auth.is_some() {
                 return Err(KeysError::Usage(
@@ -207,6 +211,9 @@ pub async fn run(
             }
             if *clear_expires_at {
                 m.insert("expires_at".into(), Value::Null);
+            }
+            if *clear_tls_client_cert {
+                m.insert("tls_client_cert_sha256".into(), Value::Null);
             }
             if m.is_empty() {
                 return Err(KeysError::Usage(

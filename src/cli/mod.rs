@@ -140,6 +140,9 @@ pub struct FieldArgs {
     /// key=value; repeat for several.
     #[arg(long = "metadata")]
     metadata: Vec<String>,
+    /// Bind the key to a TLS client certificate: its SHA-256 fingerprint (hex, colons allowed).
+    #[arg(long)]
+    tls_client_cert_sha256: Option<String>,
 }
 
 impl From<FieldArgs> for KeyFields {
@@ -154,6 +157,7 @@ impl From<FieldArgs> for KeyFields {
             environment: a.environment,
             auth: a.auth,
             metadata: a.metadata,
+            tls_client_cert_sha256: a.tls_client_cert_sha256,
         }
     }
 }
@@ -197,6 +201,9 @@ pub enum KeysCmd {
         clear_description: bool,
         #[arg(long)]
         clear_expires_at: bool,
+        /// Unbind the key from its TLS client certificate.
+        #[arg(long)]
+        clear_tls_client_cert: bool,
     },
     /// Give a key a new secret; the old one keeps working for --grace-seconds.
     Rotate {
@@ -242,11 +249,13 @@ impl From<KeysCmd> for KeysCommand {
                 fields,
                 clear_description,
                 clear_expires_at,
+                clear_tls_client_cert,
             } => Self::Update {
                 id,
                 fields: fields.into(),
                 clear_description,
                 clear_expires_at,
+                clear_tls_client_cert,
             },
             KeysCmd::Rotate { id, grace_seconds } => Self::Rotate { id, grace_seconds },
             KeysCmd::Revoke { id } => Self::Revoke { id },

@@ -65,6 +65,8 @@ pub(crate) struct ServerFile {
 pub(crate) struct TlsFile {
     pub(crate) cert_file: String,
     pub(crate) key_file: String,
+    /// PEM CA certificates: ask clients for a certificate and verify it against these.
+    pub(crate) client_ca_file: Option<String>,
     /// SPEC §8 spells `h2c` here; accepted, with the same meaning as `server.h2c`.
     #[serde(default)]
     pub(crate) h2c: bool,

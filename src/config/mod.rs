@@ -54,6 +54,8 @@ pub struct ServerConfig {
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Client certificates are requested (optional) and verified against these CAs.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +317,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         tls: f.server.tls.as_ref().map(|t| TlsConfig {
             cert_file: PathBuf::from(&t.cert_file),
             key_file: PathBuf::from(&t.key_file),
+            client_ca_file: t.client_ca_file.as_ref().map(PathBuf::from),
         }),
     };
     if let Some(tls) = &server.tls {

@@ -57,6 +57,8 @@ pub struct NewKey {
     pub environment: Environment,
     pub auth: AuthKind,
     pub metadata: BTreeMap<String, String>,
+    /// Lowercase hex SHA-256 of the client certificate (DER) requests must come with.
+    pub tls_client_cert_sha256: Option<String>,
 }
 
 /// Builds a record with fresh id, public key and secret. The secret is returned once, for the
@@ -96,6 +98,7 @@ pub fn build_record(
         environment: new.environment,
         auth: new.auth,
         metadata: new.metadata,
+        tls_client_cert_sha256: new.tls_client_cert_sha256,
         created_at: now,
         updated_at: now,
         revoked_at: None,
@@ -164,6 +167,8 @@ pub struct ActiveKey {
     pub bearer_hash: Option<[u8; 32]>,
     /// The rotated-out secret or hash and the end of its grace, if a grace may still run.
     pub previous: Option<Box<PreviousActive>>,
+    /// SHA-256 of the client certificate the key is bound to (`tls_client_cert_sha256`).
+    pub client_cert_sha256: Option<[u8; 32]>,
     /// The record's `ip_allow_list` as ranges.
     pub allow: AllowList,
 }
@@ -175,6 +180,8 @@ pub enum ActivateError {
     Seal(#[from] secret::SecretError),
     #[error("the record's {0} cannot be sent in a header")]
     Header(&'static str),
+    #[error("the record's {0} is malformed")]
+    Malformed(&'static str),
 }
 
 /// The previous credential of a key in its rotation grace, ready for verification.
@@ -236,6 +243,15 @@ impl ActiveKey {
             bearer_hash: record.bearer_hash(),
             previous,
             allow: AllowList::new(&record.ip_allow_list),
+            client_cert_sha256: match &record.tls_client_cert_sha256 {
+                None => None,
+                Some(h) => {
+                    let mut out = [0u8; 32];
+                    hex::decode_to_slice(h, &mut out)
+                        .map_err(|_| ActivateError::Malformed("tls_client_cert_sha256"))?;
+                    Some(out)
+                }
+            },
         })
     }
 

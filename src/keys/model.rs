@@ -115,6 +115,10 @@ pub struct KeyRecord {
     /// it minted.
     #[serde(default)]
     pub created_by: Option<String>,
+    /// Requests with this key must come over a TLS connection whose verified client
+    /// certificate has this SHA-256 (lowercase hex of the DER), else `client_cert_required`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_cert_sha256: Option<String>,
 }
 
 /// A rotated-out credential and the end of its grace period.

@@ -36,6 +36,7 @@ struct CreateKeyBody {
     environment: Option<String>,
     auth: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
+    tls_client_cert_sha256: Option<String>,
 }
 
 /// `POST /v1/keys/import`: the create fields plus the pair from the other system.
@@ -53,6 +54,7 @@ struct ImportKeyBody {
     environment: Option<String>,
     auth: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
+    tls_client_cert_sha256: Option<String>,
 }
 
 /// `PATCH /v1/keys/{id}`: only these fields; `null` clears `description` and `expires_at`.
@@ -67,6 +69,8 @@ struct PatchKeyBody {
     #[serde(default, deserialize_with = "present")]
     expires_at: Option<Option<String>>,
     metadata: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
+    tls_client_cert_sha256: Option<Option<String>>,
 }
 
 /// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -177,6 +181,25 @@ impl Checks {
         scopes
     }
 
+    /// A SHA-256 fingerprint: 64 hex digits, optionally in `AA:BB:…` pairs as `openssl x509
+    /// -fingerprint -sha256` prints it; stored as plain lowercase hex.
+    fn client_cert_sha256(&mut self, raw: Option<String>) -> Option<String> {
+        let raw = raw?;
+        let plain: String = raw
+            .chars()
+            .filter(|c| *c != ':')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        if plain.len() != 64 || !plain.bytes().all(|b| b.is_ascii_hexdigit()) {
+            self.err(
+                "tls_client_cert_sha256",
+                "must be the SHA-256 of a certificate: 64 hex digits (colons allowed)",
+            );
+            return None;
+        }
+        Some(plain)
+    }
+
     fn ip_allow_list(&mut self, raw: Option<Vec<String>>) -> Vec<IpNet> {
         let raw = raw.unwrap_or_default();
         if raw.len() > MAX_ALLOW_LIST {
@@ -266,6 +289,7 @@ pub struct Defaults {
     pub environment: Environment,
     pub ip_allow_list: Vec<IpNet>,
     pub expires_at: Option<OffsetDateTime>,
+    pub tls_client_cert_sha256: Option<String>,
 }
 
 impl Default for Defaults {
@@ -275,6 +299,7 @@ impl Default for Defaults {
             environment: Environment::Test,
             ip_allow_list: Vec::new(),
             expires_at: None,
+            tls_client_cert_sha256: None,
         }
     }
 }
@@ -299,6 +324,10 @@ pub fn create_body(body: &[u8], now: OffsetDateTime, defaults: &Defaults) -> Res
         environment: c.environment(b.environment.as_deref(), defaults.environment),
         auth: c.auth(b.auth.as_deref()),
         metadata: c.metadata(b.metadata),
+        tls_client_cert_sha256: match b.tls_client_cert_sha256 {
+            Some(raw) => c.client_cert_sha256(Some(raw)),
+            None => defaults.tls_client_cert_sha256.clone(),
+        },
     };
     c.finish().map(|()| new)
 }
@@ -343,6 +372,7 @@ pub fn import_body(
         environment: c.environment(b.environment.as_deref(), default_env),
         auth: c.auth(b.auth.as_deref()),
         metadata: c.metadata(b.metadata),
+        tls_client_cert_sha256: c.client_cert_sha256(b.tls_client_cert_sha256),
     };
     c.finish().map(|()| (new, public_key, secret))
 }
@@ -356,6 +386,8 @@ pub struct Patch {
     pub ip_allow_list: Option<Vec<IpNet>>,
     pub expires_at: Option<Option<OffsetDateTime>>,
     pub metadata: Option<BTreeMap<String, String>>,
+    /// `Some(None)` unbinds the key from its client certificate.
+    pub tls_client_cert_sha256: Option<Option<String>>,
 }
 
 /// Validates a `PATCH` body.
@@ -371,6 +403,9 @@ pub fn patch_body(body: &[u8], now: OffsetDateTime) -> Result<Patch, Error> {
             .expires_at
             .map(|e| e.and_then(|raw| c.expires_at(Some(&raw), now))),
         metadata: b.metadata.map(|m| c.metadata(Some(m))),
+        tls_client_cert_sha256: b
+            .tls_client_cert_sha256
+            .map(|h| h.and_then(|raw| c.client_cert_sha256(Some(raw)))),
     };
     c.finish().map(|()| patch)
 }
@@ -403,6 +438,10 @@ impl Patch {
         if let Some(m) = &self.metadata {
             record.metadata.clone_from(m);
             set("metadata");
+        }
+        if let Some(h) = &self.tls_client_cert_sha256 {
+            record.tls_client_cert_sha256.clone_from(h);
+            set("tls_client_cert_sha256");
         }
         changed
     }

@@ -118,6 +118,7 @@ pub struct KeyPowers {
     /// `ip_allow_list` as ranges, for containment checks.
     allow: AllowList,
     pub expires_at: Option<OffsetDateTime>,
+    pub tls_client_cert_sha256: Option<String>,
 }
 
 impl KeyPowers {
@@ -130,6 +131,7 @@ impl KeyPowers {
             ip_allow_list: record.ip_allow_list.clone(),
             allow: AllowList::new(&record.ip_allow_list),
             expires_at: record.expires_at,
+            tls_client_cert_sha256: record.tls_client_cert_sha256.clone(),
         }
     }
 
@@ -141,6 +143,7 @@ impl KeyPowers {
         environment: Environment,
         ip_allow_list: &[IpNet],
         expires_at: Option<OffsetDateTime>,
+        client_cert: Option<&str>,
     ) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for (i, s) in scopes.iter().enumerate() {
@@ -177,6 +180,15 @@ impl KeyPowers {
                 }
             }
         }
+        // A key bound to a client certificate can only mint keys bound to the same one.
+        if let Some(mine) = &self.tls_client_cert_sha256 {
+            if client_cert != Some(mine.as_str()) {
+                out.insert(
+                    "tls_client_cert_sha256".into(),
+                    "must be your key's client certificate".into(),
+                );
+            }
+        }
         if let Some(mine) = self.expires_at {
             if expires_at.is_none_or(|theirs| theirs > mine) {
                 out.insert(
@@ -199,6 +211,7 @@ impl KeyPowers {
                         target.environment,
                         &target.ip_allow_list,
                         target.expires_at,
+                        target.tls_client_cert_sha256.as_deref(),
                     )
                     .is_empty())
     }
@@ -227,6 +240,7 @@ impl Principal {
                 environment: p.environment,
                 ip_allow_list: p.ip_allow_list.clone(),
                 expires_at: p.expires_at,
+                tls_client_cert_sha256: p.tls_client_cert_sha256.clone(),
             },
         }
     }
@@ -362,6 +376,7 @@ impl Lifecycle {
                 new.environment,
                 &new.ip_allow_list,
                 new.expires_at,
+                new.tls_client_cert_sha256.as_deref(),
             );
             if new.owner != p.owner {
                 problems.insert(
@@ -597,6 +612,7 @@ mod tests {
             environment: env,
             auth: keys::AuthKind::HmacV1,
             metadata: BTreeMap::new(),
+            tls_client_cert_sha256: None,
         };
         keys::mint(&mk, new, OffsetDateTime::UNIX_EPOCH).0
     }
@@ -643,5 +659,23 @@ mod tests {
         assert!(me.may_act_on(&record(&["*"], t, &[], None)));
         assert!(me.may_act_on(&record(&["a.b"], t, &["1.2.3.4/32"], Some(5))));
         assert!(!me.may_act_on(&record(&["a.b"], Environment::Live, &[], None)));
+    }
+
+    #[test]
+    fn a_key_bound_to_a_client_certificate_binds_what_it_mints() {
+        let t = Environment::Test;
+        let mut mine = record(&["*"], t, &[], None);
+        mine.tls_client_cert_sha256 = Some("ab".repeat(32));
+        let me = KeyPowers::of(&mine);
+        let who = Principal::Key(Box::new(me.clone()));
+        assert_eq!(who.defaults().tls_client_cert_sha256, Some("ab".repeat(32)));
+        let mut same = record(&["a.b"], t, &[], None);
+        same.tls_client_cert_sha256 = Some("ab".repeat(32));
+        assert!(me.may_act_on(&same));
+        let unbound = record(&["a.b"], t, &[], None);
+        assert!(!me.may_act_on(&unbound), "unbound is more than I have");
+        let mut other = unbound;
+        other.tls_client_cert_sha256 = Some("cd".repeat(32));
+        assert!(!me.may_act_on(&other));
     }
 }

@@ -364,8 +364,13 @@ impl Gateway {
     ) -> Result<Option<(Arc<ActiveKey>, Bytes)>> {
         let started = Instant::now();
         let now = self.clock.now();
+        let client_cert = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .map(|s| s.cert_digest.as_slice())
+            .filter(|d| !d.is_empty());
         let head = self
-            .check_head(session.req_header(), client_ip, route, now)
+            .check_head(session.req_header(), client_ip, client_cert, route, now)
             .await;
         let mut spent = started.elapsed();
         let (key, signature) = match head {
@@ -411,6 +416,7 @@ impl Gateway {
         &self,
         req: &RequestHeader,
         client_ip: IpAddr,
+        client_cert: Option<&[u8]>,
         route: &Route,
         now: time::OffsetDateTime,
     ) -> std::result::Result<(Arc<ActiveKey>, Option<[u8; 32]>), AuthError> {
@@ -432,7 +438,15 @@ impl Gateway {
                 return Err(AuthError::StoreUnavailable);
             }
         };
-        auth::check_head(&key, &creds, client_ip, route.auth, now, &self.policy)?;
+        auth::check_head(
+            &key,
+            &creds,
+            client_ip,
+            client_cert,
+            route.auth,
+            now,
+            &self.policy,
+        )?;
         let signature = match creds {
             Credentials::Signed { signature, .. } => Some(signature),
             Credentials::Bearer { .. } => None,
@@ -469,6 +483,7 @@ impl Gateway {
             target: &target,
             body,
             client_ip,
+            client_cert: None,
         };
         let claim = auth::check_signature(key, &creds, &parts, now, &self.policy)?;
         if let Some(claim) = claim {

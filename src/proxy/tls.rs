@@ -24,6 +24,43 @@ pub enum TlsError {
     Cert(String, String),
     #[error("key_file {0}: {1}")]
     Key(String, String),
+    #[error("client_ca_file {0}: {1}")]
+    ClientCa(String, String),
+}
+
+/// Verifies client certificates against `client_ca_file` when one is configured. A client
+/// without a certificate is still let in: only keys bound to a certificate need one, and they
+/// are refused with `client_cert_required` (a handshake failure would say nothing).
+pub fn client_verifier(
+    cfg: &TlsConfig,
+) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>, TlsError> {
+    let Some(path) = &cfg.client_ca_file else {
+        return Ok(None);
+    };
+    let shown = || path.display().to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::ClientCa(shown(), e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::ClientCa(
+            shown(),
+            "no PEM certificate in it".into(),
+        ));
+    }
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::ClientCa(shown(), e.to_string()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| TlsError::ClientCa(shown(), e.to_string()))?;
+    Ok(Some(verifier))
 }
 
 /// Reads and checks the chain (leaf first) and its private key.
@@ -49,6 +86,7 @@ pub fn load(cfg: &TlsConfig) -> Result<CertifiedKey, TlsError> {
             format!("does not match the certificate: {e}"),
         )
     })?;
+    client_verifier(cfg)?;
     Ok(certified)
 }
 
@@ -83,6 +121,11 @@ impl Certificate {
         let mut settings = TlsSettings::intermediate("", "")?;
         settings.set_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
         settings.set_alpn(ALPN::H2H1);
+        if let Some(verifier) = client_verifier(&self.cfg).map_err(|e| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, e.to_string())
+        })? {
+            settings.set_client_cert_verifier(verifier);
+        }
         Ok(settings)
     }
 }
