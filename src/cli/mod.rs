@@ -284,7 +284,6 @@ pub fn main() -> ExitCode {
                 eprintln!("keygate: --config FILE is required (or try `keygate demo`)");
                 return ExitCode::from(EX_USAGE);
             };
-            serve::init_logging();
             serve::serve(&path)
         }
         Some(Command::Store {
@@ -307,7 +306,7 @@ pub fn main() -> ExitCode {
             admin_listen,
             metrics_listen,
         }) => {
-            serve::init_logging();
+            serve::init_logging(None);
             let opts = demo::DemoOptions {
                 listen,
                 admin_listen,

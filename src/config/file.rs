@@ -23,6 +23,8 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) assertion: AssertionFile,
     #[serde(default)]
+    pub(crate) log: LogFile,
+    #[serde(default)]
     pub(crate) upstreams: Vec<UpstreamFile>,
     #[serde(default)]
     pub(crate) routes: Vec<RouteFile>,
@@ -260,6 +262,38 @@ fn default_clock_skew() -> String {
 }
 fn default_body_nonce_retention() -> String {
     "24h".into()
+}
+
+/// `[log]`: where and how keygate says what it does.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogFile {
+    /// `text` or `json` (one object per line).
+    #[serde(default = "default_log_format")]
+    pub(crate) format: String,
+    /// A tracing filter (`info`, `warn,keygate=debug`); `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub(crate) level: String,
+    /// One line per request (`keygate::access`).
+    #[serde(default = "default_true")]
+    pub(crate) access: bool,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+            access: true,
+        }
+    }
+}
+
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
 }
 
 /// `[assertion]`: the upstream identity assertion, fleet-wide settings.

@@ -25,6 +25,7 @@ pub struct Config {
     pub signing: SigningConfig,
     pub secrets: SecretsConfig,
     pub assertion: AssertionConfig,
+    pub log: LogConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
 }
@@ -111,6 +112,16 @@ pub struct SigningConfig {
 #[derive(Debug, Clone)]
 pub struct SecretsConfig {
     pub master_key_file: Option<PathBuf>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub json: bool,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` takes precedence.
+    pub level: String,
+    /// One access-log line per request.
+    pub access: bool,
 }
 
 /// `[assertion]` and `server.name`: fleet-wide settings of the upstream identity assertion.
@@ -445,6 +456,24 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         refresh_interval: p.duration("assertion.refresh_interval", &f.assertion.refresh_interval),
         jwks_on_proxy: f.assertion.jwks_on_proxy,
     };
+    let log = LogConfig {
+        json: match f.log.format.as_str() {
+            "json" => true,
+            "text" => false,
+            other => {
+                p.add(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                false
+            }
+        },
+        level: f.log.level.clone(),
+        access: f.log.access,
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        p.add("log.level", format!("{:?}: {e}", log.level));
+    }
     if assertion.ttl < Duration::from_secs(1) {
         p.add("assertion.ttl", "must be at least 1s");
     }
@@ -485,6 +514,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             signing,
             secrets,
             assertion,
+            log,
             upstreams,
             routes,
         })

@@ -13,6 +13,7 @@ mod route;
 mod self_service;
 pub mod target;
 pub mod tls;
+pub mod trace;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -79,6 +80,8 @@ pub struct Gateway {
     asserter: Arc<crate::assertion::Asserter>,
     /// `assertion.jwks_on_proxy`: answer `GET /.well-known/jwks.json` here too.
     jwks_on_proxy: bool,
+    /// `log.access`: one line per request.
+    access_log: bool,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -98,6 +101,16 @@ pub struct Ctx {
     self_service: bool,
     /// The `x-keygate-assertion` value, made once the request is verified.
     assertion: Option<String>,
+    /// The `traceparent` sent upstream: the client's if valid, else a new trace.
+    traceparent: String,
+    /// The client sent that `traceparent` (and its `tracestate` may go along).
+    client_trace: bool,
+    /// Time spent checking credentials, not waiting for the body (access log).
+    auth_us: u64,
+    /// From sending the request upstream to its response head.
+    upstream_us: Option<u64>,
+    /// The endpoint the request went to.
+    upstream_addr: Option<std::net::SocketAddr>,
 }
 
 /// Request ids: a random per-process prefix and a counter, unique without a syscall.
@@ -172,6 +185,7 @@ impl Gateway {
             usage,
             asserter,
             jwks_on_proxy: config.assertion.jwks_on_proxy,
+            access_log: config.log.access,
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
                 || {
                     // Long enough for body nonces; memory is bounded by the outage's traffic.
@@ -207,7 +221,8 @@ impl Gateway {
         self.upstreams.get(route.upstream)
     }
 
-    fn peer(&self, route: &Route) -> Result<HttpPeer> {
+    /// The peer for the route's next endpoint (round-robin), and that endpoint.
+    fn peer(&self, route: &Route) -> Result<(HttpPeer, std::net::SocketAddr)> {
         let up = self
             .upstream(route)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route names no upstream"))?;
@@ -232,7 +247,7 @@ impl Gateway {
         peer.options.read_timeout = Some(up.read_timeout);
         peer.options.write_timeout = Some(up.read_timeout);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        Ok(peer)
+        Ok((peer, *addr))
     }
 
     /// The client address of SPEC §3.5.
@@ -376,6 +391,7 @@ impl Gateway {
         let (key, signature) = match head {
             Ok(found) => found,
             Err(e) => {
+                ctx.auth_us = u64::try_from(spent.as_micros()).unwrap_or(u64::MAX);
                 metrics.auth_duration.observe(spent.as_secs_f64());
                 return self
                     .refuse(session, ctx, e.code(), &e.to_string())
@@ -400,6 +416,7 @@ impl Gateway {
             self.usage.record(key.id(), now);
         }
         spent += started.elapsed();
+        ctx.auth_us = u64::try_from(spent.as_micros()).unwrap_or(u64::MAX);
         metrics.auth_duration.observe(spent.as_secs_f64());
         match checked {
             Ok(()) => Ok(Some((key, body))),
@@ -548,6 +565,11 @@ impl Gateway {
             req.insert_header(crate::assertion::HEADER, assertion.as_str())?;
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        req.insert_header("traceparent", ctx.traceparent.as_str())?;
+        if !ctx.client_trace {
+            // tracestate belongs to the traceparent it came with, which was not kept.
+            req.remove_header("tracestate");
+        }
         if let Some(ip) = ctx.client_ip {
             let prior: Vec<&str> = req
                 .headers
@@ -582,6 +604,43 @@ fn is_spoofed(name: &str) -> bool {
         || auth::CREDENTIAL_HEADERS
             .iter()
             .any(|c| c == dashed.as_str())
+}
+
+/// One line per request (`keygate::access`): what an operator needs to follow a request, and
+/// nothing a client keeps secret — no query string, header value, body, signature or nonce.
+fn access_log(session: &Session, ctx: &Ctx, route: &str, outcome: &str) {
+    let req = session.req_header();
+    let tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .map(|s| s.version.as_ref());
+    let http = match req.version {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    };
+    let key = ctx.key.as_deref();
+    tracing::info!(
+        target: "keygate::access",
+        request_id = %ctx.request_id,
+        trace_id = trace::trace_id(&ctx.traceparent),
+        route,
+        method = req.method.as_str(),
+        path = req.uri.path(),
+        status = session.response_written().map_or(0, |r| r.status.as_u16()),
+        outcome,
+        key_id = key.map(ActiveKey::id),
+        owner = key.map(ActiveKey::owner),
+        client_ip = ctx.client_ip.map(tracing::field::display),
+        upstream = ctx.upstream_addr.map(tracing::field::display),
+        auth_us = ctx.auth_us,
+        upstream_us = ctx.upstream_us,
+        bytes_in = session.body_bytes_read(),
+        bytes_out = session.body_bytes_sent(),
+        tls,
+        http,
+        "request"
+    );
 }
 
 /// Writes a complete problem+json response.
@@ -644,6 +703,11 @@ impl ProxyHttp for Gateway {
             upstream_started: None,
             self_service: false,
             assertion: None,
+            traceparent: String::new(),
+            client_trace: false,
+            auth_us: 0,
+            upstream_us: None,
+            upstream_addr: None,
         }
     }
 
@@ -652,6 +716,7 @@ impl ProxyHttp for Gateway {
         guard::head_received(session.client_addr().and_then(|a| a.as_inet()).copied());
         let req = session.req_header();
         ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
+        (ctx.traceparent, ctx.client_trace) = trace::traceparent(req.headers.get("traceparent"));
         // Before routing: a path an upstream could read as another route, or a length two
         // parsers could read two ways, is refused whatever the route.
         if let Err(detail) = target::check_path(req.uri.path()) {
@@ -806,7 +871,9 @@ impl ProxyHttp for Gateway {
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route in context"))?;
-        self.peer(route).map(Box::new)
+        let (peer, addr) = self.peer(route)?;
+        ctx.upstream_addr = Some(addr);
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -826,6 +893,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let (Some(started), Some(route)) = (ctx.upstream_started, self.route(ctx)) {
+            ctx.upstream_us =
+                Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
             let elapsed = started.elapsed().as_secs_f64();
             let class = status_class(upstream_response.status.as_u16());
             match self.hot_metrics(ctx) {
@@ -872,7 +941,7 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         guard::request_done();
         let route = self.route(ctx).map_or("unmatched", |r| r.name.as_str());
         let outcome = match (ctx.outcome, e) {
@@ -890,6 +959,9 @@ impl ProxyHttp for Gateway {
         }
         if let Some(err) = e {
             tracing::debug!(request_id = %ctx.request_id, route, error = %err, "request failed");
+        }
+        if self.access_log {
+            access_log(session, ctx, route, outcome);
         }
     }
 }

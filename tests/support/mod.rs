@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -180,6 +180,8 @@ pub struct Options {
     pub admin_extra: String,
     /// Pass the test admin token in `KEYGATE_ADMIN_TOKEN` (the default).
     pub admin_token_env: bool,
+    /// `RUST_LOG` for the gateway (default `warn`: no access log).
+    pub rust_log: &'static str,
 }
 
 impl Options {
@@ -195,6 +197,7 @@ impl Options {
             cache_toml: None,
             admin_extra: String::new(),
             admin_token_env: true,
+            rust_log: "warn",
         }
     }
 }
@@ -284,8 +287,9 @@ listen = "127.0.0.1:{metrics}"
                 .args(["serve", "--config"])
                 .arg(&config_path)
                 .env("KEYGATE_MASTER_KEY", &master_key)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
+                .env("RUST_LOG", opts.rust_log)
+                // Logs go to stdout (tracing), start failures to stderr: one file for both.
+                .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .unwrap();
