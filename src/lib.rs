@@ -18,9 +18,11 @@ pub mod clock;
 pub mod config;
 pub mod keys;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod usage;
 

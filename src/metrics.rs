@@ -20,6 +20,8 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Client connections open on the proxy listener.
     pub open_connections: IntGauge,
+    /// Config reloads by result (`ok`, `error`).
+    pub config_reloads: IntCounterVec,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
     /// labels and takes a lock on every request.
     cache_counters: [IntCounter; 3],
@@ -164,6 +166,17 @@ impl Metrics {
             "keygate_open_connections",
             "Client connections open on the proxy listener",
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "keygate_config_reloads_total",
+                "Config reloads (SIGHUP, keygate reload), by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
         registry.register(Box::new(connections_closed.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
         for reason in ConnClosed::ALL {
@@ -191,6 +204,7 @@ impl Metrics {
             keys_changed,
             connections_closed,
             open_connections,
+            config_reloads,
             cache_counters,
         })
     }
@@ -256,7 +270,7 @@ mod tests {
     fn every_metric_is_documented() {
         let doc = include_str!("../docs/metrics.md");
         let m = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
-        let collectors: [&dyn Collector; 8] = [
+        let collectors: [&dyn Collector; 9] = [
             &m.requests_total,
             &m.auth_duration,
             &m.upstream_duration,
@@ -265,12 +279,13 @@ mod tests {
             &m.keys_changed,
             &m.connections_closed,
             &m.open_connections,
+            &m.config_reloads,
         ];
         let names: Vec<String> = collectors
             .iter()
             .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
             .collect();
-        assert_eq!(names.len(), 8);
+        assert_eq!(names.len(), 9);
         for name in names {
             assert!(
                 doc.contains(&format!("| `{name}` |")),

@@ -63,6 +63,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("server.pid_file {0}: {1}")]
+    PidFile(String, std::io::Error),
 }
 
 /// Reads the master key from `KEYGATE_MASTER_KEY`, else the systemd credential `master-key`,
@@ -191,6 +193,8 @@ pub fn open_store(config: &Config) -> Result<Stores, StartError> {
 /// Everything a running gateway is made of, built before any listener starts.
 pub struct App {
     pub config: Config,
+    /// The file `config` came from: SIGHUP reads it again. `None`: nothing to reload.
+    pub config_path: Option<std::path::PathBuf>,
     pub store: Arc<dyn KeyStore>,
     pub signing_keys: Arc<dyn SigningKeyStore>,
     pub master: Arc<MasterKey>,
@@ -211,6 +215,7 @@ impl App {
         let stores = open_store(&config)?;
         Ok(Self {
             config,
+            config_path: None,
             store: stores.keys,
             signing_keys: stores.signing_keys,
             master: Arc::new(master),
@@ -312,6 +317,7 @@ impl App {
             body_timeout: cfg.server.body_timeout,
             h2c: cfg.server.h2c,
         };
+        let routing = gateway.routing();
         let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h2c = cfg.server.h2c;
@@ -340,7 +346,13 @@ impl App {
         server.add_service(proxy);
         server.add_service(background_service(
             "keygate reload",
-            crate::proxy::tls::Reloader(certificate),
+            crate::reload::ReloadService(Arc::new(crate::reload::Reloader {
+                path: self.config_path.clone(),
+                current: Mutex::new(cfg.clone()),
+                routing,
+                certificate,
+                metrics: metrics.clone(),
+            })),
         ));
 
         server.add_service(background_service(
@@ -385,6 +397,10 @@ impl App {
             metrics = %cfg.metrics.listen,
             "keygate started"
         );
+        if let Some(pid_file) = &cfg.server.pid_file {
+            std::fs::write(pid_file, format!("{}\n", std::process::id()))
+                .map_err(|e| StartError::PidFile(pid_file.display().to_string(), e))?;
+        }
         let run_args = match shutdown {
             Some(shutdown_signal) => RunArgs { shutdown_signal },
             None => RunArgs::default(),
@@ -401,6 +417,9 @@ impl App {
             tracing::error!(error = %e, "final usage flush failed");
         }
         rt.block_on(self.store.flush())?;
+        if let Some(pid_file) = &self.config.server.pid_file {
+            let _ = std::fs::remove_file(pid_file);
+        }
         tracing::info!("keygate stopped");
         Ok(())
     }

@@ -190,6 +190,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
 
     let app = App {
         config,
+        config_path: None,
         store,
         signing_keys: stores.signing_keys,
         master: Arc::new(master),

@@ -79,6 +79,10 @@ pub enum Command {
     },
     /// Print the signature headers for a request.
     Sign(sign::SignArgs),
+    /// Make the running gateway read its config again: SIGHUP to the pid in the config's
+    /// server.pid_file. The gateway logs and counts the result
+    /// (keygate_config_reloads_total).
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -306,7 +310,7 @@ pub fn main() -> ExitCode {
             admin_listen,
             metrics_listen,
         }) => {
-            serve::init_logging(None);
+            crate::logging::init(None);
             let opts = demo::DemoOptions {
                 listen,
                 admin_listen,
@@ -326,6 +330,13 @@ pub fn main() -> ExitCode {
             command,
         }) => keys::run_command(&admin_url, json, &command.into()),
         Some(Command::Sign(args)) => sign::run(args),
+        Some(Command::Reload) => {
+            let Some(path) = cli.config else {
+                eprintln!("keygate reload: --config FILE is required (its server.pid_file names the gateway)");
+                return ExitCode::from(EX_USAGE);
+            };
+            serve::reload(&path)
+        }
         Some(Command::Assertion {
             admin_url,
             json,

@@ -5,29 +5,6 @@ use std::process::ExitCode;
 use super::{EX_UNAVAILABLE, EX_USAGE};
 use crate::{App, Config};
 
-/// Logs to stdout: `RUST_LOG` if set, else `level`; JSON lines or text; ANSI colour only
-/// when stdout is a terminal (never in files or a journal).
-pub(super) fn init_logging(log: Option<&crate::config::LogConfig>) {
-    use std::io::IsTerminal;
-    let level = log.map_or("info", |l| l.level.as_str());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .with_ansi(std::io::stdout().is_terminal());
-    let _ = if log.is_some_and(|l| l.json) {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
 pub(super) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|errors| {
         eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
@@ -38,13 +15,50 @@ pub(super) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// `keygate reload`: SIGHUP to the gateway whose pid is in the config's `server.pid_file`.
+/// The file is checked first, so a broken edit is reported here, before the signal.
+pub(super) fn reload(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(pid_file) = &config.server.pid_file else {
+        eprintln!("keygate reload: {} sets no server.pid_file", path.display());
+        return ExitCode::from(EX_USAGE);
+    };
+    let pid = std::fs::read_to_string(pid_file)
+        .map_err(|e| e.to_string())
+        .and_then(|t| t.trim().parse::<i32>().map_err(|e| e.to_string()))
+        .and_then(|n| rustix::process::Pid::from_raw(n).ok_or_else(|| "not a pid".to_owned()));
+    let pid = match pid {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("keygate reload: {}: {e}", pid_file.display());
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    match rustix::process::kill_process(pid, rustix::process::Signal::HUP) {
+        Ok(()) => {
+            println!("sent SIGHUP to keygate (pid {})", pid.as_raw_nonzero());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keygate reload: pid {}: {e}", pid.as_raw_nonzero());
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
 pub(super) fn serve(path: &std::path::Path) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(Some(&config.log));
-    let result = App::from_config(config).and_then(|app| app.run(Vec::new(), None));
+    crate::logging::init(Some(&config.log));
+    let result = App::from_config(config).and_then(|mut app| {
+        app.config_path = Some(path.to_path_buf());
+        app.run(Vec::new(), None)
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

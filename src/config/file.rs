@@ -59,6 +59,8 @@ pub(crate) struct ServerFile {
     /// HTTP/2 without TLS (prior knowledge), for a plain listener behind a load balancer.
     #[serde(default)]
     pub(crate) h2c: bool,
+    /// Where keygate writes its process id (for `keygate reload`).
+    pub(crate) pid_file: Option<String>,
 }
 
 /// `[server.tls]`.
@@ -88,6 +90,7 @@ impl Default for ServerFile {
             tls: None,
             name: None,
             h2c: false,
+            pid_file: None,
         }
     }
 }
@@ -358,12 +361,19 @@ pub(crate) struct UpstreamFile {
     pub(crate) assertion: String,
     /// With `assertion = "hs256"`: a file (mode 0600) holding the shared secret.
     pub(crate) assertion_secret_file: Option<String>,
+    /// How often host names among the endpoints are resolved again.
+    #[serde(default = "default_resolve_interval")]
+    pub(crate) resolve_interval: String,
     /// keygate extension (README): TCP connect timeout.
     #[serde(default = "default_connect_timeout")]
     pub(crate) connect_timeout: String,
     /// keygate extension (README): how long to wait for each read of the response.
     #[serde(default = "default_read_timeout")]
     pub(crate) read_timeout: String,
+}
+
+fn default_resolve_interval() -> String {
+    "30s".into()
 }
 
 fn default_assertion() -> String {

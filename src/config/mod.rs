@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// Accept HTTP/2 with prior knowledge on a plain listener (`server.h2c`).
     pub h2c: bool,
+    /// `server.pid_file`: written at start, removed at exit.
+    pub pid_file: Option<PathBuf>,
     /// TLS on the proxy listener; `None`: plain HTTP (behind a load balancer).
     pub tls: Option<TlsConfig>,
 }
@@ -137,6 +139,10 @@ pub struct AssertionConfig {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    /// The endpoints as written (`host:port`); host names among them are resolved again
+    /// every `resolve_interval`.
+    pub endpoint_names: Vec<String>,
+    pub resolve_interval: Duration,
     /// How requests to it are asserted.
     pub assertion: crate::assertion::Mode,
     pub endpoints: Vec<SocketAddr>,
@@ -325,6 +331,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             .max_connections
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         h2c: f.server.h2c || f.server.tls.as_ref().is_some_and(|t| t.h2c),
+        pid_file: f.server.pid_file.as_ref().map(PathBuf::from),
         tls: f.server.tls.as_ref().map(|t| TlsConfig {
             cert_file: PathBuf::from(&t.cert_file),
             key_file: PathBuf::from(&t.key_file),
@@ -536,14 +543,15 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
     }
     let mut endpoints = Vec::new();
     for (j, e) in u.endpoints.iter().enumerate() {
-        match e.to_socket_addrs().map(|mut a| a.next()) {
-            Ok(Some(addr)) => endpoints.push(addr),
-            _ => p.add(
+        match resolve_endpoint(e) {
+            Ok(addrs) => endpoints.extend(addrs),
+            Err(why) => p.add(
                 format!("{at}.endpoints[{j}]"),
-                format!("{e:?} is not a reachable \"host:port\""),
+                format!("{e:?} is not a reachable \"host:port\": {why}"),
             ),
         }
     }
+    endpoints.dedup();
     let tls = u.tls.then(|| upstream_tls(p, &at, u));
     if !u.tls && (u.sni.is_some() || u.ca_file.is_some() || !u.verify) {
         p.add(
@@ -593,12 +601,43 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
     };
     Upstream {
         name: u.name.clone(),
+        endpoint_names: u.endpoints.clone(),
+        resolve_interval: p.duration(&format!("{at}.resolve_interval"), &u.resolve_interval),
         assertion,
         endpoints,
         tls,
         forward_credentials: u.forward_credentials,
         connect_timeout: p.duration(&format!("{at}.connect_timeout"), &u.connect_timeout),
         read_timeout: p.duration(&format!("{at}.read_timeout"), &u.read_timeout),
+    }
+}
+
+/// The addresses of `host:port` (an IP literal is its own); a name is looked up now.
+pub fn resolve_endpoint(endpoint: &str) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = endpoint
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .collect();
+    same_family_as_first(addrs)
+}
+
+/// Every address of the family the resolver prefers (its first answer): a name with both
+/// IPv4 and IPv6 addresses (`localhost`) often serves on one family only, and without health
+/// checks round-robin over both would fail half the requests.
+pub fn same_family_as_first(addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, String> {
+    let first = addrs.first().ok_or("no address")?;
+    let v4 = first.is_ipv4();
+    let mut out: Vec<SocketAddr> = addrs.into_iter().filter(|a| a.is_ipv4() == v4).collect();
+    out.dedup();
+    Ok(out)
+}
+
+impl Upstream {
+    /// Whether any endpoint is a host name (not an IP literal), to be resolved again.
+    pub fn has_host_names(&self) -> bool {
+        self.endpoint_names
+            .iter()
+            .any(|e| e.parse::<SocketAddr>().is_err())
     }
 }
 

@@ -202,3 +202,22 @@ fn bad_redis_settings_are_refused_without_repeating_a_password() {
         );
     }
 }
+
+#[test]
+fn a_host_name_endpoint_resolves_to_the_preferred_family_only() {
+    let addrs = crate::config::resolve_endpoint("localhost:8443").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!addrs.is_empty());
+    assert!(addrs
+        .iter()
+        .all(|a| a.port() == 8443 && a.ip().is_loopback()));
+    assert!(addrs.iter().all(|a| a.is_ipv4() == addrs[0].is_ipv4()));
+    let c = Config::from_toml(
+        "[[upstreams]]\nname = \"u\"\nendpoints = [\"localhost:8443\", \"127.0.0.1:9\"]\nresolve_interval = \"5s\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.upstreams[0].has_host_names());
+    assert_eq!(
+        c.upstreams[0].resolve_interval,
+        std::time::Duration::from_secs(5)
+    );
+}

@@ -23,11 +23,12 @@ impl Gateway {
         ctx: &mut Ctx,
         body: Bytes,
     ) -> Result<()> {
+        let routing = std::sync::Arc::clone(&ctx.routing);
         let Some(route) = self.route(ctx) else {
             return write_problem(session, ErrorCode::Internal, "no route", &ctx.request_id).await;
         };
         let route_name = route.name.clone();
-        let (peer, addr) = self.peer(route)?;
+        let (peer, addr) = Self::peer(&routing, route)?;
         ctx.upstream_addr = Some(addr);
         let mut req = session.req_header().clone();
         self.prepare_upstream_request(&mut req, ctx)?;

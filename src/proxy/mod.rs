@@ -10,16 +10,18 @@
 mod forward;
 pub mod guard;
 mod route;
+pub mod routing;
 mod self_service;
 pub mod target;
 pub mod tls;
 pub mod trace;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::EXPECT;
@@ -31,15 +33,15 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use sha2::Digest;
 
-use crate::auth::client_ip::AllowList;
 use crate::auth::{self, AuthError, Credentials, Policy, RequestParts};
 use crate::cache::KeyCache;
 use crate::clock::Clock;
-use crate::config::{Config, Route, Upstream};
+use crate::config::{Config, Route};
 use crate::keys::{ActiveKey, AuthKind};
 use crate::metrics::{status_class, Metrics, RouteMetrics};
 use crate::problem::{self, ErrorCode};
 pub use route::Router;
+pub use routing::Routing;
 
 /// Where verifiers fetch the assertion keys (`assertion.jwks_on_proxy`).
 const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -50,20 +52,15 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The `ProxyHttp` implementation; shared by every request of the proxy service.
 pub struct Gateway {
-    router: Router,
-    upstreams: Vec<Upstream>,
-    /// Round-robin position per upstream.
-    next_endpoint: Vec<AtomicUsize>,
+    /// Routes, upstreams, trusted proxies: swapped whole by a reload.
+    routing: Arc<ArcSwap<Routing>>,
     max_body_bytes: usize,
     /// Bounds draining an unread body after a refusal.
     body_timeout: Duration,
-    trusted_proxies: AllowList,
     policy: Policy,
     cache: Arc<KeyCache>,
     metrics: Metrics,
-    /// Per route index, the series of its successful requests.
-    route_metrics: Vec<RouteMetrics>,
-    /// The same for the self-service route.
+    /// The series of the self-service route's successful requests.
     self_service_metrics: RouteMetrics,
     clock: Arc<dyn Clock>,
     /// For bodies beyond pingora's retry buffer; pools connections like pingora's own.
@@ -86,6 +83,8 @@ pub struct Gateway {
 
 /// Per-request state carried between pingora's phases.
 pub struct Ctx {
+    /// The routing snapshot this request uses from start to end.
+    routing: Arc<Routing>,
     request_id: String,
     route: Option<usize>,
     key: Option<Arc<ActiveKey>>,
@@ -155,26 +154,14 @@ impl Gateway {
     ) -> Self {
         let self_service_route = self_service::route();
         Self {
-            router: Router::new(config.routes.clone()),
-            next_endpoint: config
-                .upstreams
-                .iter()
-                .map(|_| AtomicUsize::new(0))
-                .collect(),
-            upstreams: config.upstreams.clone(),
+            routing: Arc::new(ArcSwap::from_pointee(Routing::new(config, &metrics))),
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.server.body_timeout,
-            trusted_proxies: AllowList::new(&config.server.trusted_proxies),
             policy: Policy {
                 clock_skew: config.signing.clock_skew,
                 body_nonce_retention: config.signing.body_nonce_retention,
             },
             cache,
-            route_metrics: config
-                .routes
-                .iter()
-                .map(|r| metrics.route(&r.name))
-                .collect(),
             self_service_metrics: metrics.route(&self_service_route.name),
             metrics,
             clock,
@@ -202,32 +189,37 @@ impl Gateway {
         }
     }
 
-    fn route(&self, ctx: &Ctx) -> Option<&Route> {
+    /// Where reloads put a new routing snapshot (taken before pingora owns the gateway).
+    pub fn routing(&self) -> Arc<ArcSwap<Routing>> {
+        Arc::clone(&self.routing)
+    }
+
+    fn route<'a>(&'a self, ctx: &'a Ctx) -> Option<&'a Route> {
         if ctx.self_service {
             return Some(&self.self_service_route);
         }
-        ctx.route.and_then(|i| self.router.get(i))
+        ctx.route.and_then(|i| ctx.routing.router.get(i))
     }
 
     /// The matched route's pre-made series.
-    fn hot_metrics(&self, ctx: &Ctx) -> Option<&RouteMetrics> {
+    fn hot_metrics<'a>(&'a self, ctx: &'a Ctx) -> Option<&'a RouteMetrics> {
         if ctx.self_service {
             return Some(&self.self_service_metrics);
         }
-        ctx.route.and_then(|i| self.route_metrics.get(i))
-    }
-
-    fn upstream(&self, route: &Route) -> Option<&Upstream> {
-        self.upstreams.get(route.upstream)
+        ctx.route.and_then(|i| ctx.routing.route_metrics.get(i))
     }
 
     /// The peer for the route's next endpoint (round-robin), and that endpoint.
-    fn peer(&self, route: &Route) -> Result<(HttpPeer, std::net::SocketAddr)> {
-        let up = self
+    fn peer(routing: &Routing, route: &Route) -> Result<(HttpPeer, std::net::SocketAddr)> {
+        let up = routing
             .upstream(route)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route names no upstream"))?;
         let n = up.endpoints.len().max(1);
-        let i = self.next_endpoint[route.upstream].fetch_add(1, Ordering::Relaxed) % n;
+        let i = routing
+            .next_endpoint
+            .get(route.upstream)
+            .map_or(0, |next| next.fetch_add(1, Ordering::Relaxed))
+            % n;
         let addr = up
             .endpoints
             .get(i)
@@ -252,7 +244,7 @@ impl Gateway {
 
     /// The client address of SPEC §3.5.
     fn client_ip(
-        &self,
+        routing: &Routing,
         session: &Session,
     ) -> std::result::Result<IpAddr, auth::client_ip::BadForwardedFor> {
         let peer_ip = session
@@ -265,7 +257,7 @@ impl Gateway {
             .get_all("x-forwarded-for")
             .iter()
             .map(http::HeaderValue::as_bytes);
-        auth::client_ip::client_ip(peer_ip, xff, &self.trusted_proxies)
+        auth::client_ip::client_ip(peer_ip, xff, &routing.trusted_proxies)
     }
 
     /// Answers with problem+json and records the outcome. A body not yet read is drained by
@@ -536,7 +528,7 @@ impl Gateway {
     fn prepare_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
         let forward_credentials = self
             .route(ctx)
-            .and_then(|r| self.upstream(r))
+            .and_then(|r| ctx.routing.upstream(r))
             .is_some_and(|u| u.forward_credentials);
         let spoofed: Vec<http::HeaderName> = req
             .headers
@@ -693,6 +685,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            routing: self.routing.load_full(),
             request_id: String::new(),
             route: None,
             key: None,
@@ -755,6 +748,7 @@ impl ProxyHttp for Gateway {
             }
             return Ok(true);
         }
+        let routing = Arc::clone(&ctx.routing);
         let is_self_service = req
             .uri
             .path()
@@ -765,7 +759,7 @@ impl ProxyHttp for Gateway {
             ctx.self_service = true;
             None
         } else {
-            let Some(i) = self.router.find(&req.method, req.uri.path()) else {
+            let Some(i) = routing.router.find(&req.method, req.uri.path()) else {
                 let detail = "no route matches this method and path";
                 return self.refuse(session, ctx, ErrorCode::NoRoute, detail).await;
             };
@@ -776,7 +770,7 @@ impl ProxyHttp for Gateway {
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
             return self.refuse_too_large(session, ctx).await;
         }
-        let client_ip = match self.client_ip(session) {
+        let client_ip = match Self::client_ip(&routing, session) {
             Ok(ip) => ip,
             Err(e) => {
                 return self
@@ -789,8 +783,8 @@ impl ProxyHttp for Gateway {
             return self.self_service(session, ctx, client_ip).await;
         };
         let (Some(route), Some(route_metrics)) = (
-            self.router.get(route_index),
-            self.route_metrics.get(route_index),
+            routing.router.get(route_index),
+            routing.route_metrics.get(route_index),
         ) else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -810,7 +804,7 @@ impl ProxyHttp for Gateway {
         else {
             return Ok(true);
         };
-        if let Some(up) = self
+        if let Some(up) = routing
             .upstream(route)
             .filter(|u| !matches!(u.assertion, crate::assertion::Mode::Off))
         {
@@ -871,7 +865,7 @@ impl ProxyHttp for Gateway {
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route in context"))?;
-        let (peer, addr) = self.peer(route)?;
+        let (peer, addr) = Self::peer(&ctx.routing, route)?;
         ctx.upstream_addr = Some(addr);
         Ok(Box::new(peer))
     }
@@ -892,9 +886,11 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(started), Some(route)) = (ctx.upstream_started, self.route(ctx)) {
+        if let Some(started) = ctx.upstream_started {
             ctx.upstream_us =
                 Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        }
+        if let (Some(started), Some(route)) = (ctx.upstream_started, self.route(ctx)) {
             let elapsed = started.elapsed().as_secs_f64();
             let class = status_class(upstream_response.status.as_u16());
             match self.hot_metrics(ctx) {

@@ -5,11 +5,8 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::ALPN;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -93,7 +90,8 @@ pub fn load(cfg: &TlsConfig) -> Result<CertifiedKey, TlsError> {
 /// The certificate every handshake gets; replaced whole on reload.
 #[derive(Debug)]
 pub struct Certificate {
-    cfg: TlsConfig,
+    /// The files: a reloaded config may name others.
+    cfg: RwLock<TlsConfig>,
     /// Read on every handshake, written on reload: a read lock is uncontended in practice.
     current: RwLock<Arc<CertifiedKey>>,
 }
@@ -102,18 +100,30 @@ impl Certificate {
     pub fn new(cfg: &TlsConfig) -> Result<Arc<Self>, TlsError> {
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(load(cfg)?)),
-            cfg: cfg.clone(),
+            cfg: RwLock::new(cfg.clone()),
         }))
     }
 
-    /// Reads the files again; on any problem the certificate in use stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = Arc::new(load(&self.cfg)?);
+    /// Reads `cfg`'s files (the same or others); on any problem the certificate in use
+    /// stays. Client CAs are read at start only.
+    pub fn reload(&self, cfg: &TlsConfig) -> Result<(), TlsError> {
+        let fresh = Arc::new(load(cfg)?);
         *self
             .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        *self
+            .cfg
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = cfg.clone();
         Ok(())
+    }
+
+    fn cfg(&self) -> TlsConfig {
+        self.cfg
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// pingora's listener settings: this certificate; ALPN offers `h2` and `http/1.1`.
@@ -121,7 +131,7 @@ impl Certificate {
         let mut settings = TlsSettings::intermediate("", "")?;
         settings.set_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
         settings.set_alpn(ALPN::H2H1);
-        if let Some(verifier) = client_verifier(&self.cfg).map_err(|e| {
+        if let Some(verifier) = client_verifier(&self.cfg()).map_err(|e| {
             pingora::Error::explain(pingora::ErrorType::InternalError, e.to_string())
         })? {
             settings.set_client_cert_verifier(verifier);
@@ -138,32 +148,5 @@ impl ResolvesServerCert for Certificate {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         ))
-    }
-}
-
-/// Reloads the certificate (if any) on SIGHUP for as long as the server runs; without TLS a
-/// SIGHUP is logged and ignored rather than ending the process (its default action).
-pub struct Reloader(pub Option<Arc<Certificate>>);
-
-#[async_trait]
-impl BackgroundService for Reloader {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP: certificates will not reload");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = hup.recv() => match self.0.as_ref().map(|c| c.reload()) {
-                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                    Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the old one stays"),
-                    None => tracing::info!("SIGHUP: nothing to reload"),
-                },
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }
