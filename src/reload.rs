@@ -27,6 +27,9 @@ pub struct Reloader {
     pub current: Mutex<Config>,
     pub routing: Arc<ArcSwap<Routing>>,
     pub certificate: Option<Arc<Certificate>>,
+    /// `[admin.tls]` and `[metrics.tls]`, reloaded like the proxy's.
+    pub admin_certificate: Option<Arc<Certificate>>,
+    pub metrics_certificate: Option<Arc<Certificate>>,
     pub metrics: Metrics,
 }
 
@@ -68,8 +71,14 @@ impl Reloader {
             return Err("no config file to read (keygate demo)".into());
         };
         let fresh = Config::load(path).map_err(|e| e.to_string())?;
-        if let (Some(cert), Some(tls)) = (&self.certificate, &fresh.server.tls) {
-            cert.reload(tls).map_err(|e| format!("server.tls {e}"))?;
+        for (cert, tls, at) in [
+            (&self.certificate, &fresh.server.tls, "server.tls"),
+            (&self.admin_certificate, &fresh.admin.tls, "admin.tls"),
+            (&self.metrics_certificate, &fresh.metrics.tls, "metrics.tls"),
+        ] {
+            if let (Some(cert), Some(tls)) = (cert, tls) {
+                cert.reload(tls).map_err(|e| format!("{at} {e}"))?;
+            }
         }
         let mut current = self
             .current

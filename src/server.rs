@@ -334,6 +334,18 @@ impl App {
             .as_ref()
             .map(crate::proxy::tls::Certificate::new)
             .transpose()?;
+        let admin_certificate = cfg
+            .admin
+            .tls
+            .as_ref()
+            .map(crate::proxy::tls::Certificate::new)
+            .transpose()?;
+        let metrics_certificate = cfg
+            .metrics
+            .tls
+            .as_ref()
+            .map(crate::proxy::tls::Certificate::new)
+            .transpose()?;
         match &certificate {
             Some(cert) => {
                 let settings = cert
@@ -351,14 +363,17 @@ impl App {
                 current: Mutex::new(cfg.clone()),
                 routing,
                 certificate,
+                admin_certificate: admin_certificate.clone(),
+                metrics_certificate: metrics_certificate.clone(),
                 metrics: metrics.clone(),
             })),
         ));
 
-        server.add_service(background_service(
-            "keygate admin",
-            AxumService::new(admin_listener, admin::router(admin_state)),
-        ));
+        let mut admin_service = AxumService::new(admin_listener, admin::router(admin_state));
+        if let Some(cert) = &admin_certificate {
+            admin_service = admin_service.with_tls(Arc::clone(cert));
+        }
+        server.add_service(background_service("keygate admin", admin_service));
         let metrics_router = axum::Router::new()
             .route(
                 "/metrics",
@@ -373,10 +388,11 @@ impl App {
                 }),
             )
             .layer(axum::middleware::from_fn(admin::with_request_id));
-        server.add_service(background_service(
-            "keygate metrics",
-            AxumService::new(metrics_listener, metrics_router),
-        ));
+        let mut metrics_service = AxumService::new(metrics_listener, metrics_router);
+        if let Some(cert) = &metrics_certificate {
+            metrics_service = metrics_service.with_tls(Arc::clone(cert));
+        }
+        server.add_service(background_service("keygate metrics", metrics_service));
         for svc in extra {
             server.add_boxed_service(svc);
         }
@@ -432,11 +448,13 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     Ok(l)
 }
 
-/// An axum app served inside a pingora background service, stopping on pingora's shutdown.
+/// An axum app served inside a pingora background service, stopping on pingora's shutdown;
+/// over HTTPS when given a certificate.
 pub struct AxumService {
     /// Bound before the server starts; taken once when the service starts.
     listener: Mutex<Option<TcpListener>>,
     router: axum::Router,
+    tls: Option<Arc<crate::proxy::tls::Certificate>>,
 }
 
 impl AxumService {
@@ -444,6 +462,69 @@ impl AxumService {
         Self {
             listener: Mutex::new(Some(listener)),
             router,
+            tls: None,
+        }
+    }
+
+    /// Serves HTTPS (TLS 1.2 and 1.3, HTTP/1.1) with `cert`, which a reload can replace.
+    pub fn with_tls(mut self, cert: Arc<crate::proxy::tls::Certificate>) -> Self {
+        self.tls = Some(cert);
+        self
+    }
+
+    /// The accept loop for HTTPS: a handshake and the request head each get 10 s, so a
+    /// silent client cannot hold a connection.
+    async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        cert: Arc<crate::proxy::tls::Certificate>,
+        mut shutdown: ShutdownWatch,
+    ) {
+        const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map(|b| {
+            b.with_no_client_auth()
+                .with_cert_resolver(cert as Arc<dyn rustls::server::ResolvesServerCert>)
+        });
+        let mut config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up TLS; listener not started");
+                return;
+            }
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        loop {
+            let (tcp, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let (acceptor, router) = (acceptor.clone(), self.router.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "HTTPS connection ended with an error");
+                }
+            });
         }
     }
 }
@@ -461,6 +542,9 @@ impl BackgroundService for AxumService {
                 return;
             }
         };
+        if let Some(cert) = &self.tls {
+            return self.serve_tls(listener, Arc::clone(cert), shutdown).await;
+        }
         let served = axum::serve(listener, self.router.clone())
             .with_graceful_shutdown(async move {
                 let _ = shutdown.changed().await;

@@ -663,3 +663,76 @@ async fn a_key_bound_to_a_client_certificate_needs_that_certificate() {
         "{body}"
     );
 }
+
+/// `curl` over HTTPS trusting `ca`: (status, body); status 0 when no HTTP answer came.
+fn curl_https(ca: &Path, port: u16, path: &str, extra: &[&str]) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(ca)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(extra)
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .expect("curl is needed: apt-get install -y curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.parse().unwrap_or(0), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_and_metrics_listeners_speak_https_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    let tls = format!(
+        "cert_file = {:?}\nkey_file = {:?}\n",
+        files.cert.display().to_string(),
+        files.key.display().to_string()
+    );
+    opts.admin_extra = format!("\n[admin.tls]\n{tls}\n[metrics.tls]\n{tls}");
+    opts.admin_tls_ca = Some(files.ca.clone());
+    let gw = Gateway::start(opts).await;
+    let (ca, admin, metrics) = (files.ca.clone(), gw.admin.port(), gw.metrics.port());
+    let token = format!("authorization: Bearer {}", support::ADMIN_TOKEN);
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        curl_https(
+            &ca,
+            admin,
+            "/v1/keys",
+            &[
+                "-X",
+                "POST",
+                "-H",
+                &token,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"owner":"acme","name":"over https"}"#,
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let ca = files.ca.clone();
+    let (status, text) =
+        tokio::task::spawn_blocking(move || curl_https(&ca, metrics, "/metrics", &[]))
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    assert!(text.contains("keygate_keys_changed_total"), "{text}");
+    // Plain HTTP on those ports gets no answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+}

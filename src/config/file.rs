@@ -124,6 +124,8 @@ pub(crate) struct AdminFile {
     pub(crate) token_sha256: Vec<String>,
     /// A file holding one admin token (mode 0600), instead of `KEYGATE_ADMIN_TOKEN`.
     pub(crate) token_file: Option<String>,
+    /// TLS on the admin listener.
+    pub(crate) tls: Option<TlsFile>,
 }
 
 impl Default for AdminFile {
@@ -132,6 +134,7 @@ impl Default for AdminFile {
             listen: default_admin_listen(),
             token_sha256: Vec::new(),
             token_file: None,
+            tls: None,
         }
     }
 }
@@ -145,12 +148,15 @@ fn default_admin_listen() -> String {
 pub(crate) struct MetricsFile {
     #[serde(default = "default_metrics_listen")]
     pub(crate) listen: String,
+    /// TLS on the metrics listener.
+    pub(crate) tls: Option<TlsFile>,
 }
 
 impl Default for MetricsFile {
     fn default() -> Self {
         Self {
             listen: default_metrics_listen(),
+            tls: None,
         }
     }
 }

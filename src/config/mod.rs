@@ -68,11 +68,15 @@ pub struct AdminConfig {
     pub token_sha256: Vec<[u8; 32]>,
     /// A file holding one admin token, read at start.
     pub token_file: Option<PathBuf>,
+    /// `[admin.tls]`: HTTPS on the admin listener.
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+    /// `[metrics.tls]`: HTTPS on the metrics listener.
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +304,24 @@ fn parse_net(text: &str) -> Option<IpNet> {
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
+/// `[admin.tls]` / `[metrics.tls]`: a certificate and key, checked now; client certificates
+/// and h2c are for the proxy listener only.
+fn listener_tls(p: &mut Problems, at: &str, t: Option<&file::TlsFile>) -> Option<TlsConfig> {
+    let t = t?;
+    if t.client_ca_file.is_some() || t.h2c {
+        p.add(at, "client_ca_file and h2c are for [server.tls] only");
+    }
+    let cfg = TlsConfig {
+        cert_file: PathBuf::from(&t.cert_file),
+        key_file: PathBuf::from(&t.key_file),
+        client_ca_file: None,
+    };
+    if let Err(e) = crate::proxy::tls::load(&cfg) {
+        p.add(at, e.to_string());
+    }
+    Some(cfg)
+}
+
 fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
     let mut p = Problems(Vec::new());
 
@@ -377,9 +399,11 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         listen: p.socket("admin.listen", &f.admin.listen),
         token_sha256,
         token_file: f.admin.token_file.map(PathBuf::from),
+        tls: listener_tls(&mut p, "admin.tls", f.admin.tls.as_ref()),
     };
     let metrics = MetricsConfig {
         listen: p.socket("metrics.listen", &f.metrics.listen),
+        tls: listener_tls(&mut p, "metrics.tls", f.metrics.tls.as_ref()),
     };
 
     let store = match f.store.kind.as_str() {

@@ -182,6 +182,9 @@ pub struct Options {
     pub admin_token_env: bool,
     /// `RUST_LOG` for the gateway (default `warn`: no access log).
     pub rust_log: &'static str,
+    /// The admin listener speaks HTTPS with a certificate from this CA: readiness is probed
+    /// with curl trusting it.
+    pub admin_tls_ca: Option<PathBuf>,
 }
 
 impl Options {
@@ -198,6 +201,7 @@ impl Options {
             admin_extra: String::new(),
             admin_token_env: true,
             rust_log: "warn",
+            admin_tls_ca: None,
         }
     }
 }
@@ -306,7 +310,10 @@ listen = "127.0.0.1:{metrics}"
                     .build()
                     .unwrap(),
             };
-            if gw.wait_ready(Duration::from_secs(30)).await {
+            if gw
+                .wait_ready(Duration::from_secs(30), opts.admin_tls_ca.as_deref())
+                .await
+            {
                 gw._tmp = tmp;
                 return gw;
             }
@@ -320,13 +327,29 @@ listen = "127.0.0.1:{metrics}"
         panic!("gateway could not find free ports");
     }
 
-    async fn wait_ready(&mut self, within: Duration) -> bool {
+    async fn wait_ready(&mut self, within: Duration, tls_ca: Option<&Path>) -> bool {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if child.try_wait().ok().flatten().is_some() {
                     return false;
                 }
+            }
+            if let Some(ca) = tls_ca {
+                let probe = Command::new("curl")
+                    .args(["-sf", "-o", "/dev/null", "--cacert"])
+                    .arg(ca)
+                    .arg(format!("https://localhost:{}/readyz", self.admin.port()))
+                    .args([
+                        "--resolve",
+                        &format!("localhost:{}:127.0.0.1", self.admin.port()),
+                    ])
+                    .status();
+                if probe.is_ok_and(|s| s.success()) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
             let url = format!("http://{}/readyz", self.admin);
             if let Ok(r) = self.http.get(&url).send().await {
