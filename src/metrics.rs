@@ -2,8 +2,8 @@
 //! route names from config, error codes, fixed enums; never key ids, owners or raw paths.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric keygate exports, registered in its own registry.
@@ -22,6 +22,8 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     /// Config reloads by result (`ok`, `error`).
     pub config_reloads: IntCounterVec,
+    /// 1 while an upstream endpoint takes requests, 0 while it is out.
+    pub upstream_healthy: IntGaugeVec,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
     /// labels and takes a lock on every request.
     cache_counters: [IntCounter; 3],
@@ -174,6 +176,15 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(config_reloads.clone()))?;
+        let upstream_healthy = IntGaugeVec::new(
+            Opts::new(
+                "keygate_upstream_healthy",
+                "1 while an upstream endpoint takes requests, 0 while health checks or failed \
+                 requests keep it out",
+            ),
+            &["upstream", "endpoint"],
+        )?;
+        registry.register(Box::new(upstream_healthy.clone()))?;
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -205,6 +216,7 @@ impl Metrics {
             connections_closed,
             open_connections,
             config_reloads,
+            upstream_healthy,
             cache_counters,
         })
     }
@@ -270,7 +282,7 @@ mod tests {
     fn every_metric_is_documented() {
         let doc = include_str!("../docs/metrics.md");
         let m = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
-        let collectors: [&dyn Collector; 9] = [
+        let collectors: [&dyn Collector; 10] = [
             &m.requests_total,
             &m.auth_duration,
             &m.upstream_duration,
@@ -280,12 +292,13 @@ mod tests {
             &m.connections_closed,
             &m.open_connections,
             &m.config_reloads,
+            &m.upstream_healthy,
         ];
         let names: Vec<String> = collectors
             .iter()
             .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
             .collect();
-        assert_eq!(names.len(), 9);
+        assert_eq!(names.len(), 10);
         for name in names {
             assert!(
                 doc.contains(&format!("| `{name}` |")),

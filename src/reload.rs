@@ -26,6 +26,7 @@ pub struct Reloader {
     /// The config in force.
     pub current: Mutex<Config>,
     pub routing: Arc<ArcSwap<Routing>>,
+    pub board: Arc<crate::proxy::health::HealthBoard>,
     pub certificate: Option<Arc<Certificate>>,
     /// `[admin.tls]` and `[metrics.tls]`, reloaded like the proxy's.
     pub admin_certificate: Option<Arc<Certificate>>,
@@ -46,6 +47,10 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
         ("server.max_connections", format!("{:?}", s.max_connections)),
         ("server.h2c", s.h2c.to_string()),
         ("server.pid_file", format!("{:?}", s.pid_file)),
+        (
+            "server.upstream_pool_size",
+            s.upstream_pool_size.to_string(),
+        ),
         ("server.tls", s.tls.is_some().to_string()),
         (
             "server.tls.client_ca_file",
@@ -111,7 +116,7 @@ impl Reloader {
         }
         applied.log.level = fresh.log.level;
         self.routing
-            .store(Arc::new(Routing::new(&applied, &self.metrics)));
+            .store(Arc::new(Routing::new(&applied, &self.metrics, &self.board)));
         *current = applied;
         Ok(())
     }
@@ -170,6 +175,7 @@ impl Reloader {
                 &config,
                 fresh,
                 &self.metrics,
+                &self.board,
             )));
         }
     }

@@ -251,6 +251,7 @@ impl App {
         let mut conf = ServerConf {
             threads: cfg.server.threads,
             grace_period_seconds: Some(cfg.server.shutdown_grace.as_secs()),
+            upstream_keepalive_pool_size: cfg.server.upstream_pool_size,
             graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         };
@@ -318,6 +319,7 @@ impl App {
             h2c: cfg.server.h2c,
         };
         let routing = gateway.routing();
+        let board = gateway.health_board();
         let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h2c = cfg.server.h2c;
@@ -361,7 +363,8 @@ impl App {
             crate::reload::ReloadService(Arc::new(crate::reload::Reloader {
                 path: self.config_path.clone(),
                 current: Mutex::new(cfg.clone()),
-                routing,
+                routing: Arc::clone(&routing),
+                board,
                 certificate,
                 admin_certificate: admin_certificate.clone(),
                 metrics_certificate: metrics_certificate.clone(),
@@ -369,6 +372,10 @@ impl App {
             })),
         ));
 
+        server.add_service(background_service(
+            "keygate health checks",
+            crate::proxy::health::HealthChecker { routing },
+        ));
         let mut admin_service = AxumService::new(admin_listener, admin::router(admin_state));
         if let Some(cert) = &admin_certificate {
             admin_service = admin_service.with_tls(Arc::clone(cert));

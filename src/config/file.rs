@@ -61,6 +61,13 @@ pub(crate) struct ServerFile {
     pub(crate) h2c: bool,
     /// Where keygate writes its process id (for `keygate reload`).
     pub(crate) pid_file: Option<String>,
+    /// Idle keep-alive connections kept to upstreams, all endpoints together.
+    #[serde(default = "default_upstream_pool_size")]
+    pub(crate) upstream_pool_size: usize,
+}
+
+fn default_upstream_pool_size() -> usize {
+    128
 }
 
 /// `[server.tls]`.
@@ -91,6 +98,7 @@ impl Default for ServerFile {
             name: None,
             h2c: false,
             pid_file: None,
+            upstream_pool_size: default_upstream_pool_size(),
         }
     }
 }
@@ -367,6 +375,11 @@ pub(crate) struct UpstreamFile {
     pub(crate) assertion: String,
     /// With `assertion = "hs256"`: a file (mode 0600) holding the shared secret.
     pub(crate) assertion_secret_file: Option<String>,
+    /// `round_robin` (default) or `least_connections`.
+    #[serde(default = "default_balance")]
+    pub(crate) balance: String,
+    /// Active health checks; absent: passive failure counting only.
+    pub(crate) health_check: Option<HealthCheckFile>,
     /// How often host names among the endpoints are resolved again.
     #[serde(default = "default_resolve_interval")]
     pub(crate) resolve_interval: String,
@@ -376,6 +389,37 @@ pub(crate) struct UpstreamFile {
     /// keygate extension (README): how long to wait for each read of the response.
     #[serde(default = "default_read_timeout")]
     pub(crate) read_timeout: String,
+}
+
+/// `health_check = { path, interval, unhealthy_after, healthy_after, timeout }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HealthCheckFile {
+    pub(crate) path: String,
+    #[serde(default = "default_hc_interval")]
+    pub(crate) interval: String,
+    #[serde(default = "default_unhealthy_after")]
+    pub(crate) unhealthy_after: u32,
+    #[serde(default = "default_healthy_after")]
+    pub(crate) healthy_after: u32,
+    #[serde(default = "default_hc_timeout")]
+    pub(crate) timeout: String,
+}
+
+fn default_balance() -> String {
+    "round_robin".into()
+}
+fn default_hc_interval() -> String {
+    "5s".into()
+}
+fn default_unhealthy_after() -> u32 {
+    3
+}
+fn default_healthy_after() -> u32 {
+    2
+}
+fn default_hc_timeout() -> String {
+    "2s".into()
 }
 
 fn default_resolve_interval() -> String {

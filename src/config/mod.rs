@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub h2c: bool,
     /// `server.pid_file`: written at start, removed at exit.
     pub pid_file: Option<PathBuf>,
+    /// Idle keep-alive connections kept to upstreams (`server.upstream_pool_size`).
+    pub upstream_pool_size: usize,
     /// TLS on the proxy listener; `None`: plain HTTP (behind a load balancer).
     pub tls: Option<TlsConfig>,
 }
@@ -147,6 +149,9 @@ pub struct Upstream {
     /// every `resolve_interval`.
     pub endpoint_names: Vec<String>,
     pub resolve_interval: Duration,
+    pub balance: Balance,
+    /// Active health checks; `None`: passive failure counting only.
+    pub health_check: Option<HealthCheck>,
     /// How requests to it are asserted.
     pub assertion: crate::assertion::Mode,
     pub endpoints: Vec<SocketAddr>,
@@ -155,6 +160,26 @@ pub struct Upstream {
     pub forward_credentials: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+}
+
+/// How an upstream's next endpoint is picked among the healthy ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+}
+
+/// `health_check` of an upstream: `GET path` on every endpoint every `interval`; a 200 within
+/// `timeout` is a success.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    /// Consecutive failures (checks or requests) that take an endpoint out.
+    pub unhealthy_after: u32,
+    /// Consecutive successful checks that put it back.
+    pub healthy_after: u32,
+    pub timeout: Duration,
 }
 
 /// TLS to one upstream.
@@ -354,6 +379,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         h2c: f.server.h2c || f.server.tls.as_ref().is_some_and(|t| t.h2c),
         pid_file: f.server.pid_file.as_ref().map(PathBuf::from),
+        upstream_pool_size: f.server.upstream_pool_size,
         tls: f.server.tls.as_ref().map(|t| TlsConfig {
             cert_file: PathBuf::from(&t.cert_file),
             key_file: PathBuf::from(&t.key_file),
@@ -623,9 +649,47 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
             crate::assertion::Mode::Off
         }
     };
+    let balance = match u.balance.as_str() {
+        "round_robin" => Balance::RoundRobin,
+        "least_connections" => Balance::LeastConnections,
+        other => {
+            p.add(
+                format!("{at}.balance"),
+                format!("{other:?} is not \"round_robin\" or \"least_connections\""),
+            );
+            Balance::RoundRobin
+        }
+    };
+    let health_check = u.health_check.as_ref().map(|h| {
+        let hc = HealthCheck {
+            path: h.path.clone(),
+            interval: p.duration(&format!("{at}.health_check.interval"), &h.interval),
+            unhealthy_after: h.unhealthy_after,
+            healthy_after: h.healthy_after,
+            timeout: p.duration(&format!("{at}.health_check.timeout"), &h.timeout),
+        };
+        if !hc.path.starts_with('/') {
+            p.add(format!("{at}.health_check.path"), "must start with /");
+        }
+        if hc.unhealthy_after == 0 || hc.healthy_after == 0 {
+            p.add(
+                format!("{at}.health_check"),
+                "unhealthy_after and healthy_after must be at least 1",
+            );
+        }
+        if hc.interval < Duration::from_millis(100) {
+            p.add(
+                format!("{at}.health_check.interval"),
+                "must be at least 100ms",
+            );
+        }
+        hc
+    });
     Upstream {
         name: u.name.clone(),
         endpoint_names: u.endpoints.clone(),
+        balance,
+        health_check,
         resolve_interval: p.duration(&format!("{at}.resolve_interval"), &u.resolve_interval),
         assertion,
         endpoints,

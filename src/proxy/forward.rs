@@ -28,8 +28,9 @@ impl Gateway {
             return write_problem(session, ErrorCode::Internal, "no route", &ctx.request_id).await;
         };
         let route_name = route.name.clone();
-        let (peer, addr) = Self::peer(&routing, route)?;
-        ctx.upstream_addr = Some(addr);
+        let (peer, endpoint) = Self::peer(&routing, route, &[])?;
+        ctx.upstream_addr = Some(endpoint.addr);
+        ctx.endpoint = Some(endpoint);
         let mut req = session.req_header().clone();
         self.prepare_upstream_request(&mut req, ctx)?;
         req.remove_header(&TRANSFER_ENCODING);
@@ -76,6 +77,7 @@ impl Gateway {
             .await;
         };
         ctx.upstream_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        self.release_endpoint(ctx, false);
         self.metrics
             .upstream_duration
             .with_label_values(&[route_name.as_str(), status_class(resp.status.as_u16())])

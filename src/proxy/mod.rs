@@ -9,6 +9,7 @@
 
 mod forward;
 pub mod guard;
+pub mod health;
 mod route;
 pub mod routing;
 mod self_service;
@@ -54,6 +55,8 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub struct Gateway {
     /// Routes, upstreams, trusted proxies: swapped whole by a reload.
     routing: Arc<ArcSwap<Routing>>,
+    /// Endpoint health across reloads.
+    board: Arc<health::HealthBoard>,
     max_body_bytes: usize,
     /// Bounds draining an unread body after a refusal.
     body_timeout: Duration,
@@ -110,6 +113,10 @@ pub struct Ctx {
     upstream_us: Option<u64>,
     /// The endpoint the request went to.
     upstream_addr: Option<std::net::SocketAddr>,
+    /// The endpoint in use (its in-flight count is held until the request ends).
+    endpoint: Option<Arc<health::EndpointHealth>>,
+    /// Endpoints a connection failed to, not to be picked again for this request.
+    tried: Vec<std::net::SocketAddr>,
 }
 
 /// Request ids: a random per-process prefix and a counter, unique without a syscall.
@@ -153,8 +160,12 @@ impl Gateway {
         asserter: Arc<crate::assertion::Asserter>,
     ) -> Self {
         let self_service_route = self_service::route();
+        let board = Arc::new(health::HealthBoard::new(metrics.clone()));
         Self {
-            routing: Arc::new(ArcSwap::from_pointee(Routing::new(config, &metrics))),
+            routing: Arc::new(ArcSwap::from_pointee(Routing::new(
+                config, &metrics, &board,
+            ))),
+            board,
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.server.body_timeout,
             policy: Policy {
@@ -165,7 +176,9 @@ impl Gateway {
             self_service_metrics: metrics.route(&self_service_route.name),
             metrics,
             clock,
-            connector: Connector::new(None),
+            connector: Connector::new(Some(pingora::connectors::ConnectorOptions::new(
+                config.server.upstream_pool_size,
+            ))),
             request_ids: RequestIds::new(),
             lifecycle,
             self_service_route,
@@ -194,6 +207,11 @@ impl Gateway {
         Arc::clone(&self.routing)
     }
 
+    /// Endpoint health, for reloads to build routing snapshots with.
+    pub fn health_board(&self) -> Arc<health::HealthBoard> {
+        Arc::clone(&self.board)
+    }
+
     fn route<'a>(&'a self, ctx: &'a Ctx) -> Option<&'a Route> {
         if ctx.self_service {
             return Some(&self.self_service_route);
@@ -209,21 +227,21 @@ impl Gateway {
         ctx.route.and_then(|i| ctx.routing.route_metrics.get(i))
     }
 
-    /// The peer for the route's next endpoint (round-robin), and that endpoint.
-    fn peer(routing: &Routing, route: &Route) -> Result<(HttpPeer, std::net::SocketAddr)> {
+    /// The peer for the route's next endpoint (health and `balance` decide; `tried` are
+    /// skipped), and that endpoint, whose in-flight count is now held.
+    fn peer(
+        routing: &Routing,
+        route: &Route,
+        tried: &[std::net::SocketAddr],
+    ) -> Result<(HttpPeer, Arc<health::EndpointHealth>)> {
         let up = routing
             .upstream(route)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route names no upstream"))?;
-        let n = up.endpoints.len().max(1);
-        let i = routing
-            .next_endpoint
-            .get(route.upstream)
-            .map_or(0, |next| next.fetch_add(1, Ordering::Relaxed))
-            % n;
-        let addr = up
-            .endpoints
-            .get(i)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream has no endpoints"))?;
+        let endpoint = health::pick(routing, route.upstream, tried).ok_or_else(|| {
+            Error::explain(ErrorType::ConnectRefused, "every upstream endpoint failed")
+        })?;
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        let addr = &endpoint.addr;
         let mut peer = match &up.tls {
             Some(tls) => {
                 let mut peer = HttpPeer::new(*addr, true, tls.sni.clone());
@@ -239,7 +257,27 @@ impl Gateway {
         peer.options.read_timeout = Some(up.read_timeout);
         peer.options.write_timeout = Some(up.read_timeout);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        Ok((peer, *addr))
+        Ok((peer, endpoint))
+    }
+
+    /// The request is done with its endpoint: release its in-flight count; `failed` counts a
+    /// failure before an answer against it (passive health).
+    fn release_endpoint(&self, ctx: &mut Ctx, failed: bool) {
+        let Some(endpoint) = ctx.endpoint.take() else {
+            return;
+        };
+        endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(up) = ctx
+            .route
+            .and_then(|i| ctx.routing.router.get(i))
+            .and_then(|r| ctx.routing.upstream(r))
+        {
+            if failed {
+                endpoint.request_failed(up);
+            } else {
+                endpoint.request_answered(up);
+            }
+        }
     }
 
     /// The client address of SPEC §3.5.
@@ -701,6 +739,8 @@ impl ProxyHttp for Gateway {
             auth_us: 0,
             upstream_us: None,
             upstream_addr: None,
+            endpoint: None,
+            tried: Vec::new(),
         }
     }
 
@@ -865,9 +905,34 @@ impl ProxyHttp for Gateway {
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route in context"))?;
-        let (peer, addr) = Self::peer(&ctx.routing, route)?;
-        ctx.upstream_addr = Some(addr);
+        let (peer, endpoint) = Self::peer(&ctx.routing, route, &ctx.tried)?;
+        ctx.upstream_addr = Some(endpoint.addr);
+        ctx.endpoint = Some(endpoint);
         Ok(Box::new(peer))
+    }
+
+    /// A connection to the endpoint failed, so nothing was sent: counted against it, and an
+    /// idempotent request (GET, HEAD, PUT, DELETE, OPTIONS, TRACE) is tried on another
+    /// endpoint. Never a POST or PATCH, and never a body keygate forwards itself.
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(addr) = ctx.endpoint.as_ref().map(|ep| ep.addr) {
+            ctx.tried.push(addr);
+        }
+        self.release_endpoint(ctx, true);
+        let untried = ctx
+            .route
+            .and_then(|i| ctx.routing.router.get(i))
+            .and_then(|r| ctx.routing.upstream(r))
+            .is_some_and(|u| u.endpoints.iter().any(|a| !ctx.tried.contains(a)));
+        let idempotent = session.req_header().method.is_idempotent();
+        e.set_retry(idempotent && untried && !session.as_ref().retry_buffer_truncated());
+        e
     }
 
     async fn upstream_request_filter(
@@ -890,6 +955,7 @@ impl ProxyHttp for Gateway {
             ctx.upstream_us =
                 Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         }
+        self.release_endpoint(ctx, false);
         if let (Some(started), Some(route)) = (ctx.upstream_started, self.route(ctx)) {
             let elapsed = started.elapsed().as_secs_f64();
             let class = status_class(upstream_response.status.as_u16());
@@ -939,6 +1005,13 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         guard::request_done();
+        // Still held: the upstream failed before answering (a timeout, a broken connection).
+        let upstream_failed = e.is_some_and(|e| e.esource() == &ErrorSource::Upstream)
+            || matches!(
+                ctx.outcome,
+                Some(ErrorCode::UpstreamTimeout | ErrorCode::UpstreamUnavailable)
+            );
+        self.release_endpoint(ctx, upstream_failed);
         let route = self.route(ctx).map_or("unmatched", |r| r.name.as_str());
         let outcome = match (ctx.outcome, e) {
             (Some(code), _) => code.as_str(),

@@ -3,11 +3,13 @@
 //! a request midway, and requests already running finish on the old one.
 
 use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 use crate::auth::client_ip::AllowList;
 use crate::config::{Config, Route, Upstream};
 use crate::metrics::{Metrics, RouteMetrics};
 
+use super::health::{EndpointHealth, HealthBoard};
 use super::Router;
 
 /// One consistent view of the routing config.
@@ -19,16 +21,34 @@ pub struct Routing {
     /// Per route index, the series of its successful requests.
     pub(super) route_metrics: Vec<RouteMetrics>,
     pub(super) trusted_proxies: AllowList,
+    /// Per upstream, per endpoint (as in `upstreams[i].endpoints`), its health.
+    pub(super) health: Vec<Vec<Arc<EndpointHealth>>>,
 }
 
 impl Routing {
-    pub fn new(config: &Config, metrics: &Metrics) -> Self {
-        Self::with_upstreams(config, config.upstreams.clone(), metrics)
+    pub fn new(config: &Config, metrics: &Metrics, board: &HealthBoard) -> Self {
+        Self::with_upstreams(config, config.upstreams.clone(), metrics, board)
     }
 
     /// The same routes with other upstream endpoints (host names resolved again).
-    pub fn with_upstreams(config: &Config, upstreams: Vec<Upstream>, metrics: &Metrics) -> Self {
+    pub fn with_upstreams(
+        config: &Config,
+        upstreams: Vec<Upstream>,
+        metrics: &Metrics,
+        board: &HealthBoard,
+    ) -> Self {
+        board.retain(&upstreams);
+        let health = upstreams
+            .iter()
+            .map(|u| {
+                u.endpoints
+                    .iter()
+                    .map(|a| board.endpoint(&u.name, *a))
+                    .collect()
+            })
+            .collect();
         Self {
+            health,
             router: Router::new(config.routes.clone()),
             next_endpoint: upstreams.iter().map(|_| AtomicUsize::new(0)).collect(),
             upstreams,
