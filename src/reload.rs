@@ -47,6 +47,7 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
         ("server.max_connections", format!("{:?}", s.max_connections)),
         ("server.h2c", s.h2c.to_string()),
         ("server.pid_file", format!("{:?}", s.pid_file)),
+        ("server.upgrade_sock", format!("{:?}", s.upgrade_sock)),
         (
             "server.upstream_pool_size",
             s.upstream_pool_size.to_string(),

@@ -195,6 +195,8 @@ pub struct App {
     pub config: Config,
     /// The file `config` came from: SIGHUP reads it again. `None`: nothing to reload.
     pub config_path: Option<std::path::PathBuf>,
+    /// Take the listening proxy socket over from a running keygate (`serve --upgrade`).
+    pub upgrade: bool,
     pub store: Arc<dyn KeyStore>,
     pub signing_keys: Arc<dyn SigningKeyStore>,
     pub master: Arc<MasterKey>,
@@ -216,6 +218,7 @@ impl App {
         Ok(Self {
             config,
             config_path: None,
+            upgrade: false,
             store: stores.keys,
             signing_keys: stores.signing_keys,
             master: Arc::new(master),
@@ -244,11 +247,21 @@ impl App {
             .watch(Arc::clone(&cache) as Arc<dyn crate::keys::ChangeSink>);
 
         // Bind what we can now, so a taken port fails at once instead of pingora's 30 retries.
-        let admin_listener = bind(cfg.admin.listen)?;
-        let metrics_listener = bind(cfg.metrics.listen)?;
-        drop(bind(cfg.server.listen)?);
+        // Bind what we can now, so a taken port fails at once instead of pingora's 30 retries.
+        // During an upgrade the old process still holds every port: pingora hands the proxy's
+        // over, and the admin and metrics listeners are bound once the old process lets go.
+        let (admin_listener, metrics_listener) = if self.upgrade {
+            (None, None)
+        } else {
+            drop(bind(cfg.server.listen)?);
+            (
+                Some(bind(cfg.admin.listen)?),
+                Some(bind(cfg.metrics.listen)?),
+            )
+        };
 
         let mut conf = ServerConf {
+            upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
             threads: cfg.server.threads,
             grace_period_seconds: Some(cfg.server.shutdown_grace.as_secs()),
             upstream_keepalive_pool_size: cfg.server.upstream_pool_size,
@@ -256,7 +269,11 @@ impl App {
             ..ServerConf::default()
         };
         conf.daemon = false;
-        let mut server = Server::new_with_opt_and_conf(None, conf);
+        let opt = pingora::server::configuration::Opt {
+            upgrade: self.upgrade,
+            ..Default::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
         server.bootstrap();
 
         let lifecycle = Arc::new(Lifecycle::new(
@@ -376,7 +393,8 @@ impl App {
             "keygate health checks",
             crate::proxy::health::HealthChecker { routing },
         ));
-        let mut admin_service = AxumService::new(admin_listener, admin::router(admin_state));
+        let mut admin_service =
+            AxumService::on(cfg.admin.listen, admin_listener, admin::router(admin_state));
         if let Some(cert) = &admin_certificate {
             admin_service = admin_service.with_tls(Arc::clone(cert));
         }
@@ -395,7 +413,8 @@ impl App {
                 }),
             )
             .layer(axum::middleware::from_fn(admin::with_request_id));
-        let mut metrics_service = AxumService::new(metrics_listener, metrics_router);
+        let mut metrics_service =
+            AxumService::on(cfg.metrics.listen, metrics_listener, metrics_router);
         if let Some(cert) = &metrics_certificate {
             metrics_service = metrics_service.with_tls(Arc::clone(cert));
         }
@@ -441,7 +460,12 @@ impl App {
         }
         rt.block_on(self.store.flush())?;
         if let Some(pid_file) = &self.config.server.pid_file {
-            let _ = std::fs::remove_file(pid_file);
+            // After an upgrade the file names the new process: leave it.
+            let ours = std::fs::read_to_string(pid_file)
+                .is_ok_and(|t| t.trim() == std::process::id().to_string());
+            if ours {
+                let _ = std::fs::remove_file(pid_file);
+            }
         }
         tracing::info!("keygate stopped");
         Ok(())
@@ -460,6 +484,8 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 pub struct AxumService {
     /// Bound before the server starts; taken once when the service starts.
     listener: Mutex<Option<TcpListener>>,
+    /// Where to bind when no listener was given (an upgrade: once the old process lets go).
+    addr: Option<SocketAddr>,
     router: axum::Router,
     tls: Option<Arc<crate::proxy::tls::Certificate>>,
 }
@@ -468,8 +494,40 @@ impl AxumService {
     pub fn new(listener: TcpListener, router: axum::Router) -> Self {
         Self {
             listener: Mutex::new(Some(listener)),
+            addr: None,
             router,
             tls: None,
+        }
+    }
+
+    /// With `listener` when bound already, else binding `addr` when the service starts,
+    /// retrying while another process (the keygate being upgraded) still holds it.
+    pub fn on(addr: SocketAddr, listener: Option<TcpListener>, router: axum::Router) -> Self {
+        let mut s = match listener {
+            Some(l) => Self::new(l, router),
+            None => Self {
+                listener: Mutex::new(None),
+                addr: None,
+                router,
+                tls: None,
+            },
+        };
+        s.addr = Some(addr);
+        s
+    }
+
+    /// Binds `addr`, waiting (up to a minute) for the process that holds it to let go.
+    async fn bind_when_free(addr: SocketAddr) -> Option<TcpListener> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match bind(addr) {
+                Ok(l) => return Some(l),
+                Err(e) if std::time::Instant::now() > deadline => {
+                    tracing::error!(error = %e, "listener not started");
+                    return None;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+            }
         }
     }
 
@@ -539,8 +597,14 @@ impl AxumService {
 #[async_trait]
 impl BackgroundService for AxumService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(std_listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else {
-            return;
+        let given = self.listener.lock().ok().and_then(|mut l| l.take());
+        let std_listener = match (given, self.addr) {
+            (Some(l), _) => l,
+            (None, Some(addr)) => match Self::bind_when_free(addr).await {
+                Some(l) => l,
+                None => return,
+            },
+            (None, None) => return,
         };
         let listener = match tokio::net::TcpListener::from_std(std_listener) {
             Ok(l) => l,

@@ -191,6 +191,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
     let app = App {
         config,
         config_path: None,
+        upgrade: false,
         store,
         signing_keys: stores.signing_keys,
         master: Arc::new(master),

@@ -38,7 +38,12 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Serve,
+    Serve {
+        /// Zero-downtime binary upgrade: receive the listening proxy socket from the running
+        /// keygate (over server.upgrade_sock), which is then told to stop with SIGQUIT.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate a config file; print every problem with its key path; exit 64 on error.
     CheckConfig { file: PathBuf },
     /// Zero-setup quickstart: embedded store, echo upstream, one demo key.
@@ -283,12 +288,13 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
-        None | Some(Command::Serve) => {
+        None | Some(Command::Serve { .. }) => {
+            let upgrade = matches!(cli.command, Some(Command::Serve { upgrade: true }));
             let Some(path) = cli.config else {
                 eprintln!("keygate: --config FILE is required (or try `keygate demo`)");
                 return ExitCode::from(EX_USAGE);
             };
-            serve::serve(&path)
+            serve::serve(&path, upgrade)
         }
         Some(Command::Store {
             command:

@@ -49,7 +49,7 @@ pub(super) fn reload(path: &std::path::Path) -> ExitCode {
     }
 }
 
-pub(super) fn serve(path: &std::path::Path) -> ExitCode {
+pub(super) fn serve(path: &std::path::Path, upgrade: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -57,6 +57,7 @@ pub(super) fn serve(path: &std::path::Path) -> ExitCode {
     crate::logging::init(Some(&config.log));
     let result = App::from_config(config).and_then(|mut app| {
         app.config_path = Some(path.to_path_buf());
+        app.upgrade = upgrade;
         app.run(Vec::new(), None)
     });
     match result {

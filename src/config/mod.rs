@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub pid_file: Option<PathBuf>,
     /// Idle keep-alive connections kept to upstreams (`server.upstream_pool_size`).
     pub upstream_pool_size: usize,
+    /// The unix socket a binary upgrade hands the proxy listener over (`server.upgrade_sock`).
+    pub upgrade_sock: PathBuf,
     /// TLS on the proxy listener; `None`: plain HTTP (behind a load balancer).
     pub tls: Option<TlsConfig>,
 }
@@ -380,6 +382,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         h2c: f.server.h2c || f.server.tls.as_ref().is_some_and(|t| t.h2c),
         pid_file: f.server.pid_file.as_ref().map(PathBuf::from),
         upstream_pool_size: f.server.upstream_pool_size,
+        upgrade_sock: PathBuf::from(&f.server.upgrade_sock),
         tls: f.server.tls.as_ref().map(|t| TlsConfig {
             cert_file: PathBuf::from(&t.cert_file),
             key_file: PathBuf::from(&t.key_file),
