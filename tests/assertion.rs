@@ -97,7 +97,7 @@ fn verify_with_jose(
     let tmp = tempfile::tempdir().unwrap();
     let body_file = tmp.path().join("body");
     std::fs::write(&body_file, body).unwrap();
-    let mut child = Command::new("node")
+    let child = Command::new("node")
         .arg(&script)
         .args([jwks, audience, method, target])
         .arg(&body_file)
@@ -106,6 +106,12 @@ fn verify_with_jose(
         .stderr(Stdio::piped())
         .spawn()
         .expect("node is needed: apt-get install -y nodejs npm");
+    run_verifier(child, token)
+}
+
+/// Feeds `token` to a verifier process and reads its verdict: exit 0 and the claims as JSON,
+/// or exit 1 and the reason.
+fn run_verifier(mut child: std::process::Child, token: &str) -> Verdict {
     use std::io::Write;
     child
         .stdin
@@ -144,7 +150,7 @@ fn verify(
     let body_file = dir.path().join("body");
     std::fs::write(&body_file, body).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/verify_assertion.py");
-    let mut child = Command::new(python())
+    let child = Command::new(python())
         .arg(script)
         .args(key)
         .args([
@@ -162,23 +168,7 @@ fn verify(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(token.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    match out.status.code() {
-        Some(0) => Verdict::Accepted(serde_json::from_str(&stdout).unwrap()),
-        Some(1) => Verdict::Rejected(stdout),
-        _ => panic!(
-            "verifier crashed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+    run_verifier(child, token)
 }
 
 fn accepted(v: Verdict) -> Value {

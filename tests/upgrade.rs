@@ -6,8 +6,6 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -37,33 +35,7 @@ async fn serve_upgrade_takes_the_listener_over_without_a_failed_request() {
     let old_pid = old.pid();
 
     // A fresh connection per request, all along.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (stop, sent, failed, url) = (
-            stop.clone(),
-            sent.clone(),
-            failed.clone(),
-            old.url("/public/x"),
-        );
-        tokio::spawn(async move {
-            let http = reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .build()
-                .unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                sent.fetch_add(1, Ordering::Relaxed);
-                match http.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    other => {
-                        eprintln!("failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let traffic = support::Traffic::gets(old.url("/public/x"), true);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let log = std::fs::File::create(dir.path().join("new.log")).unwrap();
@@ -116,9 +88,7 @@ async fn serve_upgrade_takes_the_listener_over_without_a_failed_request() {
         .unwrap();
     assert_eq!(ready.status(), 200, "the new admin listener answers");
 
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = traffic.finish().await;
     println!("upgrade: {sent} requests on fresh connections across the hand-over, {failed} failed");
     let _ = Command::new("kill")
         .arg("-TERM")

@@ -6,7 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,30 +127,7 @@ async fn health_checks_take_a_killed_endpoint_out_and_put_it_back() {
     assert_eq!(healthy(&gw, b.addr).await, 1.0);
 
     // GETs all along: none may fail, whatever happens to A.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (stop, sent, failed, url) = (
-            stop.clone(),
-            sent.clone(),
-            failed.clone(),
-            gw.url("/pool/x"),
-        );
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            while !stop.load(Ordering::Relaxed) {
-                sent.fetch_add(1, Ordering::Relaxed);
-                match http.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    other => {
-                        eprintln!("failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let traffic = support::Traffic::gets(gw.url("/pool/x"), false);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(a.served() > 0 && b.served() > 0, "round-robin reaches both");
 
@@ -168,9 +145,7 @@ async fn health_checks_take_a_killed_endpoint_out_and_put_it_back() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(a.served() > a_back, "A takes traffic again");
 
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = traffic.finish().await;
     println!("pool: {sent} GETs while an endpoint was killed and restarted, {failed} failed");
     assert!(sent > 50, "{sent}");
     assert_eq!(failed, 0);

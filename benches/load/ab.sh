@@ -48,17 +48,6 @@ for side in A B; do
   $LG run "http://127.0.0.1:$p/v1/payments" 2 1 "$BODY" "$k" "$s" >/dev/null
 done
 
-# One row: "rps cpu_us" of the gateway process.
-row() {
-  local pid=$1 before after out n rps
-  shift
-  before=$(ticks "$pid")
-  out=$($LG run "$@")
-  after=$(ticks "$pid")
-  n=$(sed -E 's/.*"requests":([0-9]+).*/\1/' <<<"$out")
-  rps=$(sed -E 's/.*"rps":([0-9.]+).*/\1/' <<<"$out")
-  awk -v r="$rps" -v d=$((after - before)) -v n="$n" -v t="$TCK" 'BEGIN { printf "%.0f %.1f\n", r, (n > 0 ? d * 1e6 / t / n : 0) }'
-}
 declare -A res
 for round in $(seq "$ROUNDS"); do
   for side in A B; do

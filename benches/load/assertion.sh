@@ -68,19 +68,10 @@ for mode in ed25519 hs256 off; do
   $LG run "http://127.0.0.1:$proxy/$mode/payments" 2 1 "$BODY" "$pk" "$sk" >/dev/null
 done
 
-row() {
-  local before after out n rps
-  before=$(ticks "$kg")
-  out=$($LG run "$@")
-  after=$(ticks "$kg")
-  n=$(sed -E 's/.*"requests":([0-9]+).*/\1/' <<<"$out")
-  rps=$(sed -E 's/.*"rps":([0-9.]+).*/\1/' <<<"$out")
-  awk -v r="$rps" -v d=$((after - before)) -v n="$n" -v t="$TCK" 'BEGIN { printf "%.0f %.1f\n", r, (n > 0 ? d * 1e6 / t / n : 0) }'
-}
 declare -A res
 for round in $(seq "$ROUNDS"); do
   for mode in off ed25519 hs256; do
-    res[$mode]+="$(row "http://127.0.0.1:$proxy/$mode/payments" "$CONNS" "$DURATION" "$BODY" "$pk" "$sk")"$'\n'
+    res[$mode]+="$(row "$kg" "http://127.0.0.1:$proxy/$mode/payments" "$CONNS" "$DURATION" "$BODY" "$pk" "$sk")"$'\n'
   done
 done
 median() { grep . <<<"$1" | sort -n -k"$2" | awk -v n="$ROUNDS" -v k="$2" 'NR == int((n + 1) / 2) {print $k}'; }

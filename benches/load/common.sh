@@ -52,3 +52,16 @@ TOML
 # CPU time (user + system, all threads) of a process, in clock ticks.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
+
+# row PID LOADGEN_RUN_ARGS…: one `loadgen run` as "rps cpu_us", the CPU µs per request being
+# that of the process PID (the gateway) over the row. Needs $LG.
+row() {
+  local pid=$1 before after out n rps
+  shift
+  before=$(ticks "$pid")
+  out=$($LG run "$@")
+  after=$(ticks "$pid")
+  n=$(sed -E 's/.*"requests":([0-9]+).*/\1/' <<<"$out")
+  rps=$(sed -E 's/.*"rps":([0-9.]+).*/\1/' <<<"$out")
+  awk -v r="$rps" -v d=$((after - before)) -v n="$n" -v t="$TCK" 'BEGIN { printf "%.0f %.1f\n", r, (n > 0 ? d * 1e6 / t / n : 0) }'
+}

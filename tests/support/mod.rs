@@ -700,3 +700,45 @@ pub async fn raw_exchange(
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// GET requests in a loop (5 ms apart) until [`Traffic::finish`]: counts those sent and those
+/// not answered 200. `fresh_connections`: a new connection for every request.
+pub struct Traffic {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<(usize, usize)>,
+}
+
+impl Traffic {
+    pub fn gets(url: String, fresh_connections: bool) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let handle = tokio::spawn(async move {
+            let mut builder = reqwest::Client::builder();
+            if fresh_connections {
+                builder = builder.pool_max_idle_per_host(0);
+            }
+            let http = builder.build().unwrap();
+            let (mut sent, mut failed) = (0, 0);
+            while !stopped.load(Ordering::Relaxed) {
+                sent += 1;
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    other => {
+                        eprintln!("failed: {other:?}");
+                        failed += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (sent, failed)
+        });
+        Self { stop, handle }
+    }
+
+    /// Stops the loop: (sent, failed).
+    pub async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.await.unwrap()
+    }
+}
