@@ -203,6 +203,22 @@ fn jwks_args(gw: &Gateway) -> [String; 2] {
     ["--jwks".into(), gw.admin_url("/.well-known/jwks.json")]
 }
 
+/// `GET url` answered as JSON.
+async fn get_json(gw: &Gateway, url: String) -> Value {
+    gw.http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// `POST /v1/assertion/rotate` with the admin token and `body`.
+async fn rotate(gw: &Gateway, body: Value) -> reqwest::Response {
+    gw.http
+        .post(gw.admin_url("/v1/assertion/rotate"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Sends a signed POST and returns what the upstream received.
 async fn forwarded(
     gw: &Gateway,
@@ -431,24 +447,8 @@ upstream = "legacy"
     assert_eq!(header(&seen, "x-keygate-key-id"), Some(key.id.as_str()));
 
     // The JWKS is on the proxy listener too, the same document as on the admin listener.
-    let on_proxy: Value = gw
-        .http
-        .get(gw.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let on_admin: Value = gw
-        .http
-        .get(gw.admin_url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let on_proxy: Value = get_json(&gw, gw.url("/.well-known/jwks.json")).await;
+    let on_admin: Value = get_json(&gw, gw.admin_url("/.well-known/jwks.json")).await;
     assert_eq!(on_proxy, on_admin);
     assert_eq!(on_proxy["keys"][0]["crv"], "Ed25519");
 }
@@ -499,14 +499,7 @@ async fn rotation_publishes_the_new_key_and_keeps_the_old_one_until_it_expires()
 
     // Rotating at once: the newest key signs (replacing the scheduled one, which never
     // signed), the old one stays published, and the old token still verifies.
-    let r = gw
-        .http
-        .post(gw.admin_url("/v1/assertion/rotate"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"publish_ahead_seconds": 0}))
-        .send()
-        .await
-        .unwrap();
+    let r = rotate(&gw, json!({"publish_ahead_seconds": 0})).await;
     assert_eq!(r.status(), 200);
     let ring: Value = r.json().await.unwrap();
     let states: Vec<&str> = ring["keys"]
@@ -519,15 +512,7 @@ async fn rotation_publishes_the_new_key_and_keeps_the_old_one_until_it_expires()
     let seen = forwarded(&gw, &echo, &key, "/v1/payments", b"{}").await;
     let new_token = header(&seen, "x-keygate-assertion").unwrap().to_owned();
     assert_eq!(kid_of(&new_token), ring["keys"][1]["kid"].as_str().unwrap());
-    let published: Value = gw
-        .http
-        .get(gw.admin_url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let published: Value = get_json(&gw, gw.admin_url("/.well-known/jwks.json")).await;
     let kids: Vec<&str> = published["keys"]
         .as_array()
         .unwrap()
@@ -554,14 +539,7 @@ async fn rotation_publishes_the_new_key_and_keeps_the_old_one_until_it_expires()
     ));
 
     // Bad input to the rotation is refused without a change.
-    let r = gw
-        .http
-        .post(gw.admin_url("/v1/assertion/rotate"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"publish_ahead_seconds": -1}))
-        .send()
-        .await
-        .unwrap();
+    let r = rotate(&gw, json!({"publish_ahead_seconds": -1})).await;
     support::assert_problem(r, 422, "validation_failed").await;
     let r = gw
         .http
@@ -615,14 +593,7 @@ async fn a_redis_fleet_shares_one_keyring_and_a_rotation_reaches_every_gateway()
         b"{}",
     ));
 
-    let r = b
-        .http
-        .post(b.admin_url("/v1/assertion/rotate"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"publish_ahead_seconds": 0}))
-        .send()
-        .await
-        .unwrap();
+    let r = rotate(&b, json!({"publish_ahead_seconds": 0})).await;
     assert_eq!(r.status(), 200);
     let ring: Value = r.json().await.unwrap();
     let new_kid = ring["keys"][1]["kid"].as_str().unwrap().to_owned();
