@@ -15,6 +15,10 @@
 //! loadgen redis-commands REDIS_URL                     -> total_commands_processed
 //! ```
 //!
+//! An `https://` URL is reached over TLS trusting the CA in `LG_CA` (PEM), server name
+//! `localhost`; `LG_H2=1` speaks HTTP/2 (ALPN `h2` over TLS, prior knowledge over plain TCP),
+//! one stream at a time per connection, like the HTTP/1.1 rows.
+//!
 //! With `RATE=N` in the environment, the `run*` commands send N requests/s in total, each
 //! connection on its own schedule, instead of back to back: latency at one offered load, the
 //! same for every row, rather than at each row's saturation (where p99 mostly restates the
@@ -76,12 +80,17 @@ impl Keys {
 struct Target {
     host: String,
     path: String,
+    tls: bool,
 }
 
 fn parse(url: &str) -> Target {
-    let rest = url.strip_prefix("http://").expect("http:// URL");
+    let (tls, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://").expect("http:// or https:// URL")),
+    };
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     Target {
+        tls,
         host: host.to_owned(),
         path: if path.is_empty() {
             "/".into()
@@ -108,6 +117,72 @@ async fn get(url: &str) -> Option<(u16, Vec<u8>)> {
     Some((status, body))
 }
 
+/// One client connection: HTTP/1.1 or HTTP/2, plain or TLS.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn open(t: &Target) -> Self {
+        let h2 = std::env::var("LG_H2").is_ok_and(|v| v == "1");
+        let tcp = tokio::net::TcpStream::connect(&t.host).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        if !t.tls {
+            return Self::handshake(TokioIo::new(tcp), h2).await;
+        }
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::env::var("LG_CA").expect("LG_CA: the PEM CA to trust for https://");
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        Self::handshake(TokioIo::new(tls), h2).await
+    }
+
+    async fn handshake<T>(io: TokioIo<T>, h2: bool) -> Self
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if h2 {
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            Self::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Self::H1(send)
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+        match self {
+            Self::H1(s) => s.send_request(req).await,
+            Self::H2(s) => s.send_request(req).await,
+        }
+    }
+}
+
 async fn connection(
     t: &Target,
     secs: f64,
@@ -120,12 +195,8 @@ async fn connection(
     let mut lat = Vec::with_capacity(200_000);
     let mut bad = 0u64;
     let mut late = 0u64;
-    let stream = tokio::net::TcpStream::connect(&t.host).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = Sender::open(t).await;
+    let h2 = matches!(send, Sender::H2(_));
     let begin = Instant::now();
     let end = begin + Duration::from_secs_f64(secs);
     let mut i = 0u64;
@@ -135,9 +206,14 @@ async fn connection(
         // all fire at once); it is made (and signed) before its slot comes.
         let slot =
             pace.map(|(iv, phase)| begin + phase + iv * u32::try_from(i).unwrap_or(u32::MAX));
-        let mut req = hyper::Request::post(&t.path)
-            .header("host", &t.host)
-            .header("content-type", "application/json");
+        let mut req = if h2 {
+            // HTTP/2 carries the authority in the URI, not a host header.
+            let scheme = if t.tls { "https" } else { "http" };
+            hyper::Request::post(format!("{scheme}://{}{}", t.host, t.path))
+        } else {
+            hyper::Request::post(&t.path).header("host", &t.host)
+        }
+        .header("content-type", "application/json");
         // Out of fresh keys: this connection is done.
         let Some(signer) = keys.pick(i) else { break };
         if let Keys::Bearer(secret) = &keys {

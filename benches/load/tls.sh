@@ -4,7 +4,10 @@
 #   handshakes/s, full (`openssl s_time -new`) and resumed (`-reuse`), and the server's CPU µs
 #   per handshake (/proc/<pid>/stat), for keygate and for nginx (1 worker);
 #   requests/s on kept-alive connections to a public route (wrk): keygate over plain HTTP,
-#   keygate over TLS, nginx over TLS (proxy_pass with keep-alive to the same upstream).
+#   keygate over TLS, nginx over TLS (proxy_pass with keep-alive to the same upstream);
+#   signed requests/s (examples/loadgen: cached hmac-v1 key, 1 KiB POST, fresh nonce, the
+#   default Ed25519 assertion) over plain HTTP/1.1, TLS HTTP/1.1 and TLS h2, beside nginx
+#   proxying the same POST over TLS HTTP/1.1 and h2 (nginx checks nothing).
 # s_time is one client thread, so handshakes/s can be client-bound: the CPU µs per handshake
 # of the server is the comparable figure. Knobs: DURATION=5 CONNS=16.
 set -euo pipefail
@@ -24,9 +27,14 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-  -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -days 1 \
-  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+# A CA and a leaf it signed (rustls, in the load generator, refuses a CA as the leaf).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=bench-ca \
+  -days 1 -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+  -keyout "$work/key.pem" -out "$work/leaf.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$work/leaf.ext"
+openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+  -CAcreateserial -days 1 -extfile "$work/leaf.ext" -out "$work/cert.pem" 2>/dev/null
 
 up=$($LG free-port); ngtls=$($LG free-port)
 plain=$($LG free-port); tls=$($LG free-port)
@@ -47,7 +55,7 @@ http {
   ssl_protocols TLSv1.2 TLSv1.3;
   ssl_session_cache shared:SSL:10m;
   server {
-    listen 127.0.0.1:$ngtls ssl;
+    listen 127.0.0.1:$ngtls ssl http2;
     ssl_certificate $work/cert.pem;
     ssl_certificate_key $work/key.pem;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -59,10 +67,11 @@ ngpid=$!
 pids+=($!)
 
 MASTER=$(head -c 32 /dev/urandom | base64)
-declare -A kgpid
+declare -A kgpid adminport
 for side in plain tls; do
   mkdir "$work/$side"
   a=$($LG free-port); m=$($LG free-port)
+  adminport[$side]=$a
   keygate_toml "${!side}" "$a" "$m" "$work/$side/keygate.db" "$up" 1 > "$work/$side/keygate.toml"
   if [ "$side" = tls ]; then
     printf '[server.tls]\ncert_file = "%s"\nkey_file = "%s"\n' "$work/cert.pem" "$work/key.pem" >> "$work/$side/keygate.toml"
@@ -116,3 +125,18 @@ done
 read -r r c < <(requests "${kgpid[plain]}" "http://127.0.0.1:$plain/public/x"); echo "| keygate, plain HTTP, public route | $r | $c |"
 read -r r c < <(requests "${kgpid[tls]}" "https://127.0.0.1:$tls/public/x"); echo "| keygate, TLS, public route | $r | $c |"
 read -r r c < <(requests "$ngworker" "https://127.0.0.1:$ngtls/public/x"); echo "| nginx, TLS, proxy_pass | $r | $c |"
+
+# Signed requests: each keygate mints its own key (separate stores).
+declare -A pk sk
+for side in plain tls; do
+  read -r k s < <($LG mint "http://127.0.0.1:${adminport[$side]}" bench-token)
+  pk[$side]=$k; sk[$side]=$s
+done
+export LG_CA=$work/ca.pem
+BODY=1024
+signed() { row "$1" "$2" "$CONNS" "$DURATION" "$BODY" "${@:3}"; }
+read -r r c < <(LG_H2=0 signed "${kgpid[plain]}" "http://127.0.0.1:$plain/v1/payments" "${pk[plain]}" "${sk[plain]}"); echo "| keygate, plain HTTP/1.1, signed 1 KiB POST | $r | $c |"
+read -r r c < <(LG_H2=0 signed "${kgpid[tls]}" "https://127.0.0.1:$tls/v1/payments" "${pk[tls]}" "${sk[tls]}"); echo "| keygate, TLS HTTP/1.1, signed 1 KiB POST | $r | $c |"
+read -r r c < <(LG_H2=1 signed "${kgpid[tls]}" "https://127.0.0.1:$tls/v1/payments" "${pk[tls]}" "${sk[tls]}"); echo "| keygate, TLS h2, signed 1 KiB POST | $r | $c |"
+read -r r c < <(LG_H2=0 signed "$ngworker" "https://127.0.0.1:$ngtls/v1/payments"); echo "| nginx, TLS HTTP/1.1, 1 KiB POST proxied (no checks) | $r | $c |"
+read -r r c < <(LG_H2=1 signed "$ngworker" "https://127.0.0.1:$ngtls/v1/payments"); echo "| nginx, TLS h2, 1 KiB POST proxied (no checks) | $r | $c |"
