@@ -86,7 +86,11 @@ struct Target {
 fn parse(url: &str) -> Target {
     let (tls, rest) = match url.strip_prefix("https://") {
         Some(rest) => (true, rest),
-        None => (false, url.strip_prefix("http://").expect("http:// or https:// URL")),
+        None => (
+            false,
+            url.strip_prefix("http://")
+                .expect("http:// or https:// URL"),
+        ),
     };
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     Target {
@@ -145,7 +149,11 @@ impl Sender {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        cfg.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+        cfg.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
