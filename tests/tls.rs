@@ -729,6 +729,46 @@ async fn the_admin_and_metrics_listeners_speak_https_when_configured() {
             .unwrap();
     assert_eq!(status, 200);
     assert!(text.contains("keygate_keys_changed_total"), "{text}");
+    // The CLI speaks HTTPS to the admin listener, trusting the given CA.
+    for args in [&["keys", "list"][..], &["assertion", "keys"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(args)
+            .args([
+                "--json",
+                "--admin-url",
+                &format!("https://localhost:{admin}"),
+            ])
+            .arg("--ca-file")
+            .arg(&files.ca)
+            .env("KEYGATE_ADMIN_TOKEN", support::ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v.get("items").or_else(|| v.get("keys")).is_some(), "{v}");
+    }
+    // Without the CA, the CLI refuses the server's certificate (exit 69, unreachable).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args([
+            "keys",
+            "list",
+            "--admin-url",
+            &format!("https://localhost:{admin}"),
+        ])
+        .env("KEYGATE_ADMIN_TOKEN", support::ADMIN_TOKEN)
+        .env_remove("KEYGATE_ADMIN_CA_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Plain HTTP on those ports gets no answer.
     let plain = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{admin}/healthz"))

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::keys::{admin_call, KeysError};
+use super::keys::{admin_call, Admin, KeysError};
 
 /// One `assertion` subcommand.
 #[derive(Debug, Clone, Copy)]
@@ -15,32 +15,18 @@ pub enum AssertionCommand {
     Rotate { publish_ahead: Duration },
 }
 
-/// Runs `cmd` against `admin_url`; returns what to print.
-pub async fn run(
-    cmd: AssertionCommand,
-    admin_url: &str,
-    token: &str,
-    as_json: bool,
-) -> Result<String, KeysError> {
-    let base = admin_url.trim_end_matches('/');
+/// Runs `cmd` against the admin API; returns what to print.
+pub async fn run(cmd: AssertionCommand, admin: &Admin, as_json: bool) -> Result<String, KeysError> {
     let (_, text, value) = match cmd {
         AssertionCommand::Keys => {
-            admin_call(
-                base,
-                reqwest::Method::GET,
-                "/v1/assertion/keys",
-                token,
-                None,
-            )
-            .await?
+            admin_call(admin, reqwest::Method::GET, "/v1/assertion/keys", None).await?
         }
         AssertionCommand::Rotate { publish_ahead } => {
             let body = json!({ "publish_ahead_seconds": publish_ahead.as_secs() });
             admin_call(
-                base,
+                admin,
                 reqwest::Method::POST,
                 "/v1/assertion/rotate",
-                token,
                 Some(&body),
             )
             .await?

@@ -132,14 +132,18 @@ fn fields_json(f: &KeyFields) -> Result<Map<String, Value>, KeysError> {
     Ok(m)
 }
 
-/// Runs one command against `admin_url` with `token`; returns what to print.
-pub async fn run(
-    cmd: &KeysCommand,
-    admin_url: &str,
-    token: &str,
-    as_json: bool,
-) -> Result<String, KeysError> {
-    let base = admin_url.trim_end_matches('/');
+/// Where and how to reach the admin API.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// `http://…` or `https://…`.
+    pub url: String,
+    pub token: String,
+    /// PEM CA certificates to trust for `https://` besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// Runs one command against the admin API; returns what to print.
+pub async fn run(cmd: &KeysCommand, admin: &Admin, as_json: bool) -> Result<String, KeysError> {
     let (method, path, body): (reqwest::Method, String, Option<Value>) = match cmd {
         KeysCommand::Create(f) => (
             reqwest::Method::POST,
@@ -242,7 +246,7 @@ pub async fn run(
             None,
         ),
     };
-    let (status, text, value) = admin_call(base, method, &path, token, body.as_ref()).await?;
+    let (status, text, value) = admin_call(admin, method, &path, body.as_ref()).await?;
     if as_json {
         return Ok(if status == 204 { "{}".into() } else { text });
     }
@@ -256,16 +260,26 @@ pub async fn run(
 /// One admin API call: the status, the body text and the body as JSON (null if not JSON).
 /// An error answer becomes [`KeysError::Refused`] with the problem's code and details.
 pub async fn admin_call(
-    base: &str,
+    admin: &Admin,
     method: reqwest::Method,
     path: &str,
-    token: &str,
     body: Option<&Value>,
 ) -> Result<(u16, String, Value), KeysError> {
+    let base = admin.url.trim_end_matches('/');
     let url = format!("{base}{path}");
-    let mut req = reqwest::Client::new()
-        .request(method, &url)
-        .bearer_auth(token);
+    let mut client = reqwest::Client::builder();
+    if let Some(ca) = &admin.ca_file {
+        let pem = std::fs::read(ca)
+            .map_err(|e| KeysError::Usage(format!("--ca-file {}: {e}", ca.display())))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| KeysError::Usage(format!("--ca-file {}: {e}", ca.display())))?;
+        client = client.add_root_certificate(cert);
+    }
+    let client = client.build().map_err(|e| KeysError::Unreachable {
+        url: base.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut req = client.request(method, &url).bearer_auth(&admin.token);
     if let Some(b) = body {
         req = req.json(b);
     }
@@ -424,11 +438,17 @@ fn table(page: &Value) -> String {
 /// `keygate keys …`: one admin API call, printed; the exit code says how it went.
 pub fn run_command(
     admin_url: &str,
+    ca_file: Option<std::path::PathBuf>,
     as_json: bool,
     command: &KeysCommand,
 ) -> std::process::ExitCode {
     with_admin_token("keys", |token| async move {
-        run(command, admin_url, &token, as_json).await
+        let admin = Admin {
+            url: admin_url.to_owned(),
+            token,
+            ca_file,
+        };
+        run(command, &admin, as_json).await
     })
 }
 

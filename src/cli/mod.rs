@@ -57,9 +57,12 @@ pub enum Command {
     },
     /// Manage keys through the admin API (token from KEYGATE_ADMIN_TOKEN).
     Keys {
-        /// The admin listener.
+        /// The admin listener (https:// with [admin.tls]).
         #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
         admin_url: String,
+        /// PEM CA certificates to trust for an https:// admin URL, besides the system's.
+        #[arg(long, env = "KEYGATE_ADMIN_CA_FILE", global = true)]
+        ca_file: Option<PathBuf>,
         /// Print the server's JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
@@ -69,8 +72,12 @@ pub enum Command {
     /// The keys that sign x-keygate-assertion, through the admin API (token from
     /// KEYGATE_ADMIN_TOKEN).
     Assertion {
+        /// The admin listener (https:// with [admin.tls]).
         #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
         admin_url: String,
+        /// PEM CA certificates to trust for an https:// admin URL, besides the system's.
+        #[arg(long, env = "KEYGATE_ADMIN_CA_FILE", global = true)]
+        ca_file: Option<PathBuf>,
         /// Print the server's JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
@@ -332,9 +339,10 @@ pub fn main() -> ExitCode {
         }
         Some(Command::Keys {
             admin_url,
+            ca_file,
             json,
             command,
-        }) => keys::run_command(&admin_url, json, &command.into()),
+        }) => keys::run_command(&admin_url, ca_file, json, &command.into()),
         Some(Command::Sign(args)) => sign::run(args),
         Some(Command::Reload) => {
             let Some(path) = cli.config else {
@@ -345,6 +353,7 @@ pub fn main() -> ExitCode {
         }
         Some(Command::Assertion {
             admin_url,
+            ca_file,
             json,
             command,
         }) => {
@@ -355,7 +364,12 @@ pub fn main() -> ExitCode {
                 }
             };
             keys::with_admin_token("assertion", |token| async move {
-                assertion::run(cmd, &admin_url, &token, json).await
+                let admin = keys::Admin {
+                    url: admin_url,
+                    token,
+                    ca_file,
+                };
+                assertion::run(cmd, &admin, json).await
             })
         }
     }
