@@ -358,6 +358,7 @@ fn bench_assertion(c: &mut Criterion) {
                     method: "POST",
                     target,
                     body_sha256: &sha,
+                    client_cert: None,
                 };
                 black_box(asserter.assert(&mode, "payments", &facts, now).unwrap())
             })

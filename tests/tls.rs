@@ -614,10 +614,26 @@ async fn a_key_bound_to_a_client_certificate_needs_that_certificate() {
         async move { outcome(&exchange_tls(&cfg, addr, &req).await.unwrap().0) }
     };
     assert_eq!(send(&with_a, &bound).await, "ok");
+    // The upstream's assertion names the certificate (RFC 8705 cnf.x5t#S256).
+    let claims = |seen: &support::Seen| -> serde_json::Value {
+        use base64::Engine;
+        let token = seen.headers["x-keygate-assertion"].to_str().unwrap();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        serde_json::from_slice(&b64.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap()
+    };
+    let seen = echo.seen().pop().unwrap();
+    assert_eq!(
+        claims(&seen)["cnf"]["x5t#S256"],
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, sha_a)
+    );
     assert_eq!(send(&with_b, &bound).await, "client_cert_required");
     assert_eq!(send(&without, &bound).await, "client_cert_required");
     // Keys without a binding work with or without a certificate.
     assert_eq!(send(&without, &free).await, "ok");
+    assert!(
+        claims(&echo.seen().pop().unwrap()).get("cnf").is_none(),
+        "no certificate, no cnf"
+    );
     assert_eq!(send(&with_b, &free).await, "ok");
     assert_eq!(echo.count(), 3);
     // A certificate from a CA the gateway does not trust fails the handshake.

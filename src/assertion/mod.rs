@@ -76,6 +76,16 @@ pub struct Facts<'a> {
     /// The request target as sent: path and query.
     pub target: &'a str,
     pub body_sha256: &'a [u8; 32],
+    /// SHA-256 of the verified TLS client certificate the request came with, if any: the
+    /// `cnf` claim (RFC 8705 `x5t#S256`), binding the assertion to that certificate.
+    pub client_cert: Option<&'a [u8]>,
+}
+
+/// `cnf`: `{"x5t#S256": base64url(SHA-256 of the client certificate)}` (RFC 8705 §3.1).
+#[derive(Serialize)]
+struct Confirmation {
+    #[serde(rename = "x5t#S256")]
+    x5t_s256: String,
 }
 
 /// The `scopes` claim: the key's space-separated scopes as a JSON array, without collecting.
@@ -105,6 +115,8 @@ struct Claims<'a> {
     method: &'a str,
     target: &'a str,
     body_sha256: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cnf: Option<Confirmation>,
 }
 
 /// Why a request could not be asserted.
@@ -211,6 +223,9 @@ impl Asserter {
             method: facts.method,
             target: facts.target,
             body_sha256: &body_hex,
+            cnf: facts.client_cert.map(|c| Confirmation {
+                x5t_s256: B64URL.encode(c),
+            }),
         };
         // Serialising claims of plain strings and integers cannot fail.
         let payload = serde_json::to_vec(&claims).unwrap_or_default();

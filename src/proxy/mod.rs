@@ -857,6 +857,11 @@ impl ProxyHttp for Gateway {
                 method: req.method.as_str(),
                 target: &target,
                 body_sha256: &body_sha256,
+                client_cert: session
+                    .digest()
+                    .and_then(|d| d.ssl_digest.as_ref())
+                    .map(|s| s.cert_digest.as_slice())
+                    .filter(|d| !d.is_empty()),
             };
             match self
                 .asserter
