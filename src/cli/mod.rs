@@ -57,30 +57,16 @@ pub enum Command {
     },
     /// Manage keys through the admin API (token from KEYGATE_ADMIN_TOKEN).
     Keys {
-        /// The admin listener (https:// with [admin.tls]).
-        #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
-        admin_url: String,
-        /// PEM CA certificates to trust for an https:// admin URL, besides the system's.
-        #[arg(long, env = "KEYGATE_ADMIN_CA_FILE", global = true)]
-        ca_file: Option<PathBuf>,
-        /// Print the server's JSON instead of a table.
-        #[arg(long, global = true)]
-        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[command(subcommand)]
         command: KeysCmd,
     },
     /// The keys that sign x-keygate-assertion, through the admin API (token from
     /// KEYGATE_ADMIN_TOKEN).
     Assertion {
-        /// The admin listener (https:// with [admin.tls]).
-        #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
-        admin_url: String,
-        /// PEM CA certificates to trust for an https:// admin URL, besides the system's.
-        #[arg(long, env = "KEYGATE_ADMIN_CA_FILE", global = true)]
-        ca_file: Option<PathBuf>,
-        /// Print the server's JSON instead of a table.
-        #[arg(long, global = true)]
-        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[command(subcommand)]
         command: AssertionCmd,
     },
@@ -95,6 +81,20 @@ pub enum Command {
     /// server.pid_file. The gateway logs and counts the result
     /// (keygate_config_reloads_total).
     Reload,
+}
+
+/// How `keys` and `assertion` reach the admin API.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// The admin listener (https:// with [admin.tls]).
+    #[arg(long, default_value = "http://127.0.0.1:9901", global = true)]
+    admin_url: String,
+    /// PEM CA certificates to trust for an https:// admin URL, besides the system's.
+    #[arg(long, env = "KEYGATE_ADMIN_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Print the server's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -337,12 +337,9 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Keys {
-            admin_url,
-            ca_file,
-            json,
-            command,
-        }) => keys::run_command(&admin_url, ca_file, json, &command.into()),
+        Some(Command::Keys { admin, command }) => {
+            keys::run_command(&admin.admin_url, admin.ca_file, admin.json, &command.into())
+        }
         Some(Command::Sign(args)) => sign::run(args),
         Some(Command::Reload) => {
             let Some(path) = cli.config else {
@@ -351,12 +348,12 @@ pub fn main() -> ExitCode {
             };
             serve::reload(&path)
         }
-        Some(Command::Assertion {
-            admin_url,
-            ca_file,
-            json,
-            command,
-        }) => {
+        Some(Command::Assertion { admin, command }) => {
+            let AdminArgs {
+                admin_url,
+                ca_file,
+                json,
+            } = admin;
             let cmd = match command {
                 AssertionCmd::Keys => assertion::AssertionCommand::Keys,
                 AssertionCmd::Rotate { publish_ahead } => {

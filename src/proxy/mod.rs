@@ -409,11 +409,7 @@ impl Gateway {
     ) -> Result<Option<(Arc<ActiveKey>, Bytes)>> {
         let started = Instant::now();
         let now = self.clock.now();
-        let client_cert = session
-            .digest()
-            .and_then(|d| d.ssl_digest.as_ref())
-            .map(|s| s.cert_digest.as_slice())
-            .filter(|d| !d.is_empty());
+        let client_cert = client_cert(session);
         let head = self
             .check_head(session.req_header(), client_ip, client_cert, route, now)
             .await;
@@ -634,6 +630,15 @@ fn is_spoofed(name: &str) -> bool {
         || auth::CREDENTIAL_HEADERS
             .iter()
             .any(|c| c == dashed.as_str())
+}
+
+/// SHA-256 of the verified TLS client certificate the connection presented, if any.
+fn client_cert(session: &Session) -> Option<&[u8]> {
+    session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .map(|s| s.cert_digest.as_slice())
+        .filter(|d| !d.is_empty())
 }
 
 /// One line per request (`keygate::access`): what an operator needs to follow a request, and
@@ -857,11 +862,7 @@ impl ProxyHttp for Gateway {
                 method: req.method.as_str(),
                 target: &target,
                 body_sha256: &body_sha256,
-                client_cert: session
-                    .digest()
-                    .and_then(|d| d.ssl_digest.as_ref())
-                    .map(|s| s.cert_digest.as_slice())
-                    .filter(|d| !d.is_empty()),
+                client_cert: client_cert(session),
             };
             match self
                 .asserter
