@@ -20,6 +20,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod otlp;
 pub mod problem;
 pub mod proxy;
 pub mod reload;

@@ -67,6 +67,7 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
         ("assertion", format!("{:?}", c.assertion)),
         ("log.format", c.log.json.to_string()),
         ("log.access", c.log.access.to_string()),
+        ("tracing", format!("{:?}", c.tracing)),
     ]
 }
 

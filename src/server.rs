@@ -65,6 +65,8 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error("server.pid_file {0}: {1}")]
     PidFile(String, std::io::Error),
+    #[error("tracing.otlp_endpoint: {0}")]
+    Otlp(#[from] crate::otlp::OtlpError),
 }
 
 /// Reads the master key from `KEYGATE_MASTER_KEY`, else the systemd credential `master-key`,
@@ -312,6 +314,7 @@ impl App {
                 .any(|u| matches!(u.assertion, crate::assertion::Mode::Ed25519)),
         });
         let usage = Arc::new(UsageTally::default());
+        let otlp = crate::otlp::Otlp::start(&cfg.tracing, &cfg.assertion.issuer)?.map(Arc::new);
         let gateway = Gateway::new(
             cfg,
             cache,
@@ -320,7 +323,8 @@ impl App {
             Some(lifecycle),
             Arc::clone(&usage),
             asserter,
-        );
+        )
+        .with_otlp(otlp.clone());
         server.add_service(background_service(
             "keygate usage",
             UsageFlusher {
@@ -459,6 +463,9 @@ impl App {
             tracing::error!(error = %e, "final usage flush failed");
         }
         rt.block_on(self.store.flush())?;
+        if let Some(otlp) = otlp {
+            otlp.shutdown();
+        }
         if let Some(pid_file) = &self.config.server.pid_file {
             // After an upgrade the file names the new process: leave it.
             let ours = std::fs::read_to_string(pid_file)

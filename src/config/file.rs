@@ -25,6 +25,8 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) log: LogFile,
     #[serde(default)]
+    pub(crate) tracing: TracingFile,
+    #[serde(default)]
     pub(crate) upstreams: Vec<UpstreamFile>,
     #[serde(default)]
     pub(crate) routes: Vec<RouteFile>,
@@ -319,6 +321,38 @@ fn default_log_format() -> String {
 }
 fn default_log_level() -> String {
     "info".into()
+}
+
+/// `[tracing]`: OpenTelemetry span export, off unless an endpoint is set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TracingFile {
+    /// The collector's OTLP/HTTP traces URL, whole (`http://collector:4318/v1/traces`).
+    pub(crate) otlp_endpoint: Option<String>,
+    /// How long one export may take before its spans are dropped.
+    #[serde(default = "default_otlp_timeout")]
+    pub(crate) otlp_timeout: String,
+    /// Share of the traces keygate starts that are exported; a client's sampled flag rules
+    /// for the traces it starts.
+    #[serde(default = "default_sample_ratio")]
+    pub(crate) sample_ratio: f64,
+}
+
+impl Default for TracingFile {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_timeout: default_otlp_timeout(),
+            sample_ratio: default_sample_ratio(),
+        }
+    }
+}
+
+fn default_otlp_timeout() -> String {
+    "10s".into()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
 }
 
 /// `[assertion]`: the upstream identity assertion, fleet-wide settings.

@@ -26,6 +26,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub assertion: AssertionConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
 }
@@ -132,6 +133,15 @@ pub struct LogConfig {
     pub level: String,
     /// One access-log line per request.
     pub access: bool,
+}
+
+/// `[tracing]`: span export.
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// `None`: no spans leave the process.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_timeout: Duration,
+    pub sample_ratio: f64,
 }
 
 /// `[assertion]` and `server.name`: fleet-wide settings of the upstream identity assertion.
@@ -534,6 +544,25 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
         p.add("log.level", format!("{:?}: {e}", log.level));
     }
+    let tracing = TracingConfig {
+        otlp_endpoint: f.tracing.otlp_endpoint.clone(),
+        otlp_timeout: p.duration("tracing.otlp_timeout", &f.tracing.otlp_timeout),
+        sample_ratio: f.tracing.sample_ratio,
+    };
+    if let Some(url) = &tracing.otlp_endpoint {
+        let ok = url
+            .parse::<http::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !ok {
+            p.add(
+                "tracing.otlp_endpoint",
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+        }
+    }
+    if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+        p.add("tracing.sample_ratio", "must be between 0.0 and 1.0");
+    }
     if assertion.ttl < Duration::from_secs(1) {
         p.add("assertion.ttl", "must be at least 1s");
     }
@@ -575,6 +604,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             secrets,
             assertion,
             log,
+            tracing,
             upstreams,
             routes,
         })

@@ -82,6 +82,8 @@ pub struct Gateway {
     jwks_on_proxy: bool,
     /// `log.access`: one line per request.
     access_log: bool,
+    /// Span export (`[tracing]`); `None` when off.
+    otlp: Option<Arc<crate::otlp::Otlp>>,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -103,10 +105,8 @@ pub struct Ctx {
     self_service: bool,
     /// The `x-keygate-assertion` value, made once the request is verified.
     assertion: Option<String>,
-    /// The `traceparent` sent upstream: the client's if valid, else a new trace.
-    traceparent: String,
-    /// The client sent that `traceparent` (and its `tracestate` may go along).
-    client_trace: bool,
+    /// The `traceparent` sent upstream, and keygate's span when spans are exported.
+    trace: trace::Trace,
     /// Time spent checking credentials, not waiting for the body (access log).
     auth_us: u64,
     /// From sending the request upstream to its response head.
@@ -186,6 +186,7 @@ impl Gateway {
             asserter,
             jwks_on_proxy: config.assertion.jwks_on_proxy,
             access_log: config.log.access,
+            otlp: None,
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
                 || {
                     // Long enough for body nonces; memory is bounded by the outage's traffic.
@@ -200,6 +201,13 @@ impl Gateway {
                 },
             ),
         }
+    }
+
+    /// Exports a span per request (`[tracing]`).
+    #[must_use]
+    pub fn with_otlp(mut self, otlp: Option<Arc<crate::otlp::Otlp>>) -> Self {
+        self.otlp = otlp;
+        self
     }
 
     /// Where reloads put a new routing snapshot (taken before pingora owns the gateway).
@@ -591,8 +599,8 @@ impl Gateway {
             req.insert_header(crate::assertion::HEADER, assertion.as_str())?;
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
-        req.insert_header("traceparent", ctx.traceparent.as_str())?;
-        if !ctx.client_trace {
+        req.insert_header("traceparent", ctx.trace.traceparent.as_str())?;
+        if !ctx.trace.client {
             // tracestate belongs to the traceparent it came with, which was not kept.
             req.remove_header("tracestate");
         }
@@ -649,16 +657,12 @@ fn access_log(session: &Session, ctx: &Ctx, route: &str, outcome: &str) {
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
         .map(|s| s.version.as_ref());
-    let http = match req.version {
-        http::Version::HTTP_2 => "2",
-        http::Version::HTTP_10 => "1.0",
-        _ => "1.1",
-    };
+    let http = http_version(req.version);
     let key = ctx.key.as_deref();
     tracing::info!(
         target: "keygate::access",
         request_id = %ctx.request_id,
-        trace_id = trace::trace_id(&ctx.traceparent),
+        trace_id = trace::trace_id(&ctx.trace.traceparent),
         route,
         method = req.method.as_str(),
         path = req.uri.path(),
@@ -676,6 +680,14 @@ fn access_log(session: &Session, ctx: &Ctx, route: &str, outcome: &str) {
         http,
         "request"
     );
+}
+
+fn http_version(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    }
 }
 
 /// Writes a complete problem+json response.
@@ -739,8 +751,11 @@ impl ProxyHttp for Gateway {
             upstream_started: None,
             self_service: false,
             assertion: None,
-            traceparent: String::new(),
-            client_trace: false,
+            trace: trace::Trace {
+                traceparent: String::new(),
+                client: false,
+                span: None,
+            },
             auth_us: 0,
             upstream_us: None,
             upstream_addr: None,
@@ -754,7 +769,11 @@ impl ProxyHttp for Gateway {
         guard::head_received(session.client_addr().and_then(|a| a.as_inet()).copied());
         let req = session.req_header();
         ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
-        (ctx.traceparent, ctx.client_trace) = trace::traceparent(req.headers.get("traceparent"));
+        ctx.trace = trace::begin(
+            req.headers.get("traceparent"),
+            self.otlp.as_deref(),
+            req.method.as_str(),
+        );
         // Before routing: a path an upstream could read as another route, or a length two
         // parsers could read two ways, is refused whatever the route.
         if let Err(detail) = target::check_path(req.uri.path()) {
@@ -1018,6 +1037,7 @@ impl ProxyHttp for Gateway {
                 Some(ErrorCode::UpstreamTimeout | ErrorCode::UpstreamUnavailable)
             );
         self.release_endpoint(ctx, upstream_failed);
+        let span = ctx.trace.span.take();
         let route = self.route(ctx).map_or("unmatched", |r| r.name.as_str());
         let outcome = match (ctx.outcome, e) {
             (Some(code), _) => code.as_str(),
@@ -1037,6 +1057,25 @@ impl ProxyHttp for Gateway {
         }
         if self.access_log {
             access_log(session, ctx, route, outcome);
+        }
+        if let Some(span) = span {
+            let req = session.req_header();
+            let key = ctx.key.as_deref();
+            span.end(
+                req.method.as_str(),
+                &crate::otlp::Finished {
+                    route,
+                    path: req.uri.path(),
+                    status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                    outcome,
+                    request_id: &ctx.request_id,
+                    key_id: key.map(ActiveKey::id),
+                    owner: key.map(ActiveKey::owner),
+                    client_ip: ctx.client_ip,
+                    upstream: ctx.upstream_addr,
+                    http_version: http_version(req.version),
+                },
+            );
         }
     }
 }

@@ -1,16 +1,47 @@
-//! W3C trace context (`traceparent`): a valid one from the client is passed upstream as it
-//! came, so keygate joins the caller's trace; otherwise keygate starts one. The trace id goes
-//! into the access log.
+//! W3C trace context (`traceparent`): a valid one from the client is passed upstream, so
+//! keygate joins the caller's trace; otherwise keygate starts one. Without span export the
+//! client's header goes on as it came; with it (`[tracing]`), keygate's own span becomes the
+//! upstream's parent. The trace id goes into the access log.
 
 use std::fmt::Write as _;
 
-/// The `traceparent` for the upstream, and whether the client's own was kept (its
-/// `tracestate` belongs to it and is dropped otherwise).
-pub fn traceparent(sent: Option<&http::HeaderValue>) -> (String, bool) {
-    match sent.and_then(|v| v.to_str().ok()).filter(|v| is_valid(v)) {
-        Some(v) => (v.to_owned(), true),
-        None => (start(), false),
+use crate::otlp::{Otlp, RequestSpan};
+
+/// A request's place in its trace.
+pub struct Trace {
+    /// The `traceparent` the upstream gets.
+    pub traceparent: String,
+    /// The client sent a valid `traceparent` (and its `tracestate` may go along; it belongs
+    /// to that trace and is dropped otherwise).
+    pub client: bool,
+    /// keygate's span, when spans are exported.
+    pub span: Option<RequestSpan>,
+}
+
+pub fn begin(sent: Option<&http::HeaderValue>, export: Option<&Otlp>, method: &str) -> Trace {
+    let client = sent.and_then(|v| v.to_str().ok()).filter(|v| is_valid(v));
+    match export {
+        Some(otlp) => {
+            let span = otlp.span(method, client, rand::random());
+            Trace {
+                traceparent: span.traceparent(),
+                client: client.is_some(),
+                span: Some(span),
+            }
+        }
+        None => Trace {
+            traceparent: client.map_or_else(start, str::to_owned),
+            client: client.is_some(),
+            span: None,
+        },
     }
+}
+
+/// Without export: the upstream's `traceparent` and whether the client's was kept.
+#[cfg(test)]
+fn traceparent(sent: Option<&http::HeaderValue>) -> (String, bool) {
+    let t = begin(sent, None, "GET");
+    (t.traceparent, t.client)
 }
 
 /// The trace id of a `traceparent` this module made or checked.

@@ -185,6 +185,8 @@ pub struct Options {
     /// The admin listener speaks HTTPS with a certificate from this CA: readiness is probed
     /// with curl trusting it.
     pub admin_tls_ca: Option<PathBuf>,
+    /// Extra environment for the gateway process.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Options {
@@ -202,6 +204,7 @@ impl Options {
             admin_token_env: true,
             rust_log: "warn",
             admin_tls_ca: None,
+            env: Vec::new(),
         }
     }
 }
@@ -292,6 +295,7 @@ listen = "127.0.0.1:{metrics}"
                 .arg(&config_path)
                 .env("KEYGATE_MASTER_KEY", &master_key)
                 .env("RUST_LOG", opts.rust_log)
+                .envs(opts.env.iter().map(|(k, v)| (k, v)))
                 // Logs go to stdout (tracing), start failures to stderr: one file for both.
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
