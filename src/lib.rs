@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod keys;
 pub mod lifecycle;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod otlp;

@@ -20,6 +20,7 @@ use crate::keys::{
     EmbeddedStore, KeyStore, MasterKey, RedisStore, SecretString, SigningKeyStore, StoreError,
 };
 use crate::lifecycle::Lifecycle;
+use crate::limits::store::RateLimitStore;
 use crate::metrics::Metrics;
 use crate::proxy::guard::{Guarded, Limits};
 use crate::proxy::Gateway;
@@ -160,15 +161,17 @@ fn connection_limit(configured: Option<usize>) -> usize {
 pub struct Stores {
     pub keys: Arc<dyn KeyStore>,
     pub signing_keys: Arc<dyn SigningKeyStore>,
+    pub rate_limits: Arc<dyn RateLimitStore>,
 }
 
 impl Stores {
     /// One backend serving every concern.
-    pub fn of<S: KeyStore + SigningKeyStore>(store: S) -> Self {
+    pub fn of<S: KeyStore + SigningKeyStore + RateLimitStore>(store: S) -> Self {
         let store = Arc::new(store);
         Self {
             keys: Arc::clone(&store) as Arc<dyn KeyStore>,
-            signing_keys: store,
+            signing_keys: Arc::clone(&store) as Arc<dyn SigningKeyStore>,
+            rate_limits: store,
         }
     }
 }
@@ -201,6 +204,7 @@ pub struct App {
     pub upgrade: bool,
     pub store: Arc<dyn KeyStore>,
     pub signing_keys: Arc<dyn SigningKeyStore>,
+    pub rate_limits: Arc<dyn RateLimitStore>,
     pub master: Arc<MasterKey>,
     pub admin_token_hashes: Vec<[u8; 32]>,
     pub clock: Arc<dyn Clock>,
@@ -223,6 +227,7 @@ impl App {
             upgrade: false,
             store: stores.keys,
             signing_keys: stores.signing_keys,
+            rate_limits: stores.rate_limits,
             master: Arc::new(master),
             admin_token_hashes,
             clock: Arc::new(SystemClock),

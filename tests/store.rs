@@ -12,6 +12,8 @@ use keygate::keys::{
     mint, AuthKind, EmbeddedStore, Environment, KeyRecord, KeyStore, MasterKey, NewKey, RedisStore,
     SigningKeyStore, StoreError, Versioned,
 };
+use keygate::limits::store::{bucket_key, Bucket, RateLimitStore};
+use keygate::limits::RateLimit;
 use time::OffsetDateTime;
 
 #[path = "support/redis.rs"]
@@ -23,6 +25,8 @@ struct Backend {
     store: Arc<dyn KeyStore>,
     /// The same backend through its signing-keys trait.
     signing: Arc<dyn SigningKeyStore>,
+    /// The same backend through its rate-limit trait.
+    limits: Arc<dyn RateLimitStore>,
     reopen: Box<dyn Fn() -> Arc<dyn KeyStore> + Send>,
     _dir: Option<tempfile::TempDir>,
     /// Servers kept alive for the backend's lifetime.
@@ -36,7 +40,8 @@ fn embedded() -> Backend {
     Backend {
         name: "embedded",
         store: both.clone(),
-        signing: both,
+        signing: both.clone(),
+        limits: both,
         reopen: Box::new(move || Arc::new(EmbeddedStore::open(&path).unwrap())),
         _dir: Some(dir),
         _servers: None,
@@ -50,7 +55,8 @@ fn redis() -> Backend {
     Backend {
         name: "redis",
         store: both.clone(),
-        signing: both,
+        signing: both.clone(),
+        limits: both,
         reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
         _dir: None,
         _servers: Some(Box::new(server)),
@@ -65,7 +71,8 @@ fn redis_cluster() -> Backend {
     Backend {
         name: "redis-cluster",
         store: both.clone(),
-        signing: both,
+        signing: both.clone(),
+        limits: both,
         reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
         _dir: None,
         _servers: Some(Box::new(cluster)),
@@ -301,6 +308,83 @@ async fn the_signing_keys_document_is_written_compare_and_set() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_spend_all_or_nothing_and_hold_under_concurrency() {
+    let limit = |name: &str, limit: u64, secs: u64| RateLimit {
+        name: name.into(),
+        limit,
+        window: Duration::from_secs(secs),
+    };
+    // Windows of an hour: nothing is earned back while the case runs.
+    let burst = limit("burst", 20, 3600);
+    let daily = limit("daily", 25, 86_400);
+    for b in backends() {
+        let s = &b.limits;
+        let buckets = |owner: &str| {
+            vec![
+                Bucket {
+                    key: bucket_key(owner, "k:key1", "burst"),
+                    limit: &burst,
+                },
+                Bucket {
+                    key: bucket_key(owner, "k:key1", "daily"),
+                    limit: &daily,
+                },
+            ]
+        };
+        let acme = buckets("acme");
+        let d = s.acquire(&acme, 10).await.unwrap();
+        assert!(d.allowed, "{}", b.name);
+        assert_eq!(
+            d.states.iter().map(|x| x.remaining).collect::<Vec<_>>(),
+            [10, 15],
+            "{}",
+            b.name
+        );
+        // 11 more fit neither the burst: refused by it, and nothing is spent anywhere.
+        let d = s.acquire(&acme, 11).await.unwrap();
+        assert!(!d.allowed, "{}", b.name);
+        assert_eq!(d.refused_by.map(|r| r.0), Some(0), "{}", b.name);
+        assert!(d.refused_by.is_some_and(|r| r.1 >= 1), "{}", b.name);
+        assert_eq!(d.states[0].remaining, 10, "{}", b.name);
+        assert_eq!(d.states[1].remaining, 15, "{}", b.name);
+        // Another owner's buckets are its own.
+        assert!(
+            s.acquire(&buckets("other"), 20).await.unwrap().allowed,
+            "{}",
+            b.name
+        );
+
+        // 40 concurrent spenders of 1 on the remaining 10: exactly 10 pass.
+        let passed = futures_util::future::join_all((0..40).map(|_| {
+            let s = Arc::clone(s);
+            let burst = burst.clone();
+            let daily = daily.clone();
+            async move {
+                let bs = [
+                    Bucket {
+                        key: bucket_key("acme", "k:key1", "burst"),
+                        limit: &burst,
+                    },
+                    Bucket {
+                        key: bucket_key("acme", "k:key1", "daily"),
+                        limit: &daily,
+                    },
+                ];
+                s.acquire(&bs, 1).await.unwrap().allowed
+            }
+        }))
+        .await
+        .into_iter()
+        .filter(|a| *a)
+        .count();
+        assert_eq!(passed, 10, "{}", b.name);
+        let d = s.acquire(&acme, 1).await.unwrap();
+        assert!(!d.allowed, "{}", b.name);
+        assert_eq!(d.states[1].remaining, 5, "{}: daily spent 20 of 25", b.name);
+    }
+}
+
 #[tokio::test]
 async fn revocation_is_final() {
     let (mk, _) = MasterKey::generate();
@@ -506,13 +590,14 @@ async fn records_and_live_nonces_survive_reopening() {
         let Backend {
             store,
             signing,
+            limits,
             reopen,
             name,
             _dir,
             _servers,
         } = b;
         // Dropping the store is the process going away: no explicit flush first.
-        drop((store, signing));
+        drop((store, signing, limits));
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let again = reopen();
         assert_eq!(

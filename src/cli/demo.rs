@@ -194,6 +194,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
         upgrade: false,
         store,
         signing_keys: stores.signing_keys,
+        rate_limits: stores.rate_limits,
         master: Arc::new(master),
         admin_token_hashes: vec![admin_token.sha256()],
         clock: Arc::new(clock),

@@ -59,6 +59,8 @@ pub struct EmbeddedStore {
     journal_dir: PathBuf,
     /// Joined on drop, so the file is closed (and can be reopened) when the store is gone.
     writer_thread: Option<thread::JoinHandle<()>>,
+    /// Rate-limit state: one process holds the embedded store, so memory is exact.
+    limits: crate::limits::store::InProcessLimits,
 }
 
 impl Drop for EmbeddedStore {
@@ -203,6 +205,7 @@ impl EmbeddedStore {
             writer: Some(tx),
             journal_dir,
             writer_thread: Some(writer_thread),
+            limits: crate::limits::store::InProcessLimits::default(),
         })
     }
 
@@ -425,6 +428,17 @@ fn decode_document(stored: &[u8]) -> Result<Versioned, StoreError> {
         version: u64::from_be_bytes(*head),
         body: body.to_vec(),
     })
+}
+
+#[async_trait]
+impl crate::limits::store::RateLimitStore for EmbeddedStore {
+    async fn acquire(
+        &self,
+        buckets: &[crate::limits::store::Bucket<'_>],
+        cost: u64,
+    ) -> Result<crate::limits::Decision, StoreError> {
+        self.limits.acquire(buckets, cost).await
+    }
 }
 
 #[async_trait]

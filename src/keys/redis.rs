@@ -309,11 +309,53 @@ pub struct RedisStore {
     lookup: Script,
     audit_import: Script,
     signing_keys: Script,
+    rate_limits: Script,
     /// The connection's driver task lives here, so the store works from any runtime —
     /// pingora's per-service runtimes, and the small one that runs the final flush after they
     /// are gone. Shut down in the background on drop (dropping it in async code would panic).
     runtime: Option<tokio::runtime::Runtime>,
 }
+
+/// GCRA over all of a request's limits, all or nothing — `crate::limits::gcra` line for line,
+/// on Redis' clock so every gateway reads one time. KEYS: one per limit (one hash slot).
+/// ARGV: epoch (s), slack (µs), cost, then per limit its interval and window (µs).
+/// Returns {refused limit (1-based, 0: none), seconds to wait, now, TAT per limit}; numbers
+/// as strings, since Redis would truncate a Lua float to an integer. A TAT key expires when
+/// the TAT passes: absent then reads as 0, the same as idle.
+const RATE_LIMIT_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = (tonumber(t[1]) - tonumber(ARGV[1])) * 1000000 + tonumber(t[2])
+local slack = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tats, nexts = {}, {}
+local refused, wait = 0, 0
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 + 2 * i])
+  local window = tonumber(ARGV[3 + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  tats[i] = tat
+  local new = math.max(tat, now) + cost * interval
+  nexts[i] = new
+  local over = new - now - window
+  if over > slack then
+    local w = math.max(1, math.ceil(over / 1000000))
+    if refused == 0 or w > wait then
+      refused = i
+      wait = w
+    end
+  end
+end
+local out = {tostring(refused), tostring(wait), string.format('%.3f', now)}
+for i = 1, #KEYS do
+  local tat = tats[i]
+  if refused == 0 then
+    tat = nexts[i]
+    redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  end
+  out[#out + 1] = string.format('%.3f', tat)
+end
+return out
+"#;
 
 fn unavailable(e: &redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -417,6 +459,7 @@ impl RedisStore {
             lookup: Script::new(LOOKUP_SCRIPT),
             audit_import: Script::new(AUDIT_IMPORT_SCRIPT),
             signing_keys: Script::new(SIGNING_KEYS_SCRIPT),
+            rate_limits: Script::new(RATE_LIMIT_SCRIPT),
             runtime: Some(runtime),
         })
     }
@@ -491,6 +534,43 @@ fn hashes_arg(record: &KeyRecord) -> String {
         .map(hex::encode)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[async_trait]
+impl crate::limits::store::RateLimitStore for RedisStore {
+    async fn acquire(
+        &self,
+        buckets: &[crate::limits::store::Bucket<'_>],
+        cost: u64,
+    ) -> Result<crate::limits::Decision, StoreError> {
+        use crate::limits::store::{states, EPOCH_SECS};
+        let mut inv = self.rate_limits.prepare_invoke();
+        inv.arg(EPOCH_SECS).arg(crate::limits::SLACK_US).arg(cost);
+        for b in buckets {
+            inv.key(b.key.as_str())
+                .arg(b.limit.interval_us())
+                .arg(b.limit.window_us());
+        }
+        let out: Vec<String> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let num = |i: usize| -> Result<f64, StoreError> {
+            out.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| corrupt(format!("rate limit script answered {out:?}")))
+        };
+        let (refused, wait, now) = (num(0)? as usize, num(1)? as u64, num(2)?);
+        let tats = (0..buckets.len())
+            .map(|i| num(3 + i))
+            .collect::<Result<Vec<f64>, _>>()?;
+        let limits: Vec<_> = buckets.iter().map(|b| b.limit).collect();
+        Ok(crate::limits::Decision {
+            allowed: refused == 0,
+            states: states(&limits, &tats, now),
+            refused_by: refused.checked_sub(1).map(|i| (i, wait)),
+        })
+    }
 }
 
 #[async_trait]
