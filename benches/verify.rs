@@ -59,6 +59,7 @@ fn key_record(auth: AuthKind) -> (keygate::keys::KeyRecord, MasterKey) {
         auth,
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
+        rate_limits: vec![],
     };
     let record = build_record(
         &mk,

@@ -72,6 +72,7 @@ impl KeyStore for Synthetic {
             auth: AuthKind::HmacV1,
             metadata: BTreeMap::new(),
             tls_client_cert_sha256: None,
+            rate_limits: vec![],
         };
         let secret = SecretString::new(format!("sk_live_{}", "s".repeat(43)));
         Ok(Some(build_record(

@@ -348,6 +348,7 @@ async fn seed_redis(url: &str, master_key: &str, n: usize, file: &str) -> Out {
                     auth: AuthKind::HmacV1,
                     metadata: Default::default(),
                     tls_client_cert_sha256: None,
+                    rate_limits: vec![],
                 };
                 let (record, secret) = mint(&mk, new, time::OffsetDateTime::now_utc());
                 store.insert(&record).await.unwrap();

@@ -292,6 +292,7 @@ mod tests {
             auth: AuthKind::HmacV1,
             metadata: Default::default(),
             tls_client_cert_sha256: None,
+            rate_limits: vec![],
         }
     }
 

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// 1 while an upstream endpoint takes requests, 0 while it is out.
     pub upstream_healthy: IntGaugeVec,
+    /// Requests refused by a rate limit, by route and limit name.
+    pub rate_limited: IntCounterVec,
+    /// Requests passed without a limit check because the limiter's state was unreachable
+    /// (`limits_on_store_error = "open"`), by route.
+    pub rate_limit_unchecked: IntCounterVec,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
     /// labels and takes a lock on every request.
     cache_counters: [IntCounter; 3],
@@ -185,6 +190,23 @@ impl Metrics {
             &["upstream", "endpoint"],
         )?;
         registry.register(Box::new(upstream_healthy.clone()))?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "keygate_rate_limited_total",
+                "Requests refused with rate_limited, by route and limit name",
+            ),
+            &["route", "limit"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        let rate_limit_unchecked = IntCounterVec::new(
+            Opts::new(
+                "keygate_rate_limit_unchecked_total",
+                "Requests passed without a rate-limit check while the limiter's state was \
+                 unreachable (limits_on_store_error = \"open\"), by route",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(rate_limit_unchecked.clone()))?;
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -217,6 +239,8 @@ impl Metrics {
             open_connections,
             config_reloads,
             upstream_healthy,
+            rate_limited,
+            rate_limit_unchecked,
             cache_counters,
         })
     }

@@ -329,7 +329,8 @@ impl App {
             Arc::clone(&usage),
             asserter,
         )
-        .with_otlp(otlp.clone());
+        .with_otlp(otlp.clone())
+        .with_limiter(Arc::clone(&self.rate_limits));
         server.add_service(background_service(
             "keygate usage",
             UsageFlusher {

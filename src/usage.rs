@@ -137,6 +137,7 @@ mod tests {
             auth: AuthKind::HmacV1,
             metadata: Default::default(),
             tls_client_cert_sha256: None,
+            rate_limits: vec![],
         };
         let t0 = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
         let (record, _) = mint(&mk, new, t0);

@@ -95,6 +95,7 @@ fn new_key(owner: &str, auth: AuthKind) -> NewKey {
         auth,
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
+        rate_limits: vec![],
     }
 }
 

@@ -31,6 +31,7 @@ fn new_key(auth: AuthKind) -> NewKey {
         auth,
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
+        rate_limits: vec![],
     }
 }
 

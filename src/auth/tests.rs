@@ -119,6 +119,7 @@ fn fixture(auth: AuthKind, edit: impl FnOnce(&mut NewKey)) -> Fixture {
         auth,
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
+        rate_limits: vec![],
     };
     edit(&mut new);
     let secret = SecretString::new("sk_test_4eC39HqLyjWDarjtT1zdp7dc4eC39HqLyjWDarjtT1z".into());
@@ -443,6 +444,7 @@ fn rotated(auth: AuthKind, grace_secs: i64) -> (Fixture, SecretString, SecretStr
         auth,
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
+        rate_limits: vec![],
     };
     let mut record = build_record(
         &mk,
@@ -541,6 +543,7 @@ fn a_second_rotation_ends_the_first_grace() {
         auth: AuthKind::HmacV1,
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
+        rate_limits: vec![],
     };
     let mut record = build_record(
         &mk,

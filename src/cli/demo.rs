@@ -138,6 +138,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
         description: Some("minted by keygate demo".into()),
         scopes: vec!["payments.*".into()],
         ip_allow_list: vec![],
+        rate_limits: vec![],
         expires_at: None,
         environment: Environment::Test,
         auth: AuthKind::HmacV1,

@@ -495,4 +495,19 @@ pub(crate) struct RouteFile {
     pub(crate) auth: Option<Vec<String>>,
     #[serde(default)]
     pub(crate) public: bool,
+    /// Limits for keys that carry none of their own.
+    #[serde(default)]
+    pub(crate) rate_limits: Vec<crate::limits::RateLimit>,
+    /// Units a request spends of each limit.
+    #[serde(default = "default_cost")]
+    pub(crate) cost: u64,
+    /// Money moves here: limits fail closed when their state cannot be reached.
+    #[serde(default)]
+    pub(crate) sensitive: bool,
+    /// `open` or `closed`; default `closed` when `sensitive`, else `open`.
+    pub(crate) limits_on_store_error: Option<String>,
+}
+
+fn default_cost() -> u64 {
+    1
 }

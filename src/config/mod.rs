@@ -236,6 +236,11 @@ pub struct Route {
     pub upstream: usize,
     pub auth: AuthKinds,
     pub public: bool,
+    /// Limits for keys without their own (per key and route).
+    pub rate_limits: Vec<crate::limits::RateLimit>,
+    pub cost: u64,
+    /// Whether a request passes when its limits' state cannot be reached.
+    pub limits_fail_open: bool,
 }
 
 /// One problem in a config file, with the key path it concerns.
@@ -962,6 +967,30 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
             "a public route takes no scope and no auth",
         );
     }
+    for (path, msg) in crate::limits::check(&r.rate_limits) {
+        p.add(format!("{at}.rate_limits{path}"), msg);
+    }
+    if r.public && !r.rate_limits.is_empty() {
+        p.add(
+            format!("{at}.rate_limits"),
+            "a public route has no key to limit",
+        );
+    }
+    if !(1..=1_000_000).contains(&r.cost) {
+        p.add(format!("{at}.cost"), "must be 1 to 1000000");
+    }
+    let limits_fail_open = match r.limits_on_store_error.as_deref() {
+        None => !r.sensitive,
+        Some("open") => true,
+        Some("closed") => false,
+        Some(other) => {
+            p.add(
+                format!("{at}.limits_on_store_error"),
+                format!("{other:?} is not \"open\" or \"closed\""),
+            );
+            false
+        }
+    };
     Route {
         name: r.name.clone().unwrap_or_else(|| r.path.clone()),
         methods,
@@ -970,6 +999,9 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
         upstream,
         auth,
         public: r.public,
+        rate_limits: r.rate_limits.clone(),
+        cost: r.cost,
+        limits_fail_open,
     }
 }
 

@@ -59,6 +59,7 @@ pub struct NewKey {
     pub metadata: BTreeMap<String, String>,
     /// Lowercase hex SHA-256 of the client certificate (DER) requests must come with.
     pub tls_client_cert_sha256: Option<String>,
+    pub rate_limits: Vec<crate::limits::RateLimit>,
 }
 
 /// Builds a record with fresh id, public key and secret. The secret is returned once, for the
@@ -99,6 +100,7 @@ pub fn build_record(
         auth: new.auth,
         metadata: new.metadata,
         tls_client_cert_sha256: new.tls_client_cert_sha256,
+        rate_limits: new.rate_limits,
         created_at: now,
         updated_at: now,
         revoked_at: None,
@@ -171,6 +173,8 @@ pub struct ActiveKey {
     pub client_cert_sha256: Option<[u8; 32]>,
     /// The record's `ip_allow_list` as ranges.
     pub allow: AllowList,
+    /// The key's own rate limits (empty: the route's apply).
+    pub rate_limits: Vec<crate::limits::RateLimit>,
 }
 
 /// Why a stored record cannot become an [`ActiveKey`].
@@ -243,6 +247,7 @@ impl ActiveKey {
             bearer_hash: record.bearer_hash(),
             previous,
             allow: AllowList::new(&record.ip_allow_list),
+            rate_limits: record.rate_limits.clone(),
             client_cert_sha256: match &record.tls_client_cert_sha256 {
                 None => None,
                 Some(h) => {

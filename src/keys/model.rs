@@ -119,6 +119,9 @@ pub struct KeyRecord {
     /// certificate has this SHA-256 (lowercase hex of the DER), else `client_cert_required`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_client_cert_sha256: Option<String>,
+    /// The key's own rate limits; empty: the route's defaults apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<crate::limits::RateLimit>,
 }
 
 /// A rotated-out credential and the end of its grace period.

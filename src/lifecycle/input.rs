@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::Error;
 use crate::keys::{is_valid_scope, AuthKind, Environment, KeyRecord, NewKey, SecretString};
+use crate::limits::RateLimit;
 
 const MAX_NAME: usize = 255;
 const MAX_OWNER: usize = 255;
@@ -37,6 +38,7 @@ struct CreateKeyBody {
     auth: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
     tls_client_cert_sha256: Option<String>,
+    rate_limits: Option<Vec<RateLimit>>,
 }
 
 /// `POST /v1/keys/import`: the create fields plus the pair from the other system.
@@ -55,6 +57,7 @@ struct ImportKeyBody {
     auth: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
     tls_client_cert_sha256: Option<String>,
+    rate_limits: Option<Vec<RateLimit>>,
 }
 
 /// `PATCH /v1/keys/{id}`: only these fields; `null` clears `description` and `expires_at`.
@@ -71,6 +74,8 @@ struct PatchKeyBody {
     metadata: Option<BTreeMap<String, String>>,
     #[serde(default, deserialize_with = "present")]
     tls_client_cert_sha256: Option<Option<String>>,
+    /// `[]` drops the key's own limits: the route's apply again.
+    rate_limits: Option<Vec<RateLimit>>,
 }
 
 /// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -200,6 +205,13 @@ impl Checks {
         Some(plain)
     }
 
+    fn rate_limits(&mut self, limits: Vec<RateLimit>) -> Vec<RateLimit> {
+        for (path, msg) in crate::limits::check(&limits) {
+            self.err(&format!("rate_limits{path}"), &msg);
+        }
+        limits
+    }
+
     fn ip_allow_list(&mut self, raw: Option<Vec<String>>) -> Vec<IpNet> {
         let raw = raw.unwrap_or_default();
         if raw.len() > MAX_ALLOW_LIST {
@@ -290,6 +302,7 @@ pub struct Defaults {
     pub ip_allow_list: Vec<IpNet>,
     pub expires_at: Option<OffsetDateTime>,
     pub tls_client_cert_sha256: Option<String>,
+    pub rate_limits: Vec<RateLimit>,
 }
 
 impl Default for Defaults {
@@ -300,6 +313,7 @@ impl Default for Defaults {
             ip_allow_list: Vec::new(),
             expires_at: None,
             tls_client_cert_sha256: None,
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -327,6 +341,10 @@ pub fn create_body(body: &[u8], now: OffsetDateTime, defaults: &Defaults) -> Res
         tls_client_cert_sha256: match b.tls_client_cert_sha256 {
             Some(raw) => c.client_cert_sha256(Some(raw)),
             None => defaults.tls_client_cert_sha256.clone(),
+        },
+        rate_limits: match b.rate_limits {
+            Some(l) => c.rate_limits(l),
+            None => defaults.rate_limits.clone(),
         },
     };
     c.finish().map(|()| new)
@@ -373,6 +391,7 @@ pub fn import_body(
         auth: c.auth(b.auth.as_deref()),
         metadata: c.metadata(b.metadata),
         tls_client_cert_sha256: c.client_cert_sha256(b.tls_client_cert_sha256),
+        rate_limits: c.rate_limits(b.rate_limits.unwrap_or_default()),
     };
     c.finish().map(|()| (new, public_key, secret))
 }
@@ -388,6 +407,7 @@ pub struct Patch {
     pub metadata: Option<BTreeMap<String, String>>,
     /// `Some(None)` unbinds the key from its client certificate.
     pub tls_client_cert_sha256: Option<Option<String>>,
+    pub rate_limits: Option<Vec<RateLimit>>,
 }
 
 /// Validates a `PATCH` body.
@@ -406,6 +426,7 @@ pub fn patch_body(body: &[u8], now: OffsetDateTime) -> Result<Patch, Error> {
         tls_client_cert_sha256: b
             .tls_client_cert_sha256
             .map(|h| h.and_then(|raw| c.client_cert_sha256(Some(raw)))),
+        rate_limits: b.rate_limits.map(|l| c.rate_limits(l)),
     };
     c.finish().map(|()| patch)
 }
@@ -442,6 +463,10 @@ impl Patch {
         if let Some(h) = &self.tls_client_cert_sha256 {
             record.tls_client_cert_sha256.clone_from(h);
             set("tls_client_cert_sha256");
+        }
+        if let Some(l) = &self.rate_limits {
+            record.rate_limits.clone_from(l);
+            set("rate_limits");
         }
         changed
     }

@@ -119,6 +119,7 @@ pub struct KeyPowers {
     allow: AllowList,
     pub expires_at: Option<OffsetDateTime>,
     pub tls_client_cert_sha256: Option<String>,
+    pub rate_limits: Vec<crate::limits::RateLimit>,
 }
 
 impl KeyPowers {
@@ -132,6 +133,7 @@ impl KeyPowers {
             allow: AllowList::new(&record.ip_allow_list),
             expires_at: record.expires_at,
             tls_client_cert_sha256: record.tls_client_cert_sha256.clone(),
+            rate_limits: record.rate_limits.clone(),
         }
     }
 
@@ -144,6 +146,7 @@ impl KeyPowers {
         ip_allow_list: &[IpNet],
         expires_at: Option<OffsetDateTime>,
         client_cert: Option<&str>,
+        rate_limits: &[crate::limits::RateLimit],
     ) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for (i, s) in scopes.iter().enumerate() {
@@ -189,6 +192,23 @@ impl KeyPowers {
                 );
             }
         }
+        // Each of this key's limits must be matched, by name, by one no more generous.
+        for mine in &self.rate_limits {
+            if !rate_limits
+                .iter()
+                .any(|l| l.name == mine.name && l.within(mine))
+            {
+                out.insert(
+                    "rate_limits".into(),
+                    format!(
+                        "must include {:?} at no more than {} per {}, your key's limit",
+                        mine.name,
+                        mine.limit,
+                        crate::limits::window_string(mine.window)
+                    ),
+                );
+            }
+        }
         if let Some(mine) = self.expires_at {
             if expires_at.is_none_or(|theirs| theirs > mine) {
                 out.insert(
@@ -212,6 +232,7 @@ impl KeyPowers {
                         &target.ip_allow_list,
                         target.expires_at,
                         target.tls_client_cert_sha256.as_deref(),
+                        &target.rate_limits,
                     )
                     .is_empty())
     }
@@ -241,6 +262,7 @@ impl Principal {
                 ip_allow_list: p.ip_allow_list.clone(),
                 expires_at: p.expires_at,
                 tls_client_cert_sha256: p.tls_client_cert_sha256.clone(),
+                rate_limits: p.rate_limits.clone(),
             },
         }
     }
@@ -377,6 +399,7 @@ impl Lifecycle {
                 &new.ip_allow_list,
                 new.expires_at,
                 new.tls_client_cert_sha256.as_deref(),
+                &new.rate_limits,
             );
             if new.owner != p.owner {
                 problems.insert(
@@ -613,6 +636,7 @@ mod tests {
             auth: keys::AuthKind::HmacV1,
             metadata: BTreeMap::new(),
             tls_client_cert_sha256: None,
+            rate_limits: vec![],
         };
         keys::mint(&mk, new, OffsetDateTime::UNIX_EPOCH).0
     }
@@ -659,6 +683,48 @@ mod tests {
         assert!(me.may_act_on(&record(&["*"], t, &[], None)));
         assert!(me.may_act_on(&record(&["a.b"], t, &["1.2.3.4/32"], Some(5))));
         assert!(!me.may_act_on(&record(&["a.b"], Environment::Live, &[], None)));
+    }
+
+    #[test]
+    fn a_key_with_limits_grants_only_limits_within_them() {
+        use crate::limits::RateLimit;
+        let l = |name: &str, limit: u64, secs: u64| RateLimit {
+            name: name.into(),
+            limit,
+            window: std::time::Duration::from_secs(secs),
+        };
+        let t = Environment::Test;
+        let mut mine = record(&["*"], t, &[], None);
+        mine.rate_limits = vec![l("burst", 100, 1), l("daily", 1000, 86_400)];
+        let me = KeyPowers::of(&mine);
+        let who = Principal::Key(Box::new(me.clone()));
+        assert_eq!(who.defaults().rate_limits, mine.rate_limits, "inherited");
+        let with = |limits: Vec<RateLimit>| {
+            let mut r = record(&["a.b"], t, &[], None);
+            r.rate_limits = limits;
+            r
+        };
+        assert!(me.may_act_on(&with(mine.rate_limits)));
+        assert!(me.may_act_on(&with(vec![
+            l("burst", 10, 1),
+            l("daily", 1000, 86_400),
+            l("extra", 1, 1)
+        ])));
+        for (why, limits) in [
+            ("none: unlimited", vec![]),
+            ("daily missing", vec![l("burst", 100, 1)]),
+            (
+                "larger burst",
+                vec![l("burst", 101, 1), l("daily", 1000, 86_400)],
+            ),
+            (
+                "faster rate",
+                vec![l("burst", 100, 1), l("daily", 1000, 3600)],
+            ),
+            ("renamed", vec![l("b", 100, 1), l("daily", 1000, 86_400)]),
+        ] {
+            assert!(!me.may_act_on(&with(limits)), "{why}");
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl Gateway {
             .upstream_duration
             .with_label_values(&[route_name.as_str(), status_class(resp.status.as_u16())])
             .observe(started.elapsed().as_secs_f64());
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        super::stamp(ctx, &mut resp)?;
         session.write_response_header(Box::new(resp), false).await?;
         while let Some(chunk) = up.read_response_body().await? {
             session.write_response_body(Some(chunk), false).await?;

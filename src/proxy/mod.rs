@@ -10,6 +10,7 @@
 mod forward;
 pub mod guard;
 pub mod health;
+mod limit;
 mod route;
 pub mod routing;
 mod self_service;
@@ -18,7 +19,7 @@ pub mod tls;
 pub mod trace;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,7 @@ use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::{Config, Route};
 use crate::keys::{ActiveKey, AuthKind};
+use crate::limits::store::RateLimitStore;
 use crate::metrics::{status_class, Metrics, RouteMetrics};
 use crate::problem::{self, ErrorCode};
 pub use route::Router;
@@ -84,6 +86,10 @@ pub struct Gateway {
     access_log: bool,
     /// Span export (`[tracing]`); `None` when off.
     otlp: Option<Arc<crate::otlp::Otlp>>,
+    /// Rate-limit state: the store's (shared by a fleet on Redis).
+    limiter: Arc<dyn RateLimitStore>,
+    /// The limiter's state could not be reached at the last check (logged once per outage).
+    limits_down: AtomicBool,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -117,6 +123,8 @@ pub struct Ctx {
     endpoint: Option<Arc<health::EndpointHealth>>,
     /// Endpoints a connection failed to, not to be picked again for this request.
     tried: Vec<std::net::SocketAddr>,
+    /// `RateLimit-Policy` and `RateLimit` for the response, when limits applied.
+    rate_headers: Option<(String, String)>,
 }
 
 /// Request ids: a random per-process prefix and a counter, unique without a syscall.
@@ -187,6 +195,8 @@ impl Gateway {
             jwks_on_proxy: config.assertion.jwks_on_proxy,
             access_log: config.log.access,
             otlp: None,
+            limiter: Arc::new(crate::limits::store::InProcessLimits::default()),
+            limits_down: AtomicBool::new(false),
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
                 || {
                     // Long enough for body nonces; memory is bounded by the outage's traffic.
@@ -201,6 +211,13 @@ impl Gateway {
                 },
             ),
         }
+    }
+
+    /// Rate limits against `store` (the configured store's limiter).
+    #[must_use]
+    pub fn with_limiter(mut self, store: Arc<dyn RateLimitStore>) -> Self {
+        self.limiter = store;
+        self
     }
 
     /// Exports a span per request (`[tracing]`).
@@ -326,6 +343,75 @@ impl Gateway {
         write_problem(session, code, detail, &ctx.request_id).await?;
         self.drain_h2_stream(session).await;
         Ok(true)
+    }
+
+    /// Spends the request's rate limits; `Ok(false)` when it was refused (and answered).
+    async fn check_limits(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        key: &ActiveKey,
+        route: &Route,
+    ) -> Result<bool> {
+        let buckets = limit::buckets(key, route);
+        if buckets.is_empty() {
+            return Ok(true);
+        }
+        let decision = match self.limiter.acquire(&buckets, route.cost).await {
+            Ok(d) => {
+                if self.limits_down.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("rate-limit state reachable again");
+                }
+                d
+            }
+            Err(e) => {
+                self.metrics.store_error("rate_limit");
+                if !self.limits_down.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "rate-limit state unreachable: routes with limits_on_store_error = \"open\" pass unchecked, the others are refused until it is back");
+                }
+                if route.limits_fail_open {
+                    self.metrics
+                        .rate_limit_unchecked
+                        .with_label_values(&[route.name.as_str()])
+                        .inc();
+                    return Ok(true);
+                }
+                let detail = "rate limits cannot be checked right now; retry shortly";
+                self.refuse(session, ctx, ErrorCode::StoreUnavailable, detail)
+                    .await?;
+                return Ok(false);
+            }
+        };
+        let (policy, state) = limit::headers(&buckets, &decision);
+        if decision.allowed {
+            ctx.rate_headers = Some((policy, state));
+            return Ok(true);
+        }
+        let (detail, wait) = limit::refusal(&buckets, &decision, route.cost);
+        let limit_name = decision
+            .refused_by
+            .and_then(|(i, _)| buckets.get(i))
+            .map_or("", |b| b.limit.name.as_str());
+        self.metrics
+            .rate_limited
+            .with_label_values(&[route.name.as_str(), limit_name])
+            .inc();
+        ctx.outcome = Some(ErrorCode::RateLimited);
+        let wait = wait.to_string();
+        let extra = [
+            ("retry-after", wait.as_str()),
+            ("ratelimit-policy", policy.as_str()),
+            ("ratelimit", state.as_str()),
+        ];
+        write_problem_with(
+            session,
+            ErrorCode::RateLimited,
+            &detail,
+            &ctx.request_id,
+            &extra,
+        )
+        .await?;
+        Ok(false)
     }
 
     /// 413 `body_too_large`; over HTTP/1 the body is not drained, so the connection closes
@@ -682,6 +768,17 @@ fn access_log(session: &Session, ctx: &Ctx, route: &str, outcome: &str) {
     );
 }
 
+/// keygate's headers on a response relayed from the upstream: the request id, and the
+/// request's rate-limit state when limits applied.
+fn stamp(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some((policy, state)) = &ctx.rate_headers {
+        resp.insert_header("ratelimit-policy", policy.as_str())?;
+        resp.insert_header("ratelimit", state.as_str())?;
+    }
+    Ok(())
+}
+
 fn http_version(v: http::Version) -> &'static str {
     match v {
         http::Version::HTTP_2 => "2",
@@ -697,11 +794,25 @@ async fn write_problem(
     detail: &str,
     request_id: &str,
 ) -> Result<()> {
+    write_problem_with(session, code, detail, request_id, &[]).await
+}
+
+/// [`write_problem`] with more response headers.
+async fn write_problem_with(
+    session: &mut Session,
+    code: ErrorCode,
+    detail: &str,
+    request_id: &str,
+    extra: &[(&'static str, &str)],
+) -> Result<()> {
     let body = problem::render(code, detail, request_id, None);
-    let mut h = ResponseHeader::build(code.status(), Some(4))?;
+    let mut h = ResponseHeader::build(code.status(), Some(4 + extra.len()))?;
     h.insert_header("content-type", problem::CONTENT_TYPE)?;
     h.insert_header("content-length", body.len().to_string())?;
     h.insert_header("x-request-id", request_id)?;
+    for (name, value) in extra {
+        h.insert_header(*name, *value)?;
+    }
     session.write_response_header(Box::new(h), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
@@ -761,6 +872,7 @@ impl ProxyHttp for Gateway {
             upstream_addr: None,
             endpoint: None,
             tried: Vec::new(),
+            rate_headers: None,
         }
     }
 
@@ -868,6 +980,10 @@ impl ProxyHttp for Gateway {
         else {
             return Ok(true);
         };
+        // Step 11: the request's limits, spent only now that it is known good.
+        if !self.check_limits(session, ctx, &key, route).await? {
+            return Ok(true);
+        }
         if let Some(up) = routing
             .upstream(route)
             .filter(|u| !matches!(u.assertion, crate::assertion::Mode::Off))
@@ -1002,7 +1118,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())
+        stamp(ctx, upstream_response)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

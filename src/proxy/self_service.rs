@@ -35,6 +35,10 @@ pub(super) fn route() -> Route {
         upstream: 0,
         auth: AuthKinds::ALL,
         public: false,
+        // Managing keys is not metered: a key's limits are for the upstream's traffic.
+        rate_limits: Vec::new(),
+        cost: 1,
+        limits_fail_open: true,
     }
 }
 

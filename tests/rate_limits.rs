@@ -1,0 +1,267 @@
+//! Rate limits through the real binary: a key's own limits and a route's defaults with a
+//! cost, 429 `rate_limited` naming the limit with `Retry-After`, the draft's `RateLimit-Policy`
+//! and `RateLimit` on every limited response, nothing spent by a refused request, limits set
+//! through the admin API, and the fleet-wide accuracy of two gateways sharing one Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::redis::RedisServer;
+use support::{assert_problem, now, v1_headers, Echo, Gateway, Key, Options};
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+async fn pay(gw: &Gateway, key: &Key, nonce: &str) -> reqwest::Response {
+    let h = v1_headers(key, "POST", "/v1/payments", b"{}", now(), nonce);
+    gw.send("POST", "/v1/payments", &h, b"{}").await
+}
+
+/// Routes with a default limit and a cost, before the usual ones.
+fn limited_routes(echo: &Echo) -> String {
+    let base = support::routes(echo.addr);
+    let (upstreams, routes) = base.split_at(base.find("[[routes]]").unwrap());
+    format!(
+        r#"{upstreams}
+[[routes]]
+name = "payout"
+methods = ["POST"]
+path = "/v1/payouts"
+upstream = "echo"
+cost = 10
+rate_limits = [{{ name = "payouts", limit = 25, window = "1h" }}]
+
+[[routes]]
+name = "refund"
+methods = ["POST"]
+path = "/v1/refunds"
+upstream = "echo"
+rate_limits = [{{ name = "refunds", limit = 2, window = "1h" }}]
+
+{routes}"#
+    )
+}
+
+#[tokio::test]
+async fn a_keys_limit_answers_429_with_the_drafts_headers_and_spends_nothing_refused() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.routes = limited_routes(&echo);
+    let gw = Gateway::start(opts).await;
+    let key = gw
+        .mint(json!({"rate_limits": [
+            {"name": "burst", "limit": 3, "window": "1h"},
+            {"name": "daily", "limit": 1000, "window": "1d"}
+        ]}))
+        .await;
+    assert_eq!(
+        key.record["rate_limits"],
+        json!([
+            {"name": "burst", "limit": 3, "window": "1h"},
+            {"name": "daily", "limit": 1000, "window": "1d"}
+        ])
+    );
+
+    for (i, left) in [2, 1, 0].into_iter().enumerate() {
+        let r = pay(&gw, &key, &format!("n{i}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            header(&r, "ratelimit-policy"),
+            r#""burst";q=3;w=3600, "daily";q=1000;w=86400"#
+        );
+        let state = header(&r, "ratelimit");
+        assert!(
+            state.starts_with(&format!("\"burst\";r={left};t=")),
+            "{state}"
+        );
+        assert!(
+            state.contains(&format!("\"daily\";r={};t=", 997 + left)),
+            "{state}"
+        );
+    }
+    let r = pay(&gw, &key, "n3").await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!(
+        (1..=1200).contains(&retry),
+        "one unit of 3/h is 20 min: {retry}"
+    );
+    assert!(header(&r, "ratelimit").starts_with("\"burst\";r=0;"));
+    let body = assert_problem(r, 429, "rate_limited").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("\"burst\""),
+        "{body}"
+    );
+    assert_eq!(
+        echo.count(),
+        3,
+        "the refused request never reached the upstream"
+    );
+
+    // Refused again: `daily` stood still while `burst` refused (all or nothing).
+    let r = pay(&gw, &key, "n4").await;
+    assert_eq!(r.status(), 429);
+    assert!(header(&r, "ratelimit").contains("\"daily\";r=997;"));
+    assert!(gw
+        .metrics_text()
+        .await
+        .contains(r#"keygate_rate_limited_total{limit="burst",route="create-payment"} 2"#));
+}
+
+#[tokio::test]
+async fn route_defaults_cost_and_admin_changes() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.routes = limited_routes(&echo);
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+
+    // cost 10 against the route's 25/h: two pass, the third would need 30.
+    let send = |target: &'static str, nonce: String| {
+        let h = v1_headers(&key, "POST", target, b"{}", now(), &nonce);
+        let gw = &gw;
+        async move { gw.send("POST", target, &h, b"{}").await }
+    };
+    for i in 0..2 {
+        let r = send("/v1/payouts", format!("p{i}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "ratelimit-policy"), r#""payouts";q=25;w=3600"#);
+    }
+    let r = send("/v1/payouts", "p2".into()).await;
+    assert_eq!(r.status(), 429);
+    assert!(header(&r, "ratelimit").starts_with("\"payouts\";r=5;"));
+    // Another route's defaults are counted apart; an unlimited route carries no headers.
+    assert_eq!(send("/v1/refunds", "r0".into()).await.status(), 200);
+    let r = send("/v1/payments", "u0".into()).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("ratelimit-policy").is_none());
+
+    // The key's own limits replace the route's, on every route.
+    let admin = reqwest::Client::new();
+    let patch = |body: serde_json::Value| {
+        admin
+            .patch(gw.admin_url(&format!("/v1/keys/{}", key.id)))
+            .bearer_auth(support::ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let r = patch(json!({"rate_limits": [{"name": "own", "limit": 0, "window": "1s"}]}))
+        .await
+        .unwrap();
+    let body = assert_problem(r, 422, "validation_failed").await;
+    assert!(body["errors"]["rate_limits[0].limit"].is_string(), "{body}");
+    let r = patch(json!({"rate_limits": [{"name": "own", "limit": 1, "window": "1h"}]}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The cache learns of the change at once on this gateway (the admin API evicts).
+    let r = send("/v1/refunds", "r1".into()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "ratelimit-policy"), r#""own";q=1;w=3600"#);
+    let r = send("/v1/payments", "u1".into()).await;
+    assert_problem(r, 429, "rate_limited").await;
+    // `[]` puts the route's defaults back.
+    let r = patch(json!({"rate_limits": []})).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = send("/v1/refunds", "r2".into()).await;
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "ratelimit").starts_with("\"refunds\";r=0;"));
+}
+
+#[tokio::test]
+async fn a_route_whose_cost_exceeds_its_limit_says_it_can_never_pass() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.routes = limited_routes(&echo);
+    let gw = Gateway::start(opts).await;
+    let key = gw
+        .mint(json!({"rate_limits": [{"name": "tiny", "limit": 5, "window": "1s"}]}))
+        .await;
+    let h = v1_headers(&key, "POST", "/v1/payouts", b"{}", now(), "x");
+    let r = gw.send("POST", "/v1/payouts", &h, b"{}").await;
+    let body = assert_problem(r, 429, "rate_limited").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("can never pass"),
+        "{body}"
+    );
+}
+
+/// Two gateways on one Redis, traffic well over a 100/s limit split between them: after the
+/// burst, accepted requests match the limit's rate within 2%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_redis_hold_the_rate_within_two_percent() {
+    let redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let store = format!("[store]\nkind = \"redis\"\nurl = \"{}\"", redis.url());
+    let mut opts = Options::new(&echo);
+    opts.store_toml = Some(store.clone());
+    let gw1 = Arc::new(Gateway::start(opts).await);
+    let mut opts = Options::new(&echo);
+    opts.store_toml = Some(store);
+    opts.master_key = Some(gw1.master_key.clone());
+    let gw2 = Arc::new(Gateway::start(opts).await);
+    let key = gw1
+        .mint(json!({"rate_limits": [{"name": "rate", "limit": 100, "window": "1s"}]}))
+        .await;
+
+    let counting = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let gw = Arc::clone(if w % 2 == 0 { &gw1 } else { &gw2 });
+        let (key, counting, stop) = (key.clone(), counting.clone(), stop.clone());
+        let (accepted, refused) = (accepted.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let r = pay(&gw, &key, &format!("w{w}-{n}")).await;
+                let status = r.status().as_u16();
+                assert!(matches!(status, 200 | 429), "{status}");
+                if counting.load(Ordering::Relaxed) {
+                    if status == 200 {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+        }));
+    }
+    // The burst is spent in the first second; then count over five.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    counting.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    counting.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let accepted = accepted.load(Ordering::Relaxed) as f64;
+    let refused = refused.load(Ordering::Relaxed);
+    let expected = 100.0 * elapsed;
+    let error = (accepted - expected).abs() / expected;
+    println!(
+        "two gateways, 100/s limit: {accepted} accepted in {elapsed:.3} s (expected {expected:.1}, error {:.2}%), {refused} refused",
+        error * 100.0
+    );
+    assert!(
+        refused as f64 > accepted,
+        "the offered load must exceed the limit"
+    );
+    assert!(error <= 0.02, "accepted {accepted}, expected {expected:.1}");
+}
