@@ -62,6 +62,10 @@ async fn every_keys_subcommand_against_a_running_server() {
             "127.0.0.1",
             "--metadata",
             "team=pay",
+            "--rate-limit",
+            "burst=100/1s",
+            "--rate-limit",
+            "daily=50000/1d",
         ],
     ));
     assert!(text.contains("shown once"), "{text}");
@@ -112,6 +116,13 @@ async fn every_keys_subcommand_against_a_running_server() {
     // get, update, rotate, revoke, delete.
     let got = ok_json(&keys(&gw, &["get", &id, "--json"]));
     assert_eq!(got["metadata"]["team"], "pay");
+    assert_eq!(
+        got["rate_limits"],
+        serde_json::json!([
+            {"name": "burst", "limit": 100, "window": "1s"},
+            {"name": "daily", "limit": 50000, "window": "1d"}
+        ])
+    );
     assert!(got.get("secret").is_none());
     let updated = ok_json(&keys(
         &gw,
@@ -122,10 +133,12 @@ async fn every_keys_subcommand_against_a_running_server() {
             "renamed",
             "--scope",
             "payments.read",
+            "--clear-rate-limits",
             "--json",
         ],
     ));
     assert_eq!(updated["name"], "renamed");
+    assert_eq!(updated["rate_limits"], serde_json::json!([]));
     assert_eq!(updated["scopes"], serde_json::json!(["payments.read"]));
     let rotated = ok_json(&keys(
         &gw,

@@ -28,6 +28,8 @@ pub struct KeyFields {
     /// `key=value` pairs.
     pub metadata: Vec<String>,
     pub tls_client_cert_sha256: Option<String>,
+    /// `name=limit/window` (`burst=100/1s`).
+    pub rate_limits: Vec<String>,
 }
 
 /// One `keys` subcommand.
@@ -55,6 +57,7 @@ pub enum KeysCommand {
         clear_description: bool,
         clear_expires_at: bool,
         clear_tls_client_cert: bool,
+        clear_rate_limits: bool,
     },
     Rotate {
         id: String,
@@ -105,6 +108,24 @@ fn metadata(pairs: &[String]) -> Result<BTreeMap<String, String>, KeysError> {
         .collect()
 }
 
+/// `name=limit/window` as the API's `{"name", "limit", "window"}`; the server checks the rest.
+fn rate_limits(specs: &[String]) -> Result<Vec<Value>, KeysError> {
+    specs
+        .iter()
+        .map(|spec| {
+            let parsed = spec.split_once('=').and_then(|(name, rest)| {
+                let (limit, window) = rest.split_once('/')?;
+                Some(json!({"name": name, "limit": limit.parse::<u64>().ok()?, "window": window}))
+            });
+            parsed.ok_or_else(|| {
+                KeysError::Usage(format!(
+                    "--rate-limit {spec:?} must be name=limit/window, e.g. burst=100/1s"
+                ))
+            })
+        })
+        .collect()
+}
+
 /// The JSON body for the fields that were given.
 fn fields_json(f: &KeyFields) -> Result<Map<String, Value>, KeysError> {
     let mut m = Map::new();
@@ -128,6 +149,9 @@ fn fields_json(f: &KeyFields) -> Result<Map<String, Value>, KeysError> {
     }
     if !f.metadata.is_empty() {
         m.insert("metadata".into(), json!(metadata(&f.metadata)?));
+    }
+    if !f.rate_limits.is_empty() {
+        m.insert("rate_limits".into(), json!(rate_limits(&f.rate_limits)?));
     }
     Ok(m)
 }
@@ -203,6 +227,7 @@ pub async fn run(cmd: &KeysCommand, admin: &Admin, as_json: bool) -> Result<Stri
             clear_description,
             clear_expires_at,
             clear_tls_client_cert,
+            clear_rate_limits,
         } => {
             if fields.owner.is_some() || fields.environment.is_some() || fields.auth.is_some() {
                 return Err(KeysError::Usage(
@@ -218,6 +243,9 @@ pub async fn run(cmd: &KeysCommand, admin: &Admin, as_json: bool) -> Result<Stri
             }
             if *clear_tls_client_cert {
                 m.insert("tls_client_cert_sha256".into(), Value::Null);
+            }
+            if *clear_rate_limits {
+                m.insert("rate_limits".into(), json!([]));
             }
             if m.is_empty() {
                 return Err(KeysError::Usage(

@@ -159,6 +159,9 @@ pub struct FieldArgs {
     /// Bind the key to a TLS client certificate: its SHA-256 fingerprint (hex, colons allowed).
     #[arg(long)]
     tls_client_cert_sha256: Option<String>,
+    /// A rate limit, name=limit/window (burst=100/1s, daily=50000/1d); repeat for several.
+    #[arg(long = "rate-limit")]
+    rate_limits: Vec<String>,
 }
 
 impl From<FieldArgs> for KeyFields {
@@ -174,6 +177,7 @@ impl From<FieldArgs> for KeyFields {
             auth: a.auth,
             metadata: a.metadata,
             tls_client_cert_sha256: a.tls_client_cert_sha256,
+            rate_limits: a.rate_limits,
         }
     }
 }
@@ -220,6 +224,9 @@ pub enum KeysCmd {
         /// Unbind the key from its TLS client certificate.
         #[arg(long)]
         clear_tls_client_cert: bool,
+        /// Drop the key's own rate limits (its routes' defaults apply again).
+        #[arg(long)]
+        clear_rate_limits: bool,
     },
     /// Give a key a new secret; the old one keeps working for --grace-seconds.
     Rotate {
@@ -266,12 +273,14 @@ impl From<KeysCmd> for KeysCommand {
                 clear_description,
                 clear_expires_at,
                 clear_tls_client_cert,
+                clear_rate_limits,
             } => Self::Update {
                 id,
                 fields: fields.into(),
                 clear_description,
                 clear_expires_at,
                 clear_tls_client_cert,
+                clear_rate_limits,
             },
             KeysCmd::Rotate { id, grace_seconds } => Self::Rotate { id, grace_seconds },
             KeysCmd::Revoke { id } => Self::Revoke { id },
