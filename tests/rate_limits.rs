@@ -265,3 +265,53 @@ async fn two_gateways_on_redis_hold_the_rate_within_two_percent() {
     );
     assert!(error <= 0.02, "accepted {accepted}, expected {expected:.1}");
 }
+
+/// `[[owners]]`: every key of the owner spends from one limit, on top of its own.
+#[tokio::test]
+async fn an_owners_limit_is_shared_by_all_its_keys() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.routes = format!(
+        "{}\n[[owners]]\nname = \"acme\"\nrate_limits = [{{ name = \"contract\", limit = 4, window = \"1h\" }}]\n",
+        support::routes(echo.addr)
+    );
+    let gw = Gateway::start(opts).await;
+    let a = gw.mint(json!({"owner": "acme"})).await;
+    let b = gw
+        .mint(json!({"owner": "acme", "rate_limits": [{"name": "burst", "limit": 10, "window": "1s"}]}))
+        .await;
+    let other = gw.mint(json!({"owner": "globex"})).await;
+
+    for (i, key) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let r = pay(&gw, key, &format!("o{i}")).await;
+        assert_eq!(r.status(), 200);
+        let policy = header(&r, "ratelimit-policy");
+        assert!(
+            policy.ends_with(r#""owner:contract";q=4;w=3600"#),
+            "{policy}"
+        );
+        assert!(
+            header(&r, "ratelimit").contains(&format!("\"owner:contract\";r={};", 3 - i)),
+            "{}",
+            header(&r, "ratelimit")
+        );
+    }
+    for key in [&a, &b] {
+        let r = pay(&gw, key, &format!("x-{}", key.id)).await;
+        let body = assert_problem(r, 429, "rate_limited").await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("\"owner:contract\""),
+            "{body}"
+        );
+    }
+    // Another owner is not limited at all.
+    let r = pay(&gw, &other, "g0").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("ratelimit-policy").is_none());
+    assert!(gw.metrics_text().await.contains(
+        r#"keygate_rate_limited_total{limit="owner:contract",route="create-payment"} 2"#
+    ));
+}

@@ -309,6 +309,22 @@ async fn the_signing_keys_document_is_written_compare_and_set() {
     }
 }
 
+/// A key's own `burst` limit and its owner's `daily` one, as a request spends them.
+fn pair<'a>(owner: &str, burst: &'a RateLimit, daily: &'a RateLimit) -> Vec<Bucket<'a>> {
+    vec![
+        Bucket {
+            key: bucket_key(owner, "k:key1", "burst"),
+            limit: burst,
+            owner_wide: false,
+        },
+        Bucket {
+            key: bucket_key(owner, "o", "daily"),
+            limit: daily,
+            owner_wide: true,
+        },
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rate_limits_spend_all_or_nothing_and_hold_under_concurrency() {
     let limit = |name: &str, limit: u64, secs: u64| RateLimit {
@@ -321,18 +337,7 @@ async fn rate_limits_spend_all_or_nothing_and_hold_under_concurrency() {
     let daily = limit("daily", 25, 86_400);
     for b in backends() {
         let s = &b.limits;
-        let buckets = |owner: &str| {
-            vec![
-                Bucket {
-                    key: bucket_key(owner, "k:key1", "burst"),
-                    limit: &burst,
-                },
-                Bucket {
-                    key: bucket_key(owner, "k:key1", "daily"),
-                    limit: &daily,
-                },
-            ]
-        };
+        let buckets = |owner: &str| pair(owner, &burst, &daily);
         let acme = buckets("acme");
         let d = s.acquire(&acme, 10).await.unwrap();
         assert!(d.allowed, "{}", b.name);
@@ -362,17 +367,10 @@ async fn rate_limits_spend_all_or_nothing_and_hold_under_concurrency() {
             let burst = burst.clone();
             let daily = daily.clone();
             async move {
-                let bs = [
-                    Bucket {
-                        key: bucket_key("acme", "k:key1", "burst"),
-                        limit: &burst,
-                    },
-                    Bucket {
-                        key: bucket_key("acme", "k:key1", "daily"),
-                        limit: &daily,
-                    },
-                ];
-                s.acquire(&bs, 1).await.unwrap().allowed
+                s.acquire(&pair("acme", &burst, &daily), 1)
+                    .await
+                    .unwrap()
+                    .allowed
             }
         }))
         .await

@@ -30,6 +30,17 @@ pub(crate) struct FileConfig {
     pub(crate) upstreams: Vec<UpstreamFile>,
     #[serde(default)]
     pub(crate) routes: Vec<RouteFile>,
+    #[serde(default)]
+    pub(crate) owners: Vec<OwnerFile>,
+}
+
+/// `[[owners]]`: limits shared by every key of one owner.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OwnerFile {
+    pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) rate_limits: Vec<crate::limits::RateLimit>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -29,6 +29,8 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
+    /// `[[owners]]`: limits shared by all keys of an owner, by owner.
+    pub owner_limits: std::collections::HashMap<String, Vec<crate::limits::RateLimit>>,
 }
 
 #[derive(Debug, Clone)]
@@ -597,6 +599,25 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         .map(|(i, r)| validate_route(&mut p, i, r, &upstreams))
         .collect();
 
+    let mut owner_limits = std::collections::HashMap::new();
+    for (i, o) in f.owners.iter().enumerate() {
+        let at = format!("owners[{i}]");
+        if o.name.trim().is_empty() {
+            p.add(format!("{at}.name"), "must not be empty");
+        }
+        for (path, msg) in crate::limits::check(&o.rate_limits) {
+            p.add(format!("{at}.rate_limits{path}"), msg);
+        }
+        if owner_limits
+            .insert(o.name.clone(), o.rate_limits.clone())
+            .is_some()
+        {
+            p.add(
+                format!("{at}.name"),
+                format!("owner {:?} is listed twice", o.name),
+            );
+        }
+    }
     if p.0.is_empty() {
         Ok(Config {
             server,
@@ -612,6 +633,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             tracing,
             upstreams,
             routes,
+            owner_limits,
         })
     } else {
         Err(ConfigErrors(p.0))

@@ -20,6 +20,19 @@ pub struct Bucket<'a> {
     /// The state's key; [`bucket_key`] makes it.
     pub key: String,
     pub limit: &'a RateLimit,
+    /// Shared by all keys of the owner (`[[owners]]`), not the key's own.
+    pub owner_wide: bool,
+}
+
+impl Bucket<'_> {
+    /// The limit's name on the wire: an owner's limits read `owner:<name>`.
+    pub fn label(&self) -> std::borrow::Cow<'_, str> {
+        if self.owner_wide {
+            format!("owner:{}", self.limit.name).into()
+        } else {
+            self.limit.name.as_str().into()
+        }
+    }
 }
 
 /// A request's limit state key. Every key of one owner shares a Redis Cluster hash slot, so

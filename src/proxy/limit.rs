@@ -10,8 +10,13 @@ use crate::limits::store::{bucket_key, Bucket};
 use crate::limits::{Decision, RateLimit};
 
 /// The limits a request with `key` on `route` spends from, and their state keys. A key's own
-/// limits are shared by all its routes; a route's defaults are counted per key and route.
-pub(super) fn buckets<'a>(key: &'a ActiveKey, route: &'a Route) -> Vec<Bucket<'a>> {
+/// limits are shared by all its routes; a route's defaults are counted per key and route; an
+/// owner's (`owner`) by every key of the owner, on every route.
+pub(super) fn buckets<'a>(
+    key: &'a ActiveKey,
+    route: &'a Route,
+    owner: Option<&'a Vec<RateLimit>>,
+) -> Vec<Bucket<'a>> {
     let (limits, subject) = if key.rate_limits.is_empty() {
         (
             &route.rate_limits,
@@ -20,13 +25,17 @@ pub(super) fn buckets<'a>(key: &'a ActiveKey, route: &'a Route) -> Vec<Bucket<'a
     } else {
         (&key.rate_limits, format!("k:{}", key.id()))
     };
-    limits
-        .iter()
-        .map(|l| Bucket {
-            key: bucket_key(key.owner(), &subject, &l.name),
-            limit: l,
-        })
-        .collect()
+    let own = limits.iter().map(|l| Bucket {
+        key: bucket_key(key.owner(), &subject, &l.name),
+        limit: l,
+        owner_wide: false,
+    });
+    let shared = owner.into_iter().flatten().map(|l| Bucket {
+        key: bucket_key(key.owner(), "o", &l.name),
+        limit: l,
+        owner_wide: true,
+    });
+    own.chain(shared).collect()
 }
 
 /// `RateLimit-Policy` and `RateLimit` for a checked request: each limit as a quota policy
@@ -39,17 +48,17 @@ pub(super) fn headers(buckets: &[Bucket<'_>], decision: &Decision) -> (String, S
         let sep = if policy.is_empty() { "" } else { ", " };
         let l: &RateLimit = b.limit;
         // Writing to a String cannot fail.
+        let name = b.label();
         let _ = write!(
             policy,
-            "{sep}\"{}\";q={};w={}",
-            l.name,
+            "{sep}\"{name}\";q={};w={}",
             l.limit,
             l.window.as_secs()
         );
         let _ = write!(
             state,
-            "{sep}\"{}\";r={};t={}",
-            l.name, s.remaining, s.reset_secs
+            "{sep}\"{name}\";r={};t={}",
+            s.remaining, s.reset_secs
         );
     }
     (policy, state)
@@ -58,19 +67,20 @@ pub(super) fn headers(buckets: &[Bucket<'_>], decision: &Decision) -> (String, S
 /// The problem detail of a refusal: which limit, and when to come back.
 pub(super) fn refusal(buckets: &[Bucket<'_>], decision: &Decision, cost: u64) -> (String, u64) {
     let (i, wait) = decision.refused_by.unwrap_or((0, 1));
-    let Some(l) = buckets.get(i).map(|b| b.limit) else {
+    let Some(b) = buckets.get(i) else {
         return ("rate limit exceeded".into(), wait);
     };
+    let (l, name) = (b.limit, b.label());
     let window = crate::limits::window_string(l.window);
     let detail = if cost > l.limit {
         format!(
-            "this route costs {cost} units and rate limit {:?} allows {} per {window}: it can never pass",
-            l.name, l.limit
+            "this route costs {cost} units and rate limit {name:?} allows {} per {window}: it can never pass",
+            l.limit
         )
     } else {
         format!(
-            "rate limit {:?} ({} per {window}) is exhausted; retry in {wait} s",
-            l.name, l.limit
+            "rate limit {name:?} ({} per {window}) is exhausted; retry in {wait} s",
+            l.limit
         )
     };
     (detail, wait)

@@ -40,7 +40,7 @@ use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::{Config, Route};
 use crate::keys::{ActiveKey, AuthKind};
-use crate::limits::store::RateLimitStore;
+use crate::limits::store::{Bucket, RateLimitStore};
 use crate::metrics::{status_class, Metrics, RouteMetrics};
 use crate::problem::{self, ErrorCode};
 pub use route::Router;
@@ -353,7 +353,8 @@ impl Gateway {
         key: &ActiveKey,
         route: &Route,
     ) -> Result<bool> {
-        let buckets = limit::buckets(key, route);
+        let routing = Arc::clone(&ctx.routing);
+        let buckets = limit::buckets(key, route, routing.owner_limits.get(key.owner()));
         if buckets.is_empty() {
             return Ok(true);
         }
@@ -391,10 +392,11 @@ impl Gateway {
         let limit_name = decision
             .refused_by
             .and_then(|(i, _)| buckets.get(i))
-            .map_or("", |b| b.limit.name.as_str());
+            .map(Bucket::label)
+            .unwrap_or_default();
         self.metrics
             .rate_limited
-            .with_label_values(&[route.name.as_str(), limit_name])
+            .with_label_values(&[route.name.as_str(), &limit_name])
             .inc();
         ctx.outcome = Some(ErrorCode::RateLimited);
         let wait = wait.to_string();

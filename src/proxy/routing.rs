@@ -2,11 +2,13 @@
 //! trusted proxies. Each request holds the snapshot it started with, so a reload never changes
 //! a request midway, and requests already running finish on the old one.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::auth::client_ip::AllowList;
 use crate::config::{Config, Route, Upstream};
+use crate::limits::RateLimit;
 use crate::metrics::{Metrics, RouteMetrics};
 
 use super::health::{EndpointHealth, HealthBoard};
@@ -23,6 +25,8 @@ pub struct Routing {
     pub(super) trusted_proxies: AllowList,
     /// Per upstream, per endpoint (as in `upstreams[i].endpoints`), its health.
     pub(super) health: Vec<Vec<Arc<EndpointHealth>>>,
+    /// `[[owners]]` limits, by owner.
+    pub(super) owner_limits: HashMap<String, Vec<RateLimit>>,
 }
 
 impl Routing {
@@ -58,6 +62,7 @@ impl Routing {
                 .map(|r| metrics.route(&r.name))
                 .collect(),
             trusted_proxies: AllowList::new(&config.server.trusted_proxies),
+            owner_limits: config.owner_limits.clone(),
         }
     }
 
