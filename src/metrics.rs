@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Requests passed without a limit check because the limiter's state was unreachable
     /// (`limits_on_store_error = "open"`), by route.
     pub rate_limit_unchecked: IntCounterVec,
+    /// Requests refused with `too_many_failures` (no address in any label).
+    pub abuse_blocked: IntCounter,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
     /// labels and takes a lock on every request.
     cache_counters: [IntCounter; 3],
@@ -207,6 +209,12 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(rate_limit_unchecked.clone()))?;
+        let abuse_blocked = IntCounter::new(
+            "keygate_abuse_blocked_total",
+            "Requests refused with too_many_failures: their address failed authentication \
+             too often ([abuse])",
+        )?;
+        registry.register(Box::new(abuse_blocked.clone()))?;
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -241,6 +249,7 @@ impl Metrics {
             upstream_healthy,
             rate_limited,
             rate_limit_unchecked,
+            abuse_blocked,
             cache_counters,
         })
     }

@@ -68,6 +68,7 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
         ("log.format", c.log.json.to_string()),
         ("log.access", c.log.access.to_string()),
         ("tracing", format!("{:?}", c.tracing)),
+        ("abuse", format!("{:?}", c.abuse)),
     ]
 }
 

@@ -20,6 +20,7 @@ use crate::keys::{
     EmbeddedStore, KeyStore, MasterKey, RedisStore, SecretString, SigningKeyStore, StoreError,
 };
 use crate::lifecycle::Lifecycle;
+use crate::limits::abuse::AbuseStore;
 use crate::limits::store::RateLimitStore;
 use crate::metrics::Metrics;
 use crate::proxy::guard::{Guarded, Limits};
@@ -162,16 +163,18 @@ pub struct Stores {
     pub keys: Arc<dyn KeyStore>,
     pub signing_keys: Arc<dyn SigningKeyStore>,
     pub rate_limits: Arc<dyn RateLimitStore>,
+    pub abuse: Arc<dyn AbuseStore>,
 }
 
 impl Stores {
     /// One backend serving every concern.
-    pub fn of<S: KeyStore + SigningKeyStore + RateLimitStore>(store: S) -> Self {
+    pub fn of<S: KeyStore + SigningKeyStore + RateLimitStore + AbuseStore>(store: S) -> Self {
         let store = Arc::new(store);
         Self {
             keys: Arc::clone(&store) as Arc<dyn KeyStore>,
             signing_keys: Arc::clone(&store) as Arc<dyn SigningKeyStore>,
-            rate_limits: store,
+            rate_limits: Arc::clone(&store) as Arc<dyn RateLimitStore>,
+            abuse: store,
         }
     }
 }
@@ -205,6 +208,7 @@ pub struct App {
     pub store: Arc<dyn KeyStore>,
     pub signing_keys: Arc<dyn SigningKeyStore>,
     pub rate_limits: Arc<dyn RateLimitStore>,
+    pub abuse: Arc<dyn AbuseStore>,
     pub master: Arc<MasterKey>,
     pub admin_token_hashes: Vec<[u8; 32]>,
     pub clock: Arc<dyn Clock>,
@@ -228,6 +232,7 @@ impl App {
             store: stores.keys,
             signing_keys: stores.signing_keys,
             rate_limits: stores.rate_limits,
+            abuse: stores.abuse,
             master: Arc::new(master),
             admin_token_hashes,
             clock: Arc::new(SystemClock),
@@ -330,7 +335,8 @@ impl App {
             asserter,
         )
         .with_otlp(otlp.clone())
-        .with_limiter(Arc::clone(&self.rate_limits));
+        .with_limiter(Arc::clone(&self.rate_limits))
+        .with_abuse(cfg.abuse.as_ref(), Arc::clone(&self.abuse));
         server.add_service(background_service(
             "keygate usage",
             UsageFlusher {

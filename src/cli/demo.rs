@@ -196,6 +196,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
         store,
         signing_keys: stores.signing_keys,
         rate_limits: stores.rate_limits,
+        abuse: stores.abuse,
         master: Arc::new(master),
         admin_token_hashes: vec![admin_token.sha256()],
         clock: Arc::new(clock),

@@ -32,6 +32,50 @@ pub(crate) struct FileConfig {
     pub(crate) routes: Vec<RouteFile>,
     #[serde(default)]
     pub(crate) owners: Vec<OwnerFile>,
+    #[serde(default)]
+    pub(crate) abuse: AbuseFile,
+}
+
+/// `[abuse]`: blocking addresses that keep failing authentication.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AbuseFile {
+    #[serde(default = "default_true")]
+    pub(crate) enabled: bool,
+    #[serde(default = "default_max_failures")]
+    pub(crate) max_failures: u32,
+    #[serde(default = "default_abuse_window")]
+    pub(crate) window: String,
+    #[serde(default = "default_block_for")]
+    pub(crate) block_for: String,
+    /// Addresses never blocked (monitors); default loopback.
+    #[serde(default = "default_never_block")]
+    pub(crate) never_block: Vec<String>,
+}
+
+impl Default for AbuseFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_failures: default_max_failures(),
+            window: default_abuse_window(),
+            block_for: default_block_for(),
+            never_block: default_never_block(),
+        }
+    }
+}
+
+fn default_max_failures() -> u32 {
+    20
+}
+fn default_abuse_window() -> String {
+    "1m".into()
+}
+fn default_block_for() -> String {
+    "5m".into()
+}
+fn default_never_block() -> Vec<String> {
+    vec!["127.0.0.0/8".into(), "::1/128".into()]
 }
 
 /// `[[owners]]`: limits shared by every key of one owner.

@@ -31,6 +31,17 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// `[[owners]]`: limits shared by all keys of an owner, by owner.
     pub owner_limits: std::collections::HashMap<String, Vec<crate::limits::RateLimit>>,
+    /// `[abuse]`; `None` when disabled.
+    pub abuse: Option<AbuseConfig>,
+}
+
+/// `[abuse]`: addresses failing authentication too often are refused for a while.
+#[derive(Debug, Clone)]
+pub struct AbuseConfig {
+    pub max_failures: u32,
+    pub window: Duration,
+    pub block_for: Duration,
+    pub never_block: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -618,6 +629,38 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             );
         }
     }
+    let never_block: Vec<IpNet> = f
+        .abuse
+        .never_block
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let net = s
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from));
+            if net.is_none() {
+                p.add(
+                    format!("abuse.never_block[{i}]"),
+                    format!("{s:?} is not an IP address or CIDR"),
+                );
+            }
+            net
+        })
+        .collect();
+    let abuse = AbuseConfig {
+        max_failures: f.abuse.max_failures,
+        window: p.duration("abuse.window", &f.abuse.window),
+        block_for: p.duration("abuse.block_for", &f.abuse.block_for),
+        never_block,
+    };
+    if abuse.max_failures == 0 {
+        p.add("abuse.max_failures", "must be at least 1");
+    }
+    if abuse.window.is_zero() || abuse.block_for.is_zero() {
+        p.add("abuse", "window and block_for must be more than 0s");
+    }
+    let abuse = f.abuse.enabled.then_some(abuse);
     if p.0.is_empty() {
         Ok(Config {
             server,
@@ -634,6 +677,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             upstreams,
             routes,
             owner_limits,
+            abuse,
         })
     } else {
         Err(ConfigErrors(p.0))

@@ -61,6 +61,8 @@ pub struct EmbeddedStore {
     writer_thread: Option<thread::JoinHandle<()>>,
     /// Rate-limit state: one process holds the embedded store, so memory is exact.
     limits: crate::limits::store::InProcessLimits,
+    /// Failed-authentication counts per address, likewise in memory.
+    abuse: crate::limits::abuse::InProcessAbuse,
 }
 
 impl Drop for EmbeddedStore {
@@ -206,6 +208,7 @@ impl EmbeddedStore {
             journal_dir,
             writer_thread: Some(writer_thread),
             limits: crate::limits::store::InProcessLimits::default(),
+            abuse: crate::limits::abuse::InProcessAbuse::default(),
         })
     }
 
@@ -438,6 +441,21 @@ impl crate::limits::store::RateLimitStore for EmbeddedStore {
         cost: u64,
     ) -> Result<crate::limits::Decision, StoreError> {
         self.limits.acquire(buckets, cost).await
+    }
+}
+
+#[async_trait]
+impl crate::limits::abuse::AbuseStore for EmbeddedStore {
+    async fn record_failure(
+        &self,
+        subject: &str,
+        window: Duration,
+        max: u32,
+        block_for: Duration,
+    ) -> Result<Duration, StoreError> {
+        self.abuse
+            .record_failure(subject, window, max, block_for)
+            .await
     }
 }
 

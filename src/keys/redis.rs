@@ -310,6 +310,7 @@ pub struct RedisStore {
     audit_import: Script,
     signing_keys: Script,
     rate_limits: Script,
+    abuse: Script,
     /// The connection's driver task lives here, so the store works from any runtime —
     /// pingora's per-service runtimes, and the small one that runs the final flush after they
     /// are gone. Shut down in the background on drop (dropping it in async code would panic).
@@ -355,6 +356,25 @@ for i = 1, #KEYS do
   out[#out + 1] = string.format('%.3f', tat)
 end
 return out
+"#;
+
+/// One failed authentication of an address: KEYS[1] counts failures in a fixed window,
+/// KEYS[2] is the block. ARGV: window (ms), max, block (ms). Returns the block's ms left
+/// (0: not blocked). A block is set once per crossing (NX), so failures during a block do not
+/// extend it.
+const ABUSE_SCRIPT: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+if n >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3], 'NX')
+end
+local left = redis.call('PTTL', KEYS[2])
+if left < 0 then
+  return 0
+end
+return left
 "#;
 
 fn unavailable(e: &redis::RedisError) -> StoreError {
@@ -460,6 +480,7 @@ impl RedisStore {
             audit_import: Script::new(AUDIT_IMPORT_SCRIPT),
             signing_keys: Script::new(SIGNING_KEYS_SCRIPT),
             rate_limits: Script::new(RATE_LIMIT_SCRIPT),
+            abuse: Script::new(ABUSE_SCRIPT),
             runtime: Some(runtime),
         })
     }
@@ -570,6 +591,29 @@ impl crate::limits::store::RateLimitStore for RedisStore {
             states: states(&limits, &tats, now),
             refused_by: refused.checked_sub(1).map(|i| (i, wait)),
         })
+    }
+}
+
+#[async_trait]
+impl crate::limits::abuse::AbuseStore for RedisStore {
+    async fn record_failure(
+        &self,
+        subject: &str,
+        window: Duration,
+        max: u32,
+        block_for: Duration,
+    ) -> Result<Duration, StoreError> {
+        let left: u64 = self
+            .abuse
+            .key(format!("{{kgab:{subject}}}:f"))
+            .key(format!("{{kgab:{subject}}}:b"))
+            .arg(window.as_millis().max(1) as u64)
+            .arg(max)
+            .arg(block_for.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(Duration::from_millis(left))
     }
 }
 

@@ -9,6 +9,7 @@
 //! length `t` at most `L + L·t/W` requests pass (the burst plus the rate), whatever the number
 //! of gateways, because every gateway moves the same TAT atomically.
 
+pub mod abuse;
 pub mod store;
 
 use std::time::Duration;

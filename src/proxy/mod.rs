@@ -40,6 +40,7 @@ use crate::cache::KeyCache;
 use crate::clock::Clock;
 use crate::config::{Config, Route};
 use crate::keys::{ActiveKey, AuthKind};
+use crate::limits::abuse::{AbuseStore, Blocks};
 use crate::limits::store::{Bucket, RateLimitStore};
 use crate::metrics::{status_class, Metrics, RouteMetrics};
 use crate::problem::{self, ErrorCode};
@@ -90,6 +91,8 @@ pub struct Gateway {
     limiter: Arc<dyn RateLimitStore>,
     /// The limiter's state could not be reached at the last check (logged once per outage).
     limits_down: AtomicBool,
+    /// `[abuse]`; `None` when disabled.
+    abuse: Option<AbuseGuard>,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -125,6 +128,48 @@ pub struct Ctx {
     tried: Vec<std::net::SocketAddr>,
     /// `RateLimit-Policy` and `RateLimit` for the response, when limits applied.
     rate_headers: Option<(String, String)>,
+}
+
+/// `[abuse]` at work: the blocks this gateway knows, and where failures are counted.
+struct AbuseGuard {
+    config: crate::config::AbuseConfig,
+    never: auth::client_ip::AllowList,
+    blocks: Blocks,
+    store: Arc<dyn AbuseStore>,
+}
+
+impl AbuseGuard {
+    /// Counts a request that failed authentication the way credential stuffing does.
+    async fn failed(&self, ip: IpAddr, code: ErrorCode, metrics: &Metrics) {
+        let counted = matches!(
+            code,
+            ErrorCode::UnknownKey
+                | ErrorCode::BadSignature
+                | ErrorCode::ReplayedNonce
+                | ErrorCode::MalformedCredentials
+        );
+        if !counted || self.never.contains(ip) {
+            return;
+        }
+        let c = &self.config;
+        match self
+            .store
+            .record_failure(
+                &crate::limits::abuse::subject(ip),
+                c.window,
+                c.max_failures,
+                c.block_for,
+            )
+            .await
+        {
+            Ok(left) if !left.is_zero() => self.blocks.block(ip, left),
+            Ok(_) => {}
+            Err(e) => {
+                metrics.store_error("abuse");
+                tracing::debug!(error = %e, "failed authentication not counted");
+            }
+        }
+    }
 }
 
 /// Request ids: a random per-process prefix and a counter, unique without a syscall.
@@ -197,6 +242,7 @@ impl Gateway {
             otlp: None,
             limiter: Arc::new(crate::limits::store::InProcessLimits::default()),
             limits_down: AtomicBool::new(false),
+            abuse: None,
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
                 || {
                     // Long enough for body nonces; memory is bounded by the outage's traffic.
@@ -217,6 +263,22 @@ impl Gateway {
     #[must_use]
     pub fn with_limiter(mut self, store: Arc<dyn RateLimitStore>) -> Self {
         self.limiter = store;
+        self
+    }
+
+    /// Blocks addresses that keep failing authentication (`[abuse]`), counting in `store`.
+    #[must_use]
+    pub fn with_abuse(
+        mut self,
+        config: Option<&crate::config::AbuseConfig>,
+        store: Arc<dyn AbuseStore>,
+    ) -> Self {
+        self.abuse = config.map(|c| AbuseGuard {
+            blocks: Blocks::new(c.block_for),
+            never: auth::client_ip::AllowList::new(&c.never_block),
+            config: c.clone(),
+            store,
+        });
         self
     }
 
@@ -334,6 +396,10 @@ impl Gateway {
         detail: &str,
     ) -> Result<bool> {
         ctx.outcome = Some(code);
+        // Counted before answering: the client's next request already sees a block it caused.
+        if let (Some(guard), Some(ip)) = (&self.abuse, ctx.client_ip) {
+            guard.failed(ip, code, &self.metrics).await;
+        }
         if !session.is_body_done() {
             // Pingora would close at once; drain instead (discarding, bounded in time), so the
             // client is not cut off mid-send and never reads a reset instead of the answer.
@@ -957,6 +1023,30 @@ impl ProxyHttp for Gateway {
             }
         };
         ctx.client_ip = Some(client_ip);
+        // Step 2½: an address that keeps failing is refused before any key lookup or HMAC.
+        if let Some(wait) = self
+            .abuse
+            .as_ref()
+            .filter(|a| !a.never.contains(client_ip))
+            .and_then(|a| a.blocks.blocked(client_ip))
+        {
+            self.metrics.abuse_blocked.inc();
+            ctx.outcome = Some(ErrorCode::TooManyFailures);
+            if !session.is_body_done() {
+                session.set_keepalive(None);
+            }
+            let detail = "too many failed authentications from this address; retry later";
+            let wait = wait.to_string();
+            write_problem_with(
+                session,
+                ErrorCode::TooManyFailures,
+                detail,
+                &ctx.request_id,
+                &[("retry-after", wait.as_str())],
+            )
+            .await?;
+            return Ok(true);
+        }
         let Some(route_index) = route_index else {
             return self.self_service(session, ctx, client_ip).await;
         };
@@ -1173,6 +1263,7 @@ impl ProxyHttp for Gateway {
         if let Some(err) = e {
             tracing::debug!(request_id = %ctx.request_id, route, error = %err, "request failed");
         }
+
         if self.access_log {
             access_log(session, ctx, route, outcome);
         }
