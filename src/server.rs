@@ -21,6 +21,7 @@ use crate::keys::{
 };
 use crate::lifecycle::Lifecycle;
 use crate::limits::abuse::AbuseStore;
+use crate::limits::credits::CreditStore;
 use crate::limits::store::RateLimitStore;
 use crate::metrics::Metrics;
 use crate::proxy::guard::{Guarded, Limits};
@@ -164,17 +165,22 @@ pub struct Stores {
     pub signing_keys: Arc<dyn SigningKeyStore>,
     pub rate_limits: Arc<dyn RateLimitStore>,
     pub abuse: Arc<dyn AbuseStore>,
+    pub credits: Arc<dyn CreditStore>,
 }
 
 impl Stores {
     /// One backend serving every concern.
-    pub fn of<S: KeyStore + SigningKeyStore + RateLimitStore + AbuseStore>(store: S) -> Self {
+    pub fn of<S>(store: S) -> Self
+    where
+        S: KeyStore + SigningKeyStore + RateLimitStore + AbuseStore + CreditStore,
+    {
         let store = Arc::new(store);
         Self {
             keys: Arc::clone(&store) as Arc<dyn KeyStore>,
             signing_keys: Arc::clone(&store) as Arc<dyn SigningKeyStore>,
             rate_limits: Arc::clone(&store) as Arc<dyn RateLimitStore>,
-            abuse: store,
+            abuse: Arc::clone(&store) as Arc<dyn AbuseStore>,
+            credits: store,
         }
     }
 }
@@ -209,6 +215,7 @@ pub struct App {
     pub signing_keys: Arc<dyn SigningKeyStore>,
     pub rate_limits: Arc<dyn RateLimitStore>,
     pub abuse: Arc<dyn AbuseStore>,
+    pub credits: Arc<dyn CreditStore>,
     pub master: Arc<MasterKey>,
     pub admin_token_hashes: Vec<[u8; 32]>,
     pub clock: Arc<dyn Clock>,
@@ -233,6 +240,7 @@ impl App {
             signing_keys: stores.signing_keys,
             rate_limits: stores.rate_limits,
             abuse: stores.abuse,
+            credits: stores.credits,
             master: Arc::new(master),
             admin_token_hashes,
             clock: Arc::new(SystemClock),

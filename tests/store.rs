@@ -12,6 +12,7 @@ use keygate::keys::{
     mint, AuthKind, EmbeddedStore, Environment, KeyRecord, KeyStore, MasterKey, NewKey, RedisStore,
     SigningKeyStore, StoreError, Versioned,
 };
+use keygate::limits::credits::{CreditOp, CreditStore, RefillNow};
 use keygate::limits::store::{bucket_key, Bucket, RateLimitStore};
 use keygate::limits::RateLimit;
 use time::OffsetDateTime;
@@ -27,6 +28,8 @@ struct Backend {
     signing: Arc<dyn SigningKeyStore>,
     /// The same backend through its rate-limit trait.
     limits: Arc<dyn RateLimitStore>,
+    /// The same backend through its credits trait.
+    credits: Arc<dyn CreditStore>,
     reopen: Box<dyn Fn() -> Arc<dyn KeyStore> + Send>,
     _dir: Option<tempfile::TempDir>,
     /// Servers kept alive for the backend's lifetime.
@@ -41,7 +44,8 @@ fn embedded() -> Backend {
         name: "embedded",
         store: both.clone(),
         signing: both.clone(),
-        limits: both,
+        limits: both.clone(),
+        credits: both,
         reopen: Box::new(move || Arc::new(EmbeddedStore::open(&path).unwrap())),
         _dir: Some(dir),
         _servers: None,
@@ -56,7 +60,8 @@ fn redis() -> Backend {
         name: "redis",
         store: both.clone(),
         signing: both.clone(),
-        limits: both,
+        limits: both.clone(),
+        credits: both,
         reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
         _dir: None,
         _servers: Some(Box::new(server)),
@@ -72,7 +77,8 @@ fn redis_cluster() -> Backend {
         name: "redis-cluster",
         store: both.clone(),
         signing: both.clone(),
-        limits: both,
+        limits: both.clone(),
+        credits: both,
         reopen: Box::new(move || Arc::new(RedisStore::open(&url).unwrap())),
         _dir: None,
         _servers: Some(Box::new(cluster)),
@@ -384,6 +390,42 @@ async fn rate_limits_spend_all_or_nothing_and_hold_under_concurrency() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_are_never_double_spent_nor_below_zero() {
+    for b in backends() {
+        let c = &b.credits;
+        assert_eq!(c.remaining("key_c", None).await.unwrap(), 0, "{}", b.name);
+        assert_eq!(
+            c.adjust("key_c", CreditOp::Set(100), None).await.unwrap(),
+            100
+        );
+        // 64 concurrent spenders of 3 on 100: exactly 33 succeed, 1 left.
+        let ok = futures_util::future::join_all((0..64).map(|_| {
+            let c = Arc::clone(c);
+            async move { c.spend("key_c", 3, None).await.unwrap().ok }
+        }))
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
+        assert_eq!(ok, 33, "{}", b.name);
+        assert_eq!(c.remaining("key_c", None).await.unwrap(), 1, "{}", b.name);
+        let refused = c.spend("key_c", 2, None).await.unwrap();
+        assert!(!refused.ok && refused.remaining == 1, "{}", b.name);
+        c.refund("key_c", 3).await.unwrap();
+        assert_eq!(c.adjust("key_c", CreditOp::Add(6), None).await.unwrap(), 10);
+        // A refill period that starts resets to its amount, once.
+        let day = RefillNow {
+            period: 20_000,
+            amount: 50,
+        };
+        assert_eq!(c.spend("key_c", 5, Some(day)).await.unwrap().remaining, 45);
+        assert_eq!(c.spend("key_c", 5, Some(day)).await.unwrap().remaining, 40);
+        c.forget("key_c").await.unwrap();
+        assert_eq!(c.remaining("key_c", None).await.unwrap(), 0, "{}", b.name);
+    }
+}
+
 #[tokio::test]
 async fn revocation_is_final() {
     let (mk, _) = MasterKey::generate();
@@ -590,13 +632,14 @@ async fn records_and_live_nonces_survive_reopening() {
             store,
             signing,
             limits,
+            credits,
             reopen,
             name,
             _dir,
             _servers,
         } = b;
         // Dropping the store is the process going away: no explicit flush first.
-        drop((store, signing, limits));
+        drop((store, signing, limits, credits));
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let again = reopen();
         assert_eq!(

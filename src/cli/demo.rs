@@ -197,6 +197,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
         signing_keys: stores.signing_keys,
         rate_limits: stores.rate_limits,
         abuse: stores.abuse,
+        credits: stores.credits,
         master: Arc::new(master),
         admin_token_hashes: vec![admin_token.sha256()],
         clock: Arc::new(clock),

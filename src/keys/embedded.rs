@@ -40,6 +40,8 @@ const AUDIT_BY_OWNER: TableDefinition<'_, (&str, &str), ()> =
     TableDefinition::new("audit_by_owner");
 /// Small whole documents: name → 8-byte big-endian version ‖ body (the assertion keyring).
 const DOCUMENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("documents");
+/// Key id → (remaining credits, refill period they belong to).
+const CREDITS: TableDefinition<'_, &str, (u64, u64)> = TableDefinition::new("credits");
 const SIGNING_KEYS_DOC: &str = "signing_keys";
 
 /// How long the writer thread gathers nonces before one durable commit.
@@ -265,6 +267,42 @@ impl EmbeddedStore {
         .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
     }
 
+    /// One credit operation in its own write transaction. Spends and refunds commit with
+    /// eventual durability (no fsync per request: a crash can forget the last spends, in the
+    /// key holder's favour, never invent any); operators' changes are durable at once.
+    async fn credit_op(
+        &self,
+        key_id: &str,
+        refill: Option<crate::limits::credits::RefillNow>,
+        op: crate::limits::credits::Op,
+    ) -> Result<(u64, bool), StoreError> {
+        use crate::limits::credits::{apply, Op};
+        let db = Arc::clone(&self.db);
+        let id = key_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut txn = db.begin_write().map_err(unavailable)?;
+            if matches!(op, Op::Spend(_) | Op::Refund(_)) {
+                txn.set_durability(redb::Durability::Eventual);
+            }
+            let out = {
+                let mut table = txn.open_table(CREDITS).map_err(unavailable)?;
+                let stored = table
+                    .get(id.as_str())
+                    .map_err(unavailable)?
+                    .map_or((0, 0), |v| v.value());
+                let (state, ok) = apply(stored, refill, op);
+                if ok && op != Op::Read && state != stored {
+                    table.insert(id.as_str(), state).map_err(unavailable)?;
+                }
+                (state.0, ok)
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
     fn read_record_by_index<F>(&self, find_id: F) -> Result<Option<KeyRecord>, StoreError>
     where
         F: FnOnce(&redb::ReadTransaction) -> Result<Option<String>, StoreError>,
@@ -441,6 +479,28 @@ impl crate::limits::store::RateLimitStore for EmbeddedStore {
         cost: u64,
     ) -> Result<crate::limits::Decision, StoreError> {
         self.limits.acquire(buckets, cost).await
+    }
+}
+
+#[async_trait]
+impl crate::limits::credits::CreditStore for EmbeddedStore {
+    async fn credit(
+        &self,
+        key_id: &str,
+        refill: Option<crate::limits::credits::RefillNow>,
+        op: crate::limits::credits::Op,
+    ) -> Result<(u64, bool), StoreError> {
+        self.credit_op(key_id, refill, op).await
+    }
+
+    async fn forget(&self, key_id: &str) -> Result<(), StoreError> {
+        let id = key_id.to_owned();
+        self.transact(move |txn| {
+            let mut table = txn.open_table(CREDITS).map_err(unavailable)?;
+            table.remove(id.as_str()).map_err(unavailable)?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -311,6 +311,7 @@ pub struct RedisStore {
     signing_keys: Script,
     rate_limits: Script,
     abuse: Script,
+    credits: Script,
     /// The connection's driver task lives here, so the store works from any runtime —
     /// pingora's per-service runtimes, and the small one that runs the final flush after they
     /// are gone. Shut down in the background on drop (dropping it in async code would panic).
@@ -375,6 +376,33 @@ if left < 0 then
   return 0
 end
 return left
+"#;
+
+/// One credit operation — `crate::limits::credits::apply` line for line. KEYS[1]: the key's
+/// counter (hash: `r` remaining, `p` refill period). ARGV: mode (spend, add, set, get), n,
+/// current period, refill amount (-1: no refill), cap. Returns {ok (1/0), remaining}.
+const CREDITS_SCRIPT: &str = r#"
+local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
+local p = tonumber(redis.call('HGET', KEYS[1], 'p') or '0')
+local mode, n = ARGV[1], tonumber(ARGV[2])
+local period, amount, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local before_r, before_p = r, p
+if amount >= 0 and p < period then
+  r = amount
+  p = period
+end
+local ok = 1
+if mode == 'spend' then
+  if r >= n then r = r - n else ok = 0 end
+elseif mode == 'add' then
+  r = math.min(r + n, cap)
+elseif mode == 'set' then
+  r = math.min(n, cap)
+end
+if ok == 1 and mode ~= 'get' and (r ~= before_r or p ~= before_p) then
+  redis.call('HSET', KEYS[1], 'r', string.format('%d', r), 'p', string.format('%d', p))
+end
+return {ok, string.format('%d', r)}
 "#;
 
 fn unavailable(e: &redis::RedisError) -> StoreError {
@@ -481,6 +509,7 @@ impl RedisStore {
             signing_keys: Script::new(SIGNING_KEYS_SCRIPT),
             rate_limits: Script::new(RATE_LIMIT_SCRIPT),
             abuse: Script::new(ABUSE_SCRIPT),
+            credits: Script::new(CREDITS_SCRIPT),
             runtime: Some(runtime),
         })
     }
@@ -591,6 +620,56 @@ impl crate::limits::store::RateLimitStore for RedisStore {
             states: states(&limits, &tats, now),
             refused_by: refused.checked_sub(1).map(|i| (i, wait)),
         })
+    }
+}
+
+impl RedisStore {
+    async fn credit_op(
+        &self,
+        key_id: &str,
+        refill: Option<crate::limits::credits::RefillNow>,
+        op: crate::limits::credits::Op,
+    ) -> Result<(u64, bool), StoreError> {
+        let (mode, n) = op.wire();
+        let (period, amount) = refill.map_or((0, -1), |r| {
+            (r.period, i64::try_from(r.amount).unwrap_or(i64::MAX))
+        });
+        let (ok, remaining): (u8, String) = self
+            .credits
+            .key(format!("{{kgcr:{key_id}}}"))
+            .arg(mode)
+            .arg(n)
+            .arg(period)
+            .arg(amount)
+            .arg(crate::limits::credits::MAX_CREDITS)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let remaining = remaining
+            .parse()
+            .map_err(|_| corrupt(format!("credits script answered {remaining:?}")))?;
+        Ok((remaining, ok == 1))
+    }
+}
+
+#[async_trait]
+impl crate::limits::credits::CreditStore for RedisStore {
+    async fn credit(
+        &self,
+        key_id: &str,
+        refill: Option<crate::limits::credits::RefillNow>,
+        op: crate::limits::credits::Op,
+    ) -> Result<(u64, bool), StoreError> {
+        self.credit_op(key_id, refill, op).await
+    }
+
+    async fn forget(&self, key_id: &str) -> Result<(), StoreError> {
+        let _: u64 = self
+            .conn()
+            .del(format!("{{kgcr:{key_id}}}"))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@
 //! of gateways, because every gateway moves the same TAT atomically.
 
 pub mod abuse;
+pub mod credits;
 pub mod store;
 
 use std::time::Duration;
