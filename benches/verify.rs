@@ -60,6 +60,8 @@ fn key_record(auth: AuthKind) -> (keygate::keys::KeyRecord, MasterKey) {
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
         rate_limits: vec![],
+        remaining: None,
+        refill: None,
     };
     let record = build_record(
         &mk,

@@ -73,6 +73,8 @@ impl KeyStore for Synthetic {
             metadata: BTreeMap::new(),
             tls_client_cert_sha256: None,
             rate_limits: vec![],
+            remaining: None,
+            refill: None,
         };
         let secret = SecretString::new(format!("sk_live_{}", "s".repeat(43)));
         Ok(Some(build_record(

@@ -349,6 +349,8 @@ async fn seed_redis(url: &str, master_key: &str, n: usize, file: &str) -> Out {
                     metadata: Default::default(),
                     tls_client_cert_sha256: None,
                     rate_limits: vec![],
+                    remaining: None,
+                    refill: None,
                 };
                 let (record, secret) = mint(&mk, new, time::OffsetDateTime::now_utc());
                 store.insert(&record).await.unwrap();

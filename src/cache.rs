@@ -293,6 +293,8 @@ mod tests {
             metadata: Default::default(),
             tls_client_cert_sha256: None,
             rate_limits: vec![],
+            remaining: None,
+            refill: None,
         }
     }
 

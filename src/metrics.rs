@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Requests passed without a limit check because the limiter's state was unreachable
     /// (`limits_on_store_error = "open"`), by route.
     pub rate_limit_unchecked: IntCounterVec,
+    /// Requests refused with `quota_exhausted`, by route.
+    pub quota_exhausted: IntCounterVec,
     /// Requests refused with `too_many_failures` (no address in any label).
     pub abuse_blocked: IntCounter,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
@@ -209,6 +211,14 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(rate_limit_unchecked.clone()))?;
+        let quota_exhausted = IntCounterVec::new(
+            Opts::new(
+                "keygate_quota_exhausted_total",
+                "Requests refused with quota_exhausted (a metered key without enough credits), by route",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(quota_exhausted.clone()))?;
         let abuse_blocked = IntCounter::new(
             "keygate_abuse_blocked_total",
             "Requests refused with too_many_failures: their address failed authentication \
@@ -250,6 +260,7 @@ impl Metrics {
             rate_limited,
             rate_limit_unchecked,
             abuse_blocked,
+            quota_exhausted,
             cache_counters,
         })
     }

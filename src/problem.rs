@@ -38,6 +38,7 @@ error_codes! {
     ReplayedNonce,
     InsufficientScope,
     RateLimited,
+    QuotaExhausted,
     TooManyFailures,
     StoreUnavailable,
     UpstreamUnavailable,
@@ -89,6 +90,7 @@ impl ErrorCode {
                 "API key lacks the required scope",
             ),
             RateLimited => (429, "rate_limited", "Rate limit exceeded"),
+            QuotaExhausted => (429, "quota_exhausted", "No credits left"),
             TooManyFailures => (
                 429,
                 "too_many_failures",

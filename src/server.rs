@@ -302,6 +302,7 @@ impl App {
             Arc::clone(&self.master),
             metrics.clone(),
             Arc::clone(&self.clock),
+            Arc::clone(&self.credits),
         ));
         let asserter = Arc::new(Asserter::new(
             cfg.assertion.issuer.clone(),
@@ -344,7 +345,8 @@ impl App {
         )
         .with_otlp(otlp.clone())
         .with_limiter(Arc::clone(&self.rate_limits))
-        .with_abuse(cfg.abuse.as_ref(), Arc::clone(&self.abuse));
+        .with_abuse(cfg.abuse.as_ref(), Arc::clone(&self.abuse))
+        .with_credits(Arc::clone(&self.credits));
         server.add_service(background_service(
             "keygate usage",
             UsageFlusher {

@@ -138,6 +138,8 @@ mod tests {
             metadata: Default::default(),
             tls_client_cert_sha256: None,
             rate_limits: vec![],
+            remaining: None,
+            refill: None,
         };
         let t0 = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
         let (record, _) = mint(&mk, new, t0);

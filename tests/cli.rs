@@ -140,6 +140,29 @@ async fn every_keys_subcommand_against_a_running_server() {
     assert_eq!(updated["name"], "renamed");
     assert_eq!(updated["rate_limits"], serde_json::json!([]));
     assert_eq!(updated["scopes"], serde_json::json!(["payments.read"]));
+    let metered = ok_json(&keys(
+        &gw,
+        &[
+            "update",
+            &id,
+            "--remaining",
+            "10",
+            "--refill",
+            "daily:10",
+            "--json",
+        ],
+    ));
+    assert_eq!(metered["remaining"], 10);
+    assert_eq!(
+        metered["refill"],
+        serde_json::json!({"interval": "daily", "amount": 10})
+    );
+    let topped = ok_json(&keys(&gw, &["credits", &id, "--add", "5", "--json"]));
+    assert_eq!(topped["remaining"], 15);
+    let out = keys(&gw, &["credits", &id]);
+    assert_eq!(out.status.code(), Some(64), "neither --add nor --set");
+    let unmetered = ok_json(&keys(&gw, &["update", &id, "--clear-remaining", "--json"]));
+    assert_eq!(unmetered["remaining"], serde_json::Value::Null);
     let rotated = ok_json(&keys(
         &gw,
         &["rotate", &id, "--grace-seconds", "30", "--json"],

@@ -102,6 +102,8 @@ fn new_key(owner: &str, auth: AuthKind) -> NewKey {
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
         rate_limits: vec![],
+        remaining: None,
+        refill: None,
     }
 }
 

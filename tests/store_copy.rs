@@ -32,6 +32,8 @@ fn new_key(auth: AuthKind) -> NewKey {
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
         rate_limits: vec![],
+        remaining: None,
+        refill: None,
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::assertion::{KeyringError, SigningKeys};
 use crate::keys::{KeyStore, SecretString};
-use crate::lifecycle::{self, input, view::key_json, Lifecycle, Principal};
+use crate::lifecycle::{self, input, Lifecycle, Principal};
 use crate::problem::{self, ErrorCode};
 
 /// What the admin handlers share.
@@ -117,6 +117,7 @@ fn v1_routes() -> Vec<(&'static str, MethodRouter<Arc<AdminState>>)> {
         ),
         ("/v1/keys/{id}/rotate", post(rotate_key)),
         ("/v1/keys/{id}/revoke", post(revoke_key)),
+        ("/v1/keys/{id}/credits", post(key_credits)),
         ("/v1/audit", get(list_audit)),
         ("/v1/assertion/keys", get(assertion_keys)),
         ("/v1/assertion/rotate", post(rotate_assertion_key)),
@@ -229,7 +230,7 @@ async fn create_key(
     let (record, secret) = lc.mint(&who, new).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(key_json(&record, Some(&secret))),
+        axum::Json(lc.view(&record, Some(&secret)).await?),
     )
         .into_response())
 }
@@ -239,8 +240,9 @@ async fn get_key(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let record = state.lifecycle.get(&who, &id).await?;
-    Ok(axum::Json(key_json(&record, None)).into_response())
+    let lc = &state.lifecycle;
+    let record = lc.get(&who, &id).await?;
+    Ok(axum::Json(lc.view(&record, None).await?).into_response())
 }
 
 async fn list_keys(
@@ -249,8 +251,9 @@ async fn list_keys(
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response> {
     let query = input::list_query(&q)?;
-    let (items, next_cursor) = state.lifecycle.list(&who, &query).await?;
-    let items: Vec<Value> = items.iter().map(|r| key_json(r, None)).collect();
+    let lc = &state.lifecycle;
+    let (items, next_cursor) = lc.list(&who, &query).await?;
+    let items = lc.views(&items).await?;
     Ok(axum::Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
 }
 
@@ -263,7 +266,7 @@ async fn patch_key(
     let lc = &state.lifecycle;
     let patch = input::patch_body(&body, lc.now())?;
     let record = lc.update(&who, &id, &patch).await?;
-    Ok(axum::Json(key_json(&record, None)).into_response())
+    Ok(axum::Json(lc.view(&record, None).await?).into_response())
 }
 
 async fn rotate_key(
@@ -273,8 +276,9 @@ async fn rotate_key(
     body: Bytes,
 ) -> Result<Response> {
     let grace = input::rotate_body(&body)?;
-    let (record, secret) = state.lifecycle.rotate(&who, &id, grace).await?;
-    Ok(axum::Json(key_json(&record, Some(&secret))).into_response())
+    let lc = &state.lifecycle;
+    let (record, secret) = lc.rotate(&who, &id, grace).await?;
+    Ok(axum::Json(lc.view(&record, Some(&secret)).await?).into_response())
 }
 
 async fn revoke_key(
@@ -282,8 +286,21 @@ async fn revoke_key(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let record = state.lifecycle.revoke(&who, &id).await?;
-    Ok(axum::Json(key_json(&record, None)).into_response())
+    let lc = &state.lifecycle;
+    let record = lc.revoke(&who, &id).await?;
+    Ok(axum::Json(lc.view(&record, None).await?).into_response())
+}
+
+async fn key_credits(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let lc = &state.lifecycle;
+    let op = input::credits_body(&body)?;
+    let (record, _) = lc.credits(&who, &id, op).await?;
+    Ok(axum::Json(lc.view(&record, None).await?).into_response())
 }
 
 async fn delete_key(
@@ -305,7 +322,7 @@ async fn import_key(
     let record = lc.import(&who, new, public_key, &secret).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(key_json(&record, Some(&secret))),
+        axum::Json(lc.view(&record, Some(&secret)).await?),
     )
         .into_response())
 }

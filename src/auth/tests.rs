@@ -120,6 +120,8 @@ fn fixture(auth: AuthKind, edit: impl FnOnce(&mut NewKey)) -> Fixture {
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
         rate_limits: vec![],
+        remaining: None,
+        refill: None,
     };
     edit(&mut new);
     let secret = SecretString::new("sk_test_4eC39HqLyjWDarjtT1zdp7dc4eC39HqLyjWDarjtT1z".into());
@@ -445,6 +447,8 @@ fn rotated(auth: AuthKind, grace_secs: i64) -> (Fixture, SecretString, SecretStr
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
         rate_limits: vec![],
+        remaining: None,
+        refill: None,
     };
     let mut record = build_record(
         &mk,
@@ -544,6 +548,8 @@ fn a_second_rotation_ends_the_first_grace() {
         metadata: BTreeMap::new(),
         tls_client_cert_sha256: None,
         rate_limits: vec![],
+        remaining: None,
+        refill: None,
     };
     let mut record = build_record(
         &mk,

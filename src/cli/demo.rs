@@ -139,6 +139,8 @@ pub fn run(opts: &DemoOptions) -> Result<(), StartError> {
         scopes: vec!["payments.*".into()],
         ip_allow_list: vec![],
         rate_limits: vec![],
+        remaining: None,
+        refill: None,
         expires_at: None,
         environment: Environment::Test,
         auth: AuthKind::HmacV1,

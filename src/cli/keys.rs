@@ -30,6 +30,10 @@ pub struct KeyFields {
     pub tls_client_cert_sha256: Option<String>,
     /// `name=limit/window` (`burst=100/1s`).
     pub rate_limits: Vec<String>,
+    /// Credits: the key becomes metered.
+    pub remaining: Option<u64>,
+    /// `daily:N` or `monthly:N`.
+    pub refill: Option<String>,
 }
 
 /// One `keys` subcommand.
@@ -58,6 +62,12 @@ pub enum KeysCommand {
         clear_expires_at: bool,
         clear_tls_client_cert: bool,
         clear_rate_limits: bool,
+        clear_remaining: bool,
+    },
+    Credits {
+        id: String,
+        add: Option<u64>,
+        set: Option<u64>,
     },
     Rotate {
         id: String,
@@ -153,6 +163,20 @@ fn fields_json(f: &KeyFields) -> Result<Map<String, Value>, KeysError> {
     if !f.rate_limits.is_empty() {
         m.insert("rate_limits".into(), json!(rate_limits(&f.rate_limits)?));
     }
+    if let Some(n) = f.remaining {
+        m.insert("remaining".into(), json!(n));
+    }
+    if let Some(spec) = &f.refill {
+        let refill = spec
+            .split_once(':')
+            .and_then(|(interval, amount)| {
+                Some(json!({"interval": interval, "amount": amount.parse::<u64>().ok()?}))
+            })
+            .ok_or_else(|| {
+                KeysError::Usage(format!("--refill {spec:?} must be daily:N or monthly:N"))
+            })?;
+        m.insert("refill".into(), refill);
+    }
     Ok(m)
 }
 
@@ -228,6 +252,7 @@ pub async fn run(cmd: &KeysCommand, admin: &Admin, as_json: bool) -> Result<Stri
             clear_expires_at,
             clear_tls_client_cert,
             clear_rate_limits,
+            clear_remaining,
         } => {
             if fields.owner.is_some() || fields.environment.is_some() || fields.auth.is_some() {
                 return Err(KeysError::Usage(
@@ -247,6 +272,9 @@ pub async fn run(cmd: &KeysCommand, admin: &Admin, as_json: bool) -> Result<Stri
             if *clear_rate_limits {
                 m.insert("rate_limits".into(), json!([]));
             }
+            if *clear_remaining {
+                m.insert("remaining".into(), Value::Null);
+            }
             if m.is_empty() {
                 return Err(KeysError::Usage(
                     "update needs at least one field to change".into(),
@@ -263,6 +291,22 @@ pub async fn run(cmd: &KeysCommand, admin: &Admin, as_json: bool) -> Result<Stri
             format!("/v1/keys/{}/rotate", encode(id)),
             Some(json!({"grace_seconds": grace_seconds})),
         ),
+        KeysCommand::Credits { id, add, set } => {
+            let body = match (add, set) {
+                (Some(n), None) => json!({"add": n}),
+                (None, Some(n)) => json!({"set": n}),
+                _ => {
+                    return Err(KeysError::Usage(
+                        "credits needs exactly one of --add N and --set N".into(),
+                    ))
+                }
+            };
+            (
+                reqwest::Method::POST,
+                format!("/v1/keys/{}/credits", encode(id)),
+                Some(body),
+            )
+        }
         KeysCommand::Revoke { id } => (
             reqwest::Method::POST,
             format!("/v1/keys/{}/revoke", encode(id)),

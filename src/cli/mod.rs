@@ -162,6 +162,12 @@ pub struct FieldArgs {
     /// A rate limit, name=limit/window (burst=100/1s, daily=50000/1d); repeat for several.
     #[arg(long = "rate-limit")]
     rate_limits: Vec<String>,
+    /// Meter the key: it starts with this many credits, each request spending its route's cost.
+    #[arg(long)]
+    remaining: Option<u64>,
+    /// Set remaining back to N every UTC day or month: daily:N or monthly:N.
+    #[arg(long)]
+    refill: Option<String>,
 }
 
 impl From<FieldArgs> for KeyFields {
@@ -178,6 +184,8 @@ impl From<FieldArgs> for KeyFields {
             metadata: a.metadata,
             tls_client_cert_sha256: a.tls_client_cert_sha256,
             rate_limits: a.rate_limits,
+            remaining: a.remaining,
+            refill: a.refill,
         }
     }
 }
@@ -227,6 +235,17 @@ pub enum KeysCmd {
         /// Drop the key's own rate limits (its routes' defaults apply again).
         #[arg(long)]
         clear_rate_limits: bool,
+        /// Stop metering the key (its credits and refill go).
+        #[arg(long)]
+        clear_remaining: bool,
+    },
+    /// Add to or set a metered key's credits, atomically.
+    Credits {
+        id: String,
+        #[arg(long, conflicts_with = "set")]
+        add: Option<u64>,
+        #[arg(long)]
+        set: Option<u64>,
     },
     /// Give a key a new secret; the old one keeps working for --grace-seconds.
     Rotate {
@@ -274,6 +293,7 @@ impl From<KeysCmd> for KeysCommand {
                 clear_expires_at,
                 clear_tls_client_cert,
                 clear_rate_limits,
+                clear_remaining,
             } => Self::Update {
                 id,
                 fields: fields.into(),
@@ -281,7 +301,9 @@ impl From<KeysCmd> for KeysCommand {
                 clear_expires_at,
                 clear_tls_client_cert,
                 clear_rate_limits,
+                clear_remaining,
             },
+            KeysCmd::Credits { id, add, set } => Self::Credits { id, add, set },
             KeysCmd::Rotate { id, grace_seconds } => Self::Rotate { id, grace_seconds },
             KeysCmd::Revoke { id } => Self::Revoke { id },
             KeysCmd::Delete { id } => Self::Delete { id },

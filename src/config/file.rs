@@ -561,6 +561,9 @@ pub(crate) struct RouteFile {
     pub(crate) sensitive: bool,
     /// `open` or `closed`; default `closed` when `sensitive`, else `open`.
     pub(crate) limits_on_store_error: Option<String>,
+    /// Give a metered key its credits back when the upstream answers 5xx (or fails).
+    #[serde(default)]
+    pub(crate) refund_on_5xx: bool,
 }
 
 fn default_cost() -> u64 {

@@ -254,6 +254,8 @@ pub struct Route {
     pub cost: u64,
     /// Whether a request passes when its limits' state cannot be reached.
     pub limits_fail_open: bool,
+    /// Credits come back when the upstream answers 5xx or fails.
+    pub refund_on_5xx: bool,
 }
 
 /// One problem in a config file, with the key path it concerns.
@@ -1068,6 +1070,7 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
         rate_limits: r.rate_limits.clone(),
         cost: r.cost,
         limits_fail_open,
+        refund_on_5xx: r.refund_on_5xx,
     }
 }
 

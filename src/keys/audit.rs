@@ -24,6 +24,8 @@ pub enum Action {
     Rotate,
     Revoke,
     Delete,
+    /// `remaining` credits added or set (`POST /v1/keys/{id}/credits`).
+    Credits,
 }
 
 /// One recorded change. Never holds a secret: `fields` names what changed, not its value.

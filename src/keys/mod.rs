@@ -60,6 +60,9 @@ pub struct NewKey {
     /// Lowercase hex SHA-256 of the client certificate (DER) requests must come with.
     pub tls_client_cert_sha256: Option<String>,
     pub rate_limits: Vec<crate::limits::RateLimit>,
+    /// Credits to start with; `None` (and no refill): not metered.
+    pub remaining: Option<u64>,
+    pub refill: Option<crate::limits::credits::Refill>,
 }
 
 /// Builds a record with fresh id, public key and secret. The secret is returned once, for the
@@ -101,6 +104,8 @@ pub fn build_record(
         metadata: new.metadata,
         tls_client_cert_sha256: new.tls_client_cert_sha256,
         rate_limits: new.rate_limits,
+        metered: new.remaining.is_some() || new.refill.is_some(),
+        refill: new.refill,
         created_at: now,
         updated_at: now,
         revoked_at: None,
@@ -175,6 +180,9 @@ pub struct ActiveKey {
     pub allow: AllowList,
     /// The key's own rate limits (empty: the route's apply).
     pub rate_limits: Vec<crate::limits::RateLimit>,
+    /// Requests spend credits; refilled so.
+    pub metered: bool,
+    pub refill: Option<crate::limits::credits::Refill>,
 }
 
 /// Why a stored record cannot become an [`ActiveKey`].
@@ -248,6 +256,8 @@ impl ActiveKey {
             previous,
             allow: AllowList::new(&record.ip_allow_list),
             rate_limits: record.rate_limits.clone(),
+            metered: record.metered,
+            refill: record.refill,
             client_cert_sha256: match &record.tls_client_cert_sha256 {
                 None => None,
                 Some(h) => {

@@ -122,6 +122,12 @@ pub struct KeyRecord {
     /// The key's own rate limits; empty: the route's defaults apply.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<crate::limits::RateLimit>,
+    /// Requests spend credits (`remaining`, kept in the store's credit counter).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metered: bool,
+    /// Sets `remaining` back to an amount every UTC day or month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill: Option<crate::limits::credits::Refill>,
 }
 
 /// A rotated-out credential and the end of its grace period.

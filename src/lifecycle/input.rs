@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::Error;
 use crate::keys::{is_valid_scope, AuthKind, Environment, KeyRecord, NewKey, SecretString};
+use crate::limits::credits::{CreditOp, Refill, MAX_CREDITS};
 use crate::limits::RateLimit;
 
 const MAX_NAME: usize = 255;
@@ -39,6 +40,8 @@ struct CreateKeyBody {
     metadata: Option<BTreeMap<String, String>>,
     tls_client_cert_sha256: Option<String>,
     rate_limits: Option<Vec<RateLimit>>,
+    remaining: Option<u64>,
+    refill: Option<Refill>,
 }
 
 /// `POST /v1/keys/import`: the create fields plus the pair from the other system.
@@ -58,6 +61,8 @@ struct ImportKeyBody {
     metadata: Option<BTreeMap<String, String>>,
     tls_client_cert_sha256: Option<String>,
     rate_limits: Option<Vec<RateLimit>>,
+    remaining: Option<u64>,
+    refill: Option<Refill>,
 }
 
 /// `PATCH /v1/keys/{id}`: only these fields; `null` clears `description` and `expires_at`.
@@ -76,6 +81,19 @@ struct PatchKeyBody {
     tls_client_cert_sha256: Option<Option<String>>,
     /// `[]` drops the key's own limits: the route's apply again.
     rate_limits: Option<Vec<RateLimit>>,
+    /// `null`: no longer metered.
+    #[serde(default, deserialize_with = "present")]
+    remaining: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    refill: Option<Option<Refill>>,
+}
+
+/// `POST /v1/keys/{id}/credits`: exactly one of `add` and `set`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditsBody {
+    add: Option<u64>,
+    set: Option<u64>,
 }
 
 /// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -203,6 +221,18 @@ impl Checks {
             return None;
         }
         Some(plain)
+    }
+
+    fn credits(&mut self, field: &str, n: u64) -> u64 {
+        if n > MAX_CREDITS {
+            self.err(field, "must be at most 10^15");
+        }
+        n
+    }
+
+    fn refill(&mut self, r: Refill) -> Refill {
+        self.credits("refill.amount", r.amount);
+        r
     }
 
     fn rate_limits(&mut self, limits: Vec<RateLimit>) -> Vec<RateLimit> {
@@ -346,6 +376,8 @@ pub fn create_body(body: &[u8], now: OffsetDateTime, defaults: &Defaults) -> Res
             Some(l) => c.rate_limits(l),
             None => defaults.rate_limits.clone(),
         },
+        remaining: b.remaining.map(|n| c.credits("remaining", n)),
+        refill: b.refill.map(|r| c.refill(r)),
     };
     c.finish().map(|()| new)
 }
@@ -392,6 +424,8 @@ pub fn import_body(
         metadata: c.metadata(b.metadata),
         tls_client_cert_sha256: c.client_cert_sha256(b.tls_client_cert_sha256),
         rate_limits: c.rate_limits(b.rate_limits.unwrap_or_default()),
+        remaining: b.remaining.map(|n| c.credits("remaining", n)),
+        refill: b.refill.map(|r| c.refill(r)),
     };
     c.finish().map(|()| (new, public_key, secret))
 }
@@ -408,6 +442,9 @@ pub struct Patch {
     /// `Some(None)` unbinds the key from its client certificate.
     pub tls_client_cert_sha256: Option<Option<String>>,
     pub rate_limits: Option<Vec<RateLimit>>,
+    /// `Some(None)`: no longer metered; `Some(Some(n))`: metered, `remaining` set to `n`.
+    pub remaining: Option<Option<u64>>,
+    pub refill: Option<Option<Refill>>,
 }
 
 /// Validates a `PATCH` body.
@@ -427,6 +464,8 @@ pub fn patch_body(body: &[u8], now: OffsetDateTime) -> Result<Patch, Error> {
             .tls_client_cert_sha256
             .map(|h| h.and_then(|raw| c.client_cert_sha256(Some(raw)))),
         rate_limits: b.rate_limits.map(|l| c.rate_limits(l)),
+        remaining: b.remaining.map(|r| r.map(|n| c.credits("remaining", n))),
+        refill: b.refill.map(|r| r.map(|r| c.refill(r))),
     };
     c.finish().map(|()| patch)
 }
@@ -468,8 +507,35 @@ impl Patch {
             record.rate_limits.clone_from(l);
             set("rate_limits");
         }
+        if let Some(r) = self.refill {
+            record.refill = r;
+            record.metered |= r.is_some();
+            set("refill");
+        }
+        if let Some(r) = self.remaining {
+            record.metered = r.is_some();
+            if r.is_none() {
+                record.refill = None;
+            }
+            set("remaining");
+        }
         changed
     }
+}
+
+/// Validates a credits change.
+pub fn credits_body(body: &[u8]) -> Result<CreditOp, Error> {
+    let b: CreditsBody = parse_json(body)?;
+    let mut c = Checks::default();
+    let op = match (b.add, b.set) {
+        (Some(n), None) => CreditOp::Add(c.credits("add", n)),
+        (None, Some(n)) => CreditOp::Set(c.credits("set", n)),
+        _ => {
+            c.err("body", "give exactly one of \"add\" and \"set\"");
+            CreditOp::Add(0)
+        }
+    };
+    c.finish().map(|()| op)
 }
 
 /// `grace_seconds` of a rotation: 0 (the default) to 7 days. An empty body means 0.

@@ -29,6 +29,7 @@ use crate::keys::{
     self, scopes_grant, Action, Actor, AuditEntry, AuditPage, Environment, KeyRecord, KeyStore,
     MasterKey, NewKey, SecretString, StoreError, Write,
 };
+use crate::limits::credits::{CreditOp, CreditStore};
 use crate::metrics::{KeyChange, Metrics};
 use crate::problem::ErrorCode;
 
@@ -120,6 +121,33 @@ pub struct KeyPowers {
     pub expires_at: Option<OffsetDateTime>,
     pub tls_client_cert_sha256: Option<String>,
     pub rate_limits: Vec<crate::limits::RateLimit>,
+    pub metered: bool,
+}
+
+/// The powers of a key (or of one about to be minted), as [`KeyPowers::lacks`] compares them.
+#[derive(Clone, Copy)]
+struct Powers<'a> {
+    scopes: &'a [String],
+    environment: Environment,
+    ip_allow_list: &'a [IpNet],
+    expires_at: Option<OffsetDateTime>,
+    client_cert: Option<&'a str>,
+    rate_limits: &'a [crate::limits::RateLimit],
+    metered: bool,
+}
+
+impl<'a> Powers<'a> {
+    fn of_record(r: &'a KeyRecord) -> Self {
+        Self {
+            scopes: &r.scopes,
+            environment: r.environment,
+            ip_allow_list: &r.ip_allow_list,
+            expires_at: r.expires_at,
+            client_cert: r.tls_client_cert_sha256.as_deref(),
+            rate_limits: &r.rate_limits,
+            metered: r.metered,
+        }
+    }
 }
 
 impl KeyPowers {
@@ -134,21 +162,30 @@ impl KeyPowers {
             expires_at: record.expires_at,
             tls_client_cert_sha256: record.tls_client_cert_sha256.clone(),
             rate_limits: record.rate_limits.clone(),
+            metered: record.metered,
         }
     }
 
     /// Every power of a key with these fields that this key lacks, as field → message;
     /// empty when this key holds them all.
-    fn lacks(
-        &self,
-        scopes: &[String],
-        environment: Environment,
-        ip_allow_list: &[IpNet],
-        expires_at: Option<OffsetDateTime>,
-        client_cert: Option<&str>,
-        rate_limits: &[crate::limits::RateLimit],
-    ) -> BTreeMap<String, String> {
+    fn lacks(&self, other: &Powers<'_>) -> BTreeMap<String, String> {
+        let Powers {
+            scopes,
+            environment,
+            ip_allow_list,
+            expires_at,
+            client_cert,
+            rate_limits,
+            metered,
+        } = *other;
         let mut out = BTreeMap::new();
+        // A metered key's requests spend credits: one that spends none is more than it has.
+        if self.metered && !metered {
+            out.insert(
+                "remaining".into(),
+                "must be metered (have credits) like your key".into(),
+            );
+        }
         for (i, s) in scopes.iter().enumerate() {
             if !scopes_grant(&self.scopes, s) {
                 out.insert(
@@ -225,16 +262,7 @@ impl KeyPowers {
     pub fn may_act_on(&self, target: &KeyRecord) -> bool {
         target.owner == self.owner
             && (target.created_by.as_deref() == Some(self.key_id.as_str())
-                || self
-                    .lacks(
-                        &target.scopes,
-                        target.environment,
-                        &target.ip_allow_list,
-                        target.expires_at,
-                        target.tls_client_cert_sha256.as_deref(),
-                        &target.rate_limits,
-                    )
-                    .is_empty())
+                || self.lacks(&Powers::of_record(target)).is_empty())
     }
 }
 
@@ -290,6 +318,8 @@ pub struct Lifecycle {
     master: Arc<MasterKey>,
     metrics: Metrics,
     clock: Arc<dyn Clock>,
+    /// Metered keys' `remaining`.
+    credits: Arc<dyn CreditStore>,
     /// Per-key write locks, by a hash of the key id.
     locks: Box<[tokio::sync::Mutex<()>]>,
 }
@@ -317,6 +347,7 @@ impl Lifecycle {
         master: Arc<MasterKey>,
         metrics: Metrics,
         clock: Arc<dyn Clock>,
+        credits: Arc<dyn CreditStore>,
     ) -> Self {
         Self {
             store,
@@ -324,6 +355,7 @@ impl Lifecycle {
             master,
             metrics,
             clock,
+            credits,
             locks: (0..LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -393,14 +425,22 @@ impl Lifecycle {
         new: NewKey,
     ) -> Result<(KeyRecord, SecretString), Error> {
         if let Some(p) = who.key() {
-            let mut problems = p.lacks(
-                &new.scopes,
-                new.environment,
-                &new.ip_allow_list,
-                new.expires_at,
-                new.tls_client_cert_sha256.as_deref(),
-                &new.rate_limits,
-            );
+            let mut problems = p.lacks(&Powers {
+                scopes: &new.scopes,
+                environment: new.environment,
+                ip_allow_list: &new.ip_allow_list,
+                expires_at: new.expires_at,
+                client_cert: new.tls_client_cert_sha256.as_deref(),
+                rate_limits: &new.rate_limits,
+                metered: new.remaining.is_some() || new.refill.is_some(),
+            });
+            if p.metered {
+                // Credits cannot be handed on: a child's would come from nowhere.
+                problems.insert(
+                    "remaining".into(),
+                    "a metered key cannot mint keys; ask an operator".into(),
+                );
+            }
             if new.owner != p.owner {
                 problems.insert(
                     "owner".into(),
@@ -411,8 +451,10 @@ impl Lifecycle {
                 return Err(Error::Validation(problems));
             }
         }
+        let start = new.remaining.or(new.refill.map(|r| r.amount));
         let (mut record, secret) = keys::mint(&self.master, new, self.clock.now());
         record.created_by = who.key().map(|p| p.key_id.clone());
+        self.start_credits(&record, start).await?;
         self.insert(who, Action::Create, &record).await?;
         tracing::info!(key_id = %record.id, owner = %record.owner, "key created");
         Ok((record, secret))
@@ -427,10 +469,80 @@ impl Lifecycle {
         secret: &SecretString,
     ) -> Result<KeyRecord, Error> {
         who.admin_only()?;
+        let start = new.remaining.or(new.refill.map(|r| r.amount));
         let record = keys::build_record(&self.master, new, public_key, secret, self.clock.now());
+        self.start_credits(&record, start).await?;
         self.insert(who, Action::Import, &record).await?;
         tracing::info!(key_id = %record.id, owner = %record.owner, "key imported");
         Ok(record)
+    }
+
+    /// A metered key's counter, set before its record is written (a counter without a record
+    /// is harmless; a metered record without a counter would refuse every request).
+    async fn start_credits(&self, record: &KeyRecord, start: Option<u64>) -> Result<(), Error> {
+        if record.metered {
+            let refill = record.refill.map(|r| r.at(self.clock.now()));
+            self.credits
+                .adjust(&record.id, CreditOp::Set(start.unwrap_or(0)), refill)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A metered key's `remaining` now; `None` for a key that is not metered.
+    pub async fn remaining(&self, record: &KeyRecord) -> Result<Option<u64>, Error> {
+        if !record.metered {
+            return Ok(None);
+        }
+        let refill = record.refill.map(|r| r.at(self.clock.now()));
+        Ok(Some(self.credits.remaining(&record.id, refill).await?))
+    }
+
+    /// The record as the API shows it, with `remaining` read from the credit counter.
+    pub async fn view(
+        &self,
+        record: &KeyRecord,
+        secret: Option<&SecretString>,
+    ) -> Result<serde_json::Value, Error> {
+        let mut v = view::key_json(record, secret);
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("remaining".into(), self.remaining(record).await?.into());
+        }
+        Ok(v)
+    }
+
+    /// [`Self::view`] of each record, without secrets.
+    pub async fn views(&self, records: &[KeyRecord]) -> Result<Vec<serde_json::Value>, Error> {
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            out.push(self.view(r, None).await?);
+        }
+        Ok(out)
+    }
+
+    /// Adds to or sets a metered key's credits, atomically (operators only); the record and
+    /// the new `remaining`.
+    pub async fn credits(
+        &self,
+        who: &Principal,
+        id: &str,
+        op: CreditOp,
+    ) -> Result<(KeyRecord, u64), Error> {
+        who.admin_only()?;
+        let record = self.get(who, id).await?;
+        if !record.metered {
+            return Err(Error::Validation(BTreeMap::from([(
+                "remaining".to_owned(),
+                "the key is not metered: give it credits with PATCH {\"remaining\": N} first"
+                    .to_owned(),
+            )])));
+        }
+        let refill = record.refill.map(|r| r.at(self.clock.now()));
+        let remaining = self.credits.adjust(&record.id, op, refill).await?;
+        let audit = self.audit(who, Action::Credits, &record, vec!["remaining".into()]);
+        self.store.import_audit(&audit).await?;
+        tracing::info!(key_id = %record.id, remaining, "credits changed");
+        Ok((record, remaining))
     }
 
     /// A key by id or public key, if `who` may see it.
@@ -490,12 +602,22 @@ impl Lifecycle {
         patch: &Patch,
     ) -> Result<KeyRecord, Error> {
         who.admin_only()?;
+        if let Some(Some(n)) = patch.remaining {
+            // Before the record says metered, so no request sees a metered key without credits.
+            let refill = patch.refill.flatten().map(|r| r.at(self.clock.now()));
+            self.credits
+                .adjust(&self.get(who, id).await?.id, CreditOp::Set(n), refill)
+                .await?;
+        }
         let (record, _) = self
             .change(who, id, Action::Update, KeyChange::Updated, |r, _| {
                 let fields = patch.apply(r);
                 Ok((!fields.is_empty()).then_some((fields, ())))
             })
             .await?;
+        if patch.remaining == Some(None) {
+            self.credits.forget(&record.id).await?;
+        }
         Ok(record)
     }
 
@@ -552,6 +674,9 @@ impl Lifecycle {
             return Err(Error::NotFound);
         }
         self.cache.invalidate(&record).await;
+        if record.metered {
+            self.credits.forget(&record.id).await?;
+        }
         self.metrics.key_changed(KeyChange::Deleted);
         tracing::info!(key_id = %record.id, "key deleted");
         Ok(())
@@ -637,6 +762,8 @@ mod tests {
             metadata: BTreeMap::new(),
             tls_client_cert_sha256: None,
             rate_limits: vec![],
+            remaining: None,
+            refill: None,
         };
         keys::mint(&mk, new, OffsetDateTime::UNIX_EPOCH).0
     }

@@ -24,6 +24,7 @@ pub fn key_json(r: &KeyRecord, secret: Option<&SecretString>) -> Value {
         "ip_allow_list": r.ip_allow_list.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "tls_client_cert_sha256": r.tls_client_cert_sha256,
         "rate_limits": r.rate_limits,
+        "refill": r.refill,
         "expires_at": rfc3339(r.expires_at),
         "environment": r.environment.as_str(),
         "auth": r.auth.as_str(),

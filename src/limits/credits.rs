@@ -116,6 +116,26 @@ pub trait CreditStore: Send + Sync + 'static {
     }
 }
 
+/// Until a store is given: every key has 0 credits, so a metered key is refused, never let
+/// through uncounted.
+pub struct NoCredits;
+
+#[async_trait]
+impl CreditStore for NoCredits {
+    async fn credit(
+        &self,
+        _key_id: &str,
+        _refill: Option<RefillNow>,
+        op: Op,
+    ) -> Result<(u64, bool), StoreError> {
+        Ok((0, matches!(op, Op::Read)))
+    }
+
+    async fn forget(&self, _key_id: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
 /// The one credit rule both stores run: from the stored `(remaining, period)`, apply a due
 /// refill, then the operation; the new state and whether it succeeded. The Redis script is
 /// this function.

@@ -41,6 +41,7 @@ use crate::clock::Clock;
 use crate::config::{Config, Route};
 use crate::keys::{ActiveKey, AuthKind};
 use crate::limits::abuse::{AbuseStore, Blocks};
+use crate::limits::credits::CreditStore;
 use crate::limits::store::{Bucket, RateLimitStore};
 use crate::metrics::{status_class, Metrics, RouteMetrics};
 use crate::problem::{self, ErrorCode};
@@ -93,6 +94,8 @@ pub struct Gateway {
     limits_down: AtomicBool,
     /// `[abuse]`; `None` when disabled.
     abuse: Option<AbuseGuard>,
+    /// Metered keys' credits.
+    credits: Arc<dyn CreditStore>,
 }
 
 /// Per-request state carried between pingora's phases.
@@ -128,6 +131,8 @@ pub struct Ctx {
     tried: Vec<std::net::SocketAddr>,
     /// `RateLimit-Policy` and `RateLimit` for the response, when limits applied.
     rate_headers: Option<(String, String)>,
+    /// Credits this request spent (0: none), refunded if it fails and the route says so.
+    credits_spent: u64,
 }
 
 /// `[abuse]` at work: the blocks this gateway knows, and where failures are counted.
@@ -243,6 +248,7 @@ impl Gateway {
             limiter: Arc::new(crate::limits::store::InProcessLimits::default()),
             limits_down: AtomicBool::new(false),
             abuse: None,
+            credits: Arc::new(crate::limits::credits::NoCredits),
             local_nonces: (config.nonce_fallback == crate::config::NonceFallback::Local).then(
                 || {
                     // Long enough for body nonces; memory is bounded by the outage's traffic.
@@ -263,6 +269,13 @@ impl Gateway {
     #[must_use]
     pub fn with_limiter(mut self, store: Arc<dyn RateLimitStore>) -> Self {
         self.limiter = store;
+        self
+    }
+
+    /// Spends metered keys' credits in `store`.
+    #[must_use]
+    pub fn with_credits(mut self, store: Arc<dyn CreditStore>) -> Self {
+        self.credits = store;
         self
     }
 
@@ -411,8 +424,108 @@ impl Gateway {
         Ok(true)
     }
 
-    /// Spends the request's rate limits; `Ok(false)` when it was refused (and answered).
+    /// Spends the request's credits, then its rate limits; `Ok(false)` when it was refused
+    /// (and answered). A refusal by either spends nothing of the other.
     async fn check_limits(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        key: &ActiveKey,
+        route: &Route,
+    ) -> Result<bool> {
+        if key.metered && !self.spend_credits(session, ctx, key, route).await? {
+            return Ok(false);
+        }
+        let passed = self.check_rate_limits(session, ctx, key, route).await?;
+        if !passed {
+            self.refund_credits(ctx, key.id()).await;
+        }
+        Ok(passed)
+    }
+
+    /// Spends `route.cost` of a metered key's credits; `Ok(false)` when refused (answered).
+    async fn spend_credits(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        key: &ActiveKey,
+        route: &Route,
+    ) -> Result<bool> {
+        let refill = key.refill.map(|r| r.at(self.clock.now()));
+        match self.credits.spend(key.id(), route.cost, refill).await {
+            Ok(spent) if spent.ok => {
+                self.store_back();
+                ctx.credits_spent = route.cost;
+                Ok(true)
+            }
+            Ok(spent) => {
+                self.metrics
+                    .quota_exhausted
+                    .with_label_values(&[route.name.as_str()])
+                    .inc();
+                let detail = format!(
+                    "this request costs {} credits and the key has {} left",
+                    route.cost, spent.remaining
+                );
+                self.refuse(session, ctx, ErrorCode::QuotaExhausted, &detail)
+                    .await?;
+                Ok(false)
+            }
+            Err(e) => {
+                self.limits_unreachable(session, ctx, route, "credits", &e)
+                    .await
+            }
+        }
+    }
+
+    /// Gives back a request's credits (refused by a rate limit, or `refund_on_5xx`).
+    async fn refund_credits(&self, ctx: &mut Ctx, key_id: &str) {
+        let cost = std::mem::take(&mut ctx.credits_spent);
+        if cost == 0 {
+            return;
+        }
+        if let Err(e) = self.credits.refund(key_id, cost).await {
+            self.metrics.store_error("credits");
+            tracing::warn!(error = %e, key_id, cost, "credits not refunded");
+        }
+    }
+
+    /// The store answered again after an outage: say so once.
+    fn store_back(&self) {
+        if self.limits_down.swap(false, Ordering::Relaxed) {
+            tracing::warn!("rate-limit and credit state reachable again");
+        }
+    }
+
+    /// Limit or credit state unreachable: the route's `limits_on_store_error` decides;
+    /// logged once per outage.
+    async fn limits_unreachable(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        route: &Route,
+        op: &'static str,
+        e: &crate::keys::StoreError,
+    ) -> Result<bool> {
+        self.metrics.store_error(op);
+        if !self.limits_down.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %e, "rate-limit or credit state unreachable: routes with limits_on_store_error = \"open\" pass unchecked, the others are refused until it is back");
+        }
+        if route.limits_fail_open {
+            self.metrics
+                .rate_limit_unchecked
+                .with_label_values(&[route.name.as_str()])
+                .inc();
+            return Ok(true);
+        }
+        let detail = "rate limits and credits cannot be checked right now; retry shortly";
+        self.refuse(session, ctx, ErrorCode::StoreUnavailable, detail)
+            .await?;
+        Ok(false)
+    }
+
+    /// Spends the request's rate limits; `Ok(false)` when it was refused (and answered).
+    async fn check_rate_limits(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
@@ -426,27 +539,13 @@ impl Gateway {
         }
         let decision = match self.limiter.acquire(&buckets, route.cost).await {
             Ok(d) => {
-                if self.limits_down.swap(false, Ordering::Relaxed) {
-                    tracing::warn!("rate-limit state reachable again");
-                }
+                self.store_back();
                 d
             }
             Err(e) => {
-                self.metrics.store_error("rate_limit");
-                if !self.limits_down.swap(true, Ordering::Relaxed) {
-                    tracing::error!(error = %e, "rate-limit state unreachable: routes with limits_on_store_error = \"open\" pass unchecked, the others are refused until it is back");
-                }
-                if route.limits_fail_open {
-                    self.metrics
-                        .rate_limit_unchecked
-                        .with_label_values(&[route.name.as_str()])
-                        .inc();
-                    return Ok(true);
-                }
-                let detail = "rate limits cannot be checked right now; retry shortly";
-                self.refuse(session, ctx, ErrorCode::StoreUnavailable, detail)
-                    .await?;
-                return Ok(false);
+                return self
+                    .limits_unreachable(session, ctx, route, "rate_limit", &e)
+                    .await
             }
         };
         let (policy, state) = limit::headers(&buckets, &decision);
@@ -941,6 +1040,7 @@ impl ProxyHttp for Gateway {
             endpoint: None,
             tried: Vec::new(),
             rate_headers: None,
+            credits_spent: 0,
         }
     }
 
@@ -1246,6 +1346,15 @@ impl ProxyHttp for Gateway {
             );
         self.release_endpoint(ctx, upstream_failed);
         let span = ctx.trace.span.take();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if ctx.credits_spent > 0
+            && status >= 500
+            && self.route(ctx).is_some_and(|r| r.refund_on_5xx)
+        {
+            if let Some(key) = ctx.key.clone() {
+                self.refund_credits(ctx, key.id()).await;
+            }
+        }
         let route = self.route(ctx).map_or("unmatched", |r| r.name.as_str());
         let outcome = match (ctx.outcome, e) {
             (Some(code), _) => code.as_str(),

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::{Ctx, Gateway};
 use crate::config::{PathPattern, Route};
 use crate::keys::AuthKinds;
-use crate::lifecycle::{self, input, view::key_json, Lifecycle};
+use crate::lifecycle::{self, input, Lifecycle};
 use crate::problem::{self, ErrorCode};
 
 /// Requests under this prefix are self-service calls.
@@ -39,6 +39,7 @@ pub(super) fn route() -> Route {
         rate_limits: Vec::new(),
         cost: 1,
         limits_fail_open: true,
+        refund_on_5xx: false,
     }
 }
 
@@ -61,7 +62,7 @@ async fn call(
         (&Method::POST, []) => {
             let new = input::create_body(body, lc.now(), &who.defaults())?;
             let (record, secret) = lc.mint(&who, new).await?;
-            Ok((201, key_json(&record, Some(&secret))))
+            Ok((201, lc.view(&record, Some(&secret)).await?))
         }
         (&Method::GET, []) => {
             let pairs: HashMap<String, String> =
@@ -70,19 +71,19 @@ async fn call(
                     .collect();
             let q = input::list_query(&pairs)?;
             let (items, next_cursor) = lc.list(&who, &q).await?;
-            let items: Vec<Value> = items.iter().map(|r| key_json(r, None)).collect();
+            let items = lc.views(&items).await?;
             Ok((200, json!({"items": items, "next_cursor": next_cursor})))
         }
         (&Method::GET, [id]) if !id.is_empty() => {
-            Ok((200, key_json(&lc.get(&who, id).await?, None)))
+            Ok((200, lc.view(&lc.get(&who, id).await?, None).await?))
         }
         (&Method::POST, [id, "rotate"]) if !id.is_empty() => {
             let grace = input::rotate_body(body)?;
             let (record, secret) = lc.rotate(&who, id, grace).await?;
-            Ok((200, key_json(&record, Some(&secret))))
+            Ok((200, lc.view(&record, Some(&secret)).await?))
         }
         (&Method::POST, [id, "revoke"]) if !id.is_empty() => {
-            Ok((200, key_json(&lc.revoke(&who, id).await?, None)))
+            Ok((200, lc.view(&lc.revoke(&who, id).await?, None).await?))
         }
         _ => Err(lifecycle::Error::NotFound),
     }

@@ -28,7 +28,7 @@ pub struct Seen {
 }
 
 /// A real HTTP upstream that records every request and echoes a small JSON answer.
-/// `/…/slow` waits 3 s before answering (timeouts and draining).
+/// `/…/slow` waits 3 s before answering (timeouts and draining); `/…/fail` answers 503.
 pub struct Echo {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -47,6 +47,11 @@ impl Echo {
                     .unwrap_or_default();
                 let target = parts.uri.to_string();
                 let slow = parts.uri.path().ends_with("/slow");
+                let status = if parts.uri.path().ends_with("/fail") {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    http::StatusCode::OK
+                };
                 record.lock().unwrap().push(Seen {
                     method: parts.method.to_string(),
                     target: target.clone(),
@@ -56,7 +61,10 @@ impl Echo {
                 if slow {
                     tokio::time::sleep(Duration::from_secs(3)).await;
                 }
-                axum::Json(json!({"echo": true, "target": target, "body_len": body.len()}))
+                (
+                    status,
+                    axum::Json(json!({"echo": true, "target": target, "body_len": body.len()})),
+                )
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
