@@ -92,8 +92,10 @@ struct PatchKeyBody {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreditsBody {
-    add: Option<u64>,
-    set: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    add: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    set: Option<Option<u64>>,
 }
 
 /// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -528,8 +530,8 @@ pub fn credits_body(body: &[u8]) -> Result<CreditOp, Error> {
     let b: CreditsBody = parse_json(body)?;
     let mut c = Checks::default();
     let op = match (b.add, b.set) {
-        (Some(n), None) => CreditOp::Add(c.credits("add", n)),
-        (None, Some(n)) => CreditOp::Set(c.credits("set", n)),
+        (Some(Some(n)), None) => CreditOp::Add(c.credits("add", n)),
+        (None, Some(Some(n))) => CreditOp::Set(c.credits("set", n)),
         _ => {
             c.err("body", "give exactly one of \"add\" and \"set\"");
             CreditOp::Add(0)
