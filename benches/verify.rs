@@ -370,8 +370,57 @@ fn bench_assertion(c: &mut Criterion) {
     g.finish();
 }
 
+/// The in-process rate-limit check (embedded store) of a key with two limits: the pure GCRA,
+/// then the whole check (state keys, lock, table); a SHA-256 of a 1 KiB body as baseline.
+fn bench_limits(c: &mut Criterion) {
+    use keygate::limits::store::{bucket_key, now_us, Bucket, InProcessLimits};
+    use keygate::limits::{gcra, RateLimit};
+    let limits = [
+        RateLimit {
+            name: "burst".into(),
+            limit: 1_000_000_000,
+            window: Duration::from_secs(1),
+        },
+        RateLimit {
+            name: "daily".into(),
+            limit: 1_000_000_000,
+            window: Duration::from_secs(86_400),
+        },
+    ];
+    let refs: Vec<&RateLimit> = limits.iter().collect();
+    let body = vec![b'x'; 1024];
+    let mut g = c.benchmark_group("limits");
+    g.bench_function("baseline_body_sha256_1k", |b| {
+        b.iter(|| {
+            use sha2::Digest;
+            let d: [u8; 32] = sha2::Sha256::digest(black_box(&body)).into();
+            black_box(d)
+        })
+    });
+    let mut tats = [0.0, 0.0];
+    g.bench_function("gcra_two_limits", |b| {
+        b.iter(|| black_box(gcra(black_box(&refs), &mut tats, 1, now_us())))
+    });
+    let store = InProcessLimits::default();
+    g.bench_function("in_process_check_two_limits", |b| {
+        b.iter(|| {
+            let buckets: Vec<Bucket<'_>> = limits
+                .iter()
+                .map(|l| Bucket {
+                    key: bucket_key("acme", "k:key_0190a1b2c3d4", &l.name),
+                    limit: l,
+                    owner_wide: false,
+                })
+                .collect();
+            black_box(store.acquire_at(&buckets, 1, now_us()))
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    bench_limits,
     bench_assertion,
     bench_verify,
     bench_lookups,

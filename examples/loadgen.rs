@@ -390,8 +390,12 @@ async fn main() -> Out {
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let auth = args.get(3).map_or("hmac-v1", String::as_str);
+            // LG_MINT_EXTRA: more fields of the key, e.g. `"rate_limits":[…]`.
+            let extra = std::env::var("LG_MINT_EXTRA")
+                .map(|e| format!(",{e}"))
+                .unwrap_or_default();
             let body = format!(
-                r#"{{"owner":"bench","name":"load","scopes":["payments.*"],"auth":"{auth}"}}"#
+                r#"{{"owner":"bench","name":"load","scopes":["payments.*"],"auth":"{auth}"{extra}}}"#
             );
             let req = hyper::Request::post(&t.path)
                 .header("host", &t.host)

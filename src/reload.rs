@@ -69,6 +69,7 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
         ("log.access", c.log.access.to_string()),
         ("tracing", format!("{:?}", c.tracing)),
         ("abuse", format!("{:?}", c.abuse)),
+        ("limits", format!("{:?}", c.lease)),
     ]
 }
 

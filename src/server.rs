@@ -334,6 +334,22 @@ impl App {
         });
         let usage = Arc::new(UsageTally::default());
         let otlp = crate::otlp::Otlp::start(&cfg.tracing, &cfg.assertion.issuer)?.map(Arc::new);
+        // Leases save round trips to a shared store; in process there are none to save.
+        let limiter: Arc<dyn RateLimitStore> = match (cfg.lease, &cfg.store) {
+            (Some((fraction, ttl)), StoreConfig::Redis { .. }) => {
+                let leased = Arc::new(crate::limits::lease::Leased::new(
+                    Arc::clone(&self.rate_limits),
+                    fraction,
+                    ttl,
+                ));
+                server.add_service(background_service(
+                    "keygate limit leases",
+                    crate::limits::lease::LeaseSweeper(Arc::clone(&leased)),
+                ));
+                leased
+            }
+            _ => Arc::clone(&self.rate_limits),
+        };
         let gateway = Gateway::new(
             cfg,
             cache,
@@ -344,7 +360,7 @@ impl App {
             asserter,
         )
         .with_otlp(otlp.clone())
-        .with_limiter(Arc::clone(&self.rate_limits))
+        .with_limiter(limiter)
         .with_abuse(cfg.abuse.as_ref(), Arc::clone(&self.abuse))
         .with_credits(Arc::clone(&self.credits));
         server.add_service(background_service(

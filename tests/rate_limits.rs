@@ -195,20 +195,39 @@ async fn a_route_whose_cost_exceeds_its_limit_says_it_can_never_pass() {
     );
 }
 
-/// Two gateways on one Redis, traffic well over a 100/s limit split between them: after the
-/// burst, accepted requests match the limit's rate within 2%.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_gateways_on_redis_hold_the_rate_within_two_percent() {
-    let redis = RedisServer::start();
-    let echo = Echo::start().await;
+/// Two gateways on one Redis in `mode`, sharing the same `[limits]` section.
+async fn fleet(echo: &Echo, redis: &RedisServer, limits: &str) -> (Arc<Gateway>, Arc<Gateway>) {
     let store = format!("[store]\nkind = \"redis\"\nurl = \"{}\"", redis.url());
-    let mut opts = Options::new(&echo);
+    let mut opts = Options::new(echo);
     opts.store_toml = Some(store.clone());
+    opts.routes = format!("{limits}\n{}", opts.routes);
     let gw1 = Arc::new(Gateway::start(opts).await);
-    let mut opts = Options::new(&echo);
+    let mut opts = Options::new(echo);
     opts.store_toml = Some(store);
+    opts.routes = format!("{limits}\n{}", opts.routes);
     opts.master_key = Some(gw1.master_key.clone());
     let gw2 = Arc::new(Gateway::start(opts).await);
+    (gw1, gw2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_redis_hold_the_rate_within_two_percent_exact_mode() {
+    two_gateways_hold_the_rate("[limits]\nmode = \"exact\"").await;
+}
+
+/// Lease mode with slices of 5% of the limit: near the limit no slice is granted, so the
+/// rate holds as in exact mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_redis_hold_the_rate_within_two_percent_lease_mode() {
+    two_gateways_hold_the_rate("[limits]\nmode = \"lease\"\nlease_fraction = 0.05").await;
+}
+
+/// Traffic well over a 100/s limit split between two gateways: after the burst, accepted
+/// requests match the limit's rate within 2%.
+async fn two_gateways_hold_the_rate(limits: &str) {
+    let redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let (gw1, gw2) = fleet(&echo, &redis, limits).await;
     let key = gw1
         .mint(json!({"rate_limits": [{"name": "rate", "limit": 100, "window": "1s"}]}))
         .await;
@@ -256,7 +275,7 @@ async fn two_gateways_on_redis_hold_the_rate_within_two_percent() {
     let expected = 100.0 * elapsed;
     let error = (accepted - expected).abs() / expected;
     println!(
-        "two gateways, 100/s limit: {accepted} accepted in {elapsed:.3} s (expected {expected:.1}, error {:.2}%), {refused} refused",
+        "two gateways, 100/s limit, {limits:?}: {accepted} accepted in {elapsed:.3} s (expected {expected:.1}, error {:.2}%), {refused} refused",
         error * 100.0
     );
     assert!(
@@ -314,4 +333,52 @@ async fn an_owners_limit_is_shared_by_all_its_keys() {
     assert!(gw.metrics_text().await.contains(
         r#"keygate_rate_limited_total{limit="owner:contract",route="create-payment"} 2"#
     ));
+}
+
+async fn redis_commands(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A key far below its limit: in lease mode one script call serves a slice of requests, in
+/// exact mode every request makes one. Same traffic, both modes, Redis commands counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_spares_the_round_trips_of_a_key_far_below_its_limit() {
+    let mut per_mode = Vec::new();
+    for mode in ["exact", "lease"] {
+        let redis = RedisServer::start();
+        let echo = Echo::start().await;
+        let limits = format!("[limits]\nmode = \"{mode}\"\nlease_ttl = \"10s\"\n[assertion]\nrefresh_interval = \"1h\"");
+        let (gw, _other) = fleet(&echo, &redis, &limits).await;
+        let key = gw
+            .mint(json!({"rate_limits": [{"name": "big", "limit": 100000, "window": "1h"}]}))
+            .await;
+        assert_eq!(pay(&gw, &key, "warm").await.status(), 200);
+        let before = redis_commands(&redis.url()).await;
+        for n in 0..200 {
+            let r = pay(&gw, &key, &format!("{mode}-{n}")).await;
+            assert_eq!(r.status(), 200);
+            assert!(r.headers().contains_key("ratelimit"));
+        }
+        let used = redis_commands(&redis.url()).await - before - 1;
+        println!("{mode} mode: {used} Redis commands for 200 limited requests");
+        per_mode.push(used);
+    }
+    let (exact, lease) = (per_mode[0], per_mode[1]);
+    // Each request checks its nonce in both modes; exact mode adds one script call each.
+    assert!(
+        exact >= lease + 195,
+        "exact {exact}, lease {lease}: a slice of 1,000 units covers all 200"
+    );
 }

@@ -34,6 +34,43 @@ pub(crate) struct FileConfig {
     pub(crate) owners: Vec<OwnerFile>,
     #[serde(default)]
     pub(crate) abuse: AbuseFile,
+    #[serde(default)]
+    pub(crate) limits: LimitsFile,
+}
+
+/// `[limits]`: how rate limits use a shared (Redis) store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LimitsFile {
+    /// `exact` (one store round trip per limited request) or `lease`.
+    #[serde(default = "default_limits_mode")]
+    pub(crate) mode: String,
+    /// Share of a limit one gateway takes at a time in lease mode.
+    #[serde(default = "default_lease_fraction")]
+    pub(crate) lease_fraction: f64,
+    /// How long a leased slice may be spent before it is given back.
+    #[serde(default = "default_lease_ttl")]
+    pub(crate) lease_ttl: String,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        Self {
+            mode: default_limits_mode(),
+            lease_fraction: default_lease_fraction(),
+            lease_ttl: default_lease_ttl(),
+        }
+    }
+}
+
+fn default_limits_mode() -> String {
+    "lease".into()
+}
+fn default_lease_fraction() -> f64 {
+    0.01
+}
+fn default_lease_ttl() -> String {
+    "250ms".into()
 }
 
 /// `[abuse]`: blocking addresses that keep failing authentication.

@@ -33,6 +33,8 @@ pub struct Config {
     pub owner_limits: std::collections::HashMap<String, Vec<crate::limits::RateLimit>>,
     /// `[abuse]`; `None` when disabled.
     pub abuse: Option<AbuseConfig>,
+    /// `[limits]`: `Some` (fraction, ttl) in lease mode.
+    pub lease: Option<(f64, Duration)>,
 }
 
 /// `[abuse]`: addresses failing authentication too often are refused for a while.
@@ -663,6 +665,27 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         p.add("abuse", "window and block_for must be more than 0s");
     }
     let abuse = f.abuse.enabled.then_some(abuse);
+    let lease_ttl = p.duration("limits.lease_ttl", &f.limits.lease_ttl);
+    if !(0.0..=0.05).contains(&f.limits.lease_fraction) {
+        p.add(
+            "limits.lease_fraction",
+            "must be between 0.0 and 0.05 (a slice larger than 5% of a limit costs accuracy)",
+        );
+    }
+    if lease_ttl.is_zero() {
+        p.add("limits.lease_ttl", "must be more than 0s");
+    }
+    let lease = match f.limits.mode.as_str() {
+        "lease" => Some((f.limits.lease_fraction, lease_ttl)),
+        "exact" => None,
+        other => {
+            p.add(
+                "limits.mode",
+                format!("{other:?} is not \"exact\" or \"lease\""),
+            );
+            None
+        }
+    };
     if p.0.is_empty() {
         Ok(Config {
             server,
@@ -680,6 +703,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
             routes,
             owner_limits,
             abuse,
+            lease,
         })
     } else {
         Err(ConfigErrors(p.0))

@@ -473,12 +473,21 @@ fn decode_document(stored: &[u8]) -> Result<Versioned, StoreError> {
 
 #[async_trait]
 impl crate::limits::store::RateLimitStore for EmbeddedStore {
-    async fn acquire(
+    async fn acquire_lease(
         &self,
         buckets: &[crate::limits::store::Bucket<'_>],
         cost: u64,
-    ) -> Result<crate::limits::Decision, StoreError> {
-        self.limits.acquire(buckets, cost).await
+        lease: u64,
+    ) -> Result<(crate::limits::Decision, u64), StoreError> {
+        self.limits.acquire_lease(buckets, cost, lease).await
+    }
+
+    async fn release(
+        &self,
+        buckets: &[crate::limits::store::Bucket<'_>],
+        units: u64,
+    ) -> Result<(), StoreError> {
+        self.limits.release(buckets, units).await
     }
 }
 

@@ -310,6 +310,7 @@ pub struct RedisStore {
     audit_import: Script,
     signing_keys: Script,
     rate_limits: Script,
+    release: Script,
     abuse: Script,
     credits: Script,
     /// The connection's driver task lives here, so the store works from any runtime —
@@ -318,22 +319,24 @@ pub struct RedisStore {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-/// GCRA over all of a request's limits, all or nothing — `crate::limits::gcra` line for line,
-/// on Redis' clock so every gateway reads one time. KEYS: one per limit (one hash slot).
-/// ARGV: epoch (s), slack (µs), cost, then per limit its interval and window (µs).
-/// Returns {refused limit (1-based, 0: none), seconds to wait, now, TAT per limit}; numbers
-/// as strings, since Redis would truncate a Lua float to an integer. A TAT key expires when
-/// the TAT passes: absent then reads as 0, the same as idle.
+/// GCRA over all of a request's limits, all or nothing, with an optional lease —
+/// `crate::limits::gcra_lease` line for line, on Redis' clock so every gateway reads one time.
+/// KEYS: one per limit (one hash slot). ARGV: epoch (s), slack (µs), cost, lease, then per
+/// limit its interval and window (µs). Returns {refused limit (1-based, 0: none), seconds to
+/// wait, now, units leased, TAT per limit}; numbers as strings, since Redis would truncate a
+/// Lua float to an integer. A TAT key expires when the TAT passes: absent then reads as 0,
+/// the same as idle.
 const RATE_LIMIT_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - tonumber(ARGV[1])) * 1000000 + tonumber(t[2])
 local slack = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local lease = tonumber(ARGV[4])
 local tats, nexts = {}, {}
 local refused, wait = 0, 0
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 + 2 * i])
-  local window = tonumber(ARGV[3 + 2 * i])
+  local interval = tonumber(ARGV[3 + 2 * i])
+  local window = tonumber(ARGV[4 + 2 * i])
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   tats[i] = tat
   local new = math.max(tat, now) + cost * interval
@@ -347,7 +350,24 @@ for i = 1, #KEYS do
     end
   end
 end
-local out = {tostring(refused), tostring(wait), string.format('%.3f', now)}
+local granted = 0
+if refused == 0 and lease > 0 then
+  local room = true
+  for i = 1, #KEYS do
+    local interval = tonumber(ARGV[3 + 2 * i])
+    local window = tonumber(ARGV[4 + 2 * i])
+    if nexts[i] + lease * interval - now > window / 2 then
+      room = false
+    end
+  end
+  if room then
+    granted = lease
+    for i = 1, #KEYS do
+      nexts[i] = nexts[i] + lease * tonumber(ARGV[3 + 2 * i])
+    end
+  end
+end
+local out = {tostring(refused), tostring(wait), string.format('%.3f', now), tostring(granted)}
 for i = 1, #KEYS do
   local tat = tats[i]
   if refused == 0 then
@@ -357,6 +377,19 @@ for i = 1, #KEYS do
   out[#out + 1] = string.format('%.3f', tat)
 end
 return out
+"#;
+
+/// Gives back a lease's unspent units: every limit's TAT moves back by `units` intervals.
+/// KEYS: the limits. ARGV: units, then per limit its interval (µs).
+const RELEASE_SCRIPT: &str = r#"
+for i = 1, #KEYS do
+  local tat = redis.call('GET', KEYS[i])
+  if tat then
+    local back = tonumber(tat) - tonumber(ARGV[1]) * tonumber(ARGV[1 + i])
+    redis.call('SET', KEYS[i], string.format('%.3f', back), 'KEEPTTL')
+  end
+end
+return 0
 "#;
 
 /// One failed authentication of an address: KEYS[1] counts failures in a fixed window,
@@ -508,6 +541,7 @@ impl RedisStore {
             audit_import: Script::new(AUDIT_IMPORT_SCRIPT),
             signing_keys: Script::new(SIGNING_KEYS_SCRIPT),
             rate_limits: Script::new(RATE_LIMIT_SCRIPT),
+            release: Script::new(RELEASE_SCRIPT),
             abuse: Script::new(ABUSE_SCRIPT),
             credits: Script::new(CREDITS_SCRIPT),
             runtime: Some(runtime),
@@ -588,14 +622,18 @@ fn hashes_arg(record: &KeyRecord) -> String {
 
 #[async_trait]
 impl crate::limits::store::RateLimitStore for RedisStore {
-    async fn acquire(
+    async fn acquire_lease(
         &self,
         buckets: &[crate::limits::store::Bucket<'_>],
         cost: u64,
-    ) -> Result<crate::limits::Decision, StoreError> {
+        lease: u64,
+    ) -> Result<(crate::limits::Decision, u64), StoreError> {
         use crate::limits::store::{states, EPOCH_SECS};
         let mut inv = self.rate_limits.prepare_invoke();
-        inv.arg(EPOCH_SECS).arg(crate::limits::SLACK_US).arg(cost);
+        inv.arg(EPOCH_SECS)
+            .arg(crate::limits::SLACK_US)
+            .arg(cost)
+            .arg(lease);
         for b in buckets {
             inv.key(b.key.as_str())
                 .arg(b.limit.interval_us())
@@ -611,15 +649,36 @@ impl crate::limits::store::RateLimitStore for RedisStore {
                 .ok_or_else(|| corrupt(format!("rate limit script answered {out:?}")))
         };
         let (refused, wait, now) = (num(0)? as usize, num(1)? as u64, num(2)?);
+        let granted = num(3)? as u64;
         let tats = (0..buckets.len())
-            .map(|i| num(3 + i))
+            .map(|i| num(4 + i))
             .collect::<Result<Vec<f64>, _>>()?;
         let limits: Vec<_> = buckets.iter().map(|b| b.limit).collect();
-        Ok(crate::limits::Decision {
-            allowed: refused == 0,
-            states: states(&limits, &tats, now),
-            refused_by: refused.checked_sub(1).map(|i| (i, wait)),
-        })
+        Ok((
+            crate::limits::Decision {
+                allowed: refused == 0,
+                states: states(&limits, &tats, now),
+                refused_by: refused.checked_sub(1).map(|i| (i, wait)),
+            },
+            granted,
+        ))
+    }
+
+    async fn release(
+        &self,
+        buckets: &[crate::limits::store::Bucket<'_>],
+        units: u64,
+    ) -> Result<(), StoreError> {
+        let mut inv = self.release.prepare_invoke();
+        inv.arg(units);
+        for b in buckets {
+            inv.key(b.key.as_str()).arg(b.limit.interval_us());
+        }
+        let _: i64 = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@
 
 pub mod abuse;
 pub mod credits;
+pub mod lease;
 pub mod store;
 
 use std::time::Duration;
@@ -143,6 +144,20 @@ pub struct Decision {
 /// GCRA over several limits, all or nothing: `tats` (µs, 0 for none yet) are read and, when
 /// every limit has room for `cost`, replaced. The Redis script is this function.
 pub fn gcra(limits: &[&RateLimit], tats: &mut [f64], cost: u64, now_us: f64) -> Decision {
+    gcra_lease(limits, tats, cost, 0, now_us).0
+}
+
+/// [`gcra`], and when the request passes, a lease: `lease` more units taken from every limit
+/// at once for the caller to spend locally — granted only if each limit keeps at least half
+/// its burst after it, so leases never stand between a client and its last units. Returns
+/// the decision and the units leased (0 or `lease`). The Redis script is this function.
+pub fn gcra_lease(
+    limits: &[&RateLimit],
+    tats: &mut [f64],
+    cost: u64,
+    lease: u64,
+    now_us: f64,
+) -> (Decision, u64) {
     let mut refused_by: Option<(usize, u64)> = None;
     let mut next = Vec::with_capacity(limits.len());
     for (i, (l, tat)) in limits.iter().zip(tats.iter()).enumerate() {
@@ -158,15 +173,30 @@ pub fn gcra(limits: &[&RateLimit], tats: &mut [f64], cost: u64, now_us: f64) -> 
         next.push(new_tat);
     }
     let allowed = refused_by.is_none();
+    let mut granted = 0;
     if allowed {
+        let leased = |(l, tat): (&&RateLimit, &f64)| tat + lease as f64 * l.interval_us();
+        let room = limits
+            .iter()
+            .zip(&next)
+            .all(|(l, tat)| leased((l, tat)) - now_us <= l.window_us() / 2.0);
+        if lease > 0 && room {
+            for (i, l) in limits.iter().enumerate() {
+                next[i] = leased((l, &next[i]));
+            }
+            granted = lease;
+        }
         tats.copy_from_slice(&next);
     }
     let states = store::states(limits, tats, now_us);
-    Decision {
-        allowed,
-        states,
-        refused_by,
-    }
+    (
+        Decision {
+            allowed,
+            states,
+            refused_by,
+        },
+        granted,
+    )
 }
 
 #[cfg(test)]
@@ -238,6 +268,29 @@ mod tests {
         // A cost larger than the limit never passes.
         let mut fresh = [0.0];
         assert!(!run(&[limit("small", 3, 1)], &mut fresh, 4, now).allowed);
+    }
+
+    #[test]
+    fn a_lease_is_granted_only_while_half_the_burst_stays() {
+        let l = limit("rate", 100, 1);
+        let refs = [&l];
+        let mut tat = [0.0];
+        let now = 9e12;
+        // 1 + 10 leased: 89 left, more than half.
+        let (d, granted) = gcra_lease(&refs, &mut tat, 1, 10, now);
+        assert!(d.allowed);
+        assert_eq!((granted, d.states[0].remaining), (10, 89));
+        // Spend to 55 left: another lease of 10 would leave 44 < 50, so none.
+        let (d, _) = gcra_lease(&refs, &mut tat, 34, 0, now);
+        assert_eq!(d.states[0].remaining, 55);
+        let (d, granted) = gcra_lease(&refs, &mut tat, 1, 10, now);
+        assert!(d.allowed);
+        assert_eq!((granted, d.states[0].remaining), (0, 54));
+        // Refused requests never lease.
+        let mut full = [now + 1e6];
+        let (d, granted) = gcra_lease(&refs, &mut full, 1, 10, now);
+        assert!(!d.allowed);
+        assert_eq!(granted, 0);
     }
 
     #[test]

@@ -44,7 +44,21 @@ pub fn bucket_key(owner: &str, subject: &str, name: &str) -> String {
 #[async_trait]
 pub trait RateLimitStore: Send + Sync + 'static {
     /// Checks every bucket for room for `cost` units and, only when all have it, spends them.
-    async fn acquire(&self, buckets: &[Bucket<'_>], cost: u64) -> Result<Decision, StoreError>;
+    async fn acquire(&self, buckets: &[Bucket<'_>], cost: u64) -> Result<Decision, StoreError> {
+        self.acquire_lease(buckets, cost, 0).await.map(|(d, _)| d)
+    }
+
+    /// [`Self::acquire`], and when it passes, up to `lease` more units of every bucket for
+    /// the caller to spend locally ([`super::gcra_lease`] decides); the units leased.
+    async fn acquire_lease(
+        &self,
+        buckets: &[Bucket<'_>],
+        cost: u64,
+        lease: u64,
+    ) -> Result<(Decision, u64), StoreError>;
+
+    /// Gives back `units` of a lease that were not spent.
+    async fn release(&self, buckets: &[Bucket<'_>], units: u64) -> Result<(), StoreError>;
 }
 
 /// What each limit has left, from the TATs after a check (shared by both stores).
@@ -77,6 +91,7 @@ pub struct InProcessLimits {
 const SWEEP_AT: usize = 100_000;
 
 impl InProcessLimits {
+    /// In process a lease saves nothing: none is ever granted.
     pub fn acquire_at(&self, buckets: &[Bucket<'_>], cost: u64, now_us: f64) -> Decision {
         let limits: Vec<&RateLimit> = buckets.iter().map(|b| b.limit).collect();
         let mut map = self
@@ -109,7 +124,16 @@ pub fn now_us() -> f64 {
 
 #[async_trait]
 impl RateLimitStore for InProcessLimits {
-    async fn acquire(&self, buckets: &[Bucket<'_>], cost: u64) -> Result<Decision, StoreError> {
-        Ok(self.acquire_at(buckets, cost, now_us()))
+    async fn acquire_lease(
+        &self,
+        buckets: &[Bucket<'_>],
+        cost: u64,
+        _lease: u64,
+    ) -> Result<(Decision, u64), StoreError> {
+        Ok((self.acquire_at(buckets, cost, now_us()), 0))
+    }
+
+    async fn release(&self, _buckets: &[Bucket<'_>], _units: u64) -> Result<(), StoreError> {
+        Ok(())
     }
 }
