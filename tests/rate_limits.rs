@@ -382,3 +382,85 @@ async fn lease_mode_spares_the_round_trips_of_a_key_far_below_its_limit() {
         "exact {exact}, lease {lease}: a slice of 1,000 units covers all 200"
     );
 }
+
+/// Redis goes away: a route with `limits_on_store_error = "open"` forwards unchecked (counted),
+/// a `sensitive` one refuses with 503; the outage is logged once, not per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_limit_state_is_unreachable_routes_fail_open_or_closed() {
+    let mut redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    // Nonces fall back to memory, so only the limits see the outage.
+    opts.store_toml = Some(format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nnonce_fallback = \"local\"",
+        redis.url()
+    ));
+    opts.cache_toml = Some("[cache]\nttl = \"1h\"\nstale_if_error = \"1h\"".into());
+    opts.rust_log = "warn,keygate=warn";
+    let base = support::routes(echo.addr);
+    let (upstreams, routes) = base.split_at(base.find("[[routes]]").unwrap());
+    opts.routes = format!(
+        r#"[limits]
+mode = "exact"
+{upstreams}
+[[routes]]
+name = "open"
+methods = ["POST"]
+path = "/v1/open"
+upstream = "echo"
+rate_limits = [{{ name = "r", limit = 1000, window = "1h" }}]
+
+[[routes]]
+name = "closed"
+methods = ["POST"]
+path = "/v1/closed"
+upstream = "echo"
+sensitive = true
+rate_limits = [{{ name = "r", limit = 1000, window = "1h" }}]
+
+{routes}"#
+    );
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let send = |target: &'static str, nonce: String| {
+        let h = v1_headers(&key, "POST", target, b"{}", now(), &nonce);
+        let gw = &gw;
+        async move { gw.send("POST", target, &h, b"{}").await }
+    };
+    assert_eq!(send("/v1/open", "a".into()).await.status(), 200);
+    assert_eq!(send("/v1/closed", "b".into()).await.status(), 200);
+
+    redis.stop();
+    for n in 0..5 {
+        let r = send("/v1/open", format!("o{n}")).await;
+        assert_eq!(r.status(), 200, "open: forwarded unchecked");
+        assert!(r.headers().get("ratelimit").is_none());
+        let r = send("/v1/closed", format!("c{n}")).await;
+        assert_problem(r, 503, "store_unavailable").await;
+    }
+    let metrics = gw.metrics_text().await;
+    assert!(
+        metrics.contains(r#"keygate_rate_limit_unchecked_total{route="open"} 5"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"keygate_store_errors_total{op="rate_limit"} 10"#));
+    let log = gw.log();
+    assert_eq!(
+        log.matches("rate-limit or credit state unreachable")
+            .count(),
+        1,
+        "once per outage: {log}"
+    );
+
+    redis.restart();
+    let mut back = false;
+    for n in 0..50 {
+        if send("/v1/closed", format!("back{n}")).await.status() == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(back, "the closed route recovers with Redis");
+    assert!(gw.log().contains("reachable again"));
+}
