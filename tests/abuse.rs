@@ -108,22 +108,6 @@ async fn a_flood_of_unknown_keys_blocks_that_address_only() {
     );
 }
 
-async fn redis_commands(url: &str) -> u64 {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_shares_the_count_and_a_known_block_costs_no_redis_command() {
     let redis = RedisServer::start();
@@ -160,13 +144,13 @@ async fn a_fleet_shares_the_count_and_a_known_block_costs_no_redis_command() {
     assert_problem(r, 429, "too_many_failures").await;
 
     // Fifty blocked requests: no Redis command at all (INFO itself counts one).
-    let before = redis_commands(&redis.url()).await;
+    let before = redis.commands_processed();
     for n in 0..50 {
         let gw = if n % 2 == 0 { &gw1 } else { &gw2 };
         let r = pay_from(gw, &stranger(20 + n), ip, &format!("x{n}")).await;
         assert_eq!(r.status(), 429);
     }
-    let after = redis_commands(&redis.url()).await;
+    let after = redis.commands_processed();
     println!(
         "Redis commands for 50 blocked requests: {}",
         after - before - 1

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::redis::RedisServer;
-use support::{assert_problem, now, v1_headers, Echo, Gateway, Key, Options};
+use support::{assert_problem, now, v1_headers, Echo, Gateway, Options};
 
 fn header(r: &reqwest::Response, name: &str) -> String {
     r.headers()
@@ -21,33 +21,25 @@ fn header(r: &reqwest::Response, name: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn pay(gw: &Gateway, key: &Key, nonce: &str) -> reqwest::Response {
-    let h = v1_headers(key, "POST", "/v1/payments", b"{}", now(), nonce);
-    gw.send("POST", "/v1/payments", &h, b"{}").await
-}
-
 /// Routes with a default limit and a cost, before the usual ones.
 fn limited_routes(echo: &Echo) -> String {
-    let base = support::routes(echo.addr);
-    let (upstreams, routes) = base.split_at(base.find("[[routes]]").unwrap());
-    format!(
-        r#"{upstreams}
-[[routes]]
+    support::routes_with(
+        echo.addr,
+        r#"[[routes]]
 name = "payout"
 methods = ["POST"]
 path = "/v1/payouts"
 upstream = "echo"
 cost = 10
-rate_limits = [{{ name = "payouts", limit = 25, window = "1h" }}]
+rate_limits = [{ name = "payouts", limit = 25, window = "1h" }]
 
 [[routes]]
 name = "refund"
 methods = ["POST"]
 path = "/v1/refunds"
 upstream = "echo"
-rate_limits = [{{ name = "refunds", limit = 2, window = "1h" }}]
-
-{routes}"#
+rate_limits = [{ name = "refunds", limit = 2, window = "1h" }]
+"#,
     )
 }
 
@@ -71,8 +63,8 @@ async fn a_keys_limit_answers_429_with_the_drafts_headers_and_spends_nothing_ref
         ])
     );
 
-    for (i, left) in [2, 1, 0].into_iter().enumerate() {
-        let r = pay(&gw, &key, &format!("n{i}")).await;
+    for left in [2, 1, 0] {
+        let r = gw.post(&key, "/v1/payments").await;
         assert_eq!(r.status(), 200);
         assert_eq!(
             header(&r, "ratelimit-policy"),
@@ -88,7 +80,7 @@ async fn a_keys_limit_answers_429_with_the_drafts_headers_and_spends_nothing_ref
             "{state}"
         );
     }
-    let r = pay(&gw, &key, "n3").await;
+    let r = gw.post(&key, "/v1/payments").await;
     assert_eq!(r.status(), 429);
     let retry: u64 = header(&r, "retry-after").parse().unwrap();
     assert!(
@@ -108,7 +100,7 @@ async fn a_keys_limit_answers_429_with_the_drafts_headers_and_spends_nothing_ref
     );
 
     // Refused again: `daily` stood still while `burst` refused (all or nothing).
-    let r = pay(&gw, &key, "n4").await;
+    let r = gw.post(&key, "/v1/payments").await;
     assert_eq!(r.status(), 429);
     assert!(header(&r, "ratelimit").contains("\"daily\";r=997;"));
     assert!(gw
@@ -126,22 +118,17 @@ async fn route_defaults_cost_and_admin_changes() {
     let key = gw.mint(json!({})).await;
 
     // cost 10 against the route's 25/h: two pass, the third would need 30.
-    let send = |target: &'static str, nonce: String| {
-        let h = v1_headers(&key, "POST", target, b"{}", now(), &nonce);
-        let gw = &gw;
-        async move { gw.send("POST", target, &h, b"{}").await }
-    };
-    for i in 0..2 {
-        let r = send("/v1/payouts", format!("p{i}")).await;
+    for _ in 0..2 {
+        let r = gw.post(&key, "/v1/payouts").await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-policy"), r#""payouts";q=25;w=3600"#);
     }
-    let r = send("/v1/payouts", "p2".into()).await;
+    let r = gw.post(&key, "/v1/payouts").await;
     assert_eq!(r.status(), 429);
     assert!(header(&r, "ratelimit").starts_with("\"payouts\";r=5;"));
     // Another route's defaults are counted apart; an unlimited route carries no headers.
-    assert_eq!(send("/v1/refunds", "r0".into()).await.status(), 200);
-    let r = send("/v1/payments", "u0".into()).await;
+    assert_eq!(gw.post(&key, "/v1/refunds").await.status(), 200);
+    let r = gw.post(&key, "/v1/payments").await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("ratelimit-policy").is_none());
 
@@ -164,15 +151,15 @@ async fn route_defaults_cost_and_admin_changes() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // The cache learns of the change at once on this gateway (the admin API evicts).
-    let r = send("/v1/refunds", "r1".into()).await;
+    let r = gw.post(&key, "/v1/refunds").await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-policy"), r#""own";q=1;w=3600"#);
-    let r = send("/v1/payments", "u1".into()).await;
+    let r = gw.post(&key, "/v1/payments").await;
     assert_problem(r, 429, "rate_limited").await;
     // `[]` puts the route's defaults back.
     let r = patch(json!({"rate_limits": []})).await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = send("/v1/refunds", "r2".into()).await;
+    let r = gw.post(&key, "/v1/refunds").await;
     assert_eq!(r.status(), 200);
     assert!(header(&r, "ratelimit").starts_with("\"refunds\";r=0;"));
 }
@@ -242,10 +229,8 @@ async fn two_gateways_hold_the_rate(limits: &str) {
         let (key, counting, stop) = (key.clone(), counting.clone(), stop.clone());
         let (accepted, refused) = (accepted.clone(), refused.clone());
         tasks.push(tokio::spawn(async move {
-            let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let r = pay(&gw, &key, &format!("w{w}-{n}")).await;
+                let r = gw.post(&key, "/v1/payments").await;
                 let status = r.status().as_u16();
                 assert!(matches!(status, 200 | 429), "{status}");
                 if counting.load(Ordering::Relaxed) {
@@ -302,7 +287,7 @@ async fn an_owners_limit_is_shared_by_all_its_keys() {
     let other = gw.mint(json!({"owner": "globex"})).await;
 
     for (i, key) in [&a, &b, &a, &b].into_iter().enumerate() {
-        let r = pay(&gw, key, &format!("o{i}")).await;
+        let r = gw.post(key, "/v1/payments").await;
         assert_eq!(r.status(), 200);
         let policy = header(&r, "ratelimit-policy");
         assert!(
@@ -316,7 +301,7 @@ async fn an_owners_limit_is_shared_by_all_its_keys() {
         );
     }
     for key in [&a, &b] {
-        let r = pay(&gw, key, &format!("x-{}", key.id)).await;
+        let r = gw.post(key, "/v1/payments").await;
         let body = assert_problem(r, 429, "rate_limited").await;
         assert!(
             body["detail"]
@@ -327,28 +312,12 @@ async fn an_owners_limit_is_shared_by_all_its_keys() {
         );
     }
     // Another owner is not limited at all.
-    let r = pay(&gw, &other, "g0").await;
+    let r = gw.post(&other, "/v1/payments").await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("ratelimit-policy").is_none());
     assert!(gw.metrics_text().await.contains(
         r#"keygate_rate_limited_total{limit="owner:contract",route="create-payment"} 2"#
     ));
-}
-
-async fn redis_commands(url: &str) -> u64 {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// A key far below its limit: in lease mode one script call serves a slice of requests, in
@@ -364,14 +333,14 @@ async fn lease_mode_spares_the_round_trips_of_a_key_far_below_its_limit() {
         let key = gw
             .mint(json!({"rate_limits": [{"name": "big", "limit": 100000, "window": "1h"}]}))
             .await;
-        assert_eq!(pay(&gw, &key, "warm").await.status(), 200);
-        let before = redis_commands(&redis.url()).await;
-        for n in 0..200 {
-            let r = pay(&gw, &key, &format!("{mode}-{n}")).await;
+        assert_eq!(gw.post(&key, "/v1/payments").await.status(), 200);
+        let before = redis.commands_processed();
+        for _ in 0..200 {
+            let r = gw.post(&key, "/v1/payments").await;
             assert_eq!(r.status(), 200);
             assert!(r.headers().contains_key("ratelimit"));
         }
-        let used = redis_commands(&redis.url()).await - before - 1;
+        let used = redis.commands_processed() - before - 1;
         println!("{mode} mode: {used} Redis commands for 200 limited requests");
         per_mode.push(used);
     }
@@ -397,18 +366,12 @@ async fn when_the_limit_state_is_unreachable_routes_fail_open_or_closed() {
     ));
     opts.cache_toml = Some("[cache]\nttl = \"1h\"\nstale_if_error = \"1h\"".into());
     opts.rust_log = "warn,keygate=warn";
-    let base = support::routes(echo.addr);
-    let (upstreams, routes) = base.split_at(base.find("[[routes]]").unwrap());
-    opts.routes = format!(
-        r#"[limits]
-mode = "exact"
-{upstreams}
-[[routes]]
+    let extra = r#"[[routes]]
 name = "open"
 methods = ["POST"]
 path = "/v1/open"
 upstream = "echo"
-rate_limits = [{{ name = "r", limit = 1000, window = "1h" }}]
+rate_limits = [{ name = "r", limit = 1000, window = "1h" }]
 
 [[routes]]
 name = "closed"
@@ -416,26 +379,23 @@ methods = ["POST"]
 path = "/v1/closed"
 upstream = "echo"
 sensitive = true
-rate_limits = [{{ name = "r", limit = 1000, window = "1h" }}]
-
-{routes}"#
+rate_limits = [{ name = "r", limit = 1000, window = "1h" }]
+"#;
+    opts.routes = format!(
+        "[limits]\nmode = \"exact\"\n{}",
+        support::routes_with(echo.addr, extra)
     );
     let gw = Gateway::start(opts).await;
     let key = gw.mint(json!({})).await;
-    let send = |target: &'static str, nonce: String| {
-        let h = v1_headers(&key, "POST", target, b"{}", now(), &nonce);
-        let gw = &gw;
-        async move { gw.send("POST", target, &h, b"{}").await }
-    };
-    assert_eq!(send("/v1/open", "a".into()).await.status(), 200);
-    assert_eq!(send("/v1/closed", "b".into()).await.status(), 200);
+    assert_eq!(gw.post(&key, "/v1/open").await.status(), 200);
+    assert_eq!(gw.post(&key, "/v1/closed").await.status(), 200);
 
     redis.stop();
-    for n in 0..5 {
-        let r = send("/v1/open", format!("o{n}")).await;
+    for _ in 0..5 {
+        let r = gw.post(&key, "/v1/open").await;
         assert_eq!(r.status(), 200, "open: forwarded unchecked");
         assert!(r.headers().get("ratelimit").is_none());
-        let r = send("/v1/closed", format!("c{n}")).await;
+        let r = gw.post(&key, "/v1/closed").await;
         assert_problem(r, 503, "store_unavailable").await;
     }
     let metrics = gw.metrics_text().await;
@@ -454,8 +414,8 @@ rate_limits = [{{ name = "r", limit = 1000, window = "1h" }}]
 
     redis.restart();
     let mut back = false;
-    for n in 0..50 {
-        if send("/v1/closed", format!("back{n}")).await.status() == 200 {
+    for _ in 0..50 {
+        if gw.post(&key, "/v1/closed").await.status() == 200 {
             back = true;
             break;
         }

@@ -8,19 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source benches/load/common.sh
-DURATION=${DURATION:-5}
-CONNS=${CONNS:-16}
-ROUNDS=${ROUNDS:-3}
-BODY=1024
-cargo build --release --locked --bin keygate --example loadgen >&2
-KG=target/release/keygate
-LG=target/release/examples/loadgen
-command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+bench_init
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
 
 up=$($LG free-port); proxy=$($LG free-port); admin=$($LG free-port); metrics=$($LG free-port)
 upstream_nginx "$work" "$up"
@@ -74,12 +63,4 @@ for round in $(seq "$ROUNDS"); do
     res[$mode]+="$(row "$kg" "http://127.0.0.1:$proxy/$mode/payments" "$CONNS" "$DURATION" "$BODY" "$pk" "$sk")"$'\n'
   done
 done
-median() { grep . <<<"$1" | sort -n -k"$2" | awk -v n="$ROUNDS" -v k="$2" 'NR == int((n + 1) / 2) {print $k}'; }
-echo "| assertion | req/s | CPU µs/req | req/s vs off | CPU µs/req over off |"
-echo "|---|---|---|---|---|"
-off_rps=$(median "${res[off]}" 1); off_cpu=$(median "${res[off]}" 2)
-for mode in off ed25519 hs256; do
-  rps=$(median "${res[$mode]}" 1); cpu=$(median "${res[$mode]}" 2)
-  awk -v m="$mode" -v r="$rps" -v c="$cpu" -v r0="$off_rps" -v c0="$off_cpu" \
-    'BEGIN { printf "| %s | %d | %.1f | %.2f | %+.1f |\n", m, r, c, r / r0, c - c0 }'
-done
+report assertion off off ed25519 hs256

@@ -65,3 +65,46 @@ row() {
   rps=$(sed -E 's/.*"rps":([0-9.]+).*/\1/' <<<"$out")
   awk -v r="$rps" -v d=$((after - before)) -v n="$n" -v t="$TCK" 'BEGIN { printf "%.0f %.1f\n", r, (n > 0 ? d * 1e6 / t / n : 0) }'
 }
+
+# bench_init: knobs (DURATION=5 seconds per row, CONNS=16, ROUNDS=3), the release build of
+# keygate and loadgen ($KG, $LG), nginx, and $work, a temp dir removed on exit after the
+# processes in $pids are killed, last started first.
+bench_init() {
+  DURATION=${DURATION:-5}
+  CONNS=${CONNS:-16}
+  ROUNDS=${ROUNDS:-3}
+  BODY=1024
+  cargo build --release --locked --bin keygate --example loadgen >&2
+  KG=target/release/keygate
+  LG=target/release/examples/loadgen
+  command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+  work=$(mktemp -d)
+  pids=()
+  trap bench_cleanup EXIT
+}
+bench_cleanup() {
+  # SIGINT stops each at once; waiting for each keeps Redis up until the gateways are gone.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -INT "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+
+# median ROWS COLUMN: the median over $ROUNDS rows of "rps cpu" lines.
+median() { grep . <<<"$1" | sort -n -k"$2" | awk -v n="$ROUNDS" -v k="$2" 'NR == int((n + 1) / 2) {print $k}'; }
+
+# report TITLE BASELINE NAME…: the markdown table of res[NAME] (rows from `row`), each name
+# against BASELINE.
+report() {
+  local title=$1 base=$2 r0 c0 rps cpu name
+  shift 2
+  echo "| $title | req/s | CPU µs/req | req/s vs $base | CPU µs/req over $base |"
+  echo "|---|---|---|---|---|"
+  r0=$(median "${res[$base]}" 1); c0=$(median "${res[$base]}" 2)
+  for name in "$@"; do
+    rps=$(median "${res[$name]}" 1); cpu=$(median "${res[$name]}" 2)
+    awk -v m="$name" -v r="$rps" -v c="$cpu" -v r0="$r0" -v c0="$c0" \
+      'BEGIN { printf "| %s | %d | %.1f | %.2f | %+.1f |\n", m, r, c, r / r0, c - c0 }'
+  done
+}

@@ -9,21 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source benches/load/common.sh
-DURATION=${DURATION:-5}
-CONNS=${CONNS:-16}
-ROUNDS=${ROUNDS:-3}
-BODY=1024
-cargo build --release --locked --bin keygate --example loadgen >&2
-KG=target/release/keygate
-LG=target/release/examples/loadgen
-command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+bench_init
 command -v redis-server >/dev/null || { echo "redis-server missing: apt-get install -y redis-server" >&2; exit 1; }
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; sleep 0.2; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-trap 'cat "$work"/*.err >&2 2>/dev/null' ERR
 
 up=$($LG free-port); rport=$($LG free-port)
 upstream_nginx "$work" "$up"
@@ -66,12 +53,4 @@ for round in $(seq "$ROUNDS"); do
     res[$name]+="$(row "${kg[$mode]}" "http://127.0.0.1:${port[$mode]}/v1/payments" "$CONNS" "$DURATION" "$BODY" "${!pk_var}" "${!sk_var}")"$'\n'
   done
 done
-median() { grep . <<<"$1" | sort -n -k"$2" | awk -v n="$ROUNDS" -v k="$2" 'NR == int((n + 1) / 2) {print $k}'; }
-echo "| limit check | req/s | CPU µs/req | req/s vs none | CPU µs/req over none |"
-echo "|---|---|---|---|---|"
-r0=$(median "${res[none]}" 1); c0=$(median "${res[none]}" 2)
-for name in none exact lease; do
-  rps=$(median "${res[$name]}" 1); cpu=$(median "${res[$name]}" 2)
-  awk -v m="$name" -v r="$rps" -v c="$cpu" -v r0="$r0" -v c0="$c0" \
-    'BEGIN { printf "| %s | %d | %.1f | %.2f | %+.1f |\n", m, r, c, r / r0, c - c0 }'
-done
+report "limit check" none none exact lease

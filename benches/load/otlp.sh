@@ -8,19 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source benches/load/common.sh
-DURATION=${DURATION:-5}
-CONNS=${CONNS:-16}
-ROUNDS=${ROUNDS:-3}
-BODY=1024
-cargo build --release --locked --bin keygate --example loadgen >&2
-KG=target/release/keygate
-LG=target/release/examples/loadgen
-command -v nginx >/dev/null || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+bench_init
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
 
 up=$($LG free-port); otlp=$($LG free-port)
 upstream_nginx "$work" "$up"
@@ -66,13 +55,5 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 sleep 2 # the last batch
-median() { grep . <<<"$1" | sort -n -k"$2" | awk -v n="$ROUNDS" -v k="$2" 'NR == int((n + 1) / 2) {print $k}'; }
-echo "| span export | req/s | CPU µs/req | req/s vs none | CPU µs/req over none |"
-echo "|---|---|---|---|---|"
-r0=$(median "${res[none]}" 1); c0=$(median "${res[none]}" 2)
-for mode in none otlp; do
-  rps=$(median "${res[$mode]}" 1); cpu=$(median "${res[$mode]}" 2)
-  awk -v m="$mode" -v r="$rps" -v c="$cpu" -v r0="$r0" -v c0="$c0" \
-    'BEGIN { printf "| %s | %d | %.1f | %.2f | %+.1f |\n", m, r, c, r / r0, c - c0 }'
-done
+report "span export" none none otlp
 echo "collector received $(cat "$work/collected" 2>/dev/null || echo 0) bytes of OTLP"

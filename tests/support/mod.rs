@@ -169,6 +169,13 @@ upstream = "echo"
     )
 }
 
+/// [`routes`] with `extra` (TOML `[[routes]]`) tried before the default routes.
+pub fn routes_with(echo: SocketAddr, extra: &str) -> String {
+    let base = routes(echo);
+    let (upstreams, defaults) = base.split_at(base.find("[[routes]]").unwrap_or(base.len()));
+    format!("{upstreams}\n{extra}\n{defaults}")
+}
+
 /// How to start a gateway.
 pub struct Options {
     pub routes: String,
@@ -516,6 +523,11 @@ listen = "127.0.0.1:{metrics}"
     }
 
     /// Sends a request signed with `hmac-v1` now, with a fresh nonce.
+    /// A signed POST of `{}` to `target`, fresh nonce.
+    pub async fn post(&self, key: &Key, target: &str) -> reqwest::Response {
+        self.send_v1(key, "POST", target, b"{}").await
+    }
+
     pub async fn send_v1(
         &self,
         key: &Key,

@@ -202,6 +202,15 @@ impl RedisServer {
         }
     }
 
+    /// Commands the server has executed so far (`INFO stats`; the INFO itself counts one).
+    pub fn commands_processed(&self) -> u64 {
+        self.cli(&["INFO", "stats"])
+            .lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    }
+
     /// Runs a command through a raw RESP exchange (no redis-cli needed) and returns the reply.
     /// Plaintext servers only.
     pub fn cli(&self, args: &[&str]) -> String {
