@@ -108,6 +108,58 @@ async fn a_refused_body_is_drained_and_the_connection_serves_on() {
     );
 }
 
+/// A client that sends a whole oversized body before reading (Python's `http.client`, and so
+/// `requests`) reads the 413: keygate answers, then reads and discards the rest before it
+/// closes (lingering close), instead of closing under the client's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_answered_413_to_a_client_still_sending() {
+    let echo = Echo::start().await;
+    let gw = Gateway::start(Options::new(&echo)).await;
+    // 8 MiB: more than loopback's socket buffers hold, so the client is still writing when
+    // the 413 is sent (with 2 MiB the buffers can swallow the whole body on this machine).
+    let body = vec![b'x'; 8 * 1024 * 1024];
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        let head = format!(
+            "POST /v1/payments HTTP/1.1\r\nhost: gw\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // Every byte goes out: no reset while the client is still sending.
+        s.write_all(&body).await.unwrap();
+        let (out, closed) = read_for(&mut s, Duration::from_secs(5), "body_too_large").await;
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+        let (_, closed_after) = read_for(&mut s, Duration::from_secs(5), "").await;
+        assert!(
+            closed || closed_after,
+            "the connection closes after the 413"
+        );
+    }
+    // The client the defect was found with.
+    let script = format!(
+        r#"
+import http.client, json
+c = http.client.HTTPConnection("127.0.0.1", {port}, timeout=10)
+c.request("POST", "/v1/payments", body=b"x" * (8 * 1024 * 1024))
+r = c.getresponse()
+print(r.status, json.loads(r.read())["code"])
+"#,
+        port = gw.proxy.port()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3 (scripts/dev installs it)")
+    })
+    .await
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text.trim(), "413 body_too_large", "{text}");
+    assert_eq!(echo.count(), 0);
+}
+
 /// Many clients trickling a byte at a time are all cut off; others are served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trickled_heads_and_bodies_are_cut_off_at_their_deadlines() {

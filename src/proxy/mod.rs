@@ -177,6 +177,10 @@ impl AbuseGuard {
     }
 }
 
+/// At most this much of a refused body is read and discarded before closing (lingering
+/// close); a larger declared body is not read at all.
+const LINGER_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Request ids: a random per-process prefix and a counter, unique without a syscall.
 struct RequestIds {
     prefix: String,
@@ -581,15 +585,44 @@ impl Gateway {
         Ok(false)
     }
 
-    /// 413 `body_too_large`; over HTTP/1 the body is not drained, so the connection closes
-    /// after it. An HTTP/2 stream is drained: only the stream ends, not the connection.
+    /// 413 `body_too_large`. Over HTTP/1 the connection then closes, but only after the rest
+    /// of the body is read and discarded (lingering close, as nginx does), up to
+    /// [`LINGER_MAX_BYTES`] and `server.body_timeout`: a client still sending — Python's
+    /// `http.client`, and so `requests`, sends the whole body before reading — reads the 413
+    /// instead of a broken pipe. An HTTP/2 stream is drained: only the stream ends.
     async fn refuse_too_large(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.outcome = Some(ErrorCode::BodyTooLarge);
         session.set_keepalive(None);
         let detail = format!("the body is larger than {} bytes", self.max_body_bytes);
         write_problem(session, ErrorCode::BodyTooLarge, &detail, &ctx.request_id).await?;
-        self.drain_h2_stream(session).await;
+        if session.as_downstream().is_http2() {
+            self.drain_h2_stream(session).await;
+        } else {
+            self.linger(session).await;
+        }
         Ok(true)
+    }
+
+    /// Reads and discards what is left of an HTTP/1 request body after an answer, until it
+    /// ends, [`LINGER_MAX_BYTES`] have gone by, or `server.body_timeout` passes.
+    async fn linger(&self, session: &mut Session) {
+        let declared = target::content_length(&session.req_header().headers)
+            .ok()
+            .flatten();
+        if declared.is_some_and(|n| n > LINGER_MAX_BYTES) {
+            return;
+        }
+        let deadline = Instant::now() + self.body_timeout;
+        let mut left = LINGER_MAX_BYTES;
+        while !session.is_body_done() {
+            let time = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(time, session.read_request_body()).await {
+                Ok(Ok(Some(chunk))) if (chunk.len() as u64) <= left => {
+                    left -= chunk.len() as u64;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// After an answer sent before an HTTP/2 request body was read: reads and discards the
