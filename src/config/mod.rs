@@ -337,23 +337,160 @@ impl Config {
         Self::from_toml(&text)
     }
 
-    /// Parses and validates config text.
+    /// Parses and validates config text, reporting every problem of the file in one run:
+    /// each section and each `[[upstreams]]`/`[[routes]]`/`[[owners]]` entry is read on its
+    /// own, so an unknown key or a wrong type in one does not hide problems elsewhere; the
+    /// rest is then validated with what could be read.
     pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
-        let de = toml::Deserializer::new(text);
-        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let message = inner.message().to_owned();
-            let where_ = inner
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let where_ = e
                 .span()
                 .map(|s| format!(" (at byte {})", s.start))
                 .unwrap_or_default();
             ConfigErrors(vec![ConfigError {
-                path: if path == "." { String::new() } else { path },
-                message: format!("{message}{where_}"),
+                path: String::new(),
+                message: format!("{}{where_}", e.message()),
             }])
         })?;
-        validate(file)
+        let mut reader = SectionReader::default();
+        let file = reader.read(table);
+        match validate(file) {
+            Ok(config) if reader.problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigErrors(reader.problems)),
+            Err(ConfigErrors(found)) => {
+                let told: Vec<ConfigError> = found
+                    .into_iter()
+                    .filter_map(|e| reader.original(e))
+                    .collect();
+                let mut all = std::mem::take(&mut reader.problems);
+                all.extend(told);
+                Err(ConfigErrors(all))
+            }
+        }
+    }
+}
+
+/// Reads a config table section by section and entry by entry, collecting problems; what
+/// cannot be read is left at its default (sections) or out (entries), remembered so that
+/// validation's findings can be told in the file's own terms.
+#[derive(Default)]
+struct SectionReader {
+    problems: Vec<ConfigError>,
+    /// Per array section, the file index of each entry kept.
+    kept: std::collections::HashMap<&'static str, Vec<usize>>,
+    /// Names of upstreams that could not be read: routes naming them are not told twice.
+    unread_upstreams: Vec<String>,
+}
+
+impl SectionReader {
+    fn one<T: serde::de::DeserializeOwned>(&mut self, at: &str, value: toml::Value) -> Option<T> {
+        serde_path_to_error::deserialize::<_, T>(value)
+            .map_err(|e| {
+                let inner_path = e.path().to_string();
+                let path = if inner_path == "." {
+                    at.to_owned()
+                } else {
+                    format!("{at}.{inner_path}")
+                };
+                self.problems.push(ConfigError {
+                    path,
+                    message: e.into_inner().message().to_owned(),
+                });
+            })
+            .ok()
+    }
+
+    fn section<T: serde::de::DeserializeOwned + Default>(
+        &mut self,
+        table: &mut toml::Table,
+        name: &str,
+    ) -> T {
+        match table.remove(name) {
+            Some(v) => self.one(name, v).unwrap_or_default(),
+            None => T::default(),
+        }
+    }
+
+    fn entries<T: serde::de::DeserializeOwned>(
+        &mut self,
+        table: &mut toml::Table,
+        name: &'static str,
+    ) -> Vec<T> {
+        let values = match table.remove(name) {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a,
+            Some(other) => {
+                self.problems.push(ConfigError {
+                    path: name.to_owned(),
+                    message: format!("must be an array of tables, not a {}", other.type_str()),
+                });
+                Vec::new()
+            }
+        };
+        let mut out = Vec::new();
+        let mut kept = Vec::new();
+        for (i, v) in values.into_iter().enumerate() {
+            let name_field = v.get("name").and_then(|n| n.as_str()).map(str::to_owned);
+            match self.one(&format!("{name}[{i}]"), v) {
+                Some(entry) => {
+                    out.push(entry);
+                    kept.push(i);
+                }
+                None if name == "upstreams" => self.unread_upstreams.extend(name_field),
+                None => {}
+            }
+        }
+        self.kept.insert(name, kept);
+        out
+    }
+
+    fn read(&mut self, mut table: toml::Table) -> FileConfig {
+        let file = FileConfig {
+            server: self.section(&mut table, "server"),
+            admin: self.section(&mut table, "admin"),
+            metrics: self.section(&mut table, "metrics"),
+            store: self.section(&mut table, "store"),
+            cache: self.section(&mut table, "cache"),
+            signing: self.section(&mut table, "signing"),
+            secrets: self.section(&mut table, "secrets"),
+            assertion: self.section(&mut table, "assertion"),
+            log: self.section(&mut table, "log"),
+            tracing: self.section(&mut table, "tracing"),
+            upstreams: self.entries(&mut table, "upstreams"),
+            routes: self.entries(&mut table, "routes"),
+            owners: self.entries(&mut table, "owners"),
+            abuse: self.section(&mut table, "abuse"),
+            limits: self.section(&mut table, "limits"),
+        };
+        for key in table.keys() {
+            self.problems.push(ConfigError {
+                path: key.clone(),
+                message: "unknown section".into(),
+            });
+        }
+        file
+    }
+
+    /// A validation finding with its entry index as in the file; `None` when it only
+    /// repeats a problem already reported (a route naming an upstream that could not be read).
+    fn original(&self, mut e: ConfigError) -> Option<ConfigError> {
+        for (name, kept) in &self.kept {
+            let Some(rest) = e.path.strip_prefix(&format!("{name}[")) else {
+                continue;
+            };
+            let Some((index, tail)) = rest.split_once(']') else {
+                continue;
+            };
+            if let Some(file_index) = index.parse::<usize>().ok().and_then(|i| kept.get(i)) {
+                e.path = format!("{name}[{file_index}]{tail}");
+            }
+        }
+        let repeats = e.path.ends_with(".upstream")
+            && self
+                .unread_upstreams
+                .iter()
+                .any(|u| e.message == format!("no upstream named {u:?}"));
+        (!repeats).then_some(e)
     }
 }
 

@@ -221,3 +221,59 @@ fn a_host_name_endpoint_resolves_to_the_preferred_family_only() {
         std::time::Duration::from_secs(5)
     );
 }
+
+#[test]
+fn every_problem_of_the_file_is_reported_in_one_run() {
+    let text = r#"
+[server]
+listen = "127.0.0.1:8080"
+colour = "blue"
+
+[cache]
+ttl = 30
+
+[[upstreams]]
+name = "broken"
+endpoints = "not-a-list"
+
+[[upstreams]]
+name = "payments"
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+path = "/v1/a"
+upstream = "missing"
+
+[[routes]]
+path = "/v1/b"
+upstream = "broken"
+bogus = 1
+
+[[routes]]
+path = "/v1/c"
+upstream = "broken"
+
+[[routes]]
+path = "no-slash"
+upstream = "payments"
+
+[extra]
+x = 1
+"#;
+    let errs = Config::from_toml(text).unwrap_err().0;
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "server.colour",
+        "cache.ttl",
+        "upstreams[0].endpoints",
+        "routes[1].bogus",
+        "extra",
+        "routes[0].upstream",
+        "routes[3].path",
+    ] {
+        assert!(paths.contains(&want), "{want} missing from {errs:#?}");
+    }
+    // A route naming the upstream that could not be read is not told twice.
+    assert!(!paths.contains(&"routes[2].upstream"), "{errs:#?}");
+    assert_eq!(errs.len(), 7, "{errs:#?}");
+}
