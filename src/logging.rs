@@ -1,5 +1,7 @@
 //! Logging: tracing to stdout, text or JSON lines, ANSI colour only on a terminal, and a level
-//! a config reload can change (unless `RUST_LOG` set it).
+//! a config reload can change (unless `RUST_LOG` set it). The HTTP libraries under keygate
+//! are held at `info` whatever the level: at `debug` and `trace` they print whole request
+//! headers — a bearer secret, a signature, the upstream assertion.
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
@@ -35,6 +37,9 @@ pub fn init(log: Option<&LogConfig>) {
     });
     let started = tracing_subscriber::registry()
         .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(|meta| {
+            *meta.level() <= tracing::Level::INFO || !prints_headers(meta.target())
+        }))
         .with(text_layer)
         .with(json_layer)
         .try_init()
@@ -42,6 +47,25 @@ pub fn init(log: Option<&LogConfig>) {
     if started && !env_rules {
         let _ = LEVEL.set(handle);
     }
+}
+
+/// Crates that log request or response headers, values included, below `info`.
+const PRINT_HEADERS: &[&str] = &[
+    "pingora",
+    "h2",
+    "hyper",
+    "reqwest",
+    "rustls",
+    "tokio_rustls",
+    "opentelemetry",
+];
+
+fn prints_headers(target: &str) -> bool {
+    PRINT_HEADERS.iter().any(|c| {
+        target
+            .strip_prefix(c)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::") || rest.starts_with('_'))
+    })
 }
 
 /// Applies a reloaded `log.level`; `Ok(false)` when `RUST_LOG` rules (nothing changes).
