@@ -177,6 +177,11 @@ impl AbuseGuard {
     }
 }
 
+/// The largest request head (target and headers) keygate serves. Pingora reads up to 1 MiB
+/// and 256 headers before keygate sees the head; `server.max_connections` bounds what that
+/// costs, and this keeps such heads from going any further.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 /// At most this much of a refused body is read and discarded before closing (lingering
 /// close); a larger declared body is not read at all.
 const LINGER_MAX_BYTES: u64 = 16 * 1024 * 1024;
@@ -926,6 +931,27 @@ fn is_spoofed(name: &str) -> bool {
             .any(|c| c == dashed.as_str())
 }
 
+/// Whether an HTTP/1.1 request came with both `Content-Length` and `Transfer-Encoding`.
+/// Pingora drops the length before keygate sees the head (RFC 9112 §6.3) and turns keep-alive
+/// off for that reason alone, so: chunked, keep-alive off, and no `Connection: close` asking
+/// for it. keygate refuses such a request, as nginx and Envoy do, rather than forward a
+/// message two parsers could frame two ways.
+fn sent_length_and_encoding(session: &Session) -> bool {
+    let req = session.req_header();
+    req.version == http::Version::HTTP_11
+        && !session.as_downstream().is_http2()
+        && req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        && session.get_keepalive().is_none()
+        && !req
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("close"))
+            })
+}
+
 /// SHA-256 of the verified TLS client certificate the connection presented, if any.
 fn client_cert(session: &Session) -> Option<&[u8]> {
     session
@@ -1080,6 +1106,9 @@ impl ProxyHttp for Gateway {
     /// Routes, bounds and reads the body, authenticates; answers refusals itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         guard::head_received(session.client_addr().and_then(|a| a.as_inet()).copied());
+        // A client that pipelines gets its requests answered in order (RFC 9112 §9.3.2),
+        // one after the other, instead of the second dropped with the connection.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         let req = session.req_header();
         ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
         ctx.trace = trace::begin(
@@ -1094,7 +1123,26 @@ impl ProxyHttp for Gateway {
                 .refuse(session, ctx, ErrorCode::BadRequest, detail)
                 .await;
         }
-        let declared = match target::content_length(&req.headers) {
+        // A head this large is never a payment API call; refused before any lookup.
+        let head_bytes: usize = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head_bytes > MAX_HEAD_BYTES {
+            session.set_keepalive(None);
+            let detail = "the request head is larger than 32 KiB";
+            return self
+                .refuse(session, ctx, ErrorCode::BadRequest, detail)
+                .await;
+        }
+        let framing = if sent_length_and_encoding(session) {
+            Err("Content-Length and Transfer-Encoding must not both be sent")
+        } else {
+            target::content_length(&req.headers)
+        };
+        let declared = match framing {
             Ok(n) => n,
             Err(detail) => {
                 // The body's extent is unknown: it cannot be drained, only closed on.
