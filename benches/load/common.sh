@@ -83,9 +83,10 @@ bench_init() {
   trap bench_cleanup EXIT
 }
 bench_cleanup() {
-  # SIGINT stops each at once; waiting for each keeps Redis up until the gateways are gone.
+  # Last started first, each waited for: Redis stays up until the gateways are gone. TERM,
+  # not INT: background jobs of a script ignore SIGINT (Python's would never stop).
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill -INT "${pids[i]}" 2>/dev/null || true
+    kill -TERM "${pids[i]}" 2>/dev/null || true
     wait "${pids[i]}" 2>/dev/null || true
   done
   rm -rf "$work"
