@@ -352,3 +352,85 @@ async fn local_nonce_fallback_keeps_signed_requests_going_during_an_outage() {
     )
     .await;
 }
+
+/// Fault injection: Redis frozen (SIGSTOP) past the call timeout while traffic runs, then
+/// thawed. Nothing is accepted without a recorded nonce, no replay passes, cached keys keep
+/// working, every answer is the contract's, and the gateway recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_costs_availability_never_safety() {
+    let redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let mut opts = on_redis(&echo, &redis);
+    opts.cache_toml =
+        Some("[cache]\nttl = \"1s\"\nnegative_ttl = \"1s\"\nstale_if_error = \"60s\"".into());
+    let gw = Gateway::start(opts).await;
+    let bearer = gw.mint(json!({"auth": "bearer"})).await;
+    let signed = gw.mint(json!({})).await;
+    let bearer_h = vec![("x-api-key".to_owned(), bearer.secret.clone())];
+    assert_eq!(gw.post(&signed, "/v1/payments").await.status(), 200);
+    assert_eq!(
+        gw.send("POST", "/v1/payments", &bearer_h, b"{}")
+            .await
+            .status(),
+        200,
+        "cached now"
+    );
+    let replay = v1_headers(
+        &signed,
+        "POST",
+        "/v1/payments",
+        b"{}",
+        now(),
+        "frozen-replay",
+    );
+    assert_eq!(
+        gw.send("POST", "/v1/payments", &replay, b"{}")
+            .await
+            .status(),
+        200
+    );
+    let before = echo.count();
+
+    redis.pause();
+    tokio::time::sleep(Duration::from_millis(1200)).await; // past cache.ttl
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let r = gw.post(&signed, "/v1/payments").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "bounded by the call timeout"
+        );
+        *statuses.entry(r.status().as_u16()).or_insert(0) += 1;
+        // A signed request needs its nonce recorded: unavailable, never accepted unrecorded.
+        assert_problem(r, 503, "store_unavailable").await;
+        let r = gw.send("POST", "/v1/payments", &replay, b"{}").await;
+        assert_ne!(r.status(), 200, "no replay while Redis is frozen");
+        let r = gw.send("POST", "/v1/payments", &bearer_h, b"{}").await;
+        assert_eq!(r.status(), 200, "a cached bearer key keeps working");
+    }
+    assert_eq!(
+        echo.count(),
+        before + 5,
+        "only the cached bearer requests went up"
+    );
+
+    redis.resume();
+    let mut back = false;
+    for _ in 0..50 {
+        if gw.post(&signed, "/v1/payments").await.status() == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "recovered without a restart");
+    assert_problem(
+        gw.send("POST", "/v1/payments", &replay, b"{}").await,
+        401,
+        "replayed_nonce",
+    )
+    .await;
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+    println!("frozen Redis: signed requests {statuses:?}, 5 bearer requests served from cache");
+}

@@ -185,6 +185,24 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        Self::signal(self.child.id(), "STOP");
+    }
+
+    /// Thaws a [`Self::pause`]d server (SIGCONT).
+    pub fn resume(&self) {
+        Self::signal(self.child.id(), "CONT");
+    }
+
+    fn signal(pid: u32, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
     pub fn restart(&mut self) {
         self.child = self.spawn();
         assert!(
