@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::redis::{Mode, RedisCluster, RedisServer, TlsFiles};
-use support::{assert_problem, now, v1_headers, Echo, Gateway, Options};
+use support::{assert_problem, now, v1_headers, Echo, Gateway, Key, Options};
 
 fn on_redis(echo: &Echo, redis: &RedisServer) -> Options {
     on_url(echo, &redis.url(), "")
@@ -231,17 +231,24 @@ async fn a_revocation_reaches_the_other_gateway_within_a_second() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_outage_keeps_cached_keys_working_and_never_says_401() {
-    let mut redis = RedisServer::start();
-    let echo = Echo::start().await;
-    let mut opts = on_redis(&echo, &redis);
+/// A gateway on `redis` whose cache entries go stale after 1 s and may be served stale for
+/// 60 s while Redis cannot answer; a signed key, and the headers of a bearer key.
+async fn outage_gateway(echo: &Echo, redis: &RedisServer) -> (Gateway, Key, Vec<(String, String)>) {
+    let mut opts = on_redis(echo, redis);
     opts.cache_toml =
         Some("[cache]\nttl = \"1s\"\nnegative_ttl = \"1s\"\nstale_if_error = \"60s\"".into());
     let gw = Gateway::start(opts).await;
     let bearer = gw.mint(json!({"auth": "bearer"})).await;
     let signed = gw.mint(json!({})).await;
     let bearer_h = vec![("x-api-key".to_owned(), bearer.secret.clone())];
+    (gw, signed, bearer_h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_keeps_cached_keys_working_and_never_says_401() {
+    let mut redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let (gw, signed, bearer_h) = outage_gateway(&echo, &redis).await;
     assert_eq!(
         gw.send("POST", "/v1/payments", &bearer_h, b"{}")
             .await
@@ -360,13 +367,7 @@ async fn local_nonce_fallback_keeps_signed_requests_going_during_an_outage() {
 async fn a_frozen_redis_costs_availability_never_safety() {
     let redis = RedisServer::start();
     let echo = Echo::start().await;
-    let mut opts = on_redis(&echo, &redis);
-    opts.cache_toml =
-        Some("[cache]\nttl = \"1s\"\nnegative_ttl = \"1s\"\nstale_if_error = \"60s\"".into());
-    let gw = Gateway::start(opts).await;
-    let bearer = gw.mint(json!({"auth": "bearer"})).await;
-    let signed = gw.mint(json!({})).await;
-    let bearer_h = vec![("x-api-key".to_owned(), bearer.secret.clone())];
+    let (gw, signed, bearer_h) = outage_gateway(&echo, &redis).await;
     assert_eq!(gw.post(&signed, "/v1/payments").await.status(), 200);
     assert_eq!(
         gw.send("POST", "/v1/payments", &bearer_h, b"{}")

@@ -8,6 +8,7 @@
 # OUT=benches/soak (where rss.csv and rss.png go).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source benches/load/common.sh
 MINUTES=${MINUTES:-30}
 RATE=${RATE:-400}
 CONNS=${CONNS:-8}
@@ -23,12 +24,7 @@ KG=target/$PROFILE/keygate
 LG=target/$PROFILE/examples/loadgen
 work=$(mktemp -d)
 pids=()
-cleanup() {
-  # Last started first, each waited for; TERM, since background jobs ignore SIGINT.
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; wait "${pids[i]}" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 up=$($LG free-port); proxy=$($LG free-port); admin=$($LG free-port); metrics=$($LG free-port)
 # The upstream: answers 200 to anything, keep-alive.
@@ -46,30 +42,8 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 pids+=($!)
-cat > "$work/keygate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$proxy"
-threads = 1
-[admin]
-listen = "127.0.0.1:$admin"
-[metrics]
-listen = "127.0.0.1:$metrics"
-[store]
-path = "$work/keygate.db"
-[cache]
-ttl = "1h"
-[signing]
-clock_skew = "15s"
-[log]
-access = false
-[[upstreams]]
-name = "up"
-endpoints = ["127.0.0.1:$up"]
-[[routes]]
-methods = ["POST"]
-path = "/v1/payments"
-upstream = "up"
-TOML
+keygate_toml "$proxy" "$admin" "$metrics" "$work/keygate.db" "$up" 1 > "$work/keygate.toml"
+printf '[signing]\nclock_skew = "15s"\n[log]\naccess = false\n' >> "$work/keygate.toml"
 KEYGATE_MASTER_KEY=$(head -c 32 /dev/urandom | base64) KEYGATE_ADMIN_TOKEN=soak-token RUST_LOG=error \
   "$KG" serve --config "$work/keygate.toml" 2>"$work/keygate.err" &
 kg=$!

@@ -256,46 +256,20 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let out = f(&txn)?;
-            txn.commit().map_err(unavailable)?;
-            Ok(out)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        self.transact_as(redb::Durability::Immediate, f).await
     }
 
-    /// One credit operation in its own write transaction. Spends and refunds commit with
-    /// eventual durability (no fsync per request: a crash can forget the last spends, in the
-    /// key holder's favour, never invent any); operators' changes are durable at once.
-    async fn credit_op(
-        &self,
-        key_id: &str,
-        refill: Option<crate::limits::credits::RefillNow>,
-        op: crate::limits::credits::Op,
-    ) -> Result<(u64, bool), StoreError> {
-        use crate::limits::credits::{apply, Op};
+    /// [`Self::transact`] committed with `durability`.
+    async fn transact_as<T, F>(&self, durability: redb::Durability, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
         let db = Arc::clone(&self.db);
-        let id = key_id.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut txn = db.begin_write().map_err(unavailable)?;
-            if matches!(op, Op::Spend(_) | Op::Refund(_)) {
-                txn.set_durability(redb::Durability::Eventual);
-            }
-            let out = {
-                let mut table = txn.open_table(CREDITS).map_err(unavailable)?;
-                let stored = table
-                    .get(id.as_str())
-                    .map_err(unavailable)?
-                    .map_or((0, 0), |v| v.value());
-                let (state, ok) = apply(stored, refill, op);
-                if ok && op != Op::Read && state != stored {
-                    table.insert(id.as_str(), state).map_err(unavailable)?;
-                }
-                (state.0, ok)
-            };
+            txn.set_durability(durability);
+            let out = f(&txn)?;
             txn.commit().map_err(unavailable)?;
             Ok(out)
         })
@@ -493,13 +467,34 @@ impl crate::limits::store::RateLimitStore for EmbeddedStore {
 
 #[async_trait]
 impl crate::limits::credits::CreditStore for EmbeddedStore {
+    /// One credit operation in its own write transaction. Spends and refunds commit with
+    /// eventual durability (no fsync per request: a crash can forget the last spends, in the
+    /// key holder's favour, never invent any); operators' changes are durable at once.
     async fn credit(
         &self,
         key_id: &str,
         refill: Option<crate::limits::credits::RefillNow>,
         op: crate::limits::credits::Op,
     ) -> Result<(u64, bool), StoreError> {
-        self.credit_op(key_id, refill, op).await
+        use crate::limits::credits::{apply, Op};
+        let durability = match op {
+            Op::Spend(_) | Op::Refund(_) => redb::Durability::Eventual,
+            _ => redb::Durability::Immediate,
+        };
+        let id = key_id.to_owned();
+        self.transact_as(durability, move |txn| {
+            let mut table = txn.open_table(CREDITS).map_err(unavailable)?;
+            let stored = table
+                .get(id.as_str())
+                .map_err(unavailable)?
+                .map_or((0, 0), |v| v.value());
+            let (state, ok) = apply(stored, refill, op);
+            if ok && op != Op::Read && state != stored {
+                table.insert(id.as_str(), state).map_err(unavailable)?;
+            }
+            Ok((state.0, ok))
+        })
+        .await
     }
 
     async fn forget(&self, key_id: &str) -> Result<(), StoreError> {

@@ -682,8 +682,9 @@ impl crate::limits::store::RateLimitStore for RedisStore {
     }
 }
 
-impl RedisStore {
-    async fn credit_op(
+#[async_trait]
+impl crate::limits::credits::CreditStore for RedisStore {
+    async fn credit(
         &self,
         key_id: &str,
         refill: Option<crate::limits::credits::RefillNow>,
@@ -708,18 +709,6 @@ impl RedisStore {
             .parse()
             .map_err(|_| corrupt(format!("credits script answered {remaining:?}")))?;
         Ok((remaining, ok == 1))
-    }
-}
-
-#[async_trait]
-impl crate::limits::credits::CreditStore for RedisStore {
-    async fn credit(
-        &self,
-        key_id: &str,
-        refill: Option<crate::limits::credits::RefillNow>,
-        op: crate::limits::credits::Op,
-    ) -> Result<(u64, bool), StoreError> {
-        self.credit_op(key_id, refill, op).await
     }
 
     async fn forget(&self, key_id: &str) -> Result<(), StoreError> {

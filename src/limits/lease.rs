@@ -29,12 +29,6 @@ struct Lease {
     buckets: Vec<(String, RateLimit, bool)>,
 }
 
-impl Lease {
-    fn give_back(&self) -> (Vec<(String, RateLimit, bool)>, u64) {
-        (self.buckets.clone(), self.units)
-    }
-}
-
 /// A [`RateLimitStore`] that leases from another.
 pub struct Leased {
     inner: Arc<dyn RateLimitStore>,
@@ -71,11 +65,14 @@ impl Leased {
         }
     }
 
-    async fn give_back(&self, (owned, units): (Vec<(String, RateLimit, bool)>, u64)) {
+    /// Returns what is left of an ended lease to the shared state.
+    async fn give_back(&self, lease: Lease) {
+        let units = lease.units;
         if units == 0 {
             return;
         }
-        let buckets: Vec<Bucket<'_>> = owned
+        let buckets: Vec<Bucket<'_>> = lease
+            .buckets
             .iter()
             .map(|(key, limit, owner_wide)| Bucket {
                 key: key.clone(),
@@ -102,7 +99,7 @@ impl Leased {
             ids.iter().filter_map(|id| table.remove(id)).collect()
         };
         for lease in expired {
-            self.give_back(lease.give_back()).await;
+            self.give_back(lease).await;
         }
     }
 }
@@ -142,7 +139,7 @@ impl RateLimitStore for Leased {
                     };
                     return Ok((decision, 0));
                 }
-                Some(_) => table.remove(&id).map(|l| l.give_back()),
+                Some(_) => table.remove(&id),
                 None => None,
             }
         };
@@ -195,7 +192,7 @@ impl BackgroundService for LeaseSweeper {
                     // Hand every slice back before going: the fleet gets its units.
                     let all: Vec<Lease> = self.0.table().drain().map(|(_, l)| l).collect();
                     for lease in all {
-                        self.0.give_back(lease.give_back()).await;
+                        self.0.give_back(lease).await;
                     }
                     return;
                 }

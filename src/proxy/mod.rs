@@ -963,7 +963,7 @@ fn client_cert(session: &Session) -> Option<&[u8]> {
 
 /// One line per request (`keygate::access`): what an operator needs to follow a request, and
 /// nothing a client keeps secret — no query string, header value, body, signature or nonce.
-fn access_log(session: &Session, ctx: &Ctx, route: &str, outcome: &str) {
+fn access_log(session: &Session, ctx: &Ctx, route: &str, outcome: &str, status: u16) {
     let req = session.req_header();
     let tls = session
         .digest()
@@ -978,7 +978,7 @@ fn access_log(session: &Session, ctx: &Ctx, route: &str, outcome: &str) {
         route,
         method = req.method.as_str(),
         path = req.uri.path(),
-        status = session.response_written().map_or(0, |r| r.status.as_u16()),
+        status,
         outcome,
         key_id = key.map(ActiveKey::id),
         owner = key.map(ActiveKey::owner),
@@ -1455,7 +1455,7 @@ impl ProxyHttp for Gateway {
         }
 
         if self.access_log {
-            access_log(session, ctx, route, outcome);
+            access_log(session, ctx, route, outcome, status);
         }
         if let Some(span) = span {
             let req = session.req_header();
@@ -1465,7 +1465,7 @@ impl ProxyHttp for Gateway {
                 &crate::otlp::Finished {
                     route,
                     path: req.uri.path(),
-                    status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                    status,
                     outcome,
                     request_id: &ctx.request_id,
                     key_id: key.map(ActiveKey::id),
