@@ -11,8 +11,9 @@
 //! versions kept nonces in the `nonces` table; opening moves them into the journal.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,7 +52,7 @@ const NONCE_PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// A key store in one local file.
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
     /// Used nonces still inside their window (shared with the writer thread, which purges).
     nonces: Arc<NonceSet>,
     /// To the writer thread; `std::sync::mpsc` because the writer is a plain thread.
@@ -59,6 +60,9 @@ pub struct EmbeddedStore {
     writer: Option<mpsc::Sender<WriterMsg>>,
     /// The nonce journal (`<store file>.nonces/`).
     journal_dir: PathBuf,
+    /// Set by the writer while the journal cannot be written (a full disk): nonces are
+    /// refused rather than accepted without being durable.
+    journal_down: Arc<AtomicBool>,
     /// Joined on drop, so the file is closed (and can be reopened) when the store is gone.
     writer_thread: Option<thread::JoinHandle<()>>,
     /// Rate-limit state: one process holds the embedded store, so memory is exact.
@@ -151,11 +155,92 @@ fn unix_now_ms() -> u64 {
 }
 
 fn decode(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    KeyRecord::decode(bytes)
 }
 
 fn encode(record: &KeyRecord) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))
+    record.encode()
+}
+
+/// The redb database, reopened after an I/O error. redb refuses every write transaction
+/// after one failed on I/O ("close and re-open the database"), which a full disk causes:
+/// without reopening, the store would stay unavailable until a restart.
+struct Db {
+    path: PathBuf,
+    /// `None` while it is being reopened (every call is `Unavailable` meanwhile).
+    current: RwLock<Option<Arc<Database>>>,
+}
+
+impl Db {
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        self.current
+            .read()
+            .ok()
+            .and_then(|slot| slot.clone())
+            .ok_or_else(reopening)
+    }
+
+    /// [`Self::get`], first opening the file again if an earlier reopening could not
+    /// (blocking).
+    fn get_or_reopen(&self) -> Result<Arc<Database>, StoreError> {
+        if let Ok(db) = self.get() {
+            return Ok(db);
+        }
+        let opened = Database::create(&self.path).map_err(|e| {
+            StoreError::Unavailable(format!("reopening the store: {}", redb::Error::from(e)))
+        })?;
+        // redb locks the file, so no other caller can have reopened it meanwhile.
+        let mut slot = self.current.write().map_err(|_| reopening())?;
+        let db = slot.get_or_insert_with(|| Arc::new(opened)).clone();
+        tracing::warn!(path = %self.path.display(), "reopened the store after an I/O error");
+        Ok(db)
+    }
+
+    /// After a write failed as unavailable (blocking): if redb now refuses writes for a past
+    /// I/O error, closes the database once in-flight transactions let go, and opens it again
+    /// (redb repairs what the failed write left).
+    fn recover(&self) {
+        let Ok(mut slot) = self.current.write() else {
+            return;
+        };
+        let poisoned = slot.as_ref().is_some_and(|db| {
+            matches!(
+                db.begin_write(),
+                Err(redb::TransactionError::Storage(
+                    redb::StorageError::PreviousIo
+                ))
+            )
+        });
+        if !poisoned {
+            return;
+        }
+        let Some(mut old) = slot.take() else {
+            return;
+        };
+        drop(slot);
+        tracing::error!(path = %self.path.display(), "the store failed to write (disk full?); reopening it");
+        // Readers hold clones for a few microseconds: wait up to a second for them.
+        for _ in 0..100 {
+            match Arc::try_unwrap(old) {
+                Ok(db) => {
+                    drop(db);
+                    let _ = self.get_or_reopen();
+                    return;
+                }
+                Err(still) => {
+                    old = still;
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        if let Ok(mut slot) = self.current.write() {
+            slot.get_or_insert(old);
+        }
+    }
+}
+
+fn reopening() -> StoreError {
+    StoreError::Unavailable("the store is being reopened after an I/O error".into())
 }
 
 impl EmbeddedStore {
@@ -196,18 +281,24 @@ impl EmbeddedStore {
         }
         migrate_nonce_table(&db, &mut journal, &nonces, now_ms)?;
 
-        let db = Arc::new(db);
+        let db = Arc::new(Db {
+            path: path.to_owned(),
+            current: RwLock::new(Some(Arc::new(db))),
+        });
         let (tx, rx) = mpsc::channel();
         let writer_nonces = Arc::clone(&nonces);
+        let journal_down = Arc::new(AtomicBool::new(false));
+        let writer_down = Arc::clone(&journal_down);
         let writer_thread = thread::Builder::new()
             .name("keygate-nonce-writer".into())
-            .spawn(move || nonce_writer(journal, &writer_nonces, &rx))
+            .spawn(move || nonce_writer(journal, &writer_nonces, &rx, &writer_down))
             .map_err(|e| StoreError::Unavailable(format!("cannot start nonce writer: {e}")))?;
         Ok(Self {
             db,
             nonces,
             writer: Some(tx),
             journal_dir,
+            journal_down,
             writer_thread: Some(writer_thread),
             limits: crate::limits::store::InProcessLimits::default(),
             abuse: crate::limits::abuse::InProcessAbuse::default(),
@@ -267,11 +358,19 @@ impl EmbeddedStore {
     {
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || {
-            let mut txn = db.begin_write().map_err(unavailable)?;
-            txn.set_durability(durability);
-            let out = f(&txn)?;
-            txn.commit().map_err(unavailable)?;
-            Ok(out)
+            let handle = db.get_or_reopen()?;
+            let result = (|| {
+                let mut txn = handle.begin_write().map_err(unavailable)?;
+                txn.set_durability(durability);
+                let out = f(&txn)?;
+                txn.commit().map_err(unavailable)?;
+                Ok(out)
+            })();
+            if matches!(result, Err(StoreError::Unavailable(_))) {
+                drop(handle);
+                db.recover();
+            }
+            result
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
@@ -281,7 +380,7 @@ impl EmbeddedStore {
     where
         F: FnOnce(&redb::ReadTransaction) -> Result<Option<String>, StoreError>,
     {
-        let read = self.db.begin_read().map_err(unavailable)?;
+        let read = self.db.get()?.begin_read().map_err(unavailable)?;
         let Some(id) = find_id(&read)? else {
             return Ok(None);
         };
@@ -396,29 +495,71 @@ fn migrate_nonce_table(
     txn.commit().map_err(unavailable)
 }
 
-fn nonce_writer(mut journal: NonceLog, nonces: &NonceSet, rx: &mpsc::Receiver<WriterMsg>) {
+/// How often a batch that could not be written is tried again.
+const NONCE_RETRY_EVERY: Duration = Duration::from_millis(100);
+
+fn nonce_writer(
+    mut journal: NonceLog,
+    nonces: &NonceSet,
+    rx: &mpsc::Receiver<WriterMsg>,
+    journal_down: &AtomicBool,
+) {
     let mut last_purge = Instant::now();
-    // Parked only while idle: the first message of a batch wakes it, then it sleeps the batch
-    // window and drains without waiting. Blocking on every message instead would make each
-    // request's `send` wake this thread — measured at ~14% of the proxy thread in the kernel.
-    while let Ok(first) = rx.recv() {
-        let mut batch = Vec::new();
+    // Nonces accepted but not yet durable: a batch whose write failed is kept and written
+    // again, with what came since, until it succeeds.
+    let mut batch: Vec<(String, u64)> = Vec::new();
+    loop {
+        // Parked only while idle: the first message of a batch wakes it, then it sleeps the
+        // batch window and drains without waiting. Blocking on every message instead would
+        // make each request's `send` wake this thread — measured at ~14% of the proxy thread
+        // in the kernel. While a failed batch waits, it wakes to retry.
+        let first = if batch.is_empty() {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(NONCE_RETRY_EVERY) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Shutting down: one last try.
+                    let _ = journal.append(&batch);
+                    return;
+                }
+            }
+        };
         let mut flushes = Vec::new();
         let mut take = |msg| match msg {
             WriterMsg::Nonce { key, expires_ms } => batch.push((key, expires_ms)),
             WriterMsg::Flush(done) => flushes.push(done),
         };
-        let flush_now = matches!(first, WriterMsg::Flush(_));
-        take(first);
-        if !flush_now {
-            thread::sleep(NONCE_BATCH_WINDOW);
+        if let Some(first) = first {
+            let flush_now = matches!(first, WriterMsg::Flush(_));
+            take(first);
+            if !flush_now {
+                thread::sleep(NONCE_BATCH_WINDOW);
+            }
         }
         while let Ok(msg) = rx.try_recv() {
             take(msg);
         }
         let result = journal.append(&batch).map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, lost = batch.len(), "persisting nonces failed");
+        match &result {
+            Ok(()) => {
+                if journal_down.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(kept = batch.len(), "the nonce journal is written again");
+                }
+                batch.clear();
+            }
+            Err(e) => {
+                // Fail closed: until a write succeeds, `use_nonce` refuses, so no request is
+                // accepted on a nonce that a restart would forget (beyond this one batch).
+                if !journal_down.swap(true, Ordering::AcqRel) {
+                    tracing::error!(error = %e, held = batch.len(), "persisting nonces failed; \
+                        signed requests are refused until the journal can be written");
+                }
+            }
         }
         if last_purge.elapsed() >= NONCE_PURGE_EVERY {
             let now = unix_now_ms();
@@ -526,7 +667,7 @@ impl crate::limits::abuse::AbuseStore for EmbeddedStore {
 #[async_trait]
 impl SigningKeyStore for EmbeddedStore {
     async fn load_signing_keys(&self) -> Result<Option<Versioned>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.db.get()?.begin_read().map_err(unavailable)?;
         let table = txn.open_table(DOCUMENTS).map_err(unavailable)?;
         let stored = table.get(SIGNING_KEYS_DOC).map_err(unavailable)?;
         stored.map(|v| decode_document(v.value())).transpose()
@@ -653,7 +794,7 @@ impl KeyStore for EmbeddedStore {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<AuditPage, StoreError> {
-        let read = self.db.begin_read().map_err(unavailable)?;
+        let read = self.db.get()?.begin_read().map_err(unavailable)?;
         let audit = read.open_table(AUDIT).map_err(unavailable)?;
         let upper = cursor.unwrap_or("\u{10ffff}");
         let decode_entry = |bytes: &[u8]| -> Result<AuditEntry, StoreError> {
@@ -738,7 +879,7 @@ impl KeyStore for EmbeddedStore {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let read = self.db.begin_read().map_err(unavailable)?;
+        let read = self.db.get()?.begin_read().map_err(unavailable)?;
         let keys = read.open_table(KEYS).map_err(unavailable)?;
         // Ids are time-ordered, so walking them backwards from the cursor is newest first.
         let upper = cursor.unwrap_or("\u{10ffff}");
@@ -785,6 +926,11 @@ impl KeyStore for EmbeddedStore {
         let now = unix_now_ms();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let expires = now.saturating_add(ttl_ms);
+        if self.journal_down.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(
+                "the nonce journal cannot be written".into(),
+            ));
+        }
         if !self.nonces.claim(&key, expires, now) {
             return Ok(false);
         }
@@ -820,7 +966,7 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.db.begin_read().map(drop).map_err(unavailable)
+        self.db.get()?.begin_read().map(drop).map_err(unavailable)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -860,7 +1006,7 @@ mod tests {
             let store = EmbeddedStore::open(&path).unwrap();
             assert!(!store.use_nonce("key_a", "live", ttl).await.unwrap());
             assert!(store.use_nonce("key_a", "gone", ttl).await.unwrap());
-            let read = store.db.begin_read().unwrap();
+            let read = store.db.get().unwrap().begin_read().unwrap();
             assert_eq!(read.open_table(NONCES).unwrap().len().unwrap(), 0);
         }
         // Now only in the journal: still used after another restart.

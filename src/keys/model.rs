@@ -152,6 +152,26 @@ impl StoredCredential {
 }
 
 impl KeyRecord {
+    /// Reads a record as both stores write it (JSON). A document that does not decode is
+    /// `Corrupt`, never a panic: the bytes come from a store another process can write.
+    pub fn decode(bytes: &[u8]) -> Result<Self, super::StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| super::StoreError::Corrupt(e.to_string()))
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, super::StoreError> {
+        serde_json::to_vec(self).map_err(|e| super::StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Sets the usage counters Redis keeps beside the record (decimal text: the total, and
+    /// the last use in Unix microseconds); what does not parse reads as none.
+    pub fn set_usage(&mut self, total: &str, last_micros: &str) {
+        self.total_requests = total.parse().unwrap_or(0);
+        self.last_used_at = last_micros
+            .parse::<i64>()
+            .ok()
+            .and_then(|us| OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).ok());
+    }
+
     /// The SHA-256 index entry of a bearer key, if this is one.
     pub fn bearer_hash(&self) -> Option<[u8; 32]> {
         self.credential.bearer_hash()

@@ -93,8 +93,18 @@ impl NonceLog {
             self.buf.extend_from_slice(key.as_bytes());
             self.current_until = self.current_until.max(*expires);
         }
-        self.current.write_all(&self.buf)?;
-        self.current.sync_data()
+        let before = self.current.metadata()?.len();
+        let written = self
+            .current
+            .write_all(&self.buf)
+            .and_then(|()| self.current.sync_data());
+        if written.is_err() {
+            // A write cut short (a full disk) would leave a torn record, and loading stops at
+            // one: every later append would be lost to a restart. Cut it off (shrinking a
+            // file needs no space); the caller keeps the batch and writes it again.
+            let _ = self.current.set_len(before);
+        }
+        written
     }
 
     /// Starts a new segment once the current one is [`SEGMENT_SPAN`] old, and deletes sealed

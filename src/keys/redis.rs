@@ -26,7 +26,6 @@ use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, RedisFuture, Script, TlsCertificates, Value};
-use time::OffsetDateTime;
 
 use super::audit::{AuditEntry, AuditPage};
 use super::model::KeyRecord;
@@ -566,8 +565,8 @@ impl RedisStore {
         let Some((json, total, last)) = found else {
             return Ok(None);
         };
-        let mut record: KeyRecord = serde_json::from_str(&json).map_err(corrupt)?;
-        apply_usage(&mut record, total.parse().ok(), last.parse().ok());
+        let mut record = KeyRecord::decode(json.as_bytes())?;
+        record.set_usage(&total, &last);
         Ok(Some(record))
     }
 
@@ -604,12 +603,6 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
         // Reconnect attempts inside one call: few and short; the next call tries again.
         .set_number_of_retries(1)
         .set_max_delay(200)
-}
-
-fn apply_usage(record: &mut KeyRecord, total: Option<u64>, last_micros: Option<i64>) {
-    record.total_requests = total.unwrap_or(0);
-    record.last_used_at = last_micros
-        .and_then(|us| OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).ok());
 }
 
 fn hashes_arg(record: &KeyRecord) -> String {

@@ -202,6 +202,8 @@ pub struct Options {
     pub admin_tls_ca: Option<PathBuf>,
     /// Extra environment for the gateway process.
     pub env: Vec<(&'static str, String)>,
+    /// A command that runs the gateway (it must exec it, keeping the pid), e.g. `prlimit`.
+    pub launcher: Vec<String>,
 }
 
 impl Options {
@@ -220,6 +222,7 @@ impl Options {
             rust_log: "warn",
             admin_tls_ca: None,
             env: Vec::new(),
+            launcher: Vec::new(),
         }
     }
 }
@@ -299,7 +302,14 @@ listen = "127.0.0.1:{metrics}"
             let config_path = dir.join("keygate.toml");
             std::fs::write(&config_path, config).unwrap();
             let log = std::fs::File::create(dir.join(format!("gateway-{attempt}.log"))).unwrap();
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+            let mut cmd = match opts.launcher.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(env!("CARGO_BIN_EXE_keygate"));
+                    c
+                }
+                None => Command::new(env!("CARGO_BIN_EXE_keygate")),
+            };
             if opts.admin_token_env {
                 cmd.env("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN);
             } else {
