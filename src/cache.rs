@@ -61,6 +61,10 @@ where
     {
         self.known.invalidate(key).await;
         self.unknown.invalidate(key).await;
+        // moka keeps a removed entry in its write log until housekeeping runs, which only
+        // traffic triggers: run it now, so a changed key's unsealed secret is dropped (and
+        // wiped) at once (tests/secret_hygiene.rs scans the process's memory for it).
+        self.known.run_pending_tasks().await;
     }
 
     fn invalidate_all(&self) {
