@@ -16,6 +16,8 @@ pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;
