@@ -356,3 +356,70 @@ async fn withheld_bodies_of_unauthenticated_clients_are_not_buffered() {
     );
     assert_eq!(echo.count(), 0);
 }
+
+/// 10,000 clients connect and send nothing. The gateway holds them all (each one's descriptor
+/// is counted), answers signed requests and the admin listener meanwhile, and the memory they
+/// cost is printed per connection — measured, not asserted (benches/RESULTS.md has the figure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_idle_connections_leave_the_gateway_serving() {
+    const IDLE: usize = 10_000;
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    // Above the default (half the descriptor limit): accepted with a warning.
+    opts.server_extra = format!(
+        "max_connections = {}\nheader_timeout = \"120s\"",
+        IDLE + 500
+    );
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    // Warm: one request through, so allocations of the first request are not counted below.
+    assert_eq!(gw.post(&key, "/v1/payments").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (fds_before, rss_before) = (open_fds(gw.pid()), rss_mib(gw.pid()));
+    let started = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(TcpStream::connect(gw.proxy).await.unwrap());
+    }
+    let opened_in = started.elapsed();
+    // Until the gateway has accepted them all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.metric("keygate_open_connections").await < IDLE as f64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let open = gw.metric("keygate_open_connections").await;
+    let (fds_during, rss_during) = (open_fds(gw.pid()), rss_mib(gw.pid()));
+    // Served meanwhile: signed requests and the admin listener.
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(gw.post(&key, "/v1/payments").await.status(), 200);
+    }
+    let served_in = t.elapsed();
+    let health = gw.http.get(gw.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let per_conn_kib = (rss_during - rss_before) * 1024.0 / IDLE as f64;
+    eprintln!(
+        "{IDLE} idle connections opened in {opened_in:?}; gateway: open {open}, descriptors \
+         {fds_before} -> {fds_during}, RSS {rss_before:.1} -> {rss_during:.1} MiB \
+         ({per_conn_kib:.1} KiB per connection); 20 signed requests meanwhile in {served_in:?}"
+    );
+    assert!(open >= IDLE as f64, "the gateway holds {open} of {IDLE}");
+    assert!(
+        fds_during >= fds_before + IDLE,
+        "descriptors {fds_before} -> {fds_during}"
+    );
+    // The idle connections were never answered or closed: each is still readable-empty.
+    let mut buf = [0u8; 1];
+    let probe = tokio::time::timeout(Duration::from_millis(200), idle[0].read(&mut buf)).await;
+    assert!(
+        probe.is_err(),
+        "an idle connection was answered or closed: {probe:?}"
+    );
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.metric("keygate_open_connections").await > 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gw.metric("keygate_open_connections").await <= 1.0);
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}

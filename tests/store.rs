@@ -886,6 +886,106 @@ async fn pagination_is_stable_while_keys_are_inserted() {
     }
 }
 
+/// Property: a cursor walk over an owner's keys, while another task inserts and deletes keys
+/// of that owner, returns newest first, never repeats a key, never returns one that never
+/// existed, and returns every key that existed for the whole walk. Random page sizes, key
+/// counts and schedules of inserts and deletes (proptest), on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pagination_returns_every_key_once_under_concurrent_inserts_and_deletes() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let mk = Arc::new(MasterKey::generate().0);
+    let handle = tokio::runtime::Handle::current();
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    for b in backends() {
+        let mut runner = TestRunner::new(Config::with_cases(cases));
+        let case = std::sync::atomic::AtomicUsize::new(0);
+        // (keys at the start, page size, the other task's ops: insert, or delete key i).
+        let strategy = (
+            0usize..40,
+            1usize..8,
+            proptest::collection::vec(prop_oneof![Just(None), (0usize..40).prop_map(Some)], 0..30),
+        );
+        let outcome = runner.run(&strategy, |(start, page, ops)| {
+            let owner = format!(
+                "walk-{}",
+                case.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    let mut initial = Vec::new();
+                    for _ in 0..start {
+                        let r = record(&mk, &owner, AuthKind::HmacV1);
+                        b.store.insert(&r).await.unwrap();
+                        initial.push(r.id.clone());
+                    }
+                    let store = b.store.clone();
+                    let (mk2, owner2, ids) = (mk.clone(), owner.clone(), initial.clone());
+                    let writer = tokio::spawn(async move {
+                        let (mut inserted, mut deleted) = (Vec::new(), Vec::new());
+                        for op in ops {
+                            match op {
+                                None => {
+                                    let r = record(&mk2, &owner2, AuthKind::HmacV1);
+                                    store.insert(&r).await.unwrap();
+                                    inserted.push(r.id);
+                                }
+                                Some(i) if !ids.is_empty() => {
+                                    let id = &ids[i % ids.len()];
+                                    store.delete(id).await.unwrap();
+                                    deleted.push(id.clone());
+                                }
+                                Some(_) => {}
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                        (inserted, deleted)
+                    });
+                    let mut seen = Vec::new();
+                    let mut cursor: Option<String> = None;
+                    loop {
+                        let p = b
+                            .store
+                            .list(Some(&owner), cursor.as_deref(), page)
+                            .await
+                            .unwrap();
+                        assert!(p.items.len() <= page);
+                        seen.extend(p.items.into_iter().map(|r| r.id));
+                        cursor = p.next_cursor;
+                        if cursor.is_none() {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    let (inserted, deleted) = writer.await.unwrap();
+                    let mut unique = seen.clone();
+                    unique.sort();
+                    unique.dedup();
+                    prop_assert_eq!(unique.len(), seen.len(), "a key came twice: {:?}", seen);
+                    prop_assert!(
+                        seen.windows(2).all(|w| w[0] > w[1]),
+                        "not newest first: {:?}",
+                        seen
+                    );
+                    for id in &seen {
+                        prop_assert!(initial.contains(id) || inserted.contains(id), "{}", id);
+                    }
+                    for id in initial.iter().filter(|id| !deleted.contains(id)) {
+                        prop_assert!(seen.contains(id), "{} existed throughout, not listed", id);
+                    }
+                    Ok(())
+                })
+            })
+        });
+        if let Err(e) = outcome {
+            panic!("{}: {e}", b.name);
+        }
+    }
+}
+
 #[tokio::test]
 async fn usage_adds_up_moves_last_used_forward_and_leaves_updated_at() {
     use keygate::keys::Usage;
