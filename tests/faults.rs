@@ -332,6 +332,13 @@ async fn a_full_disk_refuses_what_cannot_be_recorded_and_recovers() {
     let new_key = gw.mint(json!({})).await;
     assert_eq!(gw.post(&new_key, "/v1/payments").await.status(), 200);
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
+    // Usage counted while the disk was full was kept and written once it could be: every
+    // accepted request is counted, refused ones are not.
+    let n = accepted.len() as u64;
+    let record = gw
+        .key_record_with_usage(&key.id, n, Duration::from_secs(10))
+        .await;
+    assert_eq!(record["total_requests"], n, "{record}");
 
     // Every nonce accepted reached the journal: a restarted gateway refuses each replay. (A
     // clean stop: a crash may lose the last batch window of nonces, as documented.)
