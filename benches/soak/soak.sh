@@ -42,6 +42,8 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 pids+=($!)
+# On a busy machine Python may take a while to listen: the first requests would fail.
+$LG wait "http://127.0.0.1:$up/"
 keygate_toml "$proxy" "$admin" "$metrics" "$work/keygate.db" "$up" 1 > "$work/keygate.toml"
 printf '[signing]\nclock_skew = "15s"\n[log]\naccess = false\n' >> "$work/keygate.toml"
 KEYGATE_MASTER_KEY=$(head -c 32 /dev/urandom | base64) KEYGATE_ADMIN_TOKEN=soak-token RUST_LOG=error \
