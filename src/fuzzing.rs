@@ -187,19 +187,8 @@ fn hmac_body_key() -> &'static BodyKey {
         let (master, _) = MasterKey::generate();
         let secret = SecretString::new("sk_test_fuzzing_body_nonce".into());
         let new = NewKey {
-            owner: "fuzz".into(),
-            name: "fuzz".into(),
-            description: None,
             scopes: vec!["*".into()],
-            ip_allow_list: vec![],
-            expires_at: None,
-            environment: Environment::Test,
-            auth: AuthKind::HmacBody,
-            metadata: BTreeMap::new(),
-            tls_client_cert_sha256: None,
-            rate_limits: vec![],
-            remaining: None,
-            refill: None,
+            ..NewKey::plain("fuzz", "fuzz", AuthKind::HmacBody)
         };
         let record = build_record(&master, new, "pk_test_fuzz".into(), &secret, now());
         match ActiveKey::open(&record, &master) {
@@ -441,21 +430,7 @@ pub fn admin_json(data: &[u8]) {
     }
     if let Ok(patch) = input::patch_body(data, at) {
         let secret = SecretString::new("sk_test_fuzz".into());
-        let base = NewKey {
-            owner: "fuzz".into(),
-            name: "fuzz".into(),
-            description: None,
-            scopes: vec![],
-            ip_allow_list: vec![],
-            expires_at: None,
-            environment: Environment::Test,
-            auth: AuthKind::HmacV1,
-            metadata: BTreeMap::new(),
-            tls_client_cert_sha256: None,
-            rate_limits: vec![],
-            remaining: None,
-            refill: None,
-        };
+        let base = NewKey::plain("fuzz", "fuzz", AuthKind::HmacV1);
         let (mut record, master) = record_for(base, "pk_test_fuzz", &secret);
         patch.apply(&mut record);
         assert_opens_faithfully(&record, &master);
@@ -581,19 +556,12 @@ pub fn seeds(vectors_json: &str) -> Vec<(&'static str, Vec<u8>)> {
     let (master, _) = MasterKey::generate();
     for auth in [AuthKind::HmacV1, AuthKind::Bearer] {
         let new = NewKey {
-            owner: "acme".into(),
-            name: "seed".into(),
             description: Some("seed".into()),
             scopes: vec!["payments.*".into()],
             ip_allow_list: "10.0.0.0/8".parse().into_iter().collect(),
-            expires_at: None,
             environment: Environment::Live,
-            auth,
             metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
-            tls_client_cert_sha256: None,
-            rate_limits: vec![],
-            remaining: None,
-            refill: None,
+            ..NewKey::plain("acme", "seed", auth)
         };
         let secret = SecretString::new("sk_live_seed".into());
         let record = build_record(&master, new, "pk_live_seed".into(), &secret, now());

@@ -35,32 +35,9 @@ async fn breaking_upstream() -> SocketAddr {
 
 async fn serve_breaking(mut s: TcpStream) {
     let mut buf = Vec::new();
-    loop {
-        let mut chunk = [0u8; 4096];
-        // One request per read loop: head, then its declared body.
-        let head_end = loop {
-            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + length {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
+    while let Some((head, used)) = read_message(&mut s, &mut buf).await {
         let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
-        buf.drain(..head_end + length);
+        buf.drain(..used);
         if path.ends_with("/cut-head") {
             return;
         }
@@ -75,6 +52,29 @@ async fn serve_breaking(mut s: TcpStream) {
             .is_err()
         {
             return;
+        }
+    }
+}
+
+/// Reads one HTTP/1 message (head, then its `content-length` body) into `buf`: its head,
+/// lowercased, and how many bytes of `buf` it took. `None` once the peer closes.
+async fn read_message(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, usize)> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return Some((head, end + 4 + length));
+            }
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }
@@ -447,21 +447,8 @@ async fn exchange(s: &mut TcpStream, key: &support::Key, i: usize) -> u16 {
     head.push_str("\r\n{}");
     s.write_all(head.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let text = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let length: usize = text
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + length {
-                return text[9..12].parse().unwrap();
-            }
-        }
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "the kept-alive connection was closed");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let (head, _) = read_message(s, &mut buf)
+        .await
+        .expect("the kept-alive connection was closed");
+    head[9..12].parse().unwrap()
 }

@@ -3,7 +3,6 @@
 //! or another secret, flips it; scope wildcards and IP allow-lists against reference models.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -13,8 +12,7 @@ use keygate::auth::client_ip::AllowList;
 use keygate::auth::{check_key, parse_credentials, Policy, RequestParts};
 use keygate::cli::sign::{self, SignRequest};
 use keygate::keys::{
-    build_record, scopes_grant, ActiveKey, AuthKind, AuthKinds, Environment, MasterKey, NewKey,
-    SecretString,
+    build_record, scopes_grant, ActiveKey, AuthKind, AuthKinds, MasterKey, NewKey, SecretString,
 };
 use proptest::prelude::*;
 use time::OffsetDateTime;
@@ -24,19 +22,8 @@ const NOW: i64 = 1_790_000_000;
 fn active_key(secret: &str) -> ActiveKey {
     let (master, _) = MasterKey::generate();
     let new = NewKey {
-        owner: "acme".into(),
-        name: "prop".into(),
-        description: None,
         scopes: vec!["*".into()],
-        ip_allow_list: vec![],
-        expires_at: None,
-        environment: Environment::Test,
-        auth: AuthKind::HmacV1,
-        metadata: BTreeMap::new(),
-        tls_client_cert_sha256: None,
-        rate_limits: vec![],
-        remaining: None,
-        refill: None,
+        ..NewKey::plain("acme", "prop", AuthKind::HmacV1)
     };
     let now = OffsetDateTime::from_unix_timestamp(NOW).unwrap();
     let record = build_record(

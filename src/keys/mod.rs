@@ -65,6 +65,28 @@ pub struct NewKey {
     pub refill: Option<crate::limits::credits::Refill>,
 }
 
+impl NewKey {
+    /// A key of `owner` and `auth` with nothing else set: test environment, no scopes, no
+    /// limits (tools, tests and fuzzing start from it and set what they need).
+    pub fn plain(owner: &str, name: &str, auth: AuthKind) -> Self {
+        Self {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            description: None,
+            scopes: Vec::new(),
+            ip_allow_list: Vec::new(),
+            expires_at: None,
+            environment: Environment::Test,
+            auth,
+            metadata: BTreeMap::new(),
+            tls_client_cert_sha256: None,
+            rate_limits: Vec::new(),
+            remaining: None,
+            refill: None,
+        }
+    }
+}
+
 /// Builds a record with fresh id, public key and secret. The secret is returned once, for the
 /// response; the record holds it only sealed (hmac kinds) or hashed (bearer).
 pub fn mint(master: &MasterKey, new: NewKey, now: OffsetDateTime) -> (KeyRecord, SecretString) {
