@@ -18,7 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// An upstream on raw TCP: `…/cut-head` closes without answering, `…/cut-body` promises
-/// 1000 bytes and closes after 10, anything else answers `ok`.
+/// 1000 bytes and closes after 10, `…/stall` answers after 3 s (past the test routes' 1 s
+/// `read_timeout`), anything else answers `ok`.
 async fn breaking_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -40,6 +41,9 @@ async fn serve_breaking(mut s: TcpStream) {
         buf.drain(..used);
         if path.ends_with("/cut-head") {
             return;
+        }
+        if path.ends_with("/stall") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
         if path.ends_with("/cut-body") {
             let _ = s
@@ -84,13 +88,15 @@ struct Outcomes {
     ok: usize,
     bad_gateway: usize,
     truncated: usize,
+    timed_out: usize,
     other: Vec<String>,
 }
 
-/// 8 clients send 240 signed requests, a third to a path whose upstream answer breaks before
-/// its head and a third to one that breaks in its body. Only those requests fail — 502
-/// `upstream_unavailable`, or a body cut short, never a complete-looking answer — and each
-/// failed request's nonce stays used.
+/// 8 clients send 240 signed requests, a quarter each to a path whose upstream answer breaks
+/// before its head, one that breaks in its body, and one that stalls past `read_timeout`. Only
+/// those requests fail — 502 `upstream_unavailable`, a body cut short (never a
+/// complete-looking answer), 504 `upstream_timeout` — and each failed request's nonce stays
+/// used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upstream_breaking_mid_response_fails_only_those_requests() {
     let echo = Echo::start().await;
@@ -107,7 +113,12 @@ async fn an_upstream_breaking_mid_response_fails_only_those_requests() {
             let mut out = Outcomes::default();
             let mut failed_heads = Vec::new();
             for i in 0..30 {
-                let path = ["/v1/x/fine", "/v1/x/cut-head", "/v1/x/cut-body"][(client + i) % 3];
+                let path = [
+                    "/v1/x/fine",
+                    "/v1/x/cut-head",
+                    "/v1/x/cut-body",
+                    "/v1/x/stall",
+                ][(client + i) % 4];
                 let nonce = format!("c{client}-{i}");
                 let headers = v1_headers(&key, "GET", path, b"", now(), &nonce);
                 let r = gw.send("GET", path, &headers, b"").await;
@@ -125,6 +136,11 @@ async fn an_upstream_breaking_mid_response_fails_only_those_requests() {
                     (p, 200, Ok(b)) if p.ends_with("/cut-body") && b.len() < 1000 => {
                         out.truncated += 1
                     }
+                    (p, 504, Ok(b)) if p.ends_with("/stall") => {
+                        let v: Value = serde_json::from_slice(&b).unwrap();
+                        assert_eq!(v["code"], "upstream_timeout");
+                        out.timed_out += 1;
+                    }
                     (p, s, b) => out.other.push(format!("{p} -> {s} {b:?}")),
                 }
             }
@@ -138,19 +154,25 @@ async fn an_upstream_breaking_mid_response_fails_only_those_requests() {
         all.ok += o.ok;
         all.bad_gateway += o.bad_gateway;
         all.truncated += o.truncated;
+        all.timed_out += o.timed_out;
         all.other.extend(o.other);
         failed_heads.extend(heads);
     }
     eprintln!(
-        "240 requests in {:?}: {} ok, {} 502 (head never came), {} truncated bodies, other {:?}",
+        "240 requests in {:?}: {} ok, {} 502 (head never came), {} truncated bodies, {} 504 \
+         (stalled), other {:?}",
         started.elapsed(),
         all.ok,
         all.bad_gateway,
         all.truncated,
+        all.timed_out,
         all.other
     );
     assert!(all.other.is_empty(), "{:?}", all.other);
-    assert_eq!((all.ok, all.bad_gateway, all.truncated), (80, 80, 80));
+    assert_eq!(
+        (all.ok, all.bad_gateway, all.truncated, all.timed_out),
+        (60, 60, 60, 60)
+    );
     // A request that failed upstream was still verified and its nonce spent: the replay is
     // refused, whatever happened beyond keygate.
     for headers in failed_heads.iter().take(5) {
