@@ -5,7 +5,7 @@
 # Seeds come from the signing vectors (examples/fuzz_seeds.rs) plus fuzz/regressions/TARGET
 # (inputs that once crashed: kept forever, also run by tests/fuzz_smoke.rs on stable).
 # A crash leaves its input in fuzz/artifacts/TARGET/: copy it into fuzz/regressions/TARGET/,
-# fix, and commit both. Uses nightly Rust when rustup has it; otherwise the stable compiler
+# fix, and commit both. FUZZ_TOOLCHAIN=stable forces the stable path. Uses nightly Rust when rustup has it; otherwise the stable compiler
 # with RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags), without a sanitizer: keygate forbids
 # unsafe code, so libFuzzer's coverage and the targets' own invariants do the finding.
 set -euo pipefail
@@ -21,7 +21,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "scripts/dev fuzz: installing cargo-fuzz (crates.io)" >&2
   cargo install --locked cargo-fuzz >&2
 fi
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+# FUZZ_TOOLCHAIN=stable forces the stable path where nightly exists (to check it).
+if [ "${FUZZ_TOOLCHAIN:-}" != stable ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   fuzz=(cargo +nightly fuzz)
   sanitizer=address
 else

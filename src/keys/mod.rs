@@ -261,9 +261,15 @@ impl ActiveKey {
         }
         let buffer = bytes::Bytes::from(text);
         let [id, owner, scopes] = ranges;
+        // Visible ASCII only: a header value may also hold bytes above 0x7F, which `id()`
+        // and `owner()` could not read back, so a record with such an id (only a damaged or
+        // hostile store holds one; the admin API refuses it) would share the empty id's
+        // nonces and counters. Found by fuzzing (fuzz/regressions/store_record).
         let header = |range: std::ops::Range<usize>, field| {
             HeaderValue::from_maybe_shared(buffer.slice(range))
-                .map_err(|_| ActivateError::Header(field))
+                .ok()
+                .filter(|v| v.to_str().is_ok())
+                .ok_or(ActivateError::Header(field))
         };
         Ok(Self {
             id: header(id, "id")?,
