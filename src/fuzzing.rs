@@ -67,6 +67,13 @@ fn fields<const N: usize>(data: &[u8]) -> [&[u8]; N] {
     out
 }
 
+/// One master key for every execution: generating one per input costs more than most of
+/// the targets' work, and which key seals a secret changes nothing they check.
+fn master() -> &'static MasterKey {
+    static MASTER: OnceLock<MasterKey> = OnceLock::new();
+    MASTER.get_or_init(|| MasterKey::generate().0)
+}
+
 fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(bytes)
 }
@@ -184,14 +191,14 @@ struct BodyKey {
 fn hmac_body_key() -> &'static BodyKey {
     static KEY: OnceLock<BodyKey> = OnceLock::new();
     KEY.get_or_init(|| {
-        let (master, _) = MasterKey::generate();
+        let master = master();
         let secret = SecretString::new("sk_test_fuzzing_body_nonce".into());
         let new = NewKey {
             scopes: vec!["*".into()],
             ..NewKey::plain("fuzz", "fuzz", AuthKind::HmacBody)
         };
-        let record = build_record(&master, new, "pk_test_fuzz".into(), &secret, now());
-        match ActiveKey::open(&record, &master) {
+        let record = build_record(master, new, "pk_test_fuzz".into(), &secret, now());
+        match ActiveKey::open(&record, master) {
             Ok(key) => BodyKey { key, secret },
             Err(e) => panic!("a freshly built record opens: {e}"),
         }
@@ -394,16 +401,14 @@ pub fn config(data: &[u8]) {
     }
 }
 
-fn record_for(new: NewKey, public_key: &str, secret: &SecretString) -> (KeyRecord, MasterKey) {
-    let (master, _) = MasterKey::generate();
-    let record = build_record(&master, new, public_key.into(), secret, now());
-    (record, master)
+fn record_for(new: NewKey, public_key: &str, secret: &SecretString) -> KeyRecord {
+    build_record(master(), new, public_key.into(), secret, now())
 }
 
 /// A stored record becomes an [`ActiveKey`] whose identity headers say exactly what the record
 /// says — never an empty or altered id, owner or scope.
-fn assert_opens_faithfully(record: &KeyRecord, master: &MasterKey) {
-    match ActiveKey::open(record, master) {
+fn assert_opens_faithfully(record: &KeyRecord) {
+    match ActiveKey::open(record, master()) {
         Ok(key) => {
             assert_eq!(key.id(), record.id);
             assert_eq!(key.owner(), record.owner);
@@ -419,21 +424,21 @@ pub fn admin_json(data: &[u8]) {
     let at = now();
     if let Ok(new) = input::create_body(data, at, &input::Defaults::default()) {
         let secret = crate::keys::secret::generate_secret(new.environment);
-        let (record, master) = record_for(new, "pk_test_fuzz", &secret);
-        assert_opens_faithfully(&record, &master);
+        let record = record_for(new, "pk_test_fuzz", &secret);
+        assert_opens_faithfully(&record);
     }
     if let Ok((new, public_key, secret)) = input::import_body(data, at) {
         assert!(crate::keys::secret::is_valid_public_key(&public_key));
-        let (record, master) = record_for(new, &public_key, &secret);
-        assert_opens_faithfully(&record, &master);
+        let record = record_for(new, &public_key, &secret);
+        assert_opens_faithfully(&record);
         assert_eq!(record.public_key, public_key);
     }
     if let Ok(patch) = input::patch_body(data, at) {
         let secret = SecretString::new("sk_test_fuzz".into());
         let base = NewKey::plain("fuzz", "fuzz", AuthKind::HmacV1);
-        let (mut record, master) = record_for(base, "pk_test_fuzz", &secret);
+        let mut record = record_for(base, "pk_test_fuzz", &secret);
         patch.apply(&mut record);
-        assert_opens_faithfully(&record, &master);
+        assert_opens_faithfully(&record);
     }
     let _ = input::credits_body(data);
     if let Ok(grace) = input::rotate_body(data) {
@@ -455,8 +460,7 @@ pub fn store_record(data: &[u8]) {
         Ok(again) => assert_eq!(again, record),
         Err(e) => panic!("a decoded record does not round-trip: {e}"),
     }
-    let (master, _) = MasterKey::generate();
-    if let Ok(key) = ActiveKey::open(&record, &master) {
+    if let Ok(key) = ActiveKey::open(&record, master()) {
         assert_eq!(key.id(), record.id);
         assert_eq!(key.owner(), record.owner);
     }
@@ -553,7 +557,6 @@ pub fn seeds(vectors_json: &str) -> Vec<(&'static str, Vec<u8>)> {
     ] {
         out.push(("admin_json", body.as_bytes().to_vec()));
     }
-    let (master, _) = MasterKey::generate();
     for auth in [AuthKind::HmacV1, AuthKind::Bearer] {
         let new = NewKey {
             description: Some("seed".into()),
@@ -564,7 +567,7 @@ pub fn seeds(vectors_json: &str) -> Vec<(&'static str, Vec<u8>)> {
             ..NewKey::plain("acme", "seed", auth)
         };
         let secret = SecretString::new("sk_live_seed".into());
-        let record = build_record(&master, new, "pk_live_seed".into(), &secret, now());
+        let record = record_for(new, "pk_live_seed", &secret);
         if let Ok(json) = record.encode() {
             out.push(("store_record", join(&[&json, b"12", b"1790000000000000"])));
         }

@@ -4,9 +4,13 @@
 //! exposure score (`systemd-analyze security --offline`) stays low.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use support::free_port;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -168,14 +172,6 @@ fn systemd_analyze_accepts_the_unit() {
         .unwrap_or_else(|| panic!("no exposure level in: {text}"));
     eprintln!("systemd-analyze security: exposure {score} (0 best, 10 worst)");
     assert!(score <= 2.0, "exposure {score}:\n{text}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_status(port: u16, method: &str, path: &str, token: Option<&str>) -> u16 {

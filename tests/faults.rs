@@ -233,6 +233,18 @@ async fn code(r: reqwest::Response) -> (u16, String) {
     (status, v["code"].as_str().unwrap_or_default().to_owned())
 }
 
+/// A signed `POST /v1/payments` of `{}` with this nonce: its headers (to replay it) and the
+/// answer's status and code.
+async fn pay(
+    gw: &Gateway,
+    key: &support::Key,
+    nonce: &str,
+) -> (Vec<(String, String)>, (u16, String)) {
+    let headers = v1_headers(key, "POST", "/v1/payments", b"{}", now(), nonce);
+    let answer = code(gw.send("POST", "/v1/payments", &headers, b"{}").await).await;
+    (headers, answer)
+}
+
 /// The embedded store's directory fills up (a 16 MiB tmpfs). Signed requests go on while the
 /// nonce journal's last page has room; once a write fails, every signed request is refused
 /// 503 `store_unavailable` (never let through on a nonce a restart would forget) and so is
@@ -256,36 +268,17 @@ async fn a_full_disk_refuses_what_cannot_be_recorded_and_recovers() {
     };
     let mut gw = Gateway::start(options(None)).await;
     let key = gw.mint(json!({})).await;
-    let mut accepted = vec![v1_headers(
-        &key,
-        "POST",
-        "/v1/payments",
-        b"{}",
-        now(),
-        "before",
-    )];
-    assert_eq!(
-        gw.send("POST", "/v1/payments", &accepted[0], b"{}")
-            .await
-            .status(),
-        200
-    );
+    let (before, answer) = pay(&gw, &key, "before").await;
+    assert_eq!(answer.0, 200);
+    let mut accepted = vec![before];
 
     let filler = disk.0.join("filler");
     let filled = fill(&filler);
     let mut first_refusal = None;
     for i in 0..5_000 {
-        let h = v1_headers(
-            &key,
-            "POST",
-            "/v1/payments",
-            b"{}",
-            now(),
-            &format!("full-{i}"),
-        );
-        match code(gw.send("POST", "/v1/payments", &h, b"{}").await).await {
-            (200, _) => accepted.push(h),
-            refusal => {
+        match pay(&gw, &key, &format!("full-{i}")).await {
+            (h, (200, _)) => accepted.push(h),
+            (_, refusal) => {
                 first_refusal = Some((i, refusal));
                 break;
             }
@@ -294,24 +287,11 @@ async fn a_full_disk_refuses_what_cannot_be_recorded_and_recovers() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut later = Vec::new();
     for i in 0..20 {
-        let h = v1_headers(
-            &key,
-            "POST",
-            "/v1/payments",
-            b"{}",
-            now(),
-            &format!("later-{i}"),
-        );
-        later.push(code(gw.send("POST", "/v1/payments", &h, b"{}").await).await);
+        later.push(pay(&gw, &key, &format!("later-{i}")).await.1);
     }
     let mint = gw
-        .http
-        .post(gw.admin_url("/v1/keys"))
-        .bearer_auth(support::ADMIN_TOKEN)
-        .json(&json!({"owner": "acme", "name": "on a full disk"}))
-        .send()
-        .await
-        .unwrap();
+        .create_key(&json!({"owner": "acme", "name": "on a full disk"}))
+        .await;
     let mint = code(mint).await;
     eprintln!(
         "disk full after {filled} bytes of filler: {} requests accepted while the journal's last \
@@ -330,15 +310,7 @@ async fn a_full_disk_refuses_what_cannot_be_recorded_and_recovers() {
     let mut i = 0;
     while Instant::now() < deadline {
         i += 1;
-        let h = v1_headers(
-            &key,
-            "POST",
-            "/v1/payments",
-            b"{}",
-            now(),
-            &format!("after-{i}"),
-        );
-        if gw.send("POST", "/v1/payments", &h, b"{}").await.status() == 200 {
+        if let (h, (200, _)) = pay(&gw, &key, &format!("after-{i}")).await {
             accepted.push(h);
             recovered = Some(i);
             break;
@@ -430,9 +402,7 @@ async fn near_the_descriptor_limit_signed_traffic_goes_on() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let held = flood.await.unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
-        .unwrap()
-        .count();
+    let fds = support::open_fds(gw.pid());
     let health = gw.http.get(gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     let closed = gw

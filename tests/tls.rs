@@ -666,13 +666,8 @@ async fn a_key_bound_to_a_client_certificate_needs_that_certificate() {
     }
     // A malformed fingerprint is a validation error naming the field.
     let r = gw
-        .http
-        .post(gw.admin_url("/v1/keys"))
-        .bearer_auth(support::ADMIN_TOKEN)
-        .json(&json!({"owner": "acme", "name": "x", "tls_client_cert_sha256": "abc"}))
-        .send()
-        .await
-        .unwrap();
+        .create_key(&json!({"owner": "acme", "name": "x", "tls_client_cert_sha256": "abc"}))
+        .await;
     let body = support::assert_problem(r, 422, "validation_failed").await;
     assert!(
         body["errors"]["tls_client_cert_sha256"].is_string(),

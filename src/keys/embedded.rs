@@ -154,14 +154,6 @@ fn unix_now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn decode(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
-    KeyRecord::decode(bytes)
-}
-
-fn encode(record: &KeyRecord) -> Result<Vec<u8>, StoreError> {
-    record.encode()
-}
-
 /// The redb database, reopened after an I/O error. redb refuses every write transaction
 /// after one failed on I/O ("close and re-open the database"), which a full disk causes:
 /// without reopening, the store would stay unavailable until a restart.
@@ -200,10 +192,9 @@ impl Db {
     /// I/O error, closes the database once in-flight transactions let go, and opens it again
     /// (redb repairs what the failed write left).
     fn recover(&self) {
-        let Ok(mut slot) = self.current.write() else {
-            return;
-        };
-        let poisoned = slot.as_ref().is_some_and(|db| {
+        // Probed on a clone, not under the lock: begin_write waits for any write in progress,
+        // and readers must not wait with it.
+        let poisoned = self.get().is_ok_and(|db| {
             matches!(
                 db.begin_write(),
                 Err(redb::TransactionError::Storage(
@@ -214,10 +205,9 @@ impl Db {
         if !poisoned {
             return;
         }
-        let Some(mut old) = slot.take() else {
+        let Some(mut old) = self.current.write().ok().and_then(|mut slot| slot.take()) else {
             return;
         };
-        drop(slot);
         tracing::error!(path = %self.path.display(), "the store failed to write (disk full?); reopening it");
         // Readers hold clones for a few microseconds: wait up to a second for them.
         for _ in 0..100 {
@@ -386,7 +376,7 @@ impl EmbeddedStore {
         };
         let keys = read.open_table(KEYS).map_err(unavailable)?;
         let row = keys.get(id.as_str()).map_err(unavailable)?;
-        row.map(|v| decode(v.value())).transpose()
+        row.map(|v| KeyRecord::decode(v.value())).transpose()
     }
 }
 
@@ -709,7 +699,7 @@ impl KeyStore for EmbeddedStore {
             Delete(String),
         }
         let change = match change {
-            Write::Insert(r) => Owned::Insert(r.clone(), encode(r)?),
+            Write::Insert(r) => Owned::Insert(r.clone(), r.encode()?),
             Write::Update(r) => Owned::Update(r.clone()),
             Write::Delete(id) => Owned::Delete(id.to_owned()),
         };
@@ -731,7 +721,7 @@ impl KeyStore for EmbeddedStore {
                 }
                 Owned::Update(record) => {
                     let old = match keys.get(record.id.as_str()).map_err(unavailable)? {
-                        Some(v) => decode(v.value())?,
+                        Some(v) => KeyRecord::decode(v.value())?,
                         None => return Err(StoreError::NotFound),
                     };
                     // Inside the write transaction, so nothing can land between check and write.
@@ -746,7 +736,7 @@ impl KeyStore for EmbeddedStore {
                     let mut record = record.clone();
                     record.total_requests = old.total_requests;
                     record.last_used_at = old.last_used_at;
-                    keys.insert(record.id.as_str(), encode(&record)?.as_slice())
+                    keys.insert(record.id.as_str(), record.encode()?.as_slice())
                         .map_err(unavailable)?;
                     drop(keys);
                     unindex(txn, &old)?;
@@ -754,7 +744,7 @@ impl KeyStore for EmbeddedStore {
                 }
                 Owned::Delete(id) => {
                     let old = match keys.remove(id.as_str()).map_err(unavailable)? {
-                        Some(v) => decode(v.value())?,
+                        Some(v) => KeyRecord::decode(v.value())?,
                         None => return Ok(false),
                     };
                     drop(keys);
@@ -909,7 +899,7 @@ impl KeyStore for EmbeddedStore {
         let mut items = Vec::with_capacity(ids.len());
         for id in &ids {
             if let Some(v) = keys.get(id.as_str()).map_err(unavailable)? {
-                items.push(decode(v.value())?);
+                items.push(KeyRecord::decode(v.value())?);
             }
         }
         let next_cursor = if more { ids.last().cloned() } else { None };
@@ -922,15 +912,15 @@ impl KeyStore for EmbeddedStore {
         nonce: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let key = format!("{key_id}\n{nonce}");
-        let now = unix_now_ms();
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let expires = now.saturating_add(ttl_ms);
         if self.journal_down.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(
                 "the nonce journal cannot be written".into(),
             ));
         }
+        let key = format!("{key_id}\n{nonce}");
+        let now = unix_now_ms();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let expires = now.saturating_add(ttl_ms);
         if !self.nonces.claim(&key, expires, now) {
             return Ok(false);
         }
@@ -950,14 +940,14 @@ impl KeyStore for EmbeddedStore {
                 let Some(mut record) = keys
                     .get(id.as_str())
                     .map_err(unavailable)?
-                    .map(|v| decode(v.value()))
+                    .map(|v| KeyRecord::decode(v.value()))
                     .transpose()?
                 else {
                     continue;
                 };
                 record.total_requests = record.total_requests.saturating_add(u.requests);
                 record.last_used_at = record.last_used_at.max(Some(u.last_used_at));
-                keys.insert(id.as_str(), encode(&record)?.as_slice())
+                keys.insert(id.as_str(), record.encode()?.as_slice())
                     .map_err(unavailable)?;
             }
             Ok(())

@@ -410,6 +410,17 @@ listen = "127.0.0.1:{metrics}"
         out
     }
 
+    /// `POST /v1/keys` with the admin token and exactly this body, whatever the answer.
+    pub async fn create_key(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.admin_url("/v1/keys"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Mints a key; `body` is merged over a default owner and name.
     pub async fn mint(&self, body: Value) -> Key {
         let mut full = json!({"owner": "acme", "name": "test key", "scopes": ["payments.*"]});
@@ -418,14 +429,7 @@ listen = "127.0.0.1:{metrics}"
                 f.insert(k.clone(), v.clone());
             }
         }
-        let resp = self
-            .http
-            .post(self.admin_url("/v1/keys"))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&full)
-            .send()
-            .await
-            .unwrap();
+        let resp = self.create_key(&full).await;
         let status = resp.status();
         let record: Value = resp.json().await.unwrap();
         assert_eq!(status, 201, "mint failed: {record}");
@@ -623,6 +627,22 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Descriptors open in process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Resident memory of process `pid`, MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 pub fn now() -> i64 {
