@@ -22,6 +22,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod limits;
 pub mod logging;
+pub mod maintenance;
 pub mod metrics;
 pub mod otlp;
 pub mod problem;

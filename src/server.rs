@@ -48,6 +48,8 @@ pub enum StartError {
     NoMasterKey,
     #[error("secrets.master_key_file {0}: {1}")]
     MasterKeyFile(String, String),
+    #[error("secrets.previous_master_key_file {0}: {1}")]
+    PreviousMasterKeyFile(String, String),
     #[error("admin.token_file {0}: {1}")]
     AdminTokenFile(String, String),
     #[error("master key: {0}")]
@@ -73,8 +75,31 @@ pub enum StartError {
 }
 
 /// Reads the master key from `KEYGATE_MASTER_KEY`, else the systemd credential `master-key`,
-/// else `secrets.master_key_file`; a file must not be readable by group or others.
+/// else `secrets.master_key_file`, and the key it replaces (during a rotation) from the
+/// credential `previous-master-key`, else `secrets.previous_master_key_file`; a file must not
+/// be readable by group or others.
 pub fn load_master_key(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<MasterKey, StartError> {
+    let master = current_master_key(config, env)?;
+    let previous = credential(env, "previous-master-key");
+    let Some(path) = previous
+        .as_ref()
+        .or(config.secrets.previous_master_key_file.as_ref())
+    else {
+        return Ok(master);
+    };
+    // A missing previous key is an error, not a quiet start: the secrets sealed under it
+    // would not open, and every key of theirs would be refused.
+    let shown = path.display().to_string();
+    let text = crate::keys::secret::read_private_file(path)
+        .map_err(|e| StartError::PreviousMasterKeyFile(shown.clone(), e))?
+        .ok_or_else(|| StartError::PreviousMasterKeyFile(shown, "no such file".into()))?;
+    Ok(master.with_previous(MasterKey::from_base64(text.expose())?))
+}
+
+fn current_master_key(
     config: &Config,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<MasterKey, StartError> {

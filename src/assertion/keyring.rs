@@ -325,6 +325,49 @@ pub async fn ensure(
     .await
 }
 
+/// The master key id each stored seed is sealed under (`keygate secrets status`).
+pub fn sealed_under(doc: &Versioned) -> Result<Vec<String>, KeyringError> {
+    let (_, parsed) = parse(Some(doc))?;
+    Ok(parsed
+        .keys
+        .into_iter()
+        .map(|k| k.seed.master_key_id)
+        .collect())
+}
+
+/// Re-seals every seed not sealed under `master`'s current key (master-key rotation); the
+/// number of seeds moved. Compare-and-set like every keyring write, so a gateway rotating the
+/// keyring at the same time loses nothing.
+pub async fn reseal(
+    store: &dyn SigningKeyStore,
+    master: &MasterKey,
+) -> Result<usize, KeyringError> {
+    let mut moved = 0;
+    if store.load_signing_keys().await?.is_none() {
+        return Ok(0);
+    }
+    change(store, master, |_, mut doc| {
+        moved = 0;
+        for k in &mut doc.keys {
+            if k.seed.master_key_id == master.id() {
+                continue;
+            }
+            let label = seal_label(&k.kid);
+            let seed = master
+                .open(&k.seed, &label)
+                .map_err(|source| KeyringError::Seal {
+                    kid: k.kid.clone(),
+                    source,
+                })?;
+            k.seed = master.seal(&seed, &label);
+            moved += 1;
+        }
+        Ok((moved > 0).then_some(doc))
+    })
+    .await?;
+    Ok(moved)
+}
+
 /// Adds a key that becomes active `publish_ahead` from now (published at once, so verifiers
 /// caching the JWKS can fetch it before it signs), and drops keys past their overlap and any
 /// key an earlier rotation scheduled that is not active yet.

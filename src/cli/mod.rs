@@ -4,6 +4,7 @@
 pub mod assertion;
 pub mod demo;
 pub mod keys;
+mod secrets;
 mod serve;
 pub mod sign;
 mod store;
@@ -75,6 +76,11 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCmd,
     },
+    /// Master-key rotation, on the --config store directly.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCmd,
+    },
     /// Print the signature headers for a request.
     Sign(sign::SignArgs),
     /// Make the running gateway read its config again: SIGHUP to the pid in the config's
@@ -126,6 +132,34 @@ pub enum StoreCmd {
         /// PEM CA certificates to trust for rediss:// instead of the system's.
         #[arg(long)]
         tls_ca_file: Option<PathBuf>,
+    },
+    /// Write the --config store (keys with sealed secrets, audit, usage, credits, the
+    /// assertion keyring) to a new file, mode 0600. An embedded store must not be open in a
+    /// running gateway; Redis can be backed up while the fleet serves.
+    Backup {
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Load a backup into the --config store. The whole file is checked first; keys already
+    /// in the store are kept as they are, so a stopped restore can be run again.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SecretsCmd {
+    /// How many secrets are sealed under which master key id (and which ids the --config
+    /// loads).
+    Status,
+    /// Re-seal every secret under a new master key while the fleet serves: start every
+    /// gateway with the new key as secrets.master_key_file and the old one as
+    /// secrets.previous_master_key_file first. Resumable and idempotent.
+    Reseal {
+        /// The new master key (base64 of 32 bytes, mode 0600).
+        #[arg(long)]
+        new_master_key_file: PathBuf,
     },
 }
 
@@ -311,6 +345,22 @@ impl From<KeysCmd> for KeysCommand {
     }
 }
 
+/// Runs `f` with the config named by `--config`, which `what` needs.
+fn with_config(
+    path: Option<PathBuf>,
+    what: &str,
+    f: impl FnOnce(&crate::Config) -> ExitCode,
+) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("keygate {what}: --config FILE is required (its [store] is the one used)");
+        return ExitCode::from(EX_USAGE);
+    };
+    match serve::load(&path) {
+        Ok(config) => f(&config),
+        Err(code) => code,
+    }
+}
+
 /// Parses the command line and runs the subcommand; the process's exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -342,6 +392,15 @@ pub fn main() -> ExitCode {
                     tls_ca_file,
                 },
         }) => store::copy(&from, &to, tls_ca_file.as_deref()),
+        Some(Command::Store {
+            command: StoreCmd::Backup { to },
+        }) => with_config(cli.config, "store backup", |c| store::backup(c, &to)),
+        Some(Command::Store {
+            command: StoreCmd::Restore { from },
+        }) => with_config(cli.config, "store restore", |c| store::restore(c, &from)),
+        Some(Command::Secrets { command }) => {
+            with_config(cli.config, "secrets", |c| secrets::run(c, &command))
+        }
         Some(Command::CheckConfig { file }) => match serve::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());

@@ -1,4 +1,5 @@
-//! `keygate store copy`: grow an embedded node into a Redis fleet.
+//! `keygate store copy` (grow an embedded node into a Redis fleet), `store backup` and
+//! `store restore`.
 
 use std::process::ExitCode;
 
@@ -62,6 +63,156 @@ pub(super) fn copy(
         }
         Err(e) => {
             eprintln!("keygate store copy: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+/// Opens the config's store for a tool run, with a runtime to drive it; prints why not.
+pub(super) fn open(
+    config: &crate::Config,
+    what: &str,
+) -> Result<(crate::server::Stores, tokio::runtime::Runtime), ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("keygate {what}: runtime: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        })?;
+    let stores = rt
+        .block_on(async { crate::server::open_store(config) })
+        .map_err(|e| {
+            eprintln!("keygate {what}: {e}");
+            if matches!(config.store, crate::config::StoreConfig::Embedded { .. }) {
+                eprintln!(
+                    "  an embedded store opens in one process at a time: stop the gateway \
+                     using it first"
+                );
+            }
+            ExitCode::from(EX_UNAVAILABLE)
+        })?;
+    Ok((stores, rt))
+}
+
+/// `keygate store backup --to FILE`: writes a new file (never over an old backup), mode 0600.
+pub(super) fn backup(config: &crate::Config, to: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    let (stores, rt) = match open(config, "store backup") {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // Written beside the target and renamed at the end: a failed backup leaves no file that
+    // looks whole.
+    if to.exists() {
+        eprintln!(
+            "keygate store backup: {} exists; pick a new name",
+            to.display()
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let mut partial = to.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let file = match std::fs::File::create(&partial) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("keygate store backup: {}: {e}", partial.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if let Err(e) = crate::keys::owner_only(&partial, 0o600) {
+        eprintln!("keygate store backup: {}: {e}", partial.display());
+        return ExitCode::from(EX_UNAVAILABLE);
+    }
+    let mut out = std::io::BufWriter::new(file);
+    let now = time::OffsetDateTime::now_utc();
+    let result = rt
+        .block_on(crate::maintenance::backup::backup(&stores, &mut out, now))
+        .and_then(|counts| {
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            std::fs::rename(&partial, to)?;
+            Ok(counts)
+        });
+    match result {
+        Ok(c) => {
+            println!(
+                "{}: {} keys, {} audit entries, {} credit counters, assertion keyring: {}",
+                to.display(),
+                c.keys,
+                c.audit,
+                c.credits,
+                if c.signing_keys { "yes" } else { "none" }
+            );
+            let _ = std::io::stdout().flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            eprintln!("keygate store backup: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+/// `keygate store restore --from FILE`: checks the whole file, then adds what the store lacks.
+pub(super) fn restore(config: &crate::Config, from: &std::path::Path) -> ExitCode {
+    use crate::maintenance::backup;
+    const EX_DATAERR: u8 = 65;
+    let reader = || std::fs::File::open(from).map(std::io::BufReader::new);
+    let counts = match reader()
+        .map_err(backup::BackupError::from)
+        .and_then(|mut r| backup::verify(&mut r))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "keygate store restore: {}: {e}; nothing restored",
+                from.display()
+            );
+            return ExitCode::from(EX_DATAERR);
+        }
+    };
+    let (stores, rt) = match open(config, "store restore") {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let result = reader()
+        .map_err(backup::BackupError::from)
+        .and_then(|mut r| rt.block_on(backup::restore(&stores, &mut r)));
+    match result {
+        Ok(r) => {
+            println!(
+                "keys: {} restored, {} already there; audit entries: {} restored, {} already \
+                 there; credit counters: {}; assertion keyring: {}",
+                r.copy.keys_copied,
+                r.copy.keys_present + r.copy.keys_differing.len(),
+                r.copy.audit_copied,
+                r.copy.audit_present,
+                r.credits_restored,
+                match (counts.signing_keys, r.signing_keys_restored) {
+                    (false, _) => "none in the backup",
+                    (true, true) => "restored",
+                    (true, false) => "kept the store's own",
+                }
+            );
+            for id in &r.copy.keys_differing {
+                println!("kept the store's version of {id}: it differs from the backup's");
+            }
+            for id in &r.copy.keys_conflicting {
+                eprintln!("not restored: {id}: its public key or secret belongs to another key");
+            }
+            if r.copy.keys_conflicting.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EX_DATAERR)
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "keygate store restore: {e}; run it again to finish (nothing is added twice)"
+            );
             ExitCode::from(EX_UNAVAILABLE)
         }
     }

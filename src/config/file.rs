@@ -483,6 +483,7 @@ fn default_assertion_refresh() -> String {
 #[serde(deny_unknown_fields)]
 pub(crate) struct SecretsFile {
     pub(crate) master_key_file: Option<String>,
+    pub(crate) previous_master_key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

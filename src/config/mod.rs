@@ -138,6 +138,9 @@ pub struct SigningConfig {
 #[derive(Debug, Clone)]
 pub struct SecretsConfig {
     pub master_key_file: Option<PathBuf>,
+    /// During a master-key rotation: the key being replaced, which still opens what it
+    /// sealed (`keygate secrets reseal` moves everything off it).
+    pub previous_master_key_file: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -671,6 +674,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
     }
     let secrets = SecretsConfig {
         master_key_file: f.secrets.master_key_file.map(PathBuf::from),
+        previous_master_key_file: f.secrets.previous_master_key_file.map(PathBuf::from),
     };
     let assertion = AssertionConfig {
         issuer: match &f.server.name {

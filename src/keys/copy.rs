@@ -30,26 +30,16 @@ const PAGE: usize = 500;
 /// by then stays, and a re-run completes it.
 pub async fn copy_store(from: &EmbeddedStore, to: &dyn KeyStore) -> Result<CopyReport, StoreError> {
     let mut report = CopyReport::default();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = from.list(None, cursor.as_deref(), PAGE).await?;
-        for record in &page.items {
+    let mut records = Walk::new(from);
+    while let Some(page) = records.next_records().await? {
+        for record in &page {
             copy_key(record, to, &mut report).await?;
         }
-        cursor = page.next_cursor;
-        if cursor.is_none() {
-            break;
-        }
     }
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = from.list_audit(None, None, cursor.as_deref(), PAGE).await?;
-        for entry in &page.items {
+    let mut audit = Walk::new(from);
+    while let Some(page) = audit.next_audit().await? {
+        for entry in &page {
             copy_audit(entry, to, &mut report).await?;
-        }
-        cursor = page.next_cursor;
-        if cursor.is_none() {
-            break;
         }
     }
     for (key_id, nonce, left) in from.live_nonces().await? {
@@ -60,24 +50,72 @@ pub async fn copy_store(from: &EmbeddedStore, to: &dyn KeyStore) -> Result<CopyR
     Ok(report)
 }
 
-async fn copy_key(
+/// Reads a whole store page by page, newest first: its key records, or (another `Walk`) its
+/// audit entries.
+pub struct Walk<'a> {
+    store: &'a dyn KeyStore,
+    cursor: Option<String>,
+    done: bool,
+}
+
+impl<'a> Walk<'a> {
+    pub fn new(store: &'a dyn KeyStore) -> Self {
+        Self {
+            store,
+            cursor: None,
+            done: false,
+        }
+    }
+
+    /// The next page of key records; `None` after the last.
+    pub async fn next_records(&mut self) -> Result<Option<Vec<KeyRecord>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self.store.list(None, self.cursor.as_deref(), PAGE).await?;
+        self.advance(page.next_cursor);
+        Ok(Some(page.items))
+    }
+
+    /// The next page of audit entries; `None` after the last.
+    pub async fn next_audit(&mut self) -> Result<Option<Vec<AuditEntry>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .store
+            .list_audit(None, None, self.cursor.as_deref(), PAGE)
+            .await?;
+        self.advance(page.next_cursor);
+        Ok(Some(page.items))
+    }
+
+    fn advance(&mut self, next: Option<String>) {
+        self.done = next.is_none();
+        self.cursor = next;
+    }
+}
+
+/// Adds `record` to `to` with its usage counters unless its id is there already (then the
+/// target's version is kept); `true` if it was added.
+pub async fn copy_key(
     record: &KeyRecord,
     to: &dyn KeyStore,
     report: &mut CopyReport,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     if let Some(there) = to.get_by_id(&record.id).await? {
         if without_usage(&there) == without_usage(record) {
             report.keys_present += 1;
         } else {
             report.keys_differing.push(record.id.clone());
         }
-        return Ok(());
+        return Ok(false);
     }
     match to.write(Write::Insert(record), None).await {
         Ok(_) => {}
         Err(StoreError::Conflict) => {
             report.keys_conflicting.push(record.id.clone());
-            return Ok(());
+            return Ok(false);
         }
         Err(e) => return Err(e),
     }
@@ -94,10 +132,10 @@ async fn copy_key(
         }
     }
     report.keys_copied += 1;
-    Ok(())
+    Ok(true)
 }
 
-async fn copy_audit(
+pub async fn copy_audit(
     entry: &AuditEntry,
     to: &dyn KeyStore,
     report: &mut CopyReport,

@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 
 pub use self::redis::{RedisStore, RedisTarget};
 pub use audit::{Action, Actor, AuditEntry, AuditPage};
-pub use copy::{copy_store, CopyReport};
+pub use copy::{copy_audit, copy_key, copy_store, CopyReport, Walk};
 pub use embedded::{EmbeddedStore, NONCE_BATCH_WINDOW};
 pub use model::{
     is_valid_scope, new_key_id, scopes_grant, AuthKind, AuthKinds, KeyRecord, PreviousCredential,

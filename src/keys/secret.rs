@@ -142,15 +142,20 @@ pub enum SecretError {
 
 /// The 32-byte AES-256-GCM key that seals signing secrets. The cipher wipes its key schedule
 /// on drop (aes-gcm's `zeroize` feature); the raw bytes are wiped right after loading.
+///
+/// During a master-key rotation it also holds the keys it replaces: they open what they
+/// sealed, and only the current key seals.
 pub struct MasterKey {
     id: String,
     cipher: Aes256Gcm,
+    previous: Vec<MasterKey>,
 }
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MasterKey")
             .field("id", &self.id)
+            .field("previous", &self.previous_ids().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -181,7 +186,43 @@ impl MasterKey {
         let mut key = aes_gcm::Key::<Aes256Gcm>::from(*bytes);
         let cipher = Aes256Gcm::new(&key);
         key.zeroize();
-        Self { id, cipher }
+        Self {
+            id,
+            cipher,
+            previous: Vec::new(),
+        }
+    }
+
+    /// This key, also able to open what `older` (and the keys `older` replaces) sealed. A key
+    /// given twice is kept once.
+    pub fn with_previous(mut self, older: MasterKey) -> Self {
+        let MasterKey {
+            id,
+            cipher,
+            previous,
+        } = older;
+        let flat = std::iter::once(MasterKey {
+            id,
+            cipher,
+            previous: Vec::new(),
+        })
+        .chain(previous);
+        for key in flat {
+            if key.id != self.id && !self.previous_ids().any(|p| p == key.id) {
+                self.previous.push(key);
+            }
+        }
+        self
+    }
+
+    /// The ids of the replaced keys this one can still open for.
+    pub fn previous_ids(&self) -> impl Iterator<Item = &str> {
+        self.previous.iter().map(|k| k.id.as_str())
+    }
+
+    /// Whether a secret sealed under `master_key_id` opens with this key (or a previous one).
+    pub fn can_open(&self, master_key_id: &str) -> bool {
+        self.id == master_key_id || self.previous_ids().any(|p| p == master_key_id)
     }
 
     /// A fresh random key and its base64 text (for `keygate demo` and first setup).
@@ -225,7 +266,10 @@ impl MasterKey {
         record_id: &str,
     ) -> Result<SecretString, SecretError> {
         if sealed.master_key_id != self.id {
-            return Err(SecretError::UnknownMasterKey(sealed.master_key_id.clone()));
+            return match self.previous.iter().find(|k| k.id == sealed.master_key_id) {
+                Some(older) => older.open(sealed, record_id),
+                None => Err(SecretError::UnknownMasterKey(sealed.master_key_id.clone())),
+            };
         }
         let nonce = B64
             .decode(&sealed.nonce)
@@ -317,6 +361,38 @@ mod tests {
             other.open(&sealed, "key_1"),
             Err(SecretError::UnknownMasterKey(_))
         ));
+    }
+
+    #[test]
+    fn a_previous_key_opens_what_it_sealed_and_only_the_current_one_seals() {
+        let (old, old_text) = MasterKey::generate();
+        let (new, _) = MasterKey::generate();
+        let secret = SecretString::new("sk_test_secret".into());
+        let under_old = old.seal(&secret, "key_1");
+        let old_id = old.id().to_owned();
+        let both = new.with_previous(old);
+        assert_eq!(both.open(&under_old, "key_1").ok(), Some(secret.clone()));
+        let resealed = both.seal(&secret, "key_1");
+        assert_eq!(resealed.master_key_id, both.id());
+        assert!(both.can_open(&old_id) && both.can_open(both.id()));
+        // The old key alone cannot open what the new one sealed.
+        let old_again = MasterKey::from_base64(old_text.expose()).ok();
+        assert!(matches!(
+            old_again.map(|k| k.open(&resealed, "key_1")),
+            Some(Err(SecretError::UnknownMasterKey(_)))
+        ));
+        // Given twice, or given itself, a key is kept once.
+        let (third, _) = MasterKey::generate();
+        let third_id = third.id().to_owned();
+        let again = MasterKey::from_base64(old_text.expose()).ok();
+        let mut chained = third.with_previous(both);
+        if let Some(k) = again {
+            chained = chained.with_previous(k);
+        }
+        let ids: Vec<_> = chained.previous_ids().collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(!ids.contains(&third_id.as_str()));
+        assert_eq!(chained.open(&under_old, "key_1").ok(), Some(secret));
     }
 
     #[test]
