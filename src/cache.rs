@@ -255,6 +255,10 @@ impl ChangeSink for KeyCache {
         self.by_public.invalidate_all();
         self.by_hash.invalidate_all();
     }
+
+    fn delivered_after(&self, lag: std::time::Duration) {
+        self.metrics.change_feed_lag.observe(lag.as_secs_f64());
+    }
 }
 
 /// moka shares one init error between concurrent callers; rebuild an owned one.

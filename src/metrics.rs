@@ -33,6 +33,12 @@ pub struct Metrics {
     pub quota_exhausted: IntCounterVec,
     /// Requests refused with `too_many_failures` (no address in any label).
     pub abuse_blocked: IntCounter,
+    /// 1 while the gateway is ready (the same checks as `/readyz`), 0 while not.
+    pub ready: IntGauge,
+    /// The `notAfter` of each TLS listener's certificate, Unix seconds, by `listener`.
+    pub tls_certificate_expiry: IntGaugeVec,
+    /// From a key change written to Redis to this gateway evicting it (the change feed).
+    pub change_feed_lag: Histogram,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
     /// labels and takes a lock on every request.
     cache_counters: [IntCounter; 3],
@@ -225,6 +231,29 @@ impl Metrics {
              too often ([abuse])",
         )?;
         registry.register(Box::new(abuse_blocked.clone()))?;
+        let ready = IntGauge::new(
+            "keygate_ready",
+            "1 while the gateway is ready (store reachable, proxy listening, assertion keys \
+             loaded where needed: the checks of /readyz), else 0",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "keygate_tls_certificate_expiry_timestamp_seconds",
+                "notAfter of the certificate each TLS listener serves, Unix seconds",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(tls_certificate_expiry.clone()))?;
+        let change_feed_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "keygate_change_feed_lag_seconds",
+                "From a key change written to Redis to this gateway evicting the key from its \
+                 cache (Redis clock to gateway clock)",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(change_feed_lag.clone()))?;
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -261,6 +290,9 @@ impl Metrics {
             rate_limit_unchecked,
             abuse_blocked,
             quota_exhausted,
+            ready,
+            tls_certificate_expiry,
+            change_feed_lag,
             cache_counters,
         })
     }

@@ -356,7 +356,12 @@ impl App {
                 .upstreams
                 .iter()
                 .any(|u| matches!(u.assertion, crate::assertion::Mode::Ed25519)),
+            ready: metrics.ready.clone(),
         });
+        server.add_service(background_service(
+            "keygate readiness",
+            admin::ReadinessService(Arc::clone(&admin_state)),
+        ));
         let usage = Arc::new(UsageTally::default());
         let otlp = crate::otlp::Otlp::start(&cfg.tracing, &cfg.assertion.issuer)?.map(Arc::new);
         // Leases save round trips to a shared store; in process there are none to save.
@@ -432,6 +437,19 @@ impl App {
             .as_ref()
             .map(crate::proxy::tls::Certificate::new)
             .transpose()?;
+        for (cert, listener) in [
+            (&certificate, "proxy"),
+            (&admin_certificate, "admin"),
+            (&metrics_certificate, "metrics"),
+        ] {
+            if let Some(cert) = cert {
+                cert.report_expiry(
+                    metrics
+                        .tls_certificate_expiry
+                        .with_label_values(&[listener]),
+                );
+            }
+        }
         match &certificate {
             Some(cert) => {
                 let settings = cert

@@ -223,6 +223,19 @@ async fn a_revocation_reaches_the_other_gateway_within_a_second() {
         took.push(started.elapsed());
     }
     took.sort();
+    // Every write reached gw2 through the feed, timed: 100 mints and 100 revocations.
+    let delivered = gw2.metric("keygate_change_feed_lag_seconds_count").await;
+    assert!(delivered >= 200.0, "{delivered} changes timed");
+    let lag_sum = gw2.metric("keygate_change_feed_lag_seconds_sum").await;
+    assert!(
+        lag_sum / delivered < 1.0,
+        "mean feed lag {} s",
+        lag_sum / delivered
+    );
+    println!(
+        "change feed lag on the other gateway: mean {:.2} ms over {delivered} changes",
+        lag_sum / delivered * 1000.0
+    );
     println!(
         "revocation seen by the other gateway: median {:?}, max {:?} over {} revocations",
         took[took.len() / 2],
@@ -291,6 +304,11 @@ async fn a_redis_outage_keeps_cached_keys_working_and_never_says_401() {
     .await;
     let ready = gw.http.get(gw.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
+    assert_eq!(
+        gw.metric("keygate_ready").await,
+        0.0,
+        "the gauge follows /readyz"
+    );
     let r = gw.create_key(&json!({"owner": "o", "name": "n"})).await;
     assert_problem(r, 503, "store_unavailable").await;
 
@@ -312,6 +330,7 @@ async fn a_redis_outage_keeps_cached_keys_working_and_never_says_401() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(gw.metric("keygate_ready").await, 1.0);
     let fresh = gw.mint(json!({})).await;
     assert_eq!(
         gw.send_v1(&fresh, "POST", "/v1/payments", b"{}")

@@ -195,9 +195,13 @@ async fn the_certificate_reloads_on_sighup_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let first = TlsFiles::generate(dir.path());
     let next_dir = tempfile::tempdir().unwrap();
-    let second = TlsFiles::generate(next_dir.path());
+    let renewed_until = time::macros::datetime!(2031-06-01 0:00 UTC);
+    let second = TlsFiles::generate_until(next_dir.path(), Some(renewed_until));
     let echo = Echo::start().await;
     let mut gw = Gateway::start(tls_options(&echo, &first)).await;
+    let expiry = "keygate_tls_certificate_expiry_timestamp_seconds{listener=\"proxy\"}";
+    let first_until = time::macros::datetime!(4096-01-01 0:00 UTC);
+    assert_eq!(gw.metric(expiry).await, first_until.unix_timestamp() as f64);
     let cfg = Arc::new(client(
         &[&first.ca, &second.ca],
         &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -231,6 +235,11 @@ async fn the_certificate_reloads_on_sighup_without_a_failed_request() {
         leaf_der(&second.cert),
         "a handshake after SIGHUP gets the new certificate"
     );
+    assert_eq!(
+        gw.metric(expiry).await,
+        renewed_until.unix_timestamp() as f64,
+        "the expiry gauge follows the reload"
+    );
 
     // A broken file: the reload is refused and the new certificate stays in use.
     std::fs::write(&first.cert, "not a certificate").unwrap();
@@ -240,6 +249,10 @@ async fn the_certificate_reloads_on_sighup_without_a_failed_request() {
     traffic.await.unwrap();
     let leaf = leaf_shown(&cfg, gw.proxy).await;
     assert_eq!(leaf, leaf_der(&second.cert));
+    assert_eq!(
+        gw.metric(expiry).await,
+        renewed_until.unix_timestamp() as f64
+    );
     assert!(gw.log().contains("config reload refused"), "{}", gw.log());
     let (ok, bad) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("requests over TLS during two reloads: {ok} answered, {bad} failed");

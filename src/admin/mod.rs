@@ -32,6 +32,8 @@ pub struct AdminState {
     pub signing_keys: Arc<SigningKeys>,
     /// Some upstream uses Ed25519 assertions: not ready until the keyring is loaded.
     pub needs_signing_keys: bool,
+    /// `keygate_ready`, set by every readiness check.
+    pub ready: prometheus::IntGauge,
 }
 
 tokio::task_local! {
@@ -193,7 +195,9 @@ async fn require_admin(
     Ok(next.run(req).await)
 }
 
-async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+/// The checks of `/readyz`: store reachable, proxy listener accepting, assertion keys loaded
+/// where an upstream needs them. Sets `keygate_ready`.
+pub async fn readiness(state: &AdminState) -> (bool, Value) {
     let store_ok = state.store.ping().await.is_ok();
     let probe = if state.proxy_addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], state.proxy_addr.port()))
@@ -202,20 +206,44 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     };
     let proxy_ok = tokio::net::TcpStream::connect(probe).await.is_ok();
     let keys_ok = state.signing_keys.asserter.keyring().is_some();
-    let status = if store_ok && proxy_ok && (keys_ok || !state.needs_signing_keys) {
+    let ready = store_ok && proxy_ok && (keys_ok || !state.needs_signing_keys);
+    state.ready.set(i64::from(ready));
+    let checks = json!({
+        "store": store_ok,
+        "proxy_listener": proxy_ok,
+        "assertion_keys": keys_ok,
+    });
+    (ready, checks)
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let (ready, checks) = readiness(&state).await;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        axum::Json(json!({
-            "store": store_ok,
-            "proxy_listener": proxy_ok,
-            "assertion_keys": keys_ok,
-        })),
-    )
-        .into_response()
+    (status, axum::Json(checks)).into_response()
+}
+
+/// Evaluates readiness every 5 s, so `keygate_ready` is current whether or not anything
+/// probes `/readyz`.
+pub struct ReadinessService(pub Arc<AdminState>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for ReadinessService {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            readiness(&self.0).await;
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                _ = shutdown.changed() => {
+                    self.0.ready.set(0);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, AdminError>;

@@ -68,7 +68,9 @@ if op ~= 'delete' then
     if hh and hh ~= id then return 'conflict' end
   end
 end
-local changed = {}
+-- The server's clock, so each gateway can measure how long the change took to reach it.
+local now = redis.call('TIME')
+local changed = {'t:' .. now[1] .. string.format('%06d', tonumber(now[2]))}
 if o then
   redis.call('DEL', '{kg}:pk:' .. o['public_key'])
   table.insert(changed, 'pk:' .. o['public_key'])
@@ -1008,8 +1010,13 @@ async fn follow_changes(feed: Vec<redis::Client>, sink: Arc<dyn ChangeSink>) {
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let payload: String = msg.get_payload().unwrap_or_default();
-                        let (keys, hashes) = parse_change(&payload);
-                        sink.changed(&keys, &hashes).await;
+                        let change = parse_change(&payload);
+                        sink.changed(&change.public_keys, &change.hashes).await;
+                        if let Some(at) = change.written_at_micros {
+                            let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
+                            let lag_us = u64::try_from(now - i128::from(at)).unwrap_or(0);
+                            sink.delivered_after(Duration::from_micros(lag_us));
+                        }
                     }
                     tracing::warn!("lost the Redis change feed; reconnecting");
                 }
@@ -1022,19 +1029,53 @@ async fn follow_changes(feed: Vec<redis::Client>, sink: Arc<dyn ChangeSink>) {
     }
 }
 
-/// `pk:<public key>` and `h:<sha256 hex>` tokens, space-separated.
-fn parse_change(payload: &str) -> (Vec<String>, Vec<[u8; 32]>) {
-    let mut keys = Vec::new();
-    let mut hashes = Vec::new();
+/// One message of the change feed.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Change {
+    public_keys: Vec<String>,
+    hashes: Vec<[u8; 32]>,
+    /// When Redis applied the write (its clock, Unix µs).
+    written_at_micros: Option<i64>,
+}
+
+/// `pk:<public key>`, `h:<sha256 hex>` and `t:<Unix µs>` tokens, space-separated; others
+/// (from a newer keygate) are skipped.
+fn parse_change(payload: &str) -> Change {
+    let mut change = Change::default();
     for token in payload.split_whitespace() {
         if let Some(pk) = token.strip_prefix("pk:") {
-            keys.push(pk.to_owned());
+            change.public_keys.push(pk.to_owned());
         } else if let Some(h) = token.strip_prefix("h:") {
             let mut out = [0u8; 32];
             if hex::decode_to_slice(h, &mut out).is_ok() {
-                hashes.push(out);
+                change.hashes.push(out);
             }
+        } else if let Some(t) = token.strip_prefix("t:") {
+            change.written_at_micros = t.parse().ok();
         }
     }
-    (keys, hashes)
+    change
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_message_names_keys_hashes_and_when_it_was_written() {
+        let h = "ab".repeat(32);
+        let got = parse_change(&format!(
+            "t:1764700000123456 pk:pk_test_a h:{h} x:future h:zz"
+        ));
+        assert_eq!(
+            got,
+            Change {
+                public_keys: vec!["pk_test_a".into()],
+                hashes: vec![[0xab; 32]],
+                written_at_micros: Some(1_764_700_000_123_456),
+            }
+        );
+        // Messages of an older keygate carry no time.
+        assert_eq!(parse_change("pk:pk_test_b").written_at_micros, None);
+    }
 }

@@ -61,6 +61,8 @@ pub trait ChangeSink: Send + Sync + 'static {
     async fn changed(&self, public_keys: &[String], hashes: &[[u8; 32]]);
     /// Anything at all may be stale: the change feed was interrupted.
     fn everything_may_have_changed(&self);
+    /// The change just handled was written `lag` ago (by the store's clock).
+    fn delivered_after(&self, _lag: Duration) {}
 }
 
 /// Where key records and used nonces live. Implementations: embedded (redb) now, Redis later.

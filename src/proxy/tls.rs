@@ -94,6 +94,8 @@ pub struct Certificate {
     cfg: RwLock<TlsConfig>,
     /// Read on every handshake, written on reload: a read lock is uncontended in practice.
     current: RwLock<Arc<CertifiedKey>>,
+    /// `keygate_tls_certificate_expiry_timestamp_seconds` of this listener, once given.
+    expiry: std::sync::OnceLock<prometheus::IntGauge>,
 }
 
 impl Certificate {
@@ -101,7 +103,30 @@ impl Certificate {
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(load(cfg)?)),
             cfg: RwLock::new(cfg.clone()),
+            expiry: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Keeps `gauge` at the served certificate's `notAfter` (Unix seconds), now and after
+    /// every reload.
+    pub fn report_expiry(&self, gauge: prometheus::IntGauge) {
+        let gauge = self.expiry.get_or_init(|| gauge);
+        if let Some(at) = self.not_after() {
+            gauge.set(at);
+        }
+    }
+
+    /// The leaf certificate's `notAfter`, Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let leaf = current.cert.first()?;
+        x509_parser::parse_x509_certificate(leaf)
+            .ok()
+            .map(|(_, cert)| cert.validity().not_after.timestamp())
     }
 
     /// Reads `cfg`'s files (the same or others); on any problem the certificate in use
@@ -116,6 +141,9 @@ impl Certificate {
             .cfg
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = cfg.clone();
+        if let (Some(gauge), Some(at)) = (self.expiry.get(), self.not_after()) {
+            gauge.set(at);
+        }
         Ok(())
     }
 

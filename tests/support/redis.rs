@@ -29,6 +29,12 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// A fresh CA and a certificate for `127.0.0.1`/`localhost`, written into `dir`.
     pub fn generate(dir: &std::path::Path) -> Self {
+        Self::generate_until(dir, None)
+    }
+
+    /// As [`generate`](Self::generate), the leaf valid until `not_after` (rcgen's default,
+    /// 4096-01-01, when `None`).
+    pub fn generate_until(dir: &std::path::Path, not_after: Option<time::OffsetDateTime>) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -45,6 +51,9 @@ impl TlsFiles {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "localhost");
+        if let Some(at) = not_after {
+            params.not_after = at;
+        }
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         let files = Self {
             ca: dir.join("ca.pem"),
