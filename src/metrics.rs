@@ -80,7 +80,28 @@ pub enum KeyChange {
     Updated,
 }
 
+/// Every `op` of `keygate_store_errors_total`, exported at 0 from the start.
+pub const STORE_OPS: [&str; 9] = [
+    "use_nonce",
+    "add_usage",
+    "open_secret",
+    "signing_keys",
+    "rate_limit",
+    "abuse",
+    "credits",
+    "get_by_public_key",
+    "get_by_secret_hash",
+];
+
 impl KeyChange {
+    const ALL: [KeyChange; 5] = [
+        Self::Created,
+        Self::Rotated,
+        Self::Revoked,
+        Self::Deleted,
+        Self::Updated,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Created => "created",
@@ -268,6 +289,12 @@ impl Metrics {
         registry.register(Box::new(cache_requests.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(keys_changed.clone()))?;
+        for op in STORE_OPS {
+            store_errors.with_label_values(&[op]);
+        }
+        for change in KeyChange::ALL {
+            keys_changed.with_label_values(&[change.as_str()]);
+        }
         let cache_counters = [
             CacheResult::Hit,
             CacheResult::Miss,
@@ -301,8 +328,11 @@ impl Metrics {
         self.cache_counters[result as usize].inc();
     }
 
-    /// The series a route's successful requests touch.
+    /// The series a route's successful requests touch. Its refusal counters start at 0 too,
+    /// so a rate over them exists before the first refusal (alerts, dashboards).
     pub fn route(&self, route: &str) -> RouteMetrics {
+        self.quota_exhausted.with_label_values(&[route]);
+        self.rate_limit_unchecked.with_label_values(&[route]);
         RouteMetrics {
             auth_duration: self.auth_duration.with_label_values(&[route]),
             upstream_2xx: self.upstream_duration.with_label_values(&[route, "2xx"]),
@@ -323,6 +353,7 @@ impl Metrics {
     }
 
     pub fn store_error(&self, op: &'static str) {
+        debug_assert!(STORE_OPS.contains(&op), "{op} missing from STORE_OPS");
         self.store_errors.with_label_values(&[op]).inc();
     }
 

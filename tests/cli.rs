@@ -274,3 +274,26 @@ async fn exit_codes_tell_usage_refusal_and_unreachable_apart() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_0_on_a_2xx_and_1_otherwise() {
+    let echo = Echo::start().await;
+    let gw = Gateway::start(Options::new(&echo)).await;
+    let health = |url: String| {
+        Command::new(BIN)
+            .args(["health", "--url", &url, "--timeout", "2s"])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(health(gw.admin_url("/healthz")), Some(0));
+    assert_eq!(health(gw.admin_url("/readyz")), Some(0));
+    // A 4xx answer (an admin call without a token), and nobody listening.
+    assert_eq!(health(gw.admin_url("/v1/keys")), Some(1));
+    let nobody = support::free_port();
+    assert_eq!(
+        health(format!("http://127.0.0.1:{nobody}/healthz")),
+        Some(1)
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod assertion;
 pub mod demo;
+mod health;
 pub mod keys;
 mod secrets;
 mod serve;
@@ -46,7 +47,13 @@ pub enum Command {
         upgrade: bool,
     },
     /// Validate a config file; print every problem with its key path; exit 64 on error.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// Check upstream host names for shape only, without looking them up: a config for
+        /// another network (a container, a cluster) whose names do not resolve here.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Zero-setup quickstart: embedded store, echo upstream, one demo key.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -83,6 +90,17 @@ pub enum Command {
     },
     /// Print the signature headers for a request.
     Sign(sign::SignArgs),
+    /// GET a health endpoint (default the admin listener's /healthz): exit 0 on 2xx, else 1.
+    /// For container HEALTHCHECKs; images need no curl.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9901/healthz")]
+        url: String,
+        /// PEM CA certificates to trust for an https:// URL, besides the system's.
+        #[arg(long, env = "KEYGATE_ADMIN_CA_FILE")]
+        ca_file: Option<PathBuf>,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Make the running gateway read its config again: SIGHUP to the pid in the config's
     /// server.pid_file. The gateway logs and counts the result
     /// (keygate_config_reloads_total).
@@ -401,7 +419,14 @@ pub fn main() -> ExitCode {
         Some(Command::Secrets { command }) => {
             with_config(cli.config, "secrets", |c| secrets::run(c, &command))
         }
-        Some(Command::CheckConfig { file }) => match serve::load(&file) {
+        Some(Command::CheckConfig { file, offline }) => match serve::load_with(
+            &file,
+            if offline {
+                crate::config::Lookup::ShapeOnly
+            } else {
+                crate::config::Lookup::Now
+            },
+        ) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -431,6 +456,11 @@ pub fn main() -> ExitCode {
             keys::run_command(&admin.admin_url, admin.ca_file, admin.json, &command.into())
         }
         Some(Command::Sign(args)) => sign::run(args),
+        Some(Command::Health {
+            url,
+            ca_file,
+            timeout,
+        }) => health::run(&url, ca_file.as_deref(), timeout),
         Some(Command::Reload) => {
             let Some(path) = cli.config else {
                 eprintln!("keygate reload: --config FILE is required (its server.pid_file names the gateway)");

@@ -6,7 +6,14 @@ use super::{EX_UNAVAILABLE, EX_USAGE};
 use crate::{App, Config};
 
 pub(super) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
+    load_with(path, crate::config::Lookup::Now)
+}
+
+pub(super) fn load_with(
+    path: &std::path::Path,
+    lookup: crate::config::Lookup,
+) -> Result<Config, ExitCode> {
+    Config::load_with(path, lookup).map_err(|errors| {
         eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
         for e in &errors.0 {
             eprintln!("  {e}");

@@ -331,13 +331,18 @@ impl Problems {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        Self::load_with(path, Lookup::Now)
+    }
+
+    /// [`load`](Self::load), resolving upstream host names or not.
+    pub fn load_with(path: &Path, lookup: Lookup) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
                 message: format!("cannot read {}: {e}", path.display()),
             }])
         })?;
-        Self::from_toml(&text)
+        Self::parse(&text, lookup)
     }
 
     /// Parses and validates config text, reporting every problem of the file in one run:
@@ -345,6 +350,10 @@ impl Config {
     /// own, so an unknown key or a wrong type in one does not hide problems elsewhere; the
     /// rest is then validated with what could be read.
     pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
+        Self::parse(text, Lookup::Now)
+    }
+
+    fn parse(text: &str, lookup: Lookup) -> Result<Self, ConfigErrors> {
         let table: toml::Table = toml::from_str(text).map_err(|e| {
             let where_ = e
                 .span()
@@ -357,7 +366,7 @@ impl Config {
         })?;
         let mut reader = SectionReader::default();
         let file = reader.read(table);
-        match validate(file) {
+        match validate(file, lookup) {
             Ok(config) if reader.problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigErrors(reader.problems)),
             Err(ConfigErrors(found)) => {
@@ -521,7 +530,7 @@ fn listener_tls(p: &mut Problems, at: &str, t: Option<&file::TlsFile>) -> Option
     Some(cfg)
 }
 
-fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
+fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
     let mut p = Problems(Vec::new());
 
     let server = ServerConfig {
@@ -737,7 +746,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
         .upstreams
         .iter()
         .enumerate()
-        .map(|(i, u)| validate_upstream(&mut p, i, u))
+        .map(|(i, u)| validate_upstream(&mut p, i, u, lookup))
         .collect();
     for (i, u) in upstreams.iter().enumerate() {
         if upstreams[..i].iter().any(|o| o.name == u.name) {
@@ -851,7 +860,17 @@ fn validate(f: FileConfig) -> Result<Config, ConfigErrors> {
     }
 }
 
-fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
+/// Whether upstream host names are looked up while validating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Resolve them now (starting, reloading, `check-config`).
+    Now,
+    /// Check only their `host:port` shape: a config for another network (a container, a
+    /// cluster) whose names do not resolve here (`check-config --offline`).
+    ShapeOnly,
+}
+
+fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile, lookup: Lookup) -> Upstream {
     let at = format!("upstreams[{i}]");
     if u.name.is_empty() {
         p.add(format!("{at}.name"), "must not be empty");
@@ -864,7 +883,11 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
     }
     let mut endpoints = Vec::new();
     for (j, e) in u.endpoints.iter().enumerate() {
-        match resolve_endpoint(e) {
+        let found = match lookup {
+            Lookup::Now => resolve_endpoint(e),
+            Lookup::ShapeOnly => endpoint_shape(e),
+        };
+        match found {
             Ok(addrs) => endpoints.extend(addrs),
             Err(why) => p.add(
                 format!("{at}.endpoints[{j}]"),
@@ -968,6 +991,26 @@ fn validate_upstream(p: &mut Problems, i: usize, u: &UpstreamFile) -> Upstream {
         forward_credentials: u.forward_credentials,
         connect_timeout: p.duration(&format!("{at}.connect_timeout"), &u.connect_timeout),
         read_timeout: p.duration(&format!("{at}.read_timeout"), &u.read_timeout),
+    }
+}
+
+/// An IP literal's address, or nothing for a well-formed `host:port` with a name (not looked
+/// up).
+fn endpoint_shape(endpoint: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = endpoint.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    match endpoint.rsplit_once(':') {
+        Some((host, port))
+            if port.parse::<u16>().is_ok()
+                && !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') =>
+        {
+            Ok(Vec::new())
+        }
+        _ => Err("not host:port".into()),
     }
 }
 

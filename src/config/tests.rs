@@ -277,3 +277,25 @@ x = 1
     assert!(!paths.contains(&"routes[2].upstream"), "{errs:#?}");
     assert_eq!(errs.len(), 7, "{errs:#?}");
 }
+
+#[test]
+fn offline_checks_take_host_names_on_their_shape() {
+    let with = |endpoint: &str| MINIMAL.replace("127.0.0.1:9000", endpoint);
+    let name = with("payments.invalid:443");
+    assert!(
+        Config::from_toml(&name).is_err(),
+        "looked up: does not resolve"
+    );
+    assert!(Config::parse(&name, Lookup::ShapeOnly).is_ok());
+    for bad in [
+        "payments.invalid",
+        "pay ments:443",
+        ":443",
+        "payments:99999",
+    ] {
+        let errors = Config::parse(&with(bad), Lookup::ShapeOnly).unwrap_err();
+        assert_eq!(errors.0[0].path, "upstreams[0].endpoints[0]", "{bad}");
+    }
+    let ip = Config::parse(&with("10.0.0.7:9000"), Lookup::ShapeOnly).unwrap();
+    assert_eq!(ip.upstreams[0].endpoints[0].to_string(), "10.0.0.7:9000");
+}

@@ -55,7 +55,16 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
-/// Reads a secret file that must not be readable by group or others; `Ok(None)` if absent.
+/// Whether a secret file of `mode` owned by `uid` is private enough: no access for group or
+/// others, or — owned by root — read access for its group and nothing more. The second is
+/// how Kubernetes mounts a Secret for a non-root pod (root-owned, group `fsGroup`), and the
+/// rule PostgreSQL applies to its key file.
+pub fn private_mode(mode: u32, uid: u32) -> bool {
+    mode & 0o077 == 0 || (uid == 0 && mode & 0o037 == 0)
+}
+
+/// Reads a secret file that only its owner may read (see [`private_mode`]); `Ok(None)` if
+/// absent.
 pub fn read_private_file(path: &std::path::Path) -> Result<Option<SecretString>, String> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -64,11 +73,11 @@ pub fn read_private_file(path: &std::path::Path) -> Result<Option<SecretString>,
     };
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
+        if !private_mode(mode, meta.uid()) {
             return Err(format!(
-                "mode {:o} lets other users read it; chmod 600 it",
+                "mode {:o} lets other users read it; chmod 600 it (or 640, owned by root)",
                 mode & 0o777
             ));
         }
@@ -318,6 +327,18 @@ mod tests {
         rest.is_some_and(|r| {
             r.len() == PUBLIC_KEY_RANDOM_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric())
         })
+    }
+
+    #[test]
+    fn secret_files_are_private_to_their_owner_or_root_and_its_group() {
+        assert!(private_mode(0o100600, 1000));
+        assert!(private_mode(0o100400, 1000));
+        assert!(!private_mode(0o100640, 1000), "group-readable, not root's");
+        assert!(private_mode(0o100640, 0));
+        assert!(private_mode(0o100440, 0));
+        assert!(!private_mode(0o100660, 0), "group-writable");
+        assert!(!private_mode(0o100644, 0), "world-readable");
+        assert!(!private_mode(0o100604, 1000));
     }
 
     #[test]

@@ -1,0 +1,46 @@
+//! `keygate health`: one GET of a health endpoint, for a container `HEALTHCHECK` or a probe
+//! on a host without curl. Exit 0 on a 2xx answer, 1 otherwise.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub(super) fn run(url: &str, ca_file: Option<&Path>, timeout: Duration) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keygate health: runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(probe(url, ca_file, timeout)) {
+        Ok(status) if (200..300).contains(&status) => {
+            println!("{url}: {status}");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("{url}: {status}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn probe(url: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<u16, String> {
+    let mut client = reqwest::Client::builder().timeout(timeout);
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
+        client = client.add_root_certificate(cert);
+    }
+    let client = client.build().map_err(|e| e.to_string())?;
+    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}
