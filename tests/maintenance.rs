@@ -19,20 +19,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
 /// Runs `keygate --config CONFIG ARGS…` with `KEYGATE_MASTER_KEY`; exit code and output.
 fn keygate(config: &Path, master: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("KEYGATE_MASTER_KEY", master)
-        .env_remove("KEYGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    support::run_output(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("KEYGATE_MASTER_KEY", master)
+            .env_remove("KEYGATE_ADMIN_TOKEN"),
+    )
 }
 
 /// Writes `text` to a new file of mode 0600.

@@ -38,18 +38,12 @@ fn new_key(auth: AuthKind) -> NewKey {
 }
 
 fn copy(from: &std::path::Path, to: &str) -> (i32, String) {
-    let out = Command::new(BIN)
-        .args(["store", "copy", "--from"])
-        .arg(from)
-        .args(["--to", to])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    support::run_output(
+        Command::new(BIN)
+            .args(["store", "copy", "--from"])
+            .arg(from)
+            .args(["--to", to]),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

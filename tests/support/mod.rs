@@ -97,6 +97,50 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Runs `cmd`; its exit code (-1 for a signal) and its stdout and stderr as one text.
+pub fn run_output(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `keygate check-config --offline FILE` must pass (`what` names the file in the failure).
+pub fn assert_check_config_offline(path: &Path, what: &str) {
+    let (code, text) = run_output(
+        Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["check-config", "--offline"])
+            .arg(path),
+    );
+    assert_eq!(code, 0, "{what}: {text}");
+}
+
+/// The repository's root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every file under `dir` (recursively) whose name ends with one of `suffixes`, sorted.
+pub fn files_under(dir: &Path, suffixes: &[&str]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if suffixes.iter().any(|s| path.to_string_lossy().ends_with(s)) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// A fresh base64 master key.
 pub fn master_key() -> String {
     use base64::Engine;
