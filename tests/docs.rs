@@ -1,0 +1,142 @@
+//! The documentation stands alone and tells the truth: the worked signing examples of
+//! docs/signing.md are cases of the test vectors, its `openssl` recipe computes the same
+//! signature, and every relative link of the README, SECURITY.md, docs/ and deploy/ leads to a
+//! file of the repository (nothing points outside it). The error-code table and the metrics
+//! reference are held against the code by unit tests in `src/problem.rs` and `src/metrics.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use support::{files_under, repo_root};
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo_root().join(rel)).unwrap()
+}
+
+fn vectors() -> Vec<Value> {
+    let v: Value = serde_json::from_str(&read("tests/fixtures/signing.json")).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn case<'a>(cases: &'a [Value], note: &str) -> &'a Value {
+    cases.iter().find(|c| c["note"] == note).unwrap()
+}
+
+#[test]
+fn the_worked_signing_examples_are_test_vectors() {
+    let doc = read("docs/signing.md");
+    let cases = vectors();
+    for note in ["json body", "GET with query, empty body"] {
+        let c = case(&cases, note);
+        for field in ["secret", "nonce", "target", "signature"] {
+            let v = c[field].as_str().unwrap();
+            assert!(doc.contains(v), "docs/signing.md lacks {note}: {field} {v}");
+        }
+        let sts = c["string_to_sign"].as_str().unwrap();
+        assert!(
+            doc.contains(&format!("```\n{sts}\n```")),
+            "{note}: string to sign"
+        );
+    }
+    let body = case(&cases, "numeric nonce, base64-looking secret used as text");
+    for field in ["secret", "signature"] {
+        assert!(
+            doc.contains(body[field].as_str().unwrap()),
+            "hmac-body {field}"
+        );
+    }
+    let bearer = case(&cases, "bearer hash at rest");
+    assert!(doc.contains(bearer["sha256"].as_str().unwrap()));
+}
+
+/// The shell recipe, run with the first vector's timestamp and nonce, prints its signature.
+#[test]
+fn the_openssl_recipe_signs_like_keygate() {
+    let doc = read("docs/signing.md");
+    let start = doc.find("```sh\nsecret=").unwrap() + "```sh\n".len();
+    let script = &doc[start..];
+    let script = &script[..script.find("curl ").unwrap()];
+    let cases = vectors();
+    let c = case(&cases, "json body");
+    let script = script
+        .replace(
+            "ts=$(date +%s)",
+            &format!("ts={}", c["timestamp"].as_str().unwrap()),
+        )
+        .replace(
+            "nonce=$(cat /proc/sys/kernel/random/uuid)",
+            &format!("nonce={}", c["nonce"].as_str().unwrap()),
+        );
+    assert!(script.contains("openssl dgst -sha256 -hmac"), "{script}");
+    let out = Command::new("bash")
+        .args(["-c", &format!("set -eu\n{script}\nprintf '%s' \"$sig\"")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        c["signature"].as_str().unwrap()
+    );
+}
+
+/// `](target)` links of a markdown text.
+fn links(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("](") {
+        let tail = &rest[at + 2..];
+        let end = tail.find(')').unwrap_or(tail.len());
+        out.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn every_link_of_the_docs_leads_inside_the_repository() {
+    let root = repo_root();
+    let mut pages = vec![root.join("README.md"), root.join("SECURITY.md")];
+    pages.extend(files_under(&root.join("docs"), &[".md"]));
+    pages.extend(files_under(&root.join("deploy"), &[".md"]));
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        assert!(
+            !text.contains("../shared") && !text.contains("SPEC.md"),
+            "{} points at the specification outside the repository",
+            page.display()
+        );
+        let dir = page.parent().unwrap();
+        for link in links(&text) {
+            if link.starts_with("http://") || link.starts_with("https://") || link.starts_with('#')
+            {
+                continue;
+            }
+            let file = link.split('#').next().unwrap();
+            let target = dir.join(file);
+            assert!(
+                !escapes(&root, &target),
+                "{}: the link {link} leads nowhere in the repository",
+                page.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "{checked} links");
+}
+
+/// Whether `target` (joined from relative parts) leaves `root` once `..` is resolved.
+fn escapes(root: &Path, target: &Path) -> bool {
+    match target.canonicalize() {
+        Ok(real) => !real.starts_with(root.canonicalize().unwrap()),
+        Err(_) => true,
+    }
+}
