@@ -90,11 +90,24 @@ impl Echo {
 
 /// A port that was free a moment ago (pingora cannot report the port it bound for `:0`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Never the same port twice in one test process: gateways started at once by parallel
+    // tests would otherwise be handed a port another one's listener takes first (the kernel
+    // hands a released port out again), and its readiness probe would reach the other one.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Runs `cmd`; its exit code (-1 for a signal) and its stdout and stderr as one text.
