@@ -1,6 +1,6 @@
 //! The documentation stands alone and tells the truth: the worked signing examples of
-//! docs/signing.md are cases of the test vectors, its `openssl` recipe computes the same
-//! signature, and every relative link of the README, SECURITY.md, docs/ and deploy/ leads to a
+//! docs/signing.md are cases of the test vectors, its `openssl` recipe (and the one in
+//! docs/clients.md) computes the same signature, and every relative link of the README, SECURITY.md, docs/ and deploy/ leads to a
 //! file of the repository (nothing points outside it). The error-code table and the metrics
 //! reference are held against the code by unit tests in `src/problem.rs` and `src/metrics.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
@@ -53,38 +53,56 @@ fn the_worked_signing_examples_are_test_vectors() {
     assert!(doc.contains(bearer["sha256"].as_str().unwrap()));
 }
 
-/// The shell recipe, run with the first vector's timestamp and nonce, prints its signature.
+/// The shell recipes of docs/signing.md and docs/clients.md, run with the first vector's
+/// secret, timestamp and nonce, compute its signature.
 #[test]
-fn the_openssl_recipe_signs_like_keygate() {
-    let doc = read("docs/signing.md");
-    let start = doc.find("```sh\nsecret=").unwrap() + "```sh\n".len();
-    let script = &doc[start..];
-    let script = &script[..script.find("curl ").unwrap()];
+fn the_openssl_recipes_sign_like_keygate() {
     let cases = vectors();
     let c = case(&cases, "json body");
-    let script = script
-        .replace(
-            "ts=$(date +%s)",
-            &format!("ts={}", c["timestamp"].as_str().unwrap()),
-        )
-        .replace(
-            "nonce=$(cat /proc/sys/kernel/random/uuid)",
-            &format!("nonce={}", c["nonce"].as_str().unwrap()),
+    for (page, start) in [
+        ("docs/signing.md", "```sh\nsecret="),
+        ("docs/clients.md", "```sh\nts="),
+    ] {
+        let doc = read(page);
+        let at = doc
+            .find(start)
+            .unwrap_or_else(|| panic!("{page}: no recipe"))
+            + "```sh\n".len();
+        let script = &doc[at..];
+        let script = &script[..script.find("curl ").unwrap()];
+        let script = script
+            .replace(
+                "ts=$(date +%s)",
+                &format!("ts={}", c["timestamp"].as_str().unwrap()),
+            )
+            .replace(
+                "nonce=$(cat /proc/sys/kernel/random/uuid)",
+                &format!("nonce={}", c["nonce"].as_str().unwrap()),
+            )
+            .replace(
+                "body='{\"amount\":\"10.00\"}'",
+                "body='{\"amount\":\"10.00\",\"currency\":\"USDT\",\"order_id\":\"A-1001\"}'",
+            );
+        assert!(
+            script.contains("openssl dgst -sha256 -hmac"),
+            "{page}: {script}"
         );
-    assert!(script.contains("openssl dgst -sha256 -hmac"), "{script}");
-    let out = Command::new("bash")
-        .args(["-c", &format!("set -eu\n{script}\nprintf '%s' \"$sig\"")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        c["signature"].as_str().unwrap()
-    );
+        let out = Command::new("bash")
+            .args(["-c", &format!("set -eu\n{script}\nprintf '%s' \"$sig\"")])
+            .env("SECRET", c["secret"].as_str().unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{page}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            c["signature"].as_str().unwrap(),
+            "{page}"
+        );
+    }
 }
 
 /// `](target)` links of a markdown text.
