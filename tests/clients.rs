@@ -49,6 +49,15 @@ fn python() -> PathBuf {
     py
 }
 
+/// How many cases tests/fixtures/signing.json has.
+fn vector_cases() -> usize {
+    let vectors: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/signing.json")).unwrap(),
+    )
+    .unwrap();
+    vectors["cases"].as_array().unwrap().len()
+}
+
 #[test]
 fn python_library_passes_its_tests_and_every_signing_vector() {
     let (code, out) = run_output(
@@ -57,11 +66,7 @@ fn python_library_passes_its_tests_and_every_signing_vector() {
             .current_dir(repo_root().join("clients/python")),
     );
     assert_eq!(code, 0, "{out}");
-    let vectors: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/fixtures/signing.json")).unwrap(),
-    )
-    .unwrap();
-    let cases = vectors["cases"].as_array().unwrap().len();
+    let cases = vector_cases();
     // One test per vector case, plus the library's own.
     let passed: usize = out
         .lines()
@@ -118,9 +123,9 @@ fn key_env(prefix: &str, key: &Key) -> [(String, String); 3] {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_library_against_the_real_gateway() {
-    let py = tokio::task::spawn_blocking(python).await.unwrap();
+/// Runs a library's end-to-end script against a real gateway whose upstream the script
+/// serves, with four keys minted for it; the script's output must say `expect`.
+async fn end_to_end(mut cmd: Command, expect: &str) {
     let echo = Echo::start().await;
     let (gw, port) = gateway_for_clients(&echo).await;
     let v1 = gw.mint(json!({})).await;
@@ -129,9 +134,7 @@ async fn python_library_against_the_real_gateway() {
     let limited = gw
         .mint(json!({"rate_limits": [{"name": "burst", "limit": 1, "window": "1m"}]}))
         .await;
-    let mut cmd = Command::new(py);
-    cmd.arg(repo_root().join("clients/python/tests/e2e_gateway.py"))
-        .env("KEYGATE_URL", format!("http://{}", gw.proxy))
+    cmd.env("KEYGATE_URL", format!("http://{}", gw.proxy))
         .env("KEYGATE_JWKS_URL", gw.admin_url("/.well-known/jwks.json"))
         .env("KEYGATE_UPSTREAM_PORT", port.to_string())
         .env("KEYGATE_UPSTREAM_NAME", "py-upstream")
@@ -144,25 +147,23 @@ async fn python_library_against_the_real_gateway() {
         .unwrap();
     eprintln!("{out}");
     assert_eq!(code, 0, "{out}\n{}", gw.log());
-    assert!(out.contains("python: 10 cases passed"), "{out}");
+    assert!(out.contains(expect), "{out}");
     // Nothing went to the standard upstream: every request reached the script's.
     assert_eq!(echo.count(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_example_sends_one_signed_request() {
-    let py = tokio::task::spawn_blocking(python).await.unwrap();
+/// Runs a library's example against a real gateway: a signed POST answered 200 (exit 0,
+/// "200" last), then with a wrong secret 401 (exit 1, "401" last, the code named).
+async fn example(make: impl Fn() -> Command) {
     let echo = Echo::start().await;
     let gw = Gateway::start(Options::new(&echo)).await;
     let key = gw.mint(json!({})).await;
     let run = |secret: &str| {
-        run_output(
-            Command::new(&py)
-                .arg(repo_root().join("clients/python/examples/send.py"))
-                .env("KEYGATE_URL", format!("http://{}", gw.proxy))
-                .env("KEYGATE_PUBLIC_KEY", &key.public_key)
-                .env("KEYGATE_SECRET", secret),
-        )
+        let mut cmd = make();
+        cmd.env("KEYGATE_URL", format!("http://{}", gw.proxy))
+            .env("KEYGATE_PUBLIC_KEY", &key.public_key)
+            .env("KEYGATE_SECRET", secret);
+        run_output(&mut cmd)
     };
     let (code, out) = run(&key.secret);
     assert_eq!(code, 0, "{out}");
@@ -178,4 +179,91 @@ async fn python_example_sends_one_signed_request() {
     assert_eq!(code, 1, "{out}");
     assert_eq!(out.trim_end().lines().last(), Some("401"), "{out}");
     assert!(out.contains("bad_signature"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_library_against_the_real_gateway() {
+    let py = tokio::task::spawn_blocking(python).await.unwrap();
+    let mut cmd = Command::new(py);
+    cmd.arg(repo_root().join("clients/python/tests/e2e_gateway.py"));
+    end_to_end(cmd, "python: 10 cases passed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_sends_one_signed_request() {
+    let py = tokio::task::spawn_blocking(python).await.unwrap();
+    example(|| {
+        let mut cmd = Command::new(&py);
+        cmd.arg(repo_root().join("clients/python/examples/send.py"));
+        cmd
+    })
+    .await;
+}
+
+/// clients/typescript with its locked dependencies installed (`npm ci`) and built, once; a
+/// missing node or npm is a loud failure with the install command.
+fn typescript() -> PathBuf {
+    static MADE: Mutex<()> = Mutex::new(());
+    let _once = MADE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = repo_root().join("clients/typescript");
+    if !dir.join("node_modules/.package-lock.json").exists() {
+        let (code, out) = run_output(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir),
+        );
+        assert_eq!(
+            code, 0,
+            "npm ci in clients/typescript failed (node and npm are needed: apt-get install -y \
+             nodejs npm; scripts/dev test installs them):\n{out}"
+        );
+    }
+    let (code, out) = run_output(Command::new("npm").args(["run", "build"]).current_dir(&dir));
+    assert_eq!(code, 0, "npm run build:\n{out}");
+    dir
+}
+
+#[test]
+fn typescript_library_passes_its_tests_and_every_signing_vector() {
+    let dir = typescript();
+    let (code, out) = run_output(Command::new("npm").arg("test").current_dir(&dir));
+    assert_eq!(code, 0, "{out}");
+    let count = |label: &str| -> usize {
+        out.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {label} in:\n{out}"))
+    };
+    assert_eq!(count("# fail"), 0, "{out}");
+    let vectors = out
+        .lines()
+        .filter(|l| l.starts_with("ok ") && l.contains(" - vector: "))
+        .count();
+    assert_eq!(vectors, vector_cases(), "{out}");
+    assert!(count("# pass") > vectors, "{out}");
+    eprintln!(
+        "typescript: {} tests passed ({vectors} vector cases)",
+        count("# pass")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_library_against_the_real_gateway() {
+    let dir = tokio::task::spawn_blocking(typescript).await.unwrap();
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("test/e2e_gateway.mjs"));
+    end_to_end(cmd, "typescript: 9 cases passed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_example_sends_one_signed_request() {
+    let dir = tokio::task::spawn_blocking(typescript).await.unwrap();
+    example(|| {
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join("examples/send.mjs"));
+        cmd
+    })
+    .await;
 }
