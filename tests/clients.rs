@@ -267,3 +267,63 @@ async fn typescript_example_sends_one_signed_request() {
     })
     .await;
 }
+
+/// clients/go's e2e program and example, built once into target/; a missing Go toolchain is
+/// a loud failure with the install command.
+fn go_built() -> (PathBuf, PathBuf) {
+    static MADE: Mutex<()> = Mutex::new(());
+    let _once = MADE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = repo_root().join("clients/go");
+    let out = repo_root().join("target/clients-go");
+    let (e2e, send) = (out.join("e2e"), out.join("send"));
+    for (bin, pkg) in [(&e2e, "./e2e"), (&send, "./examples/send")] {
+        let (code, text) = run_output(
+            Command::new("go")
+                .args(["build", "-o"])
+                .arg(bin)
+                .arg(pkg)
+                .current_dir(&dir),
+        );
+        assert_eq!(
+            code, 0,
+            "go build {pkg} failed (Go is needed: apt-get install -y golang-go; scripts/dev \
+             test installs it):\n{text}"
+        );
+    }
+    (e2e, send)
+}
+
+#[test]
+fn go_library_passes_its_tests_and_every_signing_vector() {
+    let dir = repo_root().join("clients/go");
+    let (code, out) = run_output(Command::new("go").args(["vet", "./..."]).current_dir(&dir));
+    assert_eq!(code, 0, "go vet (Go: apt-get install -y golang-go):\n{out}");
+    let (code, out) = run_output(
+        Command::new("go")
+            .args(["test", "-count=1", "-v", "./..."])
+            .current_dir(&dir),
+    );
+    assert_eq!(code, 0, "{out}");
+    let vectors = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--- PASS: TestVectors/vector:"))
+        .count();
+    assert_eq!(vectors, vector_cases(), "{out}");
+    let passed = out.lines().filter(|l| l.starts_with("--- PASS: ")).count();
+    assert!(out.lines().all(|l| !l.contains("--- FAIL")), "{out}");
+    eprintln!("go: {passed} tests passed ({vectors} vector cases)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_library_against_the_real_gateway() {
+    let (e2e, _) = tokio::task::spawn_blocking(go_built).await.unwrap();
+    end_to_end(Command::new(e2e), "go: 8 cases passed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_example_sends_one_signed_request() {
+    let (_, send) = tokio::task::spawn_blocking(go_built).await.unwrap();
+    example(|| Command::new(&send)).await;
+}
