@@ -23,7 +23,10 @@ fn python() -> PathBuf {
     let venv = repo_root().join("target/clients-venv");
     let py = venv.join("bin/python");
     let ready = Command::new(&py)
-        .args(["-c", "import keygate_client, pytest, requests, httpx, jwt"])
+        .args([
+            "-c",
+            "import keygate_client, pytest, requests, httpx, jwt, flask",
+        ])
         .status()
         .is_ok_and(|s| s.success());
     if !ready {

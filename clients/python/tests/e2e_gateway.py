@@ -1,7 +1,8 @@
 """keygate-client against the real keygate binary (run by keygate's tests/clients.rs, which
-starts the gateway with this script's WSGI app as its upstream and mints the keys).
+starts the gateway with this script's Flask app as its upstream and mints the keys).
 
-The upstream verifies every request's x-keygate-assertion with KeygateAssertionMiddleware;
+The upstream, a Flask app, verifies every request's x-keygate-assertion with
+KeygateAssertionMiddleware;
 the cases sign through requests and httpx (sync and async) and check what the upstream saw.
 Prints one line per case and "python: N cases passed"; exits 1 at the first failure.
 """
@@ -14,6 +15,7 @@ import sys
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import flask
 import httpx
 import requests
 
@@ -43,16 +45,16 @@ def case(name):
     return wrap
 
 
-def upstream(environ, start_response):
-    claims = environ["keygate.claims"]
-    body = environ["wsgi.input"].read()
-    doc = json.dumps({"sub": claims["sub"], "owner": claims["owner"],
-                      "target": claims["target"],
-                      "assertion": environ["HTTP_X_KEYGATE_ASSERTION"],
-                      "body_sha256": hashlib.sha256(body).hexdigest()}).encode()
-    start_response("200 OK", [("content-type", "application/json"),
-                              ("content-length", str(len(doc)))])
-    return [doc]
+app = flask.Flask("upstream")
+
+
+@app.route("/<path:anything>", methods=["GET", "POST"])
+def upstream(anything):
+    claims = flask.request.environ["keygate.claims"]
+    body = flask.request.get_data()
+    return flask.jsonify(sub=claims["sub"], owner=claims["owner"], target=claims["target"],
+                         assertion=flask.request.headers["x-keygate-assertion"],
+                         body_sha256=hashlib.sha256(body).hexdigest())
 
 
 class Quiet(WSGIRequestHandler):
@@ -61,8 +63,8 @@ class Quiet(WSGIRequestHandler):
 
 
 verifier = AssertionVerifier(jwks_url=E["KEYGATE_JWKS_URL"], audience=E["KEYGATE_UPSTREAM_NAME"])
-server = make_server("127.0.0.1", int(E["KEYGATE_UPSTREAM_PORT"]),
-                     KeygateAssertionMiddleware(upstream, verifier), handler_class=Quiet)
+app.wsgi_app = KeygateAssertionMiddleware(app.wsgi_app, verifier)
+server = make_server("127.0.0.1", int(E["KEYGATE_UPSTREAM_PORT"]), app, handler_class=Quiet)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
