@@ -17,37 +17,11 @@ use support::{Echo, Gateway, Options, Seen, ADMIN_TOKEN};
 
 /// A Python with PyJWT, made once under target/ (PyPI); a missing python3 is a loud failure.
 fn python() -> PathBuf {
-    static MADE: Mutex<()> = Mutex::new(());
-    let _once = MADE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyjwt-venv");
-    let py = venv.join("bin/python");
-    let ready = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import jwt, cryptography"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ready(&py) {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status();
-        assert!(
-            made.is_ok_and(|s| s.success()),
-            "python3 with venv is needed to verify assertions with PyJWT: \
-             apt-get install -y python3-venv (scripts/dev test installs it)"
-        );
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "pyjwt[crypto]>=2.8,<3"])
-            .status();
-        assert!(
-            pip.is_ok_and(|s| s.success()),
-            "pip install pyjwt[crypto] failed"
-        );
-    }
-    py
+    support::python_venv(
+        "pyjwt-venv",
+        "jwt, cryptography",
+        &["pyjwt[crypto]>=2.8,<3"],
+    )
 }
 
 /// A directory with `jose` from npm, made once under target/; a missing node or npm is a

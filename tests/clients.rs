@@ -13,43 +13,14 @@ use std::sync::Mutex;
 use serde_json::json;
 use support::{free_port, repo_root, run_output, Echo, Gateway, Key, Options};
 
-/// A venv under target/ with clients/python installed (editable) and its test extras, made
-/// once; a missing python3-venv or pip failure is a loud failure with the install command.
+/// A venv under target/ with clients/python installed (editable) with its test extras.
 fn python() -> PathBuf {
-    static MADE: Mutex<()> = Mutex::new(());
-    let _once = MADE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let venv = repo_root().join("target/clients-venv");
-    let py = venv.join("bin/python");
-    let ready = Command::new(&py)
-        .args([
-            "-c",
-            "import keygate_client, pytest, requests, httpx, jwt, flask",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ready {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status();
-        assert!(
-            made.is_ok_and(|s| s.success()),
-            "python3 with venv is needed for clients/python: apt-get install -y python3-venv \
-             (scripts/dev test installs it)"
-        );
-        let (code, out) = run_output(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "-e"])
-                .arg(format!(
-                    "{}[test]",
-                    repo_root().join("clients/python").display()
-                )),
-        );
-        assert_eq!(code, 0, "pip install clients/python[test] failed:\n{out}");
-    }
-    py
+    let package = format!("{}[test]", repo_root().join("clients/python").display());
+    support::python_venv(
+        "clients-venv",
+        "keygate_client, pytest, requests, httpx, jwt, flask",
+        &["-e", &package],
+    )
 }
 
 /// How many cases tests/fixtures/signing.json has.

@@ -131,6 +131,40 @@ pub fn assert_check_config_offline(path: &Path, what: &str) {
     assert_eq!(code, 0, "{what}: {text}");
 }
 
+/// A Python venv under target/`name`, made once per test process and kept between runs: it is
+/// (re)made with `pip install PIP_ARGS…` unless `python -c "import IMPORTS"` already works. A
+/// missing python3-venv or a failing pip is a loud failure with the install command.
+pub fn python_venv(name: &str, imports: &str, pip_args: &[&str]) -> PathBuf {
+    static MADE: Mutex<()> = Mutex::new(());
+    let _once = MADE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let venv = repo_root().join("target").join(name);
+    let py = venv.join("bin/python");
+    let ready = Command::new(&py)
+        .args(["-c", &format!("import {imports}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "python3 with venv is needed: apt-get install -y python3-venv (scripts/dev test \
+             installs it)"
+        );
+        let (code, out) = run_output(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "-q"])
+                .args(pip_args),
+        );
+        assert_eq!(code, 0, "pip install {pip_args:?} failed:\n{out}");
+    }
+    py
+}
+
 /// The repository's root (where Cargo.toml is).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
