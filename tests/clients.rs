@@ -301,3 +301,22 @@ async fn go_example_sends_one_signed_request() {
     let (_, send) = tokio::task::spawn_blocking(go_built).await.unwrap();
     example(|| Command::new(&send)).await;
 }
+
+/// The libraries are versioned with keygate: each says the version Cargo.toml does.
+#[test]
+fn every_library_has_keygates_version() {
+    let version = env!("CARGO_PKG_VERSION");
+    let read = |p: &str| std::fs::read_to_string(repo_root().join(p)).unwrap();
+    let pyproject: toml::Table = toml::from_str(&read("clients/python/pyproject.toml")).unwrap();
+    assert_eq!(pyproject["project"]["version"].as_str(), Some(version));
+    assert!(read("clients/python/src/keygate_client/__init__.py")
+        .contains(&format!("__version__ = \"{version}\"")));
+    let package: serde_json::Value =
+        serde_json::from_str(&read("clients/typescript/package.json")).unwrap();
+    assert_eq!(package["version"], version);
+    let lock: serde_json::Value =
+        serde_json::from_str(&read("clients/typescript/package-lock.json")).unwrap();
+    assert_eq!(lock["version"], version);
+    // Go modules carry no version in go.mod: a release tags clients/go/v<version>.
+    assert!(read("clients/go/go.mod").starts_with("module github.com/keygate/keygate/clients/go\n"));
+}
