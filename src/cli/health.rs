@@ -33,14 +33,10 @@ pub(super) fn run(url: &str, ca_file: Option<&Path>, timeout: Duration) -> ExitC
 }
 
 async fn probe(url: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<u16, String> {
-    let mut client = reqwest::Client::builder().timeout(timeout);
-    if let Some(ca) = ca_file {
-        let pem = std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
-        client = client.add_root_certificate(cert);
-    }
-    let client = client.build().map_err(|e| e.to_string())?;
+    let client = super::client_trusting(ca_file)?
+        .timeout(timeout)
+        .build()
+        .map_err(|e| e.to_string())?;
     let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
     Ok(resp.status().as_u16())
 }

@@ -339,18 +339,13 @@ pub async fn admin_call(
 ) -> Result<(u16, String, Value), KeysError> {
     let base = admin.url.trim_end_matches('/');
     let url = format!("{base}{path}");
-    let mut client = reqwest::Client::builder();
-    if let Some(ca) = &admin.ca_file {
-        let pem = std::fs::read(ca)
-            .map_err(|e| KeysError::Usage(format!("--ca-file {}: {e}", ca.display())))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| KeysError::Usage(format!("--ca-file {}: {e}", ca.display())))?;
-        client = client.add_root_certificate(cert);
-    }
-    let client = client.build().map_err(|e| KeysError::Unreachable {
-        url: base.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let client = super::client_trusting(admin.ca_file.as_deref())
+        .map_err(KeysError::Usage)?
+        .build()
+        .map_err(|e| KeysError::Unreachable {
+            url: base.to_owned(),
+            reason: e.to_string(),
+        })?;
     let mut req = client.request(method, &url).bearer_auth(&admin.token);
     if let Some(b) = body {
         req = req.json(b);

@@ -363,6 +363,18 @@ impl From<KeysCmd> for KeysCommand {
     }
 }
 
+/// An HTTP client builder that also trusts the PEM CA certificates of `--ca-file`.
+fn client_trusting(ca_file: Option<&std::path::Path>) -> Result<reqwest::ClientBuilder, String> {
+    let builder = reqwest::Client::builder();
+    let Some(ca) = ca_file else {
+        return Ok(builder);
+    };
+    let shown = |e: &dyn std::fmt::Display| format!("--ca-file {}: {e}", ca.display());
+    let pem = std::fs::read(ca).map_err(|e| shown(&e))?;
+    let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| shown(&e))?;
+    Ok(builder.add_root_certificate(cert))
+}
+
 /// Runs `f` with the config named by `--config`, which `what` needs.
 fn with_config(
     path: Option<PathBuf>,

@@ -80,18 +80,16 @@ pub(super) fn open(
             eprintln!("keygate {what}: runtime: {e}");
             ExitCode::from(EX_UNAVAILABLE)
         })?;
-    let stores = rt
-        .block_on(async { crate::server::open_store(config) })
-        .map_err(|e| {
-            eprintln!("keygate {what}: {e}");
-            if matches!(config.store, crate::config::StoreConfig::Embedded { .. }) {
-                eprintln!(
-                    "  an embedded store opens in one process at a time: stop the gateway \
+    let stores = crate::server::open_store(config).map_err(|e| {
+        eprintln!("keygate {what}: {e}");
+        if matches!(config.store, crate::config::StoreConfig::Embedded { .. }) {
+            eprintln!(
+                "  an embedded store opens in one process at a time: stop the gateway \
                      using it first"
-                );
-            }
-            ExitCode::from(EX_UNAVAILABLE)
-        })?;
+            );
+        }
+        ExitCode::from(EX_UNAVAILABLE)
+    })?;
     Ok((stores, rt))
 }
 

@@ -137,7 +137,6 @@ pub struct RestoreReport {
     /// The keyring was written (the store had none); `false` with a keyring in the backup:
     /// the store's own was kept.
     pub signing_keys_restored: bool,
-    pub read: Counts,
 }
 
 /// Checks a whole backup without writing anything: every line parses, the header names this
@@ -207,13 +206,11 @@ async fn apply(
     match line {
         Line::Header { .. } | Line::End(_) => {}
         Line::Key(record) => {
-            report.read.keys += 1;
             if copy_key(&record, stores.keys.as_ref(), &mut report.copy).await? {
                 added.insert(record.id.clone());
             }
         }
         Line::Audit(entry) => {
-            report.read.audit += 1;
             copy_audit(&entry, stores.keys.as_ref(), &mut report.copy).await?;
         }
         Line::Credits {
@@ -221,7 +218,6 @@ async fn apply(
             remaining,
             period,
         } => {
-            report.read.credits += 1;
             if added.contains(&key_id) {
                 // Stored with the period it was read in: a refill due since then still
                 // happens at the key's next request.
@@ -234,19 +230,16 @@ async fn apply(
             }
         }
         Line::SigningKeys { body } => {
-            report.read.signing_keys = true;
-            if stores.signing_keys.load_signing_keys().await?.is_none() {
-                let doc = Versioned {
-                    version: 1,
-                    body: serde_json::to_vec(&body)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                };
-                match stores.signing_keys.save_signing_keys(&doc).await {
-                    Ok(()) => report.signing_keys_restored = true,
-                    // A gateway created its own keyring meanwhile: keep it.
-                    Err(StoreError::VersionConflict) => {}
-                    Err(e) => return Err(e.into()),
-                }
+            // Version 1 is written only where there is no keyring (compare-and-set): a store
+            // with one of its own, or a gateway that created one meanwhile, keeps it.
+            let doc = Versioned {
+                version: 1,
+                body: serde_json::to_vec(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            };
+            match stores.signing_keys.save_signing_keys(&doc).await {
+                Ok(()) => report.signing_keys_restored = true,
+                Err(StoreError::VersionConflict) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -106,8 +106,8 @@ pub async fn reseal(
     let mut report = ResealReport::default();
     let mut walk = Walk::new(keys);
     while let Some(page) = walk.next_records().await? {
-        for record in &page {
-            reseal_one(keys, master, &record.id, &mut report).await?;
+        for record in page {
+            reseal_one(keys, master, record, &mut report).await?;
         }
     }
     report.signing_keys_resealed = keyring::reseal(signing, master).await?;
@@ -115,15 +115,23 @@ pub async fn reseal(
     Ok(report)
 }
 
+/// Re-seals `listed` as the listing read it; only after a concurrent change is the record
+/// read again.
 async fn reseal_one(
     keys: &dyn KeyStore,
     master: &MasterKey,
-    id: &str,
+    listed: KeyRecord,
     report: &mut ResealReport,
 ) -> Result<(), StoreError> {
+    let id = listed.id.clone();
+    let mut next = Some(listed);
     for _ in 0..CAS_ATTEMPTS {
+        let current = match next.take() {
+            Some(r) => Some(r),
+            None => keys.get_by_id(&id).await?,
+        };
         // Deleted since the listing: nothing to move.
-        let Some(mut record) = keys.get_by_id(id).await? else {
+        let Some(mut record) = current else {
             return Ok(());
         };
         match resealed(&mut record, master) {
@@ -133,7 +141,7 @@ async fn reseal_one(
             }
             Ok(true) => {}
             Err(e) => {
-                report.keys_failed.push((id.to_owned(), e.to_string()));
+                report.keys_failed.push((id, e.to_string()));
                 return Ok(());
             }
         }
@@ -148,10 +156,9 @@ async fn reseal_one(
             Err(e) => return Err(e),
         }
     }
-    report.keys_failed.push((
-        id.to_owned(),
-        "kept changing under this run; run it again".into(),
-    ));
+    report
+        .keys_failed
+        .push((id, "kept changing under this run; run it again".into()));
     Ok(())
 }
 

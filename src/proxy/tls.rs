@@ -110,14 +110,18 @@ impl Certificate {
     /// Keeps `gauge` at the served certificate's `notAfter` (Unix seconds), now and after
     /// every reload.
     pub fn report_expiry(&self, gauge: prometheus::IntGauge) {
-        let gauge = self.expiry.get_or_init(|| gauge);
-        if let Some(at) = self.not_after() {
+        self.expiry.get_or_init(|| gauge);
+        self.refresh_expiry();
+    }
+
+    fn refresh_expiry(&self) {
+        if let (Some(gauge), Some(at)) = (self.expiry.get(), self.not_after()) {
             gauge.set(at);
         }
     }
 
     /// The leaf certificate's `notAfter`, Unix seconds.
-    pub fn not_after(&self) -> Option<i64> {
+    fn not_after(&self) -> Option<i64> {
         let current = self
             .current
             .read()
@@ -141,9 +145,7 @@ impl Certificate {
             .cfg
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = cfg.clone();
-        if let (Some(gauge), Some(at)) = (self.expiry.get(), self.not_after()) {
-            gauge.set(at);
-        }
+        self.refresh_expiry();
         Ok(())
     }
 
