@@ -9,83 +9,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::json;
+use support::curl::curl;
 use support::redis::TlsFiles;
 use support::{now, Echo, Gateway, Key, Options};
-
-/// One curl exchange: the HTTP version used, the status and the body.
-#[derive(Debug)]
-struct Reply {
-    version: String,
-    status: u16,
-    body: String,
-    /// curl's own complaint, if any: read only in failure messages (`Debug`).
-    #[allow(dead_code)]
-    error: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-
-    /// The contract's problem+json with `code`, over HTTP/2.
-    fn assert_problem(&self, status: u16, code: &str) {
-        assert_eq!(
-            (self.version.as_str(), self.status),
-            ("2", status),
-            "{self:?}"
-        );
-        assert_eq!(self.json()["code"], code, "{self:?}");
-    }
-}
-
-/// Runs curl with `flags` (protocol and trust) on `url`.
-async fn curl(
-    flags: &[String],
-    method: &str,
-    url: &str,
-    headers: &[(String, String)],
-    body: &[u8],
-) -> Reply {
-    let dir = tempfile::tempdir().unwrap();
-    let (body_file, out_file) = (dir.path().join("body"), dir.path().join("out"));
-    std::fs::write(&body_file, body).unwrap();
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--max-time",
-        "20",
-        "-X",
-        method,
-        "-w",
-        "%{http_version} %{http_code}",
-        "-o",
-    ])
-    .arg(&out_file)
-    .args(flags);
-    if !body.is_empty() {
-        cmd.arg("--data-binary")
-            .arg(format!("@{}", body_file.display()));
-        cmd.args(["-H", "content-type: application/json"]);
-    }
-    for (k, v) in headers {
-        cmd.arg("-H").arg(format!("{k}: {v}"));
-    }
-    cmd.arg(url);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("curl is needed: apt-get install -y curl");
-    let written = String::from_utf8_lossy(&out.stdout).to_string();
-    let (version, status) = written.split_once(' ').unwrap_or(("", "0"));
-    Reply {
-        version: version.to_owned(),
-        status: status.parse().unwrap_or(0),
-        body: std::fs::read_to_string(&out_file).unwrap_or_default(),
-        error: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
-}
 
 fn signed(key: &Key, method: &str, target: &str, body: &[u8]) -> Vec<(String, String)> {
     support::v1_headers(

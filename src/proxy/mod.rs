@@ -4,10 +4,10 @@
 //! of SPEC §3.4 run on the headers alone, before a byte of the body is read, so unauthenticated
 //! clients cannot make keygate buffer bodies; then the body is read whole (bounded by
 //! `server.max_body_bytes` and `server.body_timeout`) and the signature verified.
-//! Bodies up to pingora's 64 KiB retry buffer are replayed upstream by pingora itself; larger
-//! ones are sent by [`forward`] through pingora's connector. Public routes stream as usual.
+//! Every verified body, whatever its size and protocol, is then replayed upstream by pingora
+//! from its retry buffer (sized to `max_body_bytes`: vendor/README.md), so all requests leave
+//! through pingora's one forwarding path. Public routes stream as usual.
 
-mod forward;
 pub mod guard;
 pub mod health;
 mod limit;
@@ -27,7 +27,6 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::EXPECT;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::v1::common::is_expect_continue_req;
@@ -70,8 +69,6 @@ pub struct Gateway {
     /// The series of the self-service route's successful requests.
     self_service_metrics: RouteMetrics,
     clock: Arc<dyn Clock>,
-    /// For bodies beyond pingora's retry buffer; pools connections like pingora's own.
-    connector: Connector,
     request_ids: RequestIds,
     /// The key lifecycle, serving `/_keygate/v1/keys` to keys holding `keys.manage`.
     lifecycle: Option<Arc<crate::lifecycle::Lifecycle>>,
@@ -226,6 +223,11 @@ impl Gateway {
         usage: Arc<crate::usage::UsageTally>,
         asserter: Arc<crate::assertion::Asserter>,
     ) -> Self {
+        // pingora replays every verified body from its retry buffer, so the buffer must hold
+        // the largest body keygate accepts (process-wide: one gateway per process).
+        pingora::protocols::http::body_buffer::set_retry_buffer_limit(
+            config.server.max_body_bytes.max(64 * 1024),
+        );
         let self_service_route = self_service::route();
         let board = Arc::new(health::HealthBoard::new(metrics.clone()));
         Self {
@@ -243,9 +245,6 @@ impl Gateway {
             self_service_metrics: metrics.route(&self_service_route.name),
             metrics,
             clock,
-            connector: Connector::new(Some(pingora::connectors::ConnectorOptions::new(
-                config.server.upstream_pool_size,
-            ))),
             request_ids: RequestIds::new(),
             lifecycle,
             self_service_route,
@@ -1288,9 +1287,12 @@ impl ProxyHttp for Gateway {
         }
         ctx.key = Some(key);
         if session.as_downstream().retry_buffer_truncated() {
-            // Too large for pingora to replay: send it ourselves, verified and whole.
-            self.forward_direct(session, ctx, body).await?;
-            return Ok(true);
+            // Cannot happen: the retry buffer holds max_body_bytes, and a larger body was
+            // refused above. Never forward a body pingora could not replay whole.
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "verified body larger than the retry buffer",
+            ));
         }
         Ok(false)
     }

@@ -14,6 +14,7 @@ use keygate::cli::sign::{self, SignRequest};
 use keygate::keys::AuthKind;
 use serde_json::{json, Value};
 
+pub mod curl;
 pub mod redis;
 
 pub const ADMIN_TOKEN: &str = "kgadm_test_token_0123456789abcdef";
@@ -22,6 +23,8 @@ pub const ADMIN_TOKEN: &str = "kgadm_test_token_0123456789abcdef";
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub method: String,
+    /// The request line's version as the upstream read it.
+    pub version: http::Version,
     pub target: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
@@ -54,6 +57,7 @@ impl Echo {
                 };
                 record.lock().unwrap().push(Seen {
                     method: parts.method.to_string(),
+                    version: parts.version,
                     target: target.clone(),
                     headers: parts.headers,
                     body: body.clone(),
