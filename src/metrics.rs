@@ -123,16 +123,28 @@ pub enum ConnClosed {
     BodyTimeout,
     /// `server.max_connections` were already open.
     MaxConnections,
+    /// The TLS handshake did not finish within `server.header_timeout`.
+    HandshakeTimeout,
+    /// The TLS handshake failed: cut short, not TLS, or refused by rustls.
+    HandshakeFailed,
 }
 
 impl ConnClosed {
-    pub const ALL: [ConnClosed; 3] = [Self::HeaderTimeout, Self::BodyTimeout, Self::MaxConnections];
+    pub const ALL: [ConnClosed; 5] = [
+        Self::HeaderTimeout,
+        Self::BodyTimeout,
+        Self::MaxConnections,
+        Self::HandshakeTimeout,
+        Self::HandshakeFailed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::HeaderTimeout => "header_timeout",
             Self::BodyTimeout => "body_timeout",
             Self::MaxConnections => "max_connections",
+            Self::HandshakeTimeout => "tls_handshake_timeout",
+            Self::HandshakeFailed => "tls_handshake_failed",
         }
     }
 }

@@ -60,8 +60,6 @@ pub enum StartError {
     TlsCaFile(String, std::io::Error),
     #[error("server.tls {0}")]
     Tls(#[from] crate::proxy::tls::TlsError),
-    #[error("TLS listener: {0}")]
-    TlsListener(String),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("metrics: {0}")]
@@ -415,16 +413,21 @@ impl App {
         // An h2 connection with no open stream is closed like an idle HTTP/1 keep-alive.
         options.h2_idle_timeout = Some(cfg.server.header_timeout);
         http.server_options = Some(options);
-        let mut proxy = pingora::services::listening::Service::new(
-            "keygate proxy".to_owned(),
-            Guarded::new(http, limits, metrics.clone()),
-        );
         let certificate = cfg
             .server
             .tls
             .as_ref()
             .map(crate::proxy::tls::Certificate::new)
             .transpose()?;
+        let acceptor = certificate
+            .as_ref()
+            .map(crate::proxy::tls::Certificate::acceptor)
+            .transpose()?;
+        let guarded = Guarded::new(http, limits, metrics.clone()).with_tls(acceptor);
+        let filter = guarded.connection_filter();
+        let mut proxy =
+            pingora::services::listening::Service::new("keygate proxy".to_owned(), guarded);
+        proxy.set_connection_filter(filter);
         let admin_certificate = cfg
             .admin
             .tls
@@ -450,15 +453,9 @@ impl App {
                 );
             }
         }
-        match &certificate {
-            Some(cert) => {
-                let settings = cert
-                    .settings()
-                    .map_err(|e| StartError::TlsListener(e.to_string()))?;
-                proxy.add_tls_with_settings(&cfg.server.listen.to_string(), None, settings);
-            }
-            None => proxy.add_tcp(&cfg.server.listen.to_string()),
-        }
+        // A plain TCP listener either way: the TLS handshake runs inside Guarded, so it counts
+        // toward max_connections and must finish within header_timeout.
+        proxy.add_tcp(&cfg.server.listen.to_string());
         server.add_service(proxy);
         server.add_service(background_service(
             "keygate reload",
@@ -656,7 +653,10 @@ impl AxumService {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
+                        // Out of descriptors, typically: give others the time to free one
+                        // rather than spin on accept().
                         tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 },

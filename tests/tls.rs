@@ -800,3 +800,137 @@ async fn the_admin_and_metrics_listeners_speak_https_when_configured() {
         .await;
     assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
 }
+
+/// 1,100 TCP connections to the TLS listener that never start a handshake, under a 1,024
+/// descriptor limit. The handshake counts toward `max_connections` from the moment the
+/// connection is accepted (the rest are closed at once) and must finish within
+/// `header_timeout`; the admin and metrics listeners answer throughout, and once the silent
+/// clients are cut, TLS clients are served again. Before, pingora ran the handshake outside
+/// keygate's guard: each silent connection stayed 60 s, none counted, and the process ran out
+/// of descriptors ("Too many open files") with every listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_tls_clients_are_counted_and_cut_at_header_timeout() {
+    const FLOOD: usize = 1_100;
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let echo = Echo::start().await;
+    let mut opts = tls_options(&echo, &files);
+    opts.server_extra = format!("header_timeout = \"2s\"\n{}", opts.server_extra);
+    opts.launcher = vec!["prlimit".into(), "--nofile=1024:1024".into()];
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let cfg = Arc::new(client(&[&files.ca], &[&rustls::version::TLS13]));
+    let (status, _) = over_tls(&cfg, gw.proxy, &signed_get(&key, "/v1/payments/1"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let baseline = support::open_fds(gw.pid());
+
+    let started = std::time::Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..FLOOD {
+        if let Ok(s) = tokio::net::TcpStream::connect(gw.proxy).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let peak = support::open_fds(gw.pid());
+    let health = gw.http.get(gw.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "the admin listener answers during the flood"
+    );
+    let over = gw
+        .metric("keygate_connections_closed_total{reason=\"max_connections\"}")
+        .await;
+    assert!(peak < 1024, "{peak} descriptors at the peak");
+    assert!(
+        over > 0.0,
+        "connections over max_connections are closed at once"
+    );
+
+    // header_timeout (2 s) cuts the silent handshakes, well before pingora's 60 s.
+    let mut cut = 0.0;
+    while started.elapsed() < Duration::from_secs(10) {
+        cut = gw
+            .metric("keygate_connections_closed_total{reason=\"tls_handshake_timeout\"}")
+            .await;
+        if cut > 0.0 && support::open_fds(gw.pid()) <= baseline + 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let released = started.elapsed();
+    let after = support::open_fds(gw.pid());
+    eprintln!(
+        "TLS flood of {FLOOD} silent connections, 1,024 descriptors: {} connected, {baseline} \
+         descriptors before, {peak} at the peak, {after} after {released:?}; {over} closed for \
+         max_connections, {cut} cut at header_timeout",
+        held.len()
+    );
+    assert!(cut > 0.0, "silent handshakes are cut at header_timeout");
+    assert!(
+        released < Duration::from_secs(6),
+        "descriptors back after {released:?}"
+    );
+    assert!(
+        after <= baseline + 10,
+        "{after} descriptors, {baseline} before"
+    );
+    let (status, _) = over_tls(&cfg, gw.proxy, &signed_get(&key, "/v1/payments/1"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "TLS clients are served again");
+    let scrape = gw.metrics_text().await;
+    assert!(scrape.contains("keygate_open_connections"));
+    drop(held);
+    assert!(!gw.log().contains("Too many open files"), "{}", gw.log());
+}
+
+/// Handshakes that fail (not TLS at all, or cut short) are each counted and logged at most
+/// once a minute: any client can cause them, so a line each would let it flood the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_are_counted_and_logged_once_a_minute() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path());
+    let echo = Echo::start().await;
+    let gw = Gateway::start(tls_options(&echo, &files)).await;
+    const BAD: usize = 40;
+    let closed = "keygate_connections_closed_total{reason=\"tls_handshake_failed\"}";
+    let before = gw.metric(closed).await;
+    // Connected and closed without a byte: a TCP health check, neither counted nor logged.
+    for _ in 0..10 {
+        drop(tokio::net::TcpStream::connect(gw.proxy).await.unwrap());
+    }
+    for i in 0..BAD {
+        let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        if i % 2 == 0 {
+            // Plain HTTP to the TLS port.
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        } else {
+            // A TLS record header, then the connection closes mid-handshake.
+            let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await;
+        }
+        let _ = s.shutdown().await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    }
+    let mut failed = 0.0;
+    for _ in 0..50 {
+        failed = gw.metric(closed).await - before;
+        if failed >= BAD as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gw.metric(closed).await - before, BAD as f64);
+    assert_eq!(failed, BAD as f64);
+    let log = gw.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("handshake") && (l.contains("WARN") || l.contains("ERROR")))
+        .count();
+    assert_eq!(lines, 1, "{log}");
+}

@@ -3,6 +3,11 @@
 //! (`server.header_timeout`) and body (`server.body_timeout`). Pingora only bounds each read
 //! (60 s), so a client trickling a byte at a time could hold a connection for ever.
 //!
+//! On a TLS listener the handshake runs here too, not in pingora's listener (which allows it
+//! 60 s and counts nothing): it counts toward `max_connections` from the moment the connection
+//! is accepted and must finish within `header_timeout`, so silent TLS clients cannot exhaust the
+//! process's descriptors and take the admin and metrics listeners down with the proxy.
+//!
 //! [`Guarded`] wraps pingora's proxy app. Each connection runs inside a task-local
 //! [`Deadline`] that the proxy's phases move as a request goes from head to body to upstream;
 //! a watchdog beside the connection drops it when the deadline passes. Moving the deadline is
@@ -23,6 +28,8 @@ use tokio::time::Instant;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
+use pingora::listeners::ConnectionFilter;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 
@@ -82,6 +89,8 @@ enum Stage {
     Body = 1,
     /// Nothing the client owes: the upstream or keygate is working.
     Free = 2,
+    /// The TLS handshake, before the first request head.
+    Handshake = 3,
 }
 
 /// A connection's current deadline, moved by the proxy's phases, read by its watchdog.
@@ -120,6 +129,7 @@ impl Deadline {
         let stage = match self.stage.load(Ordering::Acquire) {
             0 => Stage::Head,
             1 => Stage::Body,
+            3 => Stage::Handshake,
             _ => Stage::Free,
         };
         let at = (at != u64::MAX).then(|| self.start + Duration::from_millis(at));
@@ -176,13 +186,48 @@ async fn expired(d: &Deadline, tick: Duration) -> Stage {
     }
 }
 
-/// Counts an open connection while it lives.
-struct Open<'a>(&'a AtomicUsize, &'a Metrics);
+/// Open connections on the proxy listener, counted from `accept()`: pingora's accept loop asks
+/// [`ConnectionFilter::should_accept`] before it spawns anything, so a connection over
+/// `max_connections` is closed there and then, and a burst of connects cannot pile up accepted
+/// descriptors in tasks not yet run.
+pub struct Connections {
+    open: AtomicUsize,
+    max: usize,
+    metrics: Metrics,
+}
 
-impl Drop for Open<'_> {
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("open", &self.open)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl ConnectionFilter for Connections {
+    async fn should_accept(&self, _peer: Option<&SocketAddr>) -> bool {
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        if open > self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            // Closed at once, so descriptors stay free for the admin and metrics listeners.
+            self.metrics.connection_closed(ConnClosed::MaxConnections);
+            tracing::debug!(open, "server.max_connections reached; connection closed");
+            return false;
+        }
+        self.metrics.open_connections.inc();
+        true
+    }
+}
+
+/// An accepted connection's place in [`Connections`], given back when its serving ends.
+struct Slot<'a>(&'a Connections);
+
+impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        self.1.open_connections.dec();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.open_connections.dec();
     }
 }
 
@@ -190,10 +235,15 @@ impl Drop for Open<'_> {
 pub struct Guarded<A> {
     inner: Arc<A>,
     limits: Limits,
-    open: AtomicUsize,
+    /// Shared with pingora's accept loop as its connection filter.
+    connections: Arc<Connections>,
     metrics: Metrics,
     /// How often a watchdog looks again when its deadline moved or there is none.
     tick: Duration,
+    /// `[server.tls]`: the handshake each connection owes first.
+    tls: Option<Acceptor>,
+    /// Failed handshakes are logged at most once a minute: any client can cause one.
+    handshake_log: QuietLog,
 }
 
 impl<A> Guarded<A> {
@@ -203,11 +253,81 @@ impl<A> Guarded<A> {
         Self {
             inner: Arc::new(inner),
             limits,
-            open: AtomicUsize::new(0),
+            connections: Arc::new(Connections {
+                open: AtomicUsize::new(0),
+                max: limits.max_connections,
+                metrics: metrics.clone(),
+            }),
             metrics,
             tick,
+            tls: None,
+            handshake_log: QuietLog::default(),
         }
     }
+
+    /// The filter to give pingora's listener ([`Connections`]): without it nothing is counted.
+    pub fn connection_filter(&self) -> Arc<dyn ConnectionFilter> {
+        Arc::clone(&self.connections) as Arc<dyn ConnectionFilter>
+    }
+
+    /// Serves TLS: every connection owes a handshake with `acceptor` first.
+    #[must_use]
+    pub fn with_tls(mut self, acceptor: Option<Acceptor>) -> Self {
+        self.tls = acceptor;
+        self
+    }
+}
+
+/// A log line that any client can cause, written at most once a minute with a count of the
+/// occurrences it stands for.
+#[derive(Debug, Default)]
+struct QuietLog {
+    /// Seconds since the Unix epoch of the last line written (0: never).
+    last: AtomicU64,
+    /// Occurrences since the last line written.
+    since: AtomicU64,
+}
+
+impl QuietLog {
+    const EVERY_SECS: u64 = 60;
+
+    /// Counts one occurrence; `Some(occurrences since the last line)` when a line is due.
+    fn due(&self) -> Option<u64> {
+        self.since.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < Self::EVERY_SECS {
+            return None;
+        }
+        // One caller wins the minute; the others only count.
+        self.last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        Some(self.since.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// The TLS handshake on an accepted TCP connection; `Ok(None)` when the client closed before
+/// sending a byte — a TCP health check (a load balancer's, or `/readyz`'s own), not a failure.
+async fn handshake(acceptor: &Acceptor, stream: Stream) -> pingora::Result<Option<Stream>> {
+    use pingora::protocols::Peek;
+    let mut tcp = *stream
+        .into_any()
+        .downcast::<pingora::protocols::l4::stream::Stream>()
+        .map_err(|_| {
+            pingora::Error::explain(
+                pingora::ErrorType::InternalError,
+                "the proxy listener handed over a stream that is not TCP",
+            )
+        })?;
+    // The byte is put back: the handshake reads it.
+    if tcp.try_peek(&mut [0u8; 1]).await.is_err() {
+        return Ok(None);
+    }
+    let tls = acceptor.tls_handshake(tcp).await?;
+    Ok(Some(Box::new(tls)))
 }
 
 #[async_trait]
@@ -220,21 +340,35 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
-        self.metrics.open_connections.inc();
-        let _open = Open(&self.open, &self.metrics);
-        if open > self.limits.max_connections {
-            // Closed at once, so descriptors stay free for the admin and metrics listeners.
-            self.metrics.connection_closed(ConnClosed::MaxConnections);
-            tracing::debug!(open, "server.max_connections reached; connection closed");
-            return None;
-        }
+        // Taken by the connection filter at accept. pingora serves a kept-alive HTTP/1
+        // connection inside one call, so the call's end is the connection's.
+        let _slot = Slot(&self.connections);
         let deadline = Arc::new(Deadline::new(self.limits));
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        if self.tls.is_some() {
+            deadline.set(Stage::Handshake, Some(self.limits.header_timeout));
+        }
         let served = async {
-            let mut stream = stream;
+            let mut stream = match &self.tls {
+                None => stream,
+                Some(acceptor) => match handshake(acceptor, stream).await {
+                    Ok(None) => return None,
+                    Ok(Some(tls)) => {
+                        // The first request head is owed from here, in a window of its own.
+                        deadline.set(Stage::Head, Some(self.limits.header_timeout));
+                        tls
+                    }
+                    Err(e) => {
+                        self.metrics.connection_closed(ConnClosed::HandshakeFailed);
+                        if let Some(n) = self.handshake_log.due() {
+                            tracing::warn!(error = %e, failed = n, "TLS handshakes failed (logged at most once a minute; keygate_connections_closed_total{{reason=\"tls_handshake_failed\"}} counts each)");
+                        }
+                        return None;
+                    }
+                },
+            };
             let h2 = match stream.selected_alpn_proto() {
                 Some(ALPN::H2) => true,
                 // pingora peeks the same way; a peek consumes nothing.
@@ -261,6 +395,7 @@ where
             stage = expired(&deadline, self.tick) => {
                 let why = match stage {
                     Stage::Body => ConnClosed::BodyTimeout,
+                    Stage::Handshake => ConnClosed::HandshakeTimeout,
                     Stage::Head | Stage::Free => ConnClosed::HeaderTimeout,
                 };
                 self.metrics.connection_closed(why);
@@ -286,6 +421,18 @@ mod tests {
             body_timeout: Duration::from_secs(30),
             h2c: false,
         }
+    }
+
+    #[test]
+    fn a_quiet_log_writes_once_and_counts_the_rest() {
+        let log = QuietLog::default();
+        assert_eq!(log.due(), Some(1));
+        for _ in 0..99 {
+            assert_eq!(log.due(), None);
+        }
+        // A minute later the next line carries the 99 it stood for, plus itself.
+        log.last.fetch_sub(QuietLog::EVERY_SECS, Ordering::Relaxed);
+        assert_eq!(log.due(), Some(100));
     }
 
     #[tokio::test(start_paused = true)]

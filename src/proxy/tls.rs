@@ -1,12 +1,12 @@
 //! TLS on the proxy listener (rustls, TLS 1.2 and 1.3): the certificate chain and key from
 //! `[server.tls]`, held behind a resolver that SIGHUP reloads, so a renewed certificate is
-//! served to the next handshake while connections already open carry on.
+//! served to the next handshake while connections already open carry on. The handshake itself
+//! runs inside [`super::guard`], under the connection's deadline and count.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use pingora::listeners::tls::TlsSettings;
-use pingora::protocols::ALPN;
+use pingora::listeners::tls::Acceptor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -156,17 +156,23 @@ impl Certificate {
             .clone()
     }
 
-    /// pingora's listener settings: this certificate; ALPN offers `h2` and `http/1.1`.
-    pub fn settings(self: &Arc<Self>) -> pingora::Result<TlsSettings> {
-        let mut settings = TlsSettings::intermediate("", "")?;
-        settings.set_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
-        settings.set_alpn(ALPN::H2H1);
-        if let Some(verifier) = client_verifier(&self.cfg()).map_err(|e| {
-            pingora::Error::explain(pingora::ErrorType::InternalError, e.to_string())
-        })? {
-            settings.set_client_cert_verifier(verifier);
-        }
-        Ok(settings)
+    /// The proxy listener's acceptor: this certificate (reloadable), TLS 1.3 and 1.2, client
+    /// certificates checked against `client_ca_file` when set; ALPN offers `h2`, `http/1.1`.
+    pub fn acceptor(self: &Arc<Self>) -> Result<Acceptor, TlsError> {
+        let cfg = self.cfg();
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Cert(cfg.cert_file.display().to_string(), e.to_string()))?;
+        let builder = match client_verifier(&cfg)? {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config =
+            builder.with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Acceptor::from_server_config(Arc::new(config)))
     }
 }
 
