@@ -196,3 +196,94 @@ async fn a_fleet_never_spends_more_than_there_is() {
     assert_eq!(remaining(&gw2, &key).await, 0);
     assert_eq!(echo.count(), 25);
 }
+
+/// A signed request whose head nominates `x-forwarded-for` in `Connection`: keygate verifies it
+/// and spends its limits, then pingora refuses to forward it (400).
+async fn nominating(gw: &Gateway, key: &Key, i: usize) -> String {
+    let body = b"{}";
+    let mut head = String::from(
+        "POST /v1/limited HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\nconnection: x-forwarded-for\r\n",
+    );
+    for (k, v) in support::v1_headers(
+        key,
+        "POST",
+        "/v1/limited",
+        body,
+        support::now(),
+        &format!("nominating-{i}"),
+    ) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n{}");
+    support::raw_exchange(
+        gw.proxy,
+        &[head.as_bytes()],
+        std::time::Duration::ZERO,
+        std::time::Duration::from_secs(2),
+    )
+    .await
+}
+
+/// A request that never reaches the upstream spends nothing, whoever refuses it: pingora (a
+/// `Connection` nomination it will not forward, after keygate verified the request and took its
+/// credits and rate-limit units) or no endpoint accepting the connection. On the embedded
+/// store and on Redis. Before, a key with 3 credits lost all 3 to three such 400s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_reaches_the_upstream_spends_nothing() {
+    let redis = RedisServer::start();
+    for store in [
+        None,
+        Some(format!(
+            "[store]\nkind = \"redis\"\nurl = \"{}\"",
+            redis.url()
+        )),
+    ] {
+        let on = if store.is_some() { "redis" } else { "embedded" };
+        let echo = Echo::start().await;
+        let mut opts = Options::new(&echo);
+        opts.routes = metered_routes(&echo);
+        opts.store_toml = store;
+        let gw = Gateway::start(opts).await;
+        // `limited` allows one request an hour; the key has 3 credits.
+        let key = gw.mint(json!({"remaining": 3})).await;
+        for i in 0..3 {
+            let answer = nominating(&gw, &key, i).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{on}: {answer}");
+        }
+        assert_eq!(echo.count(), 0, "{on}: nothing reached the upstream");
+        assert_eq!(remaining(&gw, &key).await, 3, "{on}: no credit spent");
+        // The one request an hour is still there.
+        assert_eq!(gw.post(&key, "/v1/limited").await.status(), 200, "{on}");
+        assert_eq!(remaining(&gw, &key).await, 2, "{on}");
+        // No endpoint takes the connection: 502, and nothing is spent either.
+        let r = gw.post(&key, "/v1/dead").await;
+        assert_problem(r, 502, "upstream_unavailable").await;
+        assert_eq!(
+            remaining(&gw, &key).await,
+            2,
+            "{on}: a 502 before sending spends nothing"
+        );
+    }
+}
+
+/// `refund_on_5xx` gives credits back only when the upstream said it did not act (503): a 504
+/// comes after the upstream may have processed the payment, so the credits stay spent.
+#[tokio::test]
+async fn refund_on_5xx_refunds_a_503_but_not_a_504() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.routes = metered_routes(&echo);
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({"remaining": 100})).await;
+    let r = gw.post(&key, "/v1/refunding/fail").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(remaining(&gw, &key).await, 100, "503: refunded");
+    // The echo's `/slow` answers after 3 s; the route's upstream gives up after 1 s.
+    let r = gw.post(&key, "/v1/refunding/slow").await;
+    assert_problem(r, 504, "upstream_timeout").await;
+    assert_eq!(
+        remaining(&gw, &key).await,
+        90,
+        "504: the upstream may have acted"
+    );
+}

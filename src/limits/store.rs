@@ -133,7 +133,17 @@ impl RateLimitStore for InProcessLimits {
         Ok((self.acquire_at(buckets, cost, now_us()), 0))
     }
 
-    async fn release(&self, _buckets: &[Bucket<'_>], _units: u64) -> Result<(), StoreError> {
+    /// Every limit's TAT moves back by `units` intervals, as the Redis store's release does.
+    async fn release(&self, buckets: &[Bucket<'_>], units: u64) -> Result<(), StoreError> {
+        let mut map = self
+            .tats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for b in buckets {
+            if let Some(tat) = map.get_mut(&b.key) {
+                *tat -= units as f64 * b.limit.interval_us();
+            }
+        }
         Ok(())
     }
 }

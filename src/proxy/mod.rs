@@ -128,8 +128,12 @@ pub struct Ctx {
     tried: Vec<std::net::SocketAddr>,
     /// `RateLimit-Policy` and `RateLimit` for the response, when limits applied.
     rate_headers: Option<(String, String)>,
-    /// Credits this request spent (0: none), refunded if it fails and the route says so.
+    /// Credits this request spent (0: none), given back if nothing reached the upstream, or
+    /// it answered 503 and the route has `refund_on_5xx`.
     credits_spent: u64,
+    /// Rate-limit units this request spent (0: none), given back if nothing reached the
+    /// upstream.
+    rate_spent: u64,
 }
 
 /// `[abuse]` at work: the blocks this gateway knows, and where failures are counted.
@@ -486,6 +490,25 @@ impl Gateway {
         }
     }
 
+    /// Gives back what a request that never reached the upstream spent, whoever refused it —
+    /// keygate after its limits passed, pingora (a connection nomination it will not forward),
+    /// or no endpoint taking the connection: credits and rate-limit units alike.
+    async fn refund_unsent(&self, ctx: &mut Ctx) {
+        let Some(key) = ctx.key.clone() else {
+            return;
+        };
+        self.refund_credits(ctx, key.id()).await;
+        let units = std::mem::take(&mut ctx.rate_spent);
+        let Some(route) = self.route(ctx).filter(|_| units > 0) else {
+            return;
+        };
+        let buckets = limit::buckets(&key, route, ctx.routing.owner_limits.get(key.owner()));
+        if let Err(e) = self.limiter.release(&buckets, units).await {
+            self.metrics.store_error("rate_limit");
+            tracing::warn!(error = %e, key_id = key.id(), units, "rate-limit units not given back");
+        }
+    }
+
     /// Gives back a request's credits (refused by a rate limit, or `refund_on_5xx`).
     async fn refund_credits(&self, ctx: &mut Ctx, key_id: &str) {
         let cost = std::mem::take(&mut ctx.credits_spent);
@@ -558,6 +581,7 @@ impl Gateway {
         };
         let (policy, state) = limit::headers(&buckets, &decision);
         if decision.allowed {
+            ctx.rate_spent = route.cost;
             ctx.rate_headers = Some((policy, state));
             return Ok(true);
         }
@@ -1099,6 +1123,7 @@ impl ProxyHttp for Gateway {
             tried: Vec::new(),
             rate_headers: None,
             credits_spent: 0,
+            rate_spent: 0,
         }
     }
 
@@ -1357,8 +1382,10 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        self.prepare_upstream_request(upstream_request, ctx)?;
+        // From here the upstream may receive the request: what it spent stays spent.
         ctx.upstream_started = Some(Instant::now());
-        self.prepare_upstream_request(upstream_request, ctx)
+        Ok(())
     }
 
     async fn upstream_response_filter(
@@ -1430,10 +1457,11 @@ impl ProxyHttp for Gateway {
         self.release_endpoint(ctx, upstream_failed);
         let span = ctx.trace.span.take();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        if ctx.credits_spent > 0
-            && status >= 500
-            && self.route(ctx).is_some_and(|r| r.refund_on_5xx)
-        {
+        if ctx.upstream_started.is_none() {
+            self.refund_unsent(ctx).await;
+        } else if status == 503 && self.route(ctx).is_some_and(|r| r.refund_on_5xx) {
+            // The upstream said it did not act. Any other 5xx (a 504, a 500, a reset) may
+            // come after it acted on the payment, so the credits stay spent.
             if let Some(key) = ctx.key.clone() {
                 self.refund_credits(ctx, key.id()).await;
             }
