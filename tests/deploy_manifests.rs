@@ -247,6 +247,8 @@ fn dockerignore_keeps_what_the_build_needs_and_drops_the_rest() {
         "config/keygate.toml",
         "docs/metrics.md",
         "tests/fixtures/signing.json",
+        "vendor/pingora-core/Cargo.toml",
+        "vendor/pingora-core/src/lib.rs",
     ] {
         assert!(!ignored(kept), "{kept} is left out of the build");
         assert!(repo_root().join(kept).exists(), "{kept}");
