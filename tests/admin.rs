@@ -121,6 +121,24 @@ async fn bad_fields_are_each_named_in_a_422() {
         fields,
         ["auth", "ip_allow_list[0]", "name", "owner", "scopes[0]"]
     );
+    // Issue 24: an entry with host bits set was widened (10.9.9.9/0 stored as 0.0.0.0/0).
+    for entry in ["10.9.9.9/0", "192.168.1.1/24", "2001:db8::1/64"] {
+        let r = post(
+            json!({"owner": "a", "name": "b", "ip_allow_list": ["10.0.0.1", "10.0.0.0/8", entry]})
+                .to_string(),
+        )
+        .await
+        .unwrap();
+        let body = assert_problem(r, 422, "validation_failed").await;
+        let msg = body["errors"]["ip_allow_list[2]"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            msg.contains(&format!("{entry:?}")) && msg.contains("host bits"),
+            "{body}"
+        );
+        assert_eq!(body["errors"].as_object().unwrap().len(), 1, "{body}");
+    }
     let r = post("{\"owner\": ".into()).await.unwrap();
     assert_problem(r, 400, "malformed_json").await;
     let r = post(json!({"owner": "a", "name": "b", "colour": "red"}).to_string())

@@ -251,16 +251,13 @@ impl Checks {
         }
         let mut out = Vec::with_capacity(raw.len());
         for (i, s) in raw.iter().enumerate() {
-            match s
-                .parse::<IpNet>()
-                .ok()
-                .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-            {
-                Some(n) => out.push(n.trunc()),
-                None => self.err(
+            match crate::auth::client_ip::parse_net(s) {
+                Ok(n) => out.push(n),
+                Err(crate::auth::client_ip::NetError::Invalid(_)) => self.err(
                     &format!("ip_allow_list[{i}]"),
                     "must be an IPv4/IPv6 address or CIDR",
                 ),
+                Err(e) => self.err(&format!("ip_allow_list[{i}]"), &e.to_string()),
             }
         }
         out
