@@ -674,3 +674,81 @@ async fn the_served_openapi_document_matches_the_routes() {
         }
     }
 }
+
+/// Issue 24: the admin API read JSON under any Content-Type (a `text/plain` cross-site form
+/// post included) and took the bearer scheme only as `Bearer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_must_be_json_and_the_bearer_scheme_is_case_insensitive() {
+    let (_echo, gw) = setup().await;
+    let body = json!({"owner": "acme", "name": "ct"}).to_string();
+    let send = |path: &str, ctype: Option<&str>, body: &str| {
+        let mut req = gw
+            .http
+            .post(gw.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .body(body.to_owned());
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        req.send()
+    };
+    for ctype in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonx"),
+    ] {
+        let r = send("/v1/keys", ctype, &body).await.unwrap();
+        assert_problem(r, 415, "unsupported_media_type").await;
+    }
+    let key = gw.mint(json!({})).await;
+    let r = send(
+        &format!("/v1/keys/{}/rotate", key.id),
+        Some("text/plain"),
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_problem(r, 415, "unsupported_media_type").await;
+    // Nothing was created by the refused posts.
+    let list: Value = gw
+        .admin_get("/v1/keys", ADMIN_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    for ctype in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+    ] {
+        let r = send("/v1/keys", Some(ctype), &body).await.unwrap();
+        assert_eq!(r.status(), 201, "{ctype}");
+    }
+    // A request without a body needs no Content-Type.
+    let r = send(&format!("/v1/keys/{}/rotate", key.id), None, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = gw
+            .http
+            .get(gw.admin_url("/v1/keys"))
+            .header("authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let r = gw
+        .http
+        .get(gw.admin_url("/v1/keys"))
+        .header("authorization", format!("Basic {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 401, "unauthorized").await;
+}

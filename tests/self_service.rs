@@ -431,3 +431,48 @@ async fn a_narrowed_manager_cannot_change_a_broader_key_it_minted() {
         "only the child's payment reached the upstream"
     );
 }
+
+/// Issue 24: self-service read JSON bodies under any Content-Type too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_service_body_must_be_json() {
+    let w = world().await;
+    let body = serde_json::to_vec(&json!({"name": "ct", "scopes": ["payments.read"]})).unwrap();
+    for ctype in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut h = support::v1_headers(
+            &w.manager,
+            "POST",
+            "/_keygate/v1/keys",
+            &body,
+            support::now(),
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        if let Some(c) = ctype {
+            h.push(("content-type".into(), c.into()));
+        }
+        let r = w.gw.send("POST", "/_keygate/v1/keys", &h, &body).await;
+        assert_problem(r, 415, "unsupported_media_type").await;
+    }
+    let mut h = support::v1_headers(
+        &w.manager,
+        "POST",
+        "/_keygate/v1/keys",
+        &body,
+        support::now(),
+        "charset-ok",
+    );
+    h.push((
+        "content-type".into(),
+        "application/json; charset=utf-8".into(),
+    ));
+    let r = w.gw.send("POST", "/_keygate/v1/keys", &h, &body).await;
+    assert_eq!(r.status(), 201);
+    // Bodiless calls need none.
+    let r =
+        w.gw.call(&w.manager, "GET", "/_keygate/v1/keys", Value::Null)
+            .await;
+    assert_eq!(r.status(), 200);
+}

@@ -538,6 +538,23 @@ pub fn credits_body(body: &[u8]) -> Result<CreditOp, Error> {
 }
 
 /// `grace_seconds` of a rotation: 0 (the default) to 7 days. An empty body means 0.
+/// A body must say it is JSON: without this, a browser's "simple" cross-site form post
+/// (`text/plain`) carrying JSON would be read like any other. A request without a body needs
+/// no Content-Type.
+pub fn require_json(content_type: Option<&[u8]>, body: &[u8]) -> Result<(), Error> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let essence = content_type
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match essence {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(Error::UnsupportedMediaType),
+    }
+}
+
 pub fn rotate_body(body: &[u8]) -> Result<time::Duration, Error> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(time::Duration::ZERO);

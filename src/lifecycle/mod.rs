@@ -54,6 +54,8 @@ pub enum Error {
     NotFound,
     #[error("{0}")]
     MalformedJson(String),
+    #[error("send the body as Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("one or more fields are invalid")]
     Validation(BTreeMap<String, String>),
     #[error("a key with this public key or secret already exists")]
@@ -75,6 +77,7 @@ impl Error {
         match self {
             Self::NotFound => ErrorCode::NotFound,
             Self::MalformedJson(_) => ErrorCode::MalformedJson,
+            Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             Self::Validation(_) => ErrorCode::ValidationFailed,
             Self::Conflict | Self::Revoked | Self::Contended => ErrorCode::Conflict,
             Self::StoreUnavailable => ErrorCode::StoreUnavailable,
