@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{assert_problem, Echo, Gateway, Options, ADMIN_TOKEN};
+use support::{assert_problem, Echo, Gateway, Key, Options, ADMIN_TOKEN};
 
 async fn setup() -> (Echo, Gateway) {
     let echo = Echo::start().await;
@@ -489,6 +489,72 @@ async fn imported_onchainpay_style_keys_sign_with_the_secret_as_given() {
         errs["errors"].get("public_key").is_some() && errs["errors"].get("secret").is_some(),
         "{errs}"
     );
+}
+
+/// Issue 24: a revoked and deleted key's pair could be imported again (201) and signed at
+/// once. Its public key is remembered; importing it again is 409 unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_and_deleted_pair_is_not_imported_again_unless_forced() {
+    let (_echo, gw) = setup().await;
+    let secret = "sk_test_imported_secret_of_a_leaked_pair_0001";
+    let body = json!({"public_key": "pk_test_leaked01", "secret": secret, "owner": "acme", "name": "leaked", "scopes": ["payments.*"]});
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", body.clone()).await;
+    assert_eq!(r.status(), 201);
+    let rec: Value = r.json().await.unwrap();
+    let id = rec["id"].as_str().unwrap().to_owned();
+    let key = Key {
+        id: id.clone(),
+        public_key: "pk_test_leaked01".into(),
+        secret: secret.into(),
+        record: rec,
+    };
+    gw.revoke(&key).await;
+    let r = send_json(
+        &gw,
+        reqwest::Method::DELETE,
+        &format!("/v1/keys/{id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", body.clone()).await;
+    let problem = assert_problem(r, 409, "conflict").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("force"),
+        "{problem}"
+    );
+    assert_problem(
+        gw.send_v1(&key, "GET", "/v1/payments/p1", b"").await,
+        401,
+        "unknown_key",
+    )
+    .await;
+    // The operator means it: forced, the pair is back.
+    let mut forced = body;
+    forced["force"] = json!(true);
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", forced).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        gw.send_v1(&key, "GET", "/v1/payments/p1", b"")
+            .await
+            .status(),
+        200
+    );
+    // A key deleted without being revoked leaves no mark.
+    let other = json!({"public_key": "pk_test_moved01", "secret": secret, "owner": "acme", "name": "moved"});
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", other.clone()).await;
+    let moved: Value = r.json().await.unwrap();
+    let r = send_json(
+        &gw,
+        reqwest::Method::DELETE,
+        &format!("/v1/keys/{}", moved["id"].as_str().unwrap()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", other).await;
+    assert_eq!(r.status(), 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -368,8 +368,13 @@ async fn import_key(
     JsonBody(body): JsonBody,
 ) -> Result<Response> {
     let lc = &state.lifecycle;
-    let (new, public_key, secret) = input::import_body(&body, lc.now())?;
-    let record = lc.import(&who, new, public_key, &secret).await?;
+    let input::Import {
+        new,
+        public_key,
+        secret,
+        force,
+    } = input::import_body(&body, lc.now())?;
+    let record = lc.import(&who, new, public_key, &secret, force).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(lc.view(&record, Some(&secret)).await?),

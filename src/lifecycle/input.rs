@@ -63,6 +63,8 @@ struct ImportKeyBody {
     rate_limits: Option<Vec<RateLimit>>,
     remaining: Option<u64>,
     refill: Option<Refill>,
+    /// Imports a public key that was revoked here before (409 without it).
+    force: Option<bool>,
 }
 
 /// `PATCH /v1/keys/{id}`: only these fields; `null` clears `description` and `expires_at`.
@@ -383,10 +385,16 @@ pub fn create_body(body: &[u8], now: OffsetDateTime, defaults: &Defaults) -> Res
 
 /// Validates an import: the pair as given (the secret is used as text, exactly), plus the
 /// create fields. `environment` defaults from a `pk_live_`/`pk_test_` prefix, else `test`.
-pub fn import_body(
-    body: &[u8],
-    now: OffsetDateTime,
-) -> Result<(NewKey, String, SecretString), Error> {
+/// A validated import: the key's fields, its pair, and whether the operator forces the import
+/// of a public key revoked before.
+pub struct Import {
+    pub new: NewKey,
+    pub public_key: String,
+    pub secret: SecretString,
+    pub force: bool,
+}
+
+pub fn import_body(body: &[u8], now: OffsetDateTime) -> Result<Import, Error> {
     let b: ImportKeyBody = parse_json(body)?;
     let mut c = Checks::default();
     let public_key = b.public_key.unwrap_or_default();
@@ -426,7 +434,12 @@ pub fn import_body(
         remaining: b.remaining.map(|n| c.credits("remaining", n)),
         refill: b.refill.map(|r| c.refill(r)),
     };
-    c.finish().map(|()| (new, public_key, secret))
+    c.finish().map(|()| Import {
+        new,
+        public_key,
+        secret,
+        force: b.force.unwrap_or(false),
+    })
 }
 
 /// A validated `PATCH`: each field present is replaced; `Some(None)` clears it.

@@ -62,6 +62,8 @@ pub enum Error {
     Conflict,
     #[error("the key is revoked; revocation is final")]
     Revoked,
+    #[error("a key with this public key was revoked before; revocation is final (send \"force\": true to import it anyway)")]
+    RevokedBefore,
     #[error("the key kept changing while this change was being made; try again")]
     Contended,
     #[error("the key store is unavailable")]
@@ -79,7 +81,9 @@ impl Error {
             Self::MalformedJson(_) => ErrorCode::MalformedJson,
             Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             Self::Validation(_) => ErrorCode::ValidationFailed,
-            Self::Conflict | Self::Revoked | Self::Contended => ErrorCode::Conflict,
+            Self::Conflict | Self::Revoked | Self::RevokedBefore | Self::Contended => {
+                ErrorCode::Conflict
+            }
             Self::StoreUnavailable => ErrorCode::StoreUnavailable,
             // The code self-service already answers a key lacking what a call needs.
             Self::Forbidden(_) => ErrorCode::InsufficientScope,
@@ -485,15 +489,21 @@ impl Lifecycle {
         Ok((record, secret))
     }
 
-    /// Brings an existing key pair from another system (operators only).
+    /// Brings an existing key pair from another system (operators only). A public key revoked
+    /// here before, even one whose record was deleted since, comes back only when `force`d:
+    /// otherwise a leaked pair, revoked and cleaned up, could be brought back by mistake.
     pub async fn import(
         &self,
         who: &Principal,
         new: NewKey,
         public_key: String,
         secret: &SecretString,
+        force: bool,
     ) -> Result<KeyRecord, Error> {
         who.admin_only()?;
+        if !force && self.store.was_revoked(&public_key).await? {
+            return Err(Error::RevokedBefore);
+        }
         let start = new.remaining.or(new.refill.map(|r| r.amount));
         let record = keys::build_record(&self.master, new, public_key, secret, self.clock.now());
         self.start_credits(&record, start).await?;
