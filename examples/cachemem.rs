@@ -54,6 +54,15 @@ impl KeyStore for Synthetic {
     async fn import_audit(&self, _: &AuditEntry) -> Result<bool, StoreError> {
         Ok(true)
     }
+    async fn was_revoked(&self, _: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    async fn tombstones(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn add_tombstone(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     async fn get_by_id(&self, _: &str) -> Result<Option<KeyRecord>, StoreError> {
         Ok(None)
     }

@@ -460,6 +460,15 @@ mod tests {
         async fn import_audit(&self, e: &crate::keys::AuditEntry) -> Result<bool, StoreError> {
             self.inner.import_audit(e).await
         }
+        async fn was_revoked(&self, pk: &str) -> Result<bool, StoreError> {
+            self.inner.was_revoked(pk).await
+        }
+        async fn tombstones(&self) -> Result<Vec<String>, StoreError> {
+            self.inner.tombstones().await
+        }
+        async fn add_tombstone(&self, pk: &str) -> Result<(), StoreError> {
+            self.inner.add_tombstone(pk).await
+        }
         async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
             self.inner.get_by_id(id).await
         }

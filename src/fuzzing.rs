@@ -427,7 +427,13 @@ pub fn admin_json(data: &[u8]) {
         let record = record_for(new, "pk_test_fuzz", &secret);
         assert_opens_faithfully(&record);
     }
-    if let Ok((new, public_key, secret)) = input::import_body(data, at) {
+    if let Ok(input::Import {
+        new,
+        public_key,
+        secret,
+        ..
+    }) = input::import_body(data, at)
+    {
         assert!(crate::keys::secret::is_valid_public_key(&public_key));
         let record = record_for(new, &public_key, &secret);
         assert_opens_faithfully(&record);

@@ -52,6 +52,7 @@ error_codes! {
     ValidationFailed,
     MalformedJson,
     Conflict,
+    UnsupportedMediaType,
 }
 
 impl ErrorCode {
@@ -110,6 +111,11 @@ impl ErrorCode {
             ),
             ValidationFailed => (422, "validation_failed", "Request fields are invalid"),
             MalformedJson => (400, "malformed_json", "Request body is not valid JSON"),
+            UnsupportedMediaType => (
+                415,
+                "unsupported_media_type",
+                "Request body must be application/json",
+            ),
             Conflict => (
                 409,
                 "conflict",

@@ -111,10 +111,27 @@ fn current_master_key(
     else {
         return Err(StartError::NoMasterKey);
     };
+    let shown = path.display().to_string();
     let text = crate::keys::secret::read_private_file(path)
-        .map_err(|e| StartError::MasterKeyFile(path.display().to_string(), e))?
-        .ok_or(StartError::NoMasterKey)?;
+        .map_err(|e| StartError::MasterKeyFile(shown.clone(), e))?
+        .ok_or_else(|| StartError::MasterKeyFile(shown, "no such file".into()))?;
     Ok(MasterKey::from_base64(text.expose())?)
+}
+
+/// What `serve` would refuse about the secret files this config names, given `env`: the
+/// very loaders `serve` runs ([`load_master_key`], [`load_admin_tokens`]), so `check-config`
+/// and `serve` cannot disagree. No master key source at all is left out: the key may come
+/// from the environment or a systemd credential only where the gateway runs.
+pub fn check_secret_files(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    match load_master_key(config, env) {
+        Ok(_) | Err(StartError::NoMasterKey) => {}
+        Err(e) => problems.push(e.to_string()),
+    }
+    if let Err(e) = load_admin_tokens(config, env) {
+        problems.push(e.to_string());
+    }
+    problems
 }
 
 /// The SHA-256 of every accepted admin token: `admin.token_sha256`, the token in
@@ -747,13 +764,13 @@ mod tests {
             tokens,
             vec![SecretString::new("tok-from-systemd".into()).sha256()]
         );
-        // Without the credential (and nothing else), there is no master key.
+        // Without the credential, the file named is missing: refused, and named.
         let none = |_: &str| None;
         let config = Config::from_toml("[secrets]\nmaster_key_file = \"/nonexistent/k\"")
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
             load_master_key(&config, &none),
-            Err(StartError::NoMasterKey)
+            Err(StartError::MasterKeyFile(_, ref why)) if why == "no such file"
         ));
     }
 }

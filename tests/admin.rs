@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{assert_problem, Echo, Gateway, Options, ADMIN_TOKEN};
+use support::{assert_problem, Echo, Gateway, Key, Options, ADMIN_TOKEN};
 
 async fn setup() -> (Echo, Gateway) {
     let echo = Echo::start().await;
@@ -121,6 +121,24 @@ async fn bad_fields_are_each_named_in_a_422() {
         fields,
         ["auth", "ip_allow_list[0]", "name", "owner", "scopes[0]"]
     );
+    // Issue 24: an entry with host bits set was widened (10.9.9.9/0 stored as 0.0.0.0/0).
+    for entry in ["10.9.9.9/0", "192.168.1.1/24", "2001:db8::1/64"] {
+        let r = post(
+            json!({"owner": "a", "name": "b", "ip_allow_list": ["10.0.0.1", "10.0.0.0/8", entry]})
+                .to_string(),
+        )
+        .await
+        .unwrap();
+        let body = assert_problem(r, 422, "validation_failed").await;
+        let msg = body["errors"]["ip_allow_list[2]"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            msg.contains(&format!("{entry:?}")) && msg.contains("host bits"),
+            "{body}"
+        );
+        assert_eq!(body["errors"].as_object().unwrap().len(), 1, "{body}");
+    }
     let r = post("{\"owner\": ".into()).await.unwrap();
     assert_problem(r, 400, "malformed_json").await;
     let r = post(json!({"owner": "a", "name": "b", "colour": "red"}).to_string())
@@ -473,6 +491,72 @@ async fn imported_onchainpay_style_keys_sign_with_the_secret_as_given() {
     );
 }
 
+/// Issue 24: a revoked and deleted key's pair could be imported again (201) and signed at
+/// once. Its public key is remembered; importing it again is 409 unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_and_deleted_pair_is_not_imported_again_unless_forced() {
+    let (_echo, gw) = setup().await;
+    let secret = "sk_test_imported_secret_of_a_leaked_pair_0001";
+    let body = json!({"public_key": "pk_test_leaked01", "secret": secret, "owner": "acme", "name": "leaked", "scopes": ["payments.*"]});
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", body.clone()).await;
+    assert_eq!(r.status(), 201);
+    let rec: Value = r.json().await.unwrap();
+    let id = rec["id"].as_str().unwrap().to_owned();
+    let key = Key {
+        id: id.clone(),
+        public_key: "pk_test_leaked01".into(),
+        secret: secret.into(),
+        record: rec,
+    };
+    gw.revoke(&key).await;
+    let r = send_json(
+        &gw,
+        reqwest::Method::DELETE,
+        &format!("/v1/keys/{id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", body.clone()).await;
+    let problem = assert_problem(r, 409, "conflict").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("force"),
+        "{problem}"
+    );
+    assert_problem(
+        gw.send_v1(&key, "GET", "/v1/payments/p1", b"").await,
+        401,
+        "unknown_key",
+    )
+    .await;
+    // The operator means it: forced, the pair is back.
+    let mut forced = body;
+    forced["force"] = json!(true);
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", forced).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        gw.send_v1(&key, "GET", "/v1/payments/p1", b"")
+            .await
+            .status(),
+        200
+    );
+    // A key deleted without being revoked leaves no mark.
+    let other = json!({"public_key": "pk_test_moved01", "secret": secret, "owner": "acme", "name": "moved"});
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", other.clone()).await;
+    let moved: Value = r.json().await.unwrap();
+    let r = send_json(
+        &gw,
+        reqwest::Method::DELETE,
+        &format!("/v1/keys/{}", moved["id"].as_str().unwrap()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", other).await;
+    assert_eq!(r.status(), 201);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_filters_by_environment_and_status() {
     let (_echo, gw) = setup().await;
@@ -655,4 +739,82 @@ async fn the_served_openapi_document_matches_the_routes() {
             }
         }
     }
+}
+
+/// Issue 24: the admin API read JSON under any Content-Type (a `text/plain` cross-site form
+/// post included) and took the bearer scheme only as `Bearer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_must_be_json_and_the_bearer_scheme_is_case_insensitive() {
+    let (_echo, gw) = setup().await;
+    let body = json!({"owner": "acme", "name": "ct"}).to_string();
+    let send = |path: &str, ctype: Option<&str>, body: &str| {
+        let mut req = gw
+            .http
+            .post(gw.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .body(body.to_owned());
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        req.send()
+    };
+    for ctype in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonx"),
+    ] {
+        let r = send("/v1/keys", ctype, &body).await.unwrap();
+        assert_problem(r, 415, "unsupported_media_type").await;
+    }
+    let key = gw.mint(json!({})).await;
+    let r = send(
+        &format!("/v1/keys/{}/rotate", key.id),
+        Some("text/plain"),
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_problem(r, 415, "unsupported_media_type").await;
+    // Nothing was created by the refused posts.
+    let list: Value = gw
+        .admin_get("/v1/keys", ADMIN_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    for ctype in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+    ] {
+        let r = send("/v1/keys", Some(ctype), &body).await.unwrap();
+        assert_eq!(r.status(), 201, "{ctype}");
+    }
+    // A request without a body needs no Content-Type.
+    let r = send(&format!("/v1/keys/{}/rotate", key.id), None, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = gw
+            .http
+            .get(gw.admin_url("/v1/keys"))
+            .header("authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let r = gw
+        .http
+        .get(gw.admin_url("/v1/keys"))
+        .header("authorization", format!("Basic {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 401, "unauthorized").await;
 }

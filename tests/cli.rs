@@ -297,3 +297,138 @@ async fn health_exits_0_on_a_2xx_and_1_otherwise() {
         Some(1)
     );
 }
+
+/// A config whose secret files are these (`None`: not named), on free ports in `dir`.
+fn secrets_config(
+    dir: &std::path::Path,
+    master: &std::path::Path,
+    previous: Option<&std::path::Path>,
+    token: Option<&std::path::Path>,
+) -> std::path::PathBuf {
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port(),
+        free_port()
+    );
+    if let Some(t) = token {
+        text += &format!("token_file = \"{}\"\n", t.display());
+    }
+    text += &format!(
+        "[metrics]\nlisten = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n[secrets]\nmaster_key_file = \"{}\"\n",
+        free_port(),
+        dir.join("k.db").display(),
+        master.display()
+    );
+    if let Some(p) = previous {
+        text += &format!("previous_master_key_file = \"{}\"\n", p.display());
+    }
+    let cfg = dir.join("k.toml");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn run_keygate(args: &[&str], cfg: &std::path::Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg(cfg)
+        .env_remove("KEYGATE_MASTER_KEY")
+        .env_remove("KEYGATE_ADMIN_TOKEN")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap()
+}
+
+fn secret_file(dir: &std::path::Path, name: &str, text: &str, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// Issue 24: check-config said "ok" for a master key file of mode 644 that serve then refused
+/// (exit 69). Both now run one rule: what serve refuses, check-config reports (exit 64).
+#[test]
+fn check_config_refuses_the_secret_files_serve_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = support::master_key();
+    let good = secret_file(d, "master.key", &key, 0o600);
+    let cfg = secrets_config(d, &good, None, None);
+    let out = run_keygate(&["check-config"], &cfg);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for mode in [0o644, 0o604, 0o660] {
+        let loose = secret_file(d, &format!("loose-{mode:o}.key"), &key, mode);
+        let cfg = secrets_config(d, &loose, None, None);
+        let out = run_keygate(&["check-config"], &cfg);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "mode {mode:o}: {err}");
+        assert!(
+            err.contains(&format!(
+                "secrets.master_key_file {}: mode {mode:o}",
+                loose.display()
+            )),
+            "mode {mode:o}: {err}"
+        );
+        // The same file is what serve refuses, with the same words.
+        if mode == 0o644 {
+            let out = run_keygate(&["serve", "--config"], &cfg);
+            assert_eq!(out.status.code(), Some(69));
+            let served = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                served.contains(&format!("mode {mode:o} lets other users read it")),
+                "{served}"
+            );
+        }
+        // --offline: a config checked away from its secrets does not read them.
+        let out = run_keygate(&["check-config", "--offline"], &cfg);
+        assert_eq!(out.status.code(), Some(0));
+    }
+
+    let missing = d.join("absent.key");
+    let out = run_keygate(&["check-config"], &secrets_config(d, &missing, None, None));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("secrets.master_key_file") && err.contains("no such file"),
+        "{err}"
+    );
+
+    let old = secret_file(d, "old.key", &support::master_key(), 0o644);
+    let out = run_keygate(
+        &["check-config"],
+        &secrets_config(d, &good, Some(&old), None),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("secrets.previous_master_key_file"), "{err}");
+
+    let token = secret_file(d, "admin-token", "tok", 0o604);
+    let out = run_keygate(
+        &["check-config"],
+        &secrets_config(d, &good, None, Some(&token)),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("admin.token_file") && err.contains("mode 604"),
+        "{err}"
+    );
+    let token = secret_file(d, "admin-token-ok", "tok", 0o600);
+    let out = run_keygate(
+        &["check-config"],
+        &secrets_config(d, &good, None, Some(&token)),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::redis::{RedisCluster, RedisServer};
-use support::{body_headers, master_key, routes, Echo, Gateway, Key, Options, ADMIN_TOKEN};
+use support::{
+    assert_problem, body_headers, master_key, routes, Echo, Gateway, Key, Options, ADMIN_TOKEN,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
@@ -306,6 +308,17 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
         .await;
     assert_eq!(used["total_requests"], 2, "{used}");
     assert_eq!(gw.key_record(&metered.id).await["remaining"], 8);
+    // A revoked and deleted key: only its tombstone is left to back up (issue 24).
+    let gone = gw.mint(json!({})).await;
+    gw.revoke(&gone).await;
+    let r = gw
+        .http
+        .delete(gw.admin_url(&format!("/v1/keys/{}", gone.id)))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
     let config = gw.dir.join("keygate.toml");
     let master = gw.master_key.clone();
     let backup = gw.dir.join("backup.jsonl");
@@ -324,7 +337,8 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
     let (code, out) = keygate(&config, &master, &["store", "backup", "--to", &backup_arg]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains(": 3 keys, 3 audit entries, 1 credit counters"),
+        out.contains(": 3 keys, 6 audit entries, 1 credit counters")
+            && out.contains(", 1 revoked public keys"),
         "{out}"
     );
     {
@@ -361,13 +375,14 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
     let (code, out) = keygate(&config, &master, &restore);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("keys: 3 restored, 0 already there; audit entries: 3 restored, 0 already there; credit counters: 1"),
+        out.contains("keys: 3 restored, 0 already there; audit entries: 6 restored, 0 already there; credit counters: 1")
+            && out.contains("revoked public keys: 1"),
         "{out}"
     );
     let (code, out) = keygate(&config, &master, &restore);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("keys: 0 restored, 3 already there; audit entries: 0 restored, 3 already there; credit counters: 0"),
+        out.contains("keys: 0 restored, 3 already there; audit entries: 0 restored, 6 already there; credit counters: 0"),
         "{out}"
     );
 
@@ -388,6 +403,19 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
         .await
         .unwrap();
     assert_eq!(audit["items"][0]["action"], "create", "{audit}");
+    // The deleted key's revocation came back with the backup: its pair is not imported again.
+    let r = gw2
+        .http
+        .post(gw2.admin_url("/v1/keys/import"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(
+            &json!({"public_key": gone.public_key, "secret": gone.secret,
+                      "owner": "acme", "name": "back"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 409, "conflict").await;
     drop(gw);
 }
 

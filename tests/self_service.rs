@@ -270,3 +270,209 @@ async fn keys_without_keys_manage_and_unsigned_calls_are_refused() {
     .await;
     assert_eq!(w.echo.count(), 0);
 }
+
+/// A signed call as if from `ip` (the gateway trusts the loopback proxy's X-Forwarded-For).
+async fn call_from(
+    gw: &Gateway,
+    key: &Key,
+    ip: &str,
+    method: &str,
+    target: &str,
+    body: Value,
+) -> reqwest::Response {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(&body).unwrap()
+    };
+    let mut h = support::v1_headers(
+        key,
+        method,
+        target,
+        &bytes,
+        support::now(),
+        &uuid::Uuid::new_v4().to_string(),
+    );
+    h.push(("x-forwarded-for".into(), ip.into()));
+    if !bytes.is_empty() {
+        h.push(("content-type".into(), "application/json".into()));
+    }
+    gw.send(method, target, &h, &bytes).await
+}
+
+/// Issue 24: a `keys.manage` key narrowed by an operator kept full control of a key it had
+/// minted while broader — it rotated it and used the new secret from outside its new
+/// allow-list, with a scope it no longer holds. Having minted a key is no longer enough to
+/// change it: the caller must hold every power of the target now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrowed_manager_cannot_change_a_broader_key_it_minted() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.server_extra = "trusted_proxies = [\"127.0.0.1/32\"]".into();
+    let gw = Gateway::start(opts).await;
+    let inside = "198.51.100.7";
+    let outside = "203.0.113.9";
+    let parent = gw
+        .mint(json!({"owner": "acme", "scopes": ["keys.manage", "payments.*"]}))
+        .await;
+    let r = call_from(
+        &gw,
+        &parent,
+        outside,
+        "POST",
+        "/_keygate/v1/keys",
+        json!({"name": "child", "scopes": ["payments.create"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let child: Value = r.json().await.unwrap();
+    let child_id = child["id"].as_str().unwrap().to_owned();
+    let child_pk = child["public_key"].as_str().unwrap().to_owned();
+
+    // The operator narrows the parent and rotates the child.
+    let r = gw
+        .http
+        .patch(gw.admin_url(&format!("/v1/keys/{}", parent.id)))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"scopes": ["keys.manage", "payments.read"],
+                      "ip_allow_list": ["198.51.100.0/24"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = gw
+        .http
+        .post(gw.admin_url(&format!("/v1/keys/{child_id}/rotate")))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"grace_seconds": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let admins: Value = r.json().await.unwrap();
+    let child_key = Key {
+        id: child_id.clone(),
+        public_key: child_pk.clone(),
+        secret: admins["secret"].as_str().unwrap().to_owned(),
+        record: admins.clone(),
+    };
+
+    // The reproductions: rotate by id, rotate by public key, revoke — all refused, and the
+    // refusal names what the parent lacks.
+    for (what, target) in [
+        (
+            "rotate by id",
+            format!("/_keygate/v1/keys/{child_id}/rotate"),
+        ),
+        (
+            "rotate by public key",
+            format!("/_keygate/v1/keys/{child_pk}/rotate"),
+        ),
+        ("revoke", format!("/_keygate/v1/keys/{child_id}/revoke")),
+    ] {
+        let r = call_from(
+            &gw,
+            &parent,
+            inside,
+            "POST",
+            &target,
+            json!({"grace_seconds": 0}),
+        )
+        .await;
+        let body = assert_problem(r, 403, "insufficient_scope").await;
+        let errors = body["errors"].as_object().unwrap();
+        assert!(errors.contains_key("scopes[0]"), "{what}: {body}");
+        assert!(errors.contains_key("ip_allow_list"), "{what}: {body}");
+        assert!(body.get("secret").is_none(), "{what}");
+    }
+    // The child still answers to the operator's secret alone, and is not revoked.
+    let r = call_from(&gw, &child_key, outside, "POST", "/v1/payments", json!({})).await;
+    assert_eq!(r.status(), 200, "the operator's rotation still stands");
+    assert!(gw.key_record(&child_id).await["revoked_at"].is_null());
+    // Listing and reading still show it: the parent sees what it minted.
+    let r = call_from(
+        &gw,
+        &parent,
+        inside,
+        "GET",
+        &format!("/_keygate/v1/keys/{child_id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    // A key within the parent's new powers it still manages.
+    let r = call_from(
+        &gw,
+        &parent,
+        inside,
+        "POST",
+        "/_keygate/v1/keys",
+        json!({"name": "narrow child", "scopes": ["payments.read"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let narrow: Value = r.json().await.unwrap();
+    let r = call_from(
+        &gw,
+        &parent,
+        inside,
+        "POST",
+        &format!(
+            "/_keygate/v1/keys/{}/rotate",
+            narrow["id"].as_str().unwrap()
+        ),
+        json!({"grace_seconds": 0}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        echo.count(),
+        1,
+        "only the child's payment reached the upstream"
+    );
+}
+
+/// Issue 24: self-service read JSON bodies under any Content-Type too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_service_body_must_be_json() {
+    let w = world().await;
+    let body = serde_json::to_vec(&json!({"name": "ct", "scopes": ["payments.read"]})).unwrap();
+    for ctype in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut h = support::v1_headers(
+            &w.manager,
+            "POST",
+            "/_keygate/v1/keys",
+            &body,
+            support::now(),
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        if let Some(c) = ctype {
+            h.push(("content-type".into(), c.into()));
+        }
+        let r = w.gw.send("POST", "/_keygate/v1/keys", &h, &body).await;
+        assert_problem(r, 415, "unsupported_media_type").await;
+    }
+    let mut h = support::v1_headers(
+        &w.manager,
+        "POST",
+        "/_keygate/v1/keys",
+        &body,
+        support::now(),
+        "charset-ok",
+    );
+    h.push((
+        "content-type".into(),
+        "application/json; charset=utf-8".into(),
+    ));
+    let r = w.gw.send("POST", "/_keygate/v1/keys", &h, &body).await;
+    assert_eq!(r.status(), 201);
+    // Bodiless calls need none.
+    let r =
+        w.gw.call(&w.manager, "GET", "/_keygate/v1/keys", Value::Null)
+            .await;
+    assert_eq!(r.status(), 200);
+}

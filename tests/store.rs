@@ -455,6 +455,88 @@ async fn revocation_is_final() {
     }
 }
 
+/// Issue 24: a revoked key's public key leaves a tombstone with the revocation, in the same
+/// write, that survives the record's delete and a reopen; a key deleted without being revoked
+/// leaves none; a record revoked before tombstones existed leaves one when it is deleted.
+#[tokio::test]
+async fn a_revoked_public_key_is_remembered_after_its_record_is_deleted() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let mut revoked = record(&mk, "acme", AuthKind::HmacV1);
+        let plain = record(&mk, "acme", AuthKind::HmacV1);
+        let bearer = record(&mk, "acme", AuthKind::Bearer);
+        for r in [&revoked, &plain, &bearer] {
+            b.store.insert(r).await.unwrap();
+            assert!(
+                !b.store.was_revoked(&r.public_key).await.unwrap(),
+                "{}",
+                b.name
+            );
+        }
+        revoked.revoked_at = Some(OffsetDateTime::now_utc());
+        revoked.version += 1;
+        b.store.update(&revoked).await.unwrap();
+        assert!(
+            b.store.was_revoked(&revoked.public_key).await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert!(b.store.delete(&revoked.id).await.unwrap());
+        assert!(b.store.delete(&plain.id).await.unwrap());
+        // Every handle on the store goes before it is opened again (redb locks its file).
+        let Backend {
+            name,
+            store,
+            signing,
+            limits,
+            credits,
+            reopen,
+            _dir,
+            _servers,
+        } = b;
+        store.flush().await.unwrap();
+        drop((store, signing, limits, credits));
+        let store = reopen();
+        assert!(
+            store.was_revoked(&revoked.public_key).await.unwrap(),
+            "{name}: the tombstone outlives the delete and a reopen"
+        );
+        assert!(
+            !store.was_revoked(&plain.public_key).await.unwrap(),
+            "{name}"
+        );
+        // A revoked record written whole (a copy, a restore) marks its key too, and its
+        // delete keeps the mark; a tombstone can be added alone (restore), once.
+        let mut copied = record(&mk, "acme", AuthKind::HmacV1);
+        copied.revoked_at = Some(OffsetDateTime::now_utc());
+        store.insert(&copied).await.unwrap();
+        assert!(
+            store.was_revoked(&copied.public_key).await.unwrap(),
+            "{name}"
+        );
+        store.add_tombstone("pk_live_from_a_backup").await.unwrap();
+        store.add_tombstone("pk_live_from_a_backup").await.unwrap();
+        let mut all = store.tombstones().await.unwrap();
+        all.sort();
+        let mut want = vec![
+            revoked.public_key.clone(),
+            copied.public_key.clone(),
+            "pk_live_from_a_backup".to_owned(),
+        ];
+        want.sort();
+        assert_eq!(all, want, "{name}");
+        assert!(store.delete(&copied.id).await.unwrap());
+        assert!(
+            store.was_revoked(&copied.public_key).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !store.was_revoked(&bearer.public_key).await.unwrap(),
+            "{name}"
+        );
+    }
+}
+
 /// Concurrent read-modify-write loops that retry on `VersionConflict` lose no change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_lose_no_change() {

@@ -174,10 +174,14 @@ async fn require_admin(
     mut req: Request,
     next: Next,
 ) -> Result<Response> {
+    // The scheme is case-insensitive (RFC 9110 §11.1), as the proxy reads it.
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .map(str::trim)
         .ok_or(AdminError::Unauthorized)?;
     let hash = SecretString::new(token.to_owned()).sha256();
@@ -248,10 +252,28 @@ impl pingora::services::background::BackgroundService for ReadinessService {
 
 type Result<T> = std::result::Result<T, AdminError>;
 
+/// A request body that its Content-Type says is JSON (or an empty one): every handler that
+/// reads a body takes it through this.
+struct JsonBody(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonBody {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> std::result::Result<Self, Response> {
+        let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+        let body = <Bytes as axum::extract::FromRequest<S>>::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        input::require_json(content_type.as_ref().map(HeaderValue::as_bytes), &body)
+            .map_err(|e| AdminError::from(e).into_response())?;
+        Ok(Self(body))
+    }
+}
+
 async fn create_key(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Principal>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response> {
     let lc = &state.lifecycle;
     let new = input::create_body(&body, lc.now(), &who.defaults())?;
@@ -289,7 +311,7 @@ async fn patch_key(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response> {
     let lc = &state.lifecycle;
     let patch = input::patch_body(&body, lc.now())?;
@@ -301,7 +323,7 @@ async fn rotate_key(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response> {
     let grace = input::rotate_body(&body)?;
     let lc = &state.lifecycle;
@@ -323,7 +345,7 @@ async fn key_credits(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response> {
     let lc = &state.lifecycle;
     let op = input::credits_body(&body)?;
@@ -343,11 +365,16 @@ async fn delete_key(
 async fn import_key(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Principal>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response> {
     let lc = &state.lifecycle;
-    let (new, public_key, secret) = input::import_body(&body, lc.now())?;
-    let record = lc.import(&who, new, public_key, &secret).await?;
+    let input::Import {
+        new,
+        public_key,
+        secret,
+        force,
+    } = input::import_body(&body, lc.now())?;
+    let record = lc.import(&who, new, public_key, &secret, force).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(lc.view(&record, Some(&secret)).await?),
@@ -395,7 +422,7 @@ async fn assertion_keys(State(state): State<Arc<AdminState>>) -> Result<Response
 async fn rotate_assertion_key(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Principal>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response> {
     const DEFAULT_AHEAD: u64 = 600;
     const MAX_AHEAD: u64 = 7 * 24 * 3600;

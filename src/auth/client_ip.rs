@@ -46,6 +46,40 @@ pub fn client_ip<'a>(
     Ok(client.unwrap_or(candidate))
 }
 
+/// Why an allow-list or config entry is not a network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetError {
+    #[error("{0:?} is not an IP address or CIDR")]
+    Invalid(String),
+    /// Host bits set beyond the prefix: `10.9.9.9/0` would silently mean `0.0.0.0/0`, every
+    /// address, which is almost never what was meant.
+    #[error("{given:?} has host bits set beyond its prefix; write {network} for the whole network or {given_host} for the one address")]
+    HostBits {
+        given: String,
+        network: IpNet,
+        given_host: IpNet,
+    },
+}
+
+/// One address (as a /32 or /128) or a CIDR whose address is its network's first: the one
+/// reading of every allow-list entry and every CIDR in the config.
+pub fn parse_net(text: &str) -> Result<IpNet, NetError> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net = text
+        .parse::<IpNet>()
+        .map_err(|_| NetError::Invalid(text.to_owned()))?;
+    if net.trunc() != net {
+        return Err(NetError::HostBits {
+            given: text.to_owned(),
+            network: net.trunc(),
+            given_host: IpNet::from(net.addr()),
+        });
+    }
+    Ok(net)
+}
+
 /// A set of networks as sorted, merged address ranges: membership is a binary search, so a
 /// key with 1,000 CIDRs costs about what a key with one does. IPv4 and IPv6 are kept apart, as
 /// `IpNet::contains` keeps them; an IPv4-mapped IPv6 address is checked as IPv4.
@@ -124,6 +158,42 @@ fn merged(mut ranges: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cidr_with_host_bits_is_refused_not_widened() {
+        use super::{parse_net, NetError};
+        for ok in [
+            "10.9.9.9",
+            "10.9.9.9/32",
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "::1",
+            "2001:db8::1/128",
+            "2001:db8::/32",
+        ] {
+            assert!(parse_net(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "10.9.9.9/0",
+            "10.9.9.9/8",
+            "192.168.1.1/24",
+            "2001:db8::1/64",
+        ] {
+            assert!(
+                matches!(parse_net(bad), Err(NetError::HostBits { .. })),
+                "{bad}"
+            );
+        }
+        let e = parse_net("10.9.9.9/0")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("\"10.9.9.9/0\"") && e.contains("0.0.0.0/0") && e.contains("10.9.9.9/32"),
+            "{e}"
+        );
+        assert!(matches!(parse_net("nope"), Err(NetError::Invalid(_))));
+    }
+
     use super::*;
 
     fn nets(s: &[&str]) -> AllowList {

@@ -49,8 +49,9 @@ pub enum Command {
     /// Validate a config file; print every problem with its key path; exit 64 on error.
     CheckConfig {
         file: PathBuf,
-        /// Check upstream host names for shape only, without looking them up: a config for
-        /// another network (a container, a cluster) whose names do not resolve here.
+        /// Check upstream host names for shape only, without looking them up, and do not read
+        /// the secret files the config names: a config for another machine or network (a
+        /// container, a cluster) whose names do not resolve and whose secrets are not here.
         #[arg(long)]
         offline: bool,
     },
@@ -439,10 +440,7 @@ pub fn main() -> ExitCode {
                 crate::config::Lookup::Now
             },
         ) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
+            Ok(config) => serve::check_secret_files(&file, &config, offline),
             Err(code) => code,
         },
         Some(Command::Demo {

@@ -22,6 +22,30 @@ pub(super) fn load_with(
     })
 }
 
+/// The end of `check-config` for a config that parsed: the secret files it names, checked as
+/// `serve` reads them (with this process's environment), unless `offline` — a config checked
+/// away from where it runs, whose files live there.
+pub(super) fn check_secret_files(
+    path: &std::path::Path,
+    config: &Config,
+    offline: bool,
+) -> ExitCode {
+    let problems = if offline {
+        Vec::new()
+    } else {
+        crate::server::check_secret_files(config, &|k| std::env::var(k).ok())
+    };
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{}: {} problem(s)", path.display(), problems.len());
+    for p in &problems {
+        eprintln!("  {p}");
+    }
+    ExitCode::from(EX_USAGE)
+}
+
 /// `keygate reload`: SIGHUP to the gateway whose pid is in the config's `server.pid_file`.
 /// The file is checked first, so a broken edit is reported here, before the signal.
 pub(super) fn reload(path: &std::path::Path) -> ExitCode {

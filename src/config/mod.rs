@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::auth::client_ip::parse_net;
+
 use crate::keys::{AuthKind, AuthKinds, RedisTarget};
 use file::{FileConfig, RouteFile, UpstreamFile, UrlOrList};
 
@@ -506,12 +508,6 @@ impl SectionReader {
     }
 }
 
-fn parse_net(text: &str) -> Option<IpNet> {
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
-}
-
 /// `[admin.tls]` / `[metrics.tls]`: a certificate and key, checked now; client certificates
 /// and h2c are for the proxy listener only.
 fn listener_tls(p: &mut Problems, at: &str, t: Option<&file::TlsFile>) -> Option<TlsConfig> {
@@ -543,14 +539,9 @@ fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
             .iter()
             .enumerate()
             .filter_map(|(i, t)| {
-                let net = parse_net(t);
-                if net.is_none() {
-                    p.add(
-                        format!("server.trusted_proxies[{i}]"),
-                        format!("{t:?} is not an IP address or CIDR"),
-                    );
-                }
-                net
+                parse_net(t)
+                    .map_err(|e| p.add(format!("server.trusted_proxies[{i}]"), e.to_string()))
+                    .ok()
             })
             .collect(),
         shutdown_grace: p.duration("server.shutdown_grace", &f.server.shutdown_grace),
@@ -789,17 +780,9 @@ fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
         .iter()
         .enumerate()
         .filter_map(|(i, s)| {
-            let net = s
-                .parse::<IpNet>()
+            parse_net(s)
+                .map_err(|e| p.add(format!("abuse.never_block[{i}]"), e.to_string()))
                 .ok()
-                .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from));
-            if net.is_none() {
-                p.add(
-                    format!("abuse.never_block[{i}]"),
-                    format!("{s:?} is not an IP address or CIDR"),
-                );
-            }
-            net
         })
         .collect();
     let abuse = AbuseConfig {

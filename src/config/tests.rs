@@ -299,3 +299,29 @@ fn offline_checks_take_host_names_on_their_shape() {
     let ip = Config::parse(&with("10.0.0.7:9000"), Lookup::ShapeOnly).unwrap();
     assert_eq!(ip.upstreams[0].endpoints[0].to_string(), "10.0.0.7:9000");
 }
+
+/// Issue 24: `10.9.9.9/0` was read as `0.0.0.0/0` — a trusted proxy or never-blocked range of
+/// every address. A CIDR with host bits set is refused, naming the key and the entry.
+#[test]
+fn a_cidr_with_host_bits_set_is_a_config_error() {
+    let text = format!(
+        "[server]\ntrusted_proxies = [\"10.9.9.9/0\", \"10.0.0.0/8\", \"10.0.0.1\", \"10.0.0.1/32\"]\n\n\
+         [abuse]\nnever_block = [\"127.0.0.1/8\", \"::1/128\"]\n{MINIMAL}"
+    );
+    let errors = Config::from_toml(&text)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        errors.contains("server.trusted_proxies[0]: \"10.9.9.9/0\" has host bits set"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("abuse.never_block[0]: \"127.0.0.1/8\" has host bits set"),
+        "{errors}"
+    );
+    assert!(
+        !errors.contains("trusted_proxies[1]") && !errors.contains("never_block[1]"),
+        "{errors}"
+    );
+}

@@ -21,6 +21,8 @@ pub struct CopyReport {
     pub audit_present: usize,
     /// Nonces still inside their window, now used in the target too.
     pub nonces: usize,
+    /// Public keys of revoked keys (deleted ones included), now refused for import there too.
+    pub tombstones: usize,
 }
 
 const PAGE: usize = 500;
@@ -41,6 +43,10 @@ pub async fn copy_store(from: &EmbeddedStore, to: &dyn KeyStore) -> Result<CopyR
         for entry in &page {
             copy_audit(entry, to, &mut report).await?;
         }
+    }
+    for public_key in from.tombstones().await? {
+        to.add_tombstone(&public_key).await?;
+        report.tombstones += 1;
     }
     for (key_id, nonce, left) in from.live_nonces().await? {
         to.use_nonce(&key_id, &nonce, left).await?;

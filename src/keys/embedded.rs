@@ -40,6 +40,9 @@ const AUDIT_BY_KEY: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new
 const AUDIT_BY_OWNER: TableDefinition<'_, (&str, &str), ()> =
     TableDefinition::new("audit_by_owner");
 /// Small whole documents: name → 8-byte big-endian version ‖ body (the assertion keyring).
+/// Public key → id of every key ever revoked; kept when the record is deleted, so the pair
+/// cannot quietly come back through an import.
+const TOMBSTONES: TableDefinition<'_, &str, &str> = TableDefinition::new("tombstones");
 const DOCUMENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("documents");
 /// Key id → (remaining credits, refill period they belong to).
 const CREDITS: TableDefinition<'_, &str, (u64, u64)> = TableDefinition::new("credits");
@@ -257,6 +260,7 @@ impl EmbeddedStore {
             txn.open_table(AUDIT_BY_KEY).map_err(unavailable)?;
             txn.open_table(AUDIT_BY_OWNER).map_err(unavailable)?;
             txn.open_table(DOCUMENTS).map_err(unavailable)?;
+            txn.open_table(TOMBSTONES).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -378,6 +382,17 @@ impl EmbeddedStore {
         let row = keys.get(id.as_str()).map_err(unavailable)?;
         row.map(|v| KeyRecord::decode(v.value())).transpose()
     }
+}
+
+/// Records a revoked key's public key inside `txn` (nothing for a key not revoked).
+fn tombstone(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), StoreError> {
+    if record.revoked_at.is_some() {
+        txn.open_table(TOMBSTONES)
+            .map_err(unavailable)?
+            .insert(record.public_key.as_str(), record.id.as_str())
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// Removes a record's index entries inside `txn`.
@@ -718,6 +733,7 @@ impl KeyStore for EmbeddedStore {
                         .map_err(unavailable)?;
                     drop(keys);
                     index(txn, record)?;
+                    tombstone(txn, record)?;
                 }
                 Owned::Update(record) => {
                     let old = match keys.get(record.id.as_str()).map_err(unavailable)? {
@@ -741,6 +757,7 @@ impl KeyStore for EmbeddedStore {
                     drop(keys);
                     unindex(txn, &old)?;
                     index(txn, &record)?;
+                    tombstone(txn, &record)?;
                 }
                 Owned::Delete(id) => {
                     let old = match keys.remove(id.as_str()).map_err(unavailable)? {
@@ -749,6 +766,8 @@ impl KeyStore for EmbeddedStore {
                     };
                     drop(keys);
                     unindex(txn, &old)?;
+                    // A key revoked before tombstones existed gets one as it goes.
+                    tombstone(txn, &old)?;
                 }
             }
             if let Some((entry, bytes)) = &audit {
@@ -841,6 +860,36 @@ impl KeyStore for EmbeddedStore {
             None
         };
         Ok(AuditPage { items, next_cursor })
+    }
+
+    async fn was_revoked(&self, public_key: &str) -> Result<bool, StoreError> {
+        let read = self.db.get()?.begin_read().map_err(unavailable)?;
+        let t = read.open_table(TOMBSTONES).map_err(unavailable)?;
+        Ok(t.get(public_key).map_err(unavailable)?.is_some())
+    }
+
+    async fn tombstones(&self) -> Result<Vec<String>, StoreError> {
+        let read = self.db.get()?.begin_read().map_err(unavailable)?;
+        let t = read.open_table(TOMBSTONES).map_err(unavailable)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(unavailable)? {
+            let (pk, _) = row.map_err(unavailable)?;
+            out.push(pk.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    async fn add_tombstone(&self, public_key: &str) -> Result<(), StoreError> {
+        let public_key = public_key.to_owned();
+        self.transact(move |txn| {
+            let mut t = txn.open_table(TOMBSTONES).map_err(unavailable)?;
+            if t.get(public_key.as_str()).map_err(unavailable)?.is_none() {
+                // The id is not known here (a restored or copied tombstone): keep it empty.
+                t.insert(public_key.as_str(), "").map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {

@@ -10,6 +10,8 @@
 //!   creation order (UUIDv7), so newest-first paging is `ZREVRANGEBYLEX` from the cursor
 //! - `{kg}:u:<id>` — hash `total` (requests), `last` (Unix µs of the last use)
 //! - `{kg}:a:<audit id>` — audit entry JSON; `{kg}:aa`, `{kg}:ak:<key id>`, `{kg}:ao:<owner>`
+//! - `{kg}:t` — set of the public keys of every key ever revoked (tombstones; a delete keeps
+//!   them), so a revoked pair cannot be imported again unnoticed
 //! - `kg:n:<id>:<nonce>` — used nonces, `SET NX PX`; untagged, so on a cluster the per-request
 //!   traffic spreads over every master
 //! - channel `kg:changes` — every write publishes the public keys and hashes it touched
@@ -101,6 +103,11 @@ if ARGV[7] ~= '' then
   redis.call('ZADD', '{kg}:ak:' .. ARGV[9], 0, aid)
   redis.call('ZADD', '{kg}:ao:' .. ARGV[10], 0, aid)
 end
+-- Tombstones: every public key ever revoked, kept after its record is deleted.
+if op ~= 'delete' and ARGV[12] == '1' then redis.call('SADD', '{kg}:t', ARGV[4]) end
+if op == 'delete' and o['revoked_at'] ~= nil and o['revoked_at'] ~= cjson.null then
+  redis.call('SADD', '{kg}:t', o['public_key'])
+end
 redis.call('PUBLISH', 'kg:changes', table.concat(changed, ' '))
 return 'ok'
 "#;
@@ -138,6 +145,10 @@ redis.call('ZADD', '{kg}:ak:' .. ARGV[3], 0, aid)
 redis.call('ZADD', '{kg}:ao:' .. ARGV[4], 0, aid)
 return 1
 "#;
+
+/// The tombstone set (see the layout above): tagged like the records, so on a cluster it
+/// sits with them and the write script can add to it atomically.
+const TOMBSTONES: &str = "{kg}:t";
 
 /// Every script names this key, so a cluster client sends it to the master holding `{kg}`.
 /// The keys a script builds itself share the tag, hence the slot.
@@ -923,6 +934,27 @@ impl KeyStore for RedisStore {
             .await
             .map_err(|e| unavailable(&e))?;
         Ok(())
+    }
+
+    async fn was_revoked(&self, public_key: &str) -> Result<bool, StoreError> {
+        self.conn()
+            .sismember(TOMBSTONES, public_key)
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
+    async fn tombstones(&self) -> Result<Vec<String>, StoreError> {
+        self.conn()
+            .smembers(TOMBSTONES)
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
+    async fn add_tombstone(&self, public_key: &str) -> Result<(), StoreError> {
+        self.conn()
+            .sadd::<_, _, ()>(TOMBSTONES, public_key)
+            .await
+            .map_err(|e| unavailable(&e))
     }
 
     async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {

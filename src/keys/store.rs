@@ -103,6 +103,14 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         self.write(Write::Delete(id), None).await
     }
+    /// Whether a key with this public key was ever revoked here. Every write of a revoked
+    /// record, and every delete of one, leaves this mark, and nothing removes it: a revoked
+    /// pair must not come back through an import after its record is deleted.
+    async fn was_revoked(&self, public_key: &str) -> Result<bool, StoreError>;
+    /// Every public key [`Self::was_revoked`] answers `true` for (backups, copies).
+    async fn tombstones(&self) -> Result<Vec<String>, StoreError>;
+    /// Marks a public key as revoked without a record (restores, copies).
+    async fn add_tombstone(&self, public_key: &str) -> Result<(), StoreError>;
     async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_by_public_key(&self, public_key: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_by_secret_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;

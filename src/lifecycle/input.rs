@@ -63,6 +63,8 @@ struct ImportKeyBody {
     rate_limits: Option<Vec<RateLimit>>,
     remaining: Option<u64>,
     refill: Option<Refill>,
+    /// Imports a public key that was revoked here before (409 without it).
+    force: Option<bool>,
 }
 
 /// `PATCH /v1/keys/{id}`: only these fields; `null` clears `description` and `expires_at`.
@@ -251,16 +253,13 @@ impl Checks {
         }
         let mut out = Vec::with_capacity(raw.len());
         for (i, s) in raw.iter().enumerate() {
-            match s
-                .parse::<IpNet>()
-                .ok()
-                .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-            {
-                Some(n) => out.push(n.trunc()),
-                None => self.err(
+            match crate::auth::client_ip::parse_net(s) {
+                Ok(n) => out.push(n),
+                Err(crate::auth::client_ip::NetError::Invalid(_)) => self.err(
                     &format!("ip_allow_list[{i}]"),
                     "must be an IPv4/IPv6 address or CIDR",
                 ),
+                Err(e) => self.err(&format!("ip_allow_list[{i}]"), &e.to_string()),
             }
         }
         out
@@ -386,10 +385,16 @@ pub fn create_body(body: &[u8], now: OffsetDateTime, defaults: &Defaults) -> Res
 
 /// Validates an import: the pair as given (the secret is used as text, exactly), plus the
 /// create fields. `environment` defaults from a `pk_live_`/`pk_test_` prefix, else `test`.
-pub fn import_body(
-    body: &[u8],
-    now: OffsetDateTime,
-) -> Result<(NewKey, String, SecretString), Error> {
+/// A validated import: the key's fields, its pair, and whether the operator forces the import
+/// of a public key revoked before.
+pub struct Import {
+    pub new: NewKey,
+    pub public_key: String,
+    pub secret: SecretString,
+    pub force: bool,
+}
+
+pub fn import_body(body: &[u8], now: OffsetDateTime) -> Result<Import, Error> {
     let b: ImportKeyBody = parse_json(body)?;
     let mut c = Checks::default();
     let public_key = b.public_key.unwrap_or_default();
@@ -429,7 +434,12 @@ pub fn import_body(
         remaining: b.remaining.map(|n| c.credits("remaining", n)),
         refill: b.refill.map(|r| c.refill(r)),
     };
-    c.finish().map(|()| (new, public_key, secret))
+    c.finish().map(|()| Import {
+        new,
+        public_key,
+        secret,
+        force: b.force.unwrap_or(false),
+    })
 }
 
 /// A validated `PATCH`: each field present is replaced; `Some(None)` clears it.
@@ -541,6 +551,23 @@ pub fn credits_body(body: &[u8]) -> Result<CreditOp, Error> {
 }
 
 /// `grace_seconds` of a rotation: 0 (the default) to 7 days. An empty body means 0.
+/// A body must say it is JSON: without this, a browser's "simple" cross-site form post
+/// (`text/plain`) carrying JSON would be read like any other. A request without a body needs
+/// no Content-Type.
+pub fn require_json(content_type: Option<&[u8]>, body: &[u8]) -> Result<(), Error> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let essence = content_type
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match essence {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(Error::UnsupportedMediaType),
+    }
+}
+
 pub fn rotate_body(body: &[u8]) -> Result<time::Duration, Error> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(time::Duration::ZERO);

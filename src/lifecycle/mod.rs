@@ -5,9 +5,12 @@
 //!
 //! Rules, checked here once for every operation:
 //! - an admin token may do anything;
-//! - a key (self-service, scope `keys.manage`) acts only on keys of its own owner whose every
-//!   power it holds itself — scopes within its own, same environment, an allow-list at least
-//!   as narrow, an expiry no later — or on keys it minted; anything else is "not found";
+//! - a key (self-service, scope `keys.manage`) sees keys of its own owner whose every power it
+//!   holds itself — scopes within its own, same environment, an allow-list at least as narrow,
+//!   an expiry no later, limits no looser — and keys it minted; anything else is "not found";
+//! - it changes (rotates, revokes) only keys whose every power it holds *now*: a key it minted
+//!   while it was broader, and that it no longer covers, is visible but refused ("forbidden"),
+//!   or narrowing a key would leave it a way back to the powers it lost;
 //! - a key mints only keys within its own powers, and only creates, reads, lists, rotates and
 //!   revokes (import, update and delete are the operators');
 //! - every change is a compare-and-set on the record's `version`, retried on conflict, and
@@ -51,16 +54,23 @@ pub enum Error {
     NotFound,
     #[error("{0}")]
     MalformedJson(String),
+    #[error("send the body as Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("one or more fields are invalid")]
     Validation(BTreeMap<String, String>),
     #[error("a key with this public key or secret already exists")]
     Conflict,
     #[error("the key is revoked; revocation is final")]
     Revoked,
+    #[error("a key with this public key was revoked before; revocation is final (send \"force\": true to import it anyway)")]
+    RevokedBefore,
     #[error("the key kept changing while this change was being made; try again")]
     Contended,
     #[error("the key store is unavailable")]
     StoreUnavailable,
+    /// A key may see the target but not change it: it lacks some of the target's powers.
+    #[error("your key does not hold every power of this key; ask an operator")]
+    Forbidden(BTreeMap<String, String>),
 }
 
 impl Error {
@@ -69,16 +79,21 @@ impl Error {
         match self {
             Self::NotFound => ErrorCode::NotFound,
             Self::MalformedJson(_) => ErrorCode::MalformedJson,
+            Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             Self::Validation(_) => ErrorCode::ValidationFailed,
-            Self::Conflict | Self::Revoked | Self::Contended => ErrorCode::Conflict,
+            Self::Conflict | Self::Revoked | Self::RevokedBefore | Self::Contended => {
+                ErrorCode::Conflict
+            }
             Self::StoreUnavailable => ErrorCode::StoreUnavailable,
+            // The code self-service already answers a key lacking what a call needs.
+            Self::Forbidden(_) => ErrorCode::InsufficientScope,
         }
     }
 
-    /// Field → message, for a validation failure.
+    /// Field → message, for a validation failure or the powers a forbidden change lacks.
     pub fn errors(&self) -> Option<&BTreeMap<String, String>> {
         match self {
-            Self::Validation(e) => Some(e),
+            Self::Validation(e) | Self::Forbidden(e) => Some(e),
             _ => None,
         }
     }
@@ -257,12 +272,26 @@ impl KeyPowers {
         out
     }
 
-    /// Whether this key may act on `target`: same owner, and it minted the target or holds
+    /// Whether this key may see `target`: same owner, and it minted the target or holds
     /// every power the target has.
-    pub fn may_act_on(&self, target: &KeyRecord) -> bool {
+    pub fn may_see(&self, target: &KeyRecord) -> bool {
         target.owner == self.owner
             && (target.created_by.as_deref() == Some(self.key_id.as_str())
                 || self.lacks(&Powers::of_record(target)).is_empty())
+    }
+
+    /// Whether this key may change `target`: same owner and every power the target has,
+    /// held now. Having minted it is not enough: the minter may have been narrowed since.
+    pub fn may_change(&self, target: &KeyRecord) -> Result<(), Error> {
+        if target.owner != self.owner {
+            return Err(Error::NotFound);
+        }
+        let lacks = self.lacks(&Powers::of_record(target));
+        if lacks.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(lacks))
+        }
     }
 }
 
@@ -460,15 +489,21 @@ impl Lifecycle {
         Ok((record, secret))
     }
 
-    /// Brings an existing key pair from another system (operators only).
+    /// Brings an existing key pair from another system (operators only). A public key revoked
+    /// here before, even one whose record was deleted since, comes back only when `force`d:
+    /// otherwise a leaked pair, revoked and cleaned up, could be brought back by mistake.
     pub async fn import(
         &self,
         who: &Principal,
         new: NewKey,
         public_key: String,
         secret: &SecretString,
+        force: bool,
     ) -> Result<KeyRecord, Error> {
         who.admin_only()?;
+        if !force && self.store.was_revoked(&public_key).await? {
+            return Err(Error::RevokedBefore);
+        }
         let start = new.remaining.or(new.refill.map(|r| r.amount));
         let record = keys::build_record(&self.master, new, public_key, secret, self.clock.now());
         self.start_credits(&record, start).await?;
@@ -552,7 +587,7 @@ impl Lifecycle {
             None => self.store.get_by_public_key(id).await?,
         };
         found
-            .filter(|r| who.key().is_none_or(|p| p.may_act_on(r)))
+            .filter(|r| who.key().is_none_or(|p| p.may_see(r)))
             .ok_or(Error::NotFound)
     }
 
@@ -567,7 +602,7 @@ impl Lifecycle {
         let wanted = |r: &KeyRecord| {
             q.environment.is_none_or(|e| r.environment.as_str() == e)
                 && q.status.is_none_or(|s| view::status_of(r, now) == s)
-                && who.key().is_none_or(|p| p.may_act_on(r))
+                && who.key().is_none_or(|p| p.may_see(r))
         };
         // Filters apply after the store's page, so keep reading pages until this one is full.
         let mut items = Vec::with_capacity(q.limit);
@@ -665,6 +700,9 @@ impl Lifecycle {
     pub async fn delete(&self, who: &Principal, id: &str) -> Result<(), Error> {
         who.admin_only()?;
         let record = self.get(who, id).await?;
+        if let Some(p) = who.key() {
+            p.may_change(&record)?;
+        }
         let audit = self.audit(who, Action::Delete, &record, Vec::new());
         if !self
             .store
@@ -717,6 +755,10 @@ impl Lifecycle {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             let before = self.get(who, &key_id).await?;
+            // Checked on every read: the record (or the acting key) may have changed since.
+            if let Some(p) = who.key() {
+                p.may_change(&before)?;
+            }
             let mut after = before.clone();
             let now = self.clock.now();
             let Some((fields, out)) = apply(&mut after, now)? else {
@@ -778,7 +820,8 @@ mod tests {
             Some(2_000_000_000),
         ));
         let within = record(&["payments.read"], t, &["10.1.0.0/16"], Some(1_900_000_000));
-        assert!(me.may_act_on(&within));
+        assert!(me.may_see(&within));
+        assert!(me.may_change(&within).is_ok());
         for (why, other) in [
             ("wider scope", record(&["*"], t, &["10.1.0.0/16"], Some(1))),
             (
@@ -793,13 +836,18 @@ mod tests {
                 record(&[], t, &["10.0.0.1/32"], Some(2_000_000_001)),
             ),
         ] {
-            assert!(!me.may_act_on(&other), "{why}");
+            assert!(!me.may_see(&other), "{why}");
             let mut minted = other.clone();
             minted.created_by = Some(me.key_id.clone());
-            assert!(me.may_act_on(&minted), "{why}, but minted by me");
+            assert!(me.may_see(&minted), "{why}, but minted by me");
+            // Seen, but not changed: the minter no longer holds what the key holds.
+            assert!(
+                matches!(me.may_change(&minted), Err(Error::Forbidden(ref e)) if !e.is_empty()),
+                "{why}: a minted key beyond my powers is not mine to change"
+            );
             let mut elsewhere = minted;
             elsewhere.owner = "globex".into();
-            assert!(!me.may_act_on(&elsewhere), "{why}, another owner");
+            assert!(!me.may_see(&elsewhere), "{why}, another owner");
         }
     }
 
@@ -807,9 +855,9 @@ mod tests {
     fn a_key_without_limits_holds_every_narrower_power() {
         let t = Environment::Test;
         let me = KeyPowers::of(&record(&["*"], t, &[], None));
-        assert!(me.may_act_on(&record(&["*"], t, &[], None)));
-        assert!(me.may_act_on(&record(&["a.b"], t, &["1.2.3.4/32"], Some(5))));
-        assert!(!me.may_act_on(&record(&["a.b"], Environment::Live, &[], None)));
+        assert!(me.may_see(&record(&["*"], t, &[], None)));
+        assert!(me.may_see(&record(&["a.b"], t, &["1.2.3.4/32"], Some(5))));
+        assert!(!me.may_see(&record(&["a.b"], Environment::Live, &[], None)));
     }
 
     #[test]
@@ -831,8 +879,8 @@ mod tests {
             r.rate_limits = limits;
             r
         };
-        assert!(me.may_act_on(&with(mine.rate_limits)));
-        assert!(me.may_act_on(&with(vec![
+        assert!(me.may_see(&with(mine.rate_limits)));
+        assert!(me.may_see(&with(vec![
             l("burst", 10, 1),
             l("daily", 1000, 86_400),
             l("extra", 1, 1)
@@ -850,7 +898,7 @@ mod tests {
             ),
             ("renamed", vec![l("b", 100, 1), l("daily", 1000, 86_400)]),
         ] {
-            assert!(!me.may_act_on(&with(limits)), "{why}");
+            assert!(!me.may_see(&with(limits)), "{why}");
         }
     }
 
@@ -864,11 +912,11 @@ mod tests {
         assert_eq!(who.defaults().tls_client_cert_sha256, Some("ab".repeat(32)));
         let mut same = record(&["a.b"], t, &[], None);
         same.tls_client_cert_sha256 = Some("ab".repeat(32));
-        assert!(me.may_act_on(&same));
+        assert!(me.may_see(&same));
         let unbound = record(&["a.b"], t, &[], None);
-        assert!(!me.may_act_on(&unbound), "unbound is more than I have");
+        assert!(!me.may_see(&unbound), "unbound is more than I have");
         let mut other = unbound;
         other.tls_client_cert_sha256 = Some("cd".repeat(32));
-        assert!(!me.may_act_on(&other));
+        assert!(!me.may_see(&other));
     }
 }

@@ -1,6 +1,7 @@
 //! `keygate store backup` and `restore`: the whole store as one JSON Lines file — key records
 //! (secrets still sealed, bearer secrets still hashed, usage counters), audit entries, metered
-//! keys' credits and the sealed assertion keyring — and back.
+//! keys' credits, the public keys of every key ever revoked (tombstones) and the sealed
+//! assertion keyring — and back.
 //!
 //! The file ends with a line that counts what came before it, so a truncated or cut-short
 //! backup is refused before anything is written. Restoring into a store that already holds
@@ -50,6 +51,10 @@ enum Line {
         #[serde(default)]
         period: Option<u64>,
     },
+    /// The public key of a key revoked at some time (its record may be gone).
+    Tombstone {
+        public_key: String,
+    },
     /// The sealed assertion keyring document.
     SigningKeys {
         body: serde_json::Value,
@@ -65,6 +70,9 @@ pub struct Counts {
     pub audit: usize,
     pub credits: usize,
     pub signing_keys: bool,
+    /// Absent from backups made before tombstones: none.
+    #[serde(default)]
+    pub tombstones: usize,
 }
 
 fn write_line(out: &mut dyn Write, line: &Line) -> Result<(), BackupError> {
@@ -109,6 +117,10 @@ pub async fn backup(
                 counts.credits += 1;
             }
         }
+    }
+    for public_key in stores.keys.tombstones().await? {
+        write_line(out, &Line::Tombstone { public_key })?;
+        counts.tombstones += 1;
     }
     let mut audit = Walk::new(stores.keys.as_ref());
     while let Some(page) = audit.next_audit().await? {
@@ -162,6 +174,7 @@ pub fn verify(input: &mut dyn BufRead) -> Result<Counts, BackupError> {
             Line::Key(_) => seen.keys += 1,
             Line::Audit(_) => seen.audit += 1,
             Line::Credits { .. } => seen.credits += 1,
+            Line::Tombstone { .. } => seen.tombstones += 1,
             Line::SigningKeys { .. } => seen.signing_keys = true,
             Line::End(counts) => end = Some((n, counts)),
         }
@@ -228,6 +241,10 @@ async fn apply(
                     .await?;
                 report.credits_restored += 1;
             }
+        }
+        Line::Tombstone { public_key } => {
+            stores.keys.add_tombstone(&public_key).await?;
+            report.copy.tombstones += 1;
         }
         Line::SigningKeys { body } => {
             // Version 1 is written only where there is no keyring (compare-and-set): a store

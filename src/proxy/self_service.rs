@@ -116,7 +116,11 @@ impl Gateway {
         };
         let req = session.req_header();
         let path = req.uri.path().strip_prefix(PREFIX).unwrap_or("/");
-        let outcome = call(lc, key.id(), &req.method, path, req.uri.query(), &body).await;
+        let content_type = req.headers.get(http::header::CONTENT_TYPE);
+        let outcome = match input::require_json(content_type.map(|v| v.as_bytes()), &body) {
+            Ok(()) => call(lc, key.id(), &req.method, path, req.uri.query(), &body).await,
+            Err(e) => Err(e),
+        };
         let (status, bytes) = match outcome {
             Ok((status, v)) => (status, serde_json::to_vec(&v).unwrap_or_default()),
             Err(e) => {
