@@ -1148,7 +1148,13 @@ impl ProxyHttp for Gateway {
         );
         // Before routing: a path an upstream could read as another route, or a length two
         // parsers could read two ways, is refused whatever the route.
-        if let Err(detail) = target::check_path(req.uri.path()) {
+        let line = match session.as_downstream() {
+            pingora::protocols::http::server::Session::H1(h1) => {
+                target::check_request_line(&h1.get_headers_raw_bytes())
+            }
+            _ => Ok(()),
+        };
+        if let Err(detail) = line.and_then(|()| target::check_path(req.uri.path())) {
             return self
                 .refuse(session, ctx, ErrorCode::BadRequest, detail)
                 .await;

@@ -85,6 +85,18 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> 
         .ok_or("Content-Length must be a plain decimal number")
 }
 
+/// Why a request line, as the client sent its bytes, is refused: a raw `#` in the target.
+/// The parser under keygate drops it and all that follows (a fragment is not part of a
+/// request-target, RFC 9112 §3.2), so the signature would be checked, and the request
+/// forwarded, with another target than the client sent.
+pub fn check_request_line(raw_head: &[u8]) -> Result<(), &'static str> {
+    let line = raw_head.split(|&b| b == b'\n').next().unwrap_or_default();
+    if line.contains(&b'#') {
+        return Err("the request target must not contain a raw '#' (percent-encode it as %23)");
+    }
+    Ok(())
+}
+
 /// Why a request asking to switch protocols is refused, or `None` when it asks for nothing:
 /// an `Upgrade` header (any HTTP version) or a `CONNECT` (HTTP/1 tunnel or HTTP/2 extended
 /// CONNECT). After the switch the connection carries bytes keygate never reads, so whatever
