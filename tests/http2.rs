@@ -25,6 +25,37 @@ fn signed(key: &Key, method: &str, target: &str, body: &[u8]) -> Vec<(String, St
     )
 }
 
+/// HTTP/2 carries each cookie as its own field; the HTTP/1.1 upstream gets one `cookie` line
+/// with them joined by "; " in order (RFC 9113 §8.2.3), signed or public.
+async fn cookies_arrive_as_one_line(echo: &Echo, gw: &Gateway, flags: &[String], base: &str) {
+    let key = gw.mint(json!({})).await;
+    let cookies = [
+        ("cookie".to_owned(), "session=abc".to_owned()),
+        ("cookie".to_owned(), "theme=dark".to_owned()),
+        ("cookie".to_owned(), "lang=en".to_owned()),
+    ];
+    for (target, mut headers) in [
+        ("/public/cookies", Vec::new()),
+        (
+            "/v1/payments/p_1",
+            signed(&key, "GET", "/v1/payments/p_1", b""),
+        ),
+    ] {
+        echo.clear();
+        headers.extend(cookies.iter().cloned());
+        let r = curl(flags, "GET", &format!("{base}{target}"), &headers, b"").await;
+        assert_eq!((r.version.as_str(), r.status), ("2", 200), "{r:?}");
+        let seen = echo.seen().pop().unwrap();
+        let lines: Vec<&str> = seen
+            .headers
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(lines, ["session=abc; theme=dark; lang=en"], "{target}");
+    }
+}
+
 /// The contract, checked over one protocol: a signed request passes with the caller's
 /// identity and assertion; unsigned, badly signed, replayed, oversized and unrouted requests
 /// get the same problem+json as over HTTP/1.1.
@@ -107,6 +138,7 @@ async fn h2_over_tls_by_alpn_keeps_the_contract() {
         .map(String::from)
         .to_vec();
     the_contract_holds(&echo, &gw, &h2, &base).await;
+    cookies_arrive_as_one_line(&echo, &gw, &h2, &base).await;
     // HTTP/1.1 on the same listener still works.
     let h1: Vec<String> = ["--http1.1", "--cacert", &ca, "--resolve", &resolve]
         .map(String::from)
@@ -124,6 +156,7 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
     let base = format!("http://{}", gw.proxy);
     let h2c = vec!["--http2-prior-knowledge".to_owned()];
     the_contract_holds(&echo, &gw, &h2c, &base).await;
+    cookies_arrive_as_one_line(&echo, &gw, &h2c, &base).await;
     let r = curl(
         &["--http1.1".into()],
         "GET",

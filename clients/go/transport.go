@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 )
@@ -14,7 +15,10 @@ import (
 //	client := &http.Client{Transport: &keygate.Transport{Credentials: creds}}
 //
 // The whole body is read, signed and sent as the same bytes; the target is the request's
-// URL.RequestURI(), which is what net/http writes on the request line. A request refused
+// URL.RequestURI(), which is what net/http writes on the request line. net/http writes a
+// query as given, so bytes RFC 3986 does not allow raw in it (space, controls, '"', '<',
+// '>', '#', non-ASCII) are percent-encoded first: keygate refuses some and the HTTP parser
+// in front of it rewrites others, and the signature would not match. A request refused
 // with stale_timestamp is signed again once, with the clock corrected by keygate's Date
 // header, and resent (NoStaleRetry turns this off).
 type Transport struct {
@@ -60,7 +64,8 @@ func (t *Transport) base() http.RoundTripper {
 
 func (t *Transport) signed(req *http.Request, body []byte) (*http.Request, error) {
 	out := req.Clone(req.Context())
-	headers, err := SignHeaders(t.Credentials, req.Method, req.URL.RequestURI(), body, t.now(), "")
+	out.URL.RawQuery = wireQuery(out.URL.RawQuery)
+	headers, err := SignHeaders(t.Credentials, out.Method, out.URL.RequestURI(), body, t.now(), "")
 	if err != nil {
 		return nil, err
 	}
@@ -74,6 +79,25 @@ func (t *Transport) signed(req *http.Request, body []byte) (*http.Request, error
 		out.Body = http.NoBody
 	}
 	return out, nil
+}
+
+// wireQuery percent-encodes the bytes of a raw query that are not allowed in a
+// request-target and that would be rewritten or refused on the way to keygate; the others
+// (including an existing %XX) are kept as they are.
+func wireQuery(q string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(q); i++ {
+		c := q[i]
+		if c <= ' ' || c >= 0x7f || c == '"' || c == '<' || c == '>' || c == '#' {
+			b.WriteByte('%')
+			b.WriteByte(hex[c>>4])
+			b.WriteByte(hex[c&0xf])
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
 }
 
 // RoundTrip signs and sends req.

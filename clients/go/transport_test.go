@@ -75,6 +75,28 @@ func TestTransportSignsWhatItSends(t *testing.T) {
 	}
 }
 
+func TestTransportEncodesRawQueryBytesBeforeSigning(t *testing.T) {
+	srv, log := fakeKeygate(t)
+	c := &http.Client{Transport: &Transport{Credentials: creds, Now: func() time.Time { return serverTime }}}
+	req, err := http.NewRequest("GET", srv.URL+"/v1/search", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As a caller may set it; net/http would write it on the request line as is.
+	req.URL.RawQuery = "q=a b&name=café&x=\"<>\"&y=[1]&z=%20"
+	resp, err := c.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%v %v", resp, err)
+	}
+	want := "/v1/search?q=a%20b&name=caf%C3%A9&x=%22%3C%3E%22&y=[1]&z=%20"
+	if got := (*log)[0].target; got != want {
+		t.Fatalf("sent %q, want %q", got, want)
+	}
+	if req.URL.RawQuery != "q=a b&name=café&x=\"<>\"&y=[1]&z=%20" {
+		t.Fatal("the caller's request was changed")
+	}
+}
+
 func TestTransportRetriesAStaleTimestampOnceWithKeygatesClock(t *testing.T) {
 	srv, log := fakeKeygate(t)
 	tr := &Transport{Credentials: creds, Now: func() time.Time { return serverTime.Add(-time.Hour) }}

@@ -602,6 +602,12 @@ pub(crate) struct RouteFile {
     /// Give a metered key its credits back when the upstream answers 5xx (or fails).
     #[serde(default)]
     pub(crate) refund_on_5xx: bool,
+    /// Protocols a request may switch the connection to (`Upgrade`); only `"websocket"`.
+    #[serde(default)]
+    pub(crate) upgrade: Vec<String>,
+    /// Forward `X-HTTP-Method-Override` and the other method and URL override headers.
+    #[serde(default)]
+    pub(crate) forward_method_override: bool,
 }
 
 fn default_cost() -> u64 {

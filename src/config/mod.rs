@@ -263,6 +263,12 @@ pub struct Route {
     pub limits_fail_open: bool,
     /// Credits come back when the upstream answers 5xx or fails.
     pub refund_on_5xx: bool,
+    /// `upgrade = ["websocket"]`: a request may switch the connection to WebSocket. After
+    /// the upstream's 101 the connection is a tunnel keygate no longer reads, so every other
+    /// route refuses a request carrying `Upgrade`.
+    pub upgrade_websocket: bool,
+    /// Method and URL override headers (`X-HTTP-Method-Override`…) reach the upstream.
+    pub forward_method_override: bool,
 }
 
 /// One problem in a config file, with the key path it concerns.
@@ -1238,6 +1244,24 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
     if !(1..=1_000_000).contains(&r.cost) {
         p.add(format!("{at}.cost"), "must be 1 to 1000000");
     }
+    let mut upgrade_websocket = false;
+    for (j, proto) in r.upgrade.iter().enumerate() {
+        if proto == "websocket" {
+            upgrade_websocket = true;
+        } else {
+            p.add(
+                format!("{at}.upgrade[{j}]"),
+                format!("{proto:?} is not \"websocket\""),
+            );
+        }
+    }
+    if r.public && !r.upgrade.is_empty() {
+        // After the upstream's 101 nothing is checked: only a verified key may open one.
+        p.add(
+            format!("{at}.upgrade"),
+            "a public route may not set upgrade: the tunnel it opens would be unauthenticated",
+        );
+    }
     let limits_fail_open = match r.limits_on_store_error.as_deref() {
         None => !r.sensitive,
         Some("open") => true,
@@ -1262,6 +1286,8 @@ fn validate_route(p: &mut Problems, i: usize, r: &RouteFile, upstreams: &[Upstre
         cost: r.cost,
         limits_fail_open,
         refund_on_5xx: r.refund_on_5xx,
+        upgrade_websocket,
+        forward_method_override: r.forward_method_override,
     }
 }
 

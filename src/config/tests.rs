@@ -141,6 +141,25 @@ scope = "x"
 }
 
 #[test]
+fn upgrade_is_websocket_only_and_never_on_a_public_route() {
+    let route = |extra: &str| {
+        format!(
+            "[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:9000\"]\n\n[[routes]]\npath = \"/ws/*\"\nupstream = \"u\"\n{extra}\n"
+        )
+    };
+    let c = Config::from_toml(&route("upgrade = [\"websocket\"]")).unwrap();
+    assert!(c.routes[0].upgrade_websocket);
+    assert!(!Config::from_toml(&route("")).unwrap().routes[0].upgrade_websocket);
+    let err = Config::from_toml(&route("upgrade = [\"h2c\"]")).unwrap_err();
+    assert_eq!(err.0[0].path, "routes[0].upgrade[0]");
+    let err = Config::from_toml(&route("public = true\nupgrade = [\"websocket\"]")).unwrap_err();
+    assert_eq!(err.0[0].path, "routes[0].upgrade");
+    assert!(err.0[0].message.contains("public"), "{}", err.0[0].message);
+    let c = Config::from_toml(&route("forward_method_override = true")).unwrap();
+    assert!(c.routes[0].forward_method_override);
+}
+
+#[test]
 fn shipped_example_config_is_valid() {
     let text = include_str!("../../config/keygate.toml");
     if let Err(e) = Config::from_toml(text) {

@@ -903,6 +903,14 @@ impl Gateway {
         if ctx.answered_expect {
             req.remove_header(&EXPECT);
         }
+        // An upstream framework honouring one of these would run another method or path than
+        // the route (and scope) keygate checked.
+        if !self.route(ctx).is_some_and(|r| r.forward_method_override) {
+            for name in OVERRIDE_HEADERS {
+                req.remove_header(name);
+            }
+        }
+        join_cookies(req)?;
         if let Some(key) = &ctx.key {
             req.insert_header("x-keygate-key-id", key.id.clone())?;
             req.insert_header("x-keygate-owner", key.owner.clone())?;
@@ -936,6 +944,34 @@ impl Gateway {
     }
 }
 
+/// Headers some frameworks read as the request's real method or URL (Symfony, Laravel,
+/// Rails, Express's method-override, IIS URL Rewrite): removed unless the route keeps them.
+const OVERRIDE_HEADERS: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// HTTP/2 clients send each cookie as its own `cookie` field (RFC 9113 §8.2.3); an HTTP/1.1
+/// upstream expects one line (RFC 6265 §5.4), and many read only the first. They are joined
+/// with "; " in the order sent.
+fn join_cookies(req: &mut RequestHeader) -> Result<()> {
+    let mut values = req.headers.get_all(http::header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return Ok(());
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in req.headers.get_all(http::header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    let joined = http::HeaderValue::from_bytes(&joined)
+        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "joining cookies", e))?;
+    req.insert_header(http::header::COOKIE, joined)
+}
+
 /// Whether a client-sent header must never reach the upstream whatever the upstream's
 /// settings: an `x-keygate-*` identity header, or an underscore spelling of one or of a
 /// credential header (`x_keygate_owner`, `x_api_key`), which CGI/WSGI-style frameworks read
@@ -954,25 +990,19 @@ fn is_spoofed(name: &str) -> bool {
             .any(|c| c == dashed.as_str())
 }
 
-/// Whether an HTTP/1.1 request came with both `Content-Length` and `Transfer-Encoding`.
-/// Pingora drops the length before keygate sees the head (RFC 9112 §6.3) and turns keep-alive
-/// off for that reason alone, so: chunked, keep-alive off, and no `Connection: close` asking
-/// for it. keygate refuses such a request, as nginx and Envoy do, rather than forward a
-/// message two parsers could frame two ways.
+/// Whether an HTTP/1 request came with both `Content-Length` and `Transfer-Encoding`.
+/// Pingora drops the length before keygate sees the parsed head (RFC 9112 §6.3), so this
+/// reads the head's bytes as the client sent them (keep-alive state cannot tell: a client's
+/// own `Connection: close` turns it off too). keygate refuses such a request, as nginx and
+/// Envoy do, rather than forward a message two parsers could frame two ways.
 fn sent_length_and_encoding(session: &Session) -> bool {
-    let req = session.req_header();
-    req.version == http::Version::HTTP_11
-        && !session.as_downstream().is_http2()
-        && req.headers.contains_key(http::header::TRANSFER_ENCODING)
-        && session.get_keepalive().is_none()
-        && !req
-            .headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .any(|v| {
-                v.to_str()
-                    .is_ok_and(|v| v.to_ascii_lowercase().contains("close"))
-            })
+    match session.as_downstream() {
+        pingora::protocols::http::server::Session::H1(h1) => {
+            target::length_and_encoding(&h1.get_headers_raw_bytes())
+        }
+        // HTTP/2 has no Transfer-Encoding: the h2 layer refuses a stream that sends one.
+        _ => false,
+    }
 }
 
 /// SHA-256 of the verified TLS client certificate the connection presented, if any.
@@ -1142,7 +1172,13 @@ impl ProxyHttp for Gateway {
         );
         // Before routing: a path an upstream could read as another route, or a length two
         // parsers could read two ways, is refused whatever the route.
-        if let Err(detail) = target::check_path(req.uri.path()) {
+        let line = match session.as_downstream() {
+            pingora::protocols::http::server::Session::H1(h1) => {
+                target::check_request_line(&h1.get_headers_raw_bytes())
+            }
+            _ => Ok(()),
+        };
+        if let Err(detail) = line.and_then(|()| target::check_path(req.uri.path())) {
             return self
                 .refuse(session, ctx, ErrorCode::BadRequest, detail)
                 .await;
@@ -1208,12 +1244,31 @@ impl ProxyHttp for Gateway {
             ctx.self_service = true;
             None
         } else {
-            let Some(i) = routing.router.find(&req.method, req.uri.path()) else {
+            routing.router.find(&req.method, req.uri.path())
+        };
+        // After a 101 the connection is a tunnel keygate no longer reads: only a route that
+        // opts in (`upgrade = ["websocket"]`, never public) may open one.
+        if let Some(detail) = target::upgrade_refusal(req) {
+            let allowed = route_index
+                .and_then(|i| routing.router.get(i))
+                .is_some_and(|r| r.upgrade_websocket && target::is_websocket_upgrade(req));
+            if !allowed {
+                session.set_keepalive(None);
+                return self
+                    .refuse(session, ctx, ErrorCode::BadRequest, detail)
+                    .await;
+            }
+        }
+        let route_index = match route_index {
+            Some(i) => {
+                ctx.route = Some(i);
+                Some(i)
+            }
+            None if ctx.self_service => None,
+            None => {
                 let detail = "no route matches this method and path";
                 return self.refuse(session, ctx, ErrorCode::NoRoute, detail).await;
-            };
-            ctx.route = Some(i);
-            Some(i)
+            }
         };
         // Step 2, before reading a byte when the length is declared.
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {

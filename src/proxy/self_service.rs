@@ -40,6 +40,8 @@ pub(super) fn route() -> Route {
         cost: 1,
         limits_fail_open: true,
         refund_on_5xx: false,
+        upgrade_websocket: false,
+        forward_method_override: false,
     }
 }
 

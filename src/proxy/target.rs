@@ -85,9 +85,102 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> 
         .ok_or("Content-Length must be a plain decimal number")
 }
 
+/// Why a request line, as the client sent its bytes, is refused: a raw `#` in the target.
+/// The parser under keygate drops it and all that follows (a fragment is not part of a
+/// request-target, RFC 9112 §3.2), so the signature would be checked, and the request
+/// forwarded, with another target than the client sent.
+pub fn check_request_line(raw_head: &[u8]) -> Result<(), &'static str> {
+    let line = raw_head.split(|&b| b == b'\n').next().unwrap_or_default();
+    if line.contains(&b'#') {
+        return Err("the request target must not contain a raw '#' (percent-encode it as %23)");
+    }
+    Ok(())
+}
+
+/// Why a request asking to switch protocols is refused, or `None` when it asks for nothing:
+/// an `Upgrade` header (any HTTP version) or a `CONNECT` (HTTP/1 tunnel or HTTP/2 extended
+/// CONNECT). After the switch the connection carries bytes keygate never reads, so whatever
+/// a client sends next would reach the upstream unsigned, unlimited and unlogged.
+pub fn upgrade_refusal(req: &http::request::Parts) -> Option<&'static str> {
+    if req.method == http::Method::CONNECT {
+        return Some("CONNECT is not served: keygate does not open tunnels");
+    }
+    req.headers.contains_key(http::header::UPGRADE).then_some(
+        "Upgrade is refused: this route does not allow switching protocols \
+         (a route opts in with upgrade = [\"websocket\"])",
+    )
+}
+
+/// Whether the request asks for WebSocket and nothing else (`Upgrade: websocket`, one value).
+pub fn is_websocket_upgrade(req: &http::request::Parts) -> bool {
+    let mut values = req.headers.get_all(http::header::UPGRADE).iter();
+    let first = values.next();
+    values.next().is_none()
+        && first.is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// Whether a request head, as the client sent its bytes, declares both `Content-Length` and
+/// `Transfer-Encoding` (any case, order or count). The parsed head cannot tell: the HTTP/1
+/// parser drops the length when both are there (RFC 9112 §6.3).
+pub fn length_and_encoding(raw_head: &[u8]) -> bool {
+    let (mut length, mut encoding) = (false, false);
+    // The first line is the request line; a header name has no space before its colon.
+    for line in raw_head.split(|&b| b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = &line[..colon];
+        length |= name.eq_ignore_ascii_case(b"content-length");
+        encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
+    }
+    length && encoding
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn length_beside_encoding_is_found_in_every_shape() {
+        for head in [
+            "POST / HTTP/1.1\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nCONTENT-LENGTH: 2\r\nconnection: close\r\nTRANSFER-ENCODING: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\ncontent-length: 2\ncontent-length: 2\ntransfer-encoding: chunked\n\n",
+        ] {
+            assert!(length_and_encoding(head.as_bytes()), "{head:?}");
+        }
+        for head in [
+            "POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nx-note: content-length: 2\r\n\r\n",
+            "POST /content-length:2 HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            assert!(!length_and_encoding(head.as_bytes()), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_single_websocket_upgrade_is_a_websocket_upgrade() {
+        let req = |pairs: &[(&str, &str)]| {
+            let mut b = http::Request::builder().method("GET").uri("/ws");
+            for (k, v) in pairs {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap_or_default().into_parts().0
+        };
+        assert!(upgrade_refusal(&req(&[])).is_none());
+        assert!(upgrade_refusal(&req(&[("upgrade", "websocket")])).is_some());
+        assert!(is_websocket_upgrade(&req(&[("upgrade", "WebSocket")])));
+        assert!(!is_websocket_upgrade(&req(&[("upgrade", "h2c")])));
+        assert!(!is_websocket_upgrade(&req(&[(
+            "upgrade",
+            "websocket, h2c"
+        )])));
+        assert!(!is_websocket_upgrade(&req(&[
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c")
+        ])));
+    }
 
     #[test]
     fn paths_an_upstream_could_read_as_another_route_are_refused() {
