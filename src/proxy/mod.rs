@@ -1417,6 +1417,19 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// What pingora's own error and warning lines name the request by. Its default prints the
+    /// whole target, query included (a card number, a token), and the Host: here the method,
+    /// the path and keygate's request id, which joins the line to the access log's.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {}, request_id: {}",
+            req.method,
+            req.uri.path(),
+            ctx.request_id
+        )
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         guard::request_done();
         // Still held: the upstream failed before answering (a timeout, a broken connection).
