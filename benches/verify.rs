@@ -357,7 +357,6 @@ fn bench_assertion(c: &mut Criterion) {
                 let sha = digest(black_box(&body));
                 let facts = Facts {
                     key: &key,
-                    request_id: "0f3a9c1e2b4d-0000000001",
                     method: "POST",
                     target,
                     body_sha256: &sha,

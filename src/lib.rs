@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod ids;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;

@@ -1,13 +1,15 @@
 //! Logging: tracing to stdout, text or JSON lines, ANSI colour only on a terminal, and a level
 //! a config reload can change (unless `RUST_LOG` set it). The HTTP libraries under keygate
 //! are held at `info` whatever the level: at `debug` and `trace` they print whole request
-//! headers — a bearer secret, a signature, the upstream assertion.
+//! headers — a bearer secret, a signature, the upstream assertion. Lines logged through the
+//! `log` crate (pingora's, at every level) have any query string cut before they are written:
+//! pingora prints request targets, and a payment API's query can hold a card number or a token.
 
+use std::borrow::Cow;
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use crate::config::LogConfig;
@@ -35,15 +37,21 @@ pub fn init(log: Option<&LogConfig>) {
             .with_writer(std::io::stdout)
             .with_ansi(false)
     });
-    let started = tracing_subscriber::registry()
+    let subscriber = tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::filter::filter_fn(|meta| {
             *meta.level() <= tracing::Level::INFO || !prints_headers(meta.target())
         }))
         .with(text_layer)
-        .with(json_layer)
-        .try_init()
-        .is_ok();
+        .with(json_layer);
+    // Not `try_init`: that would install tracing-log's own bridge, which passes pingora's
+    // request targets through whole.
+    let started = tracing::subscriber::set_global_default(subscriber).is_ok()
+        && log::set_boxed_logger(Box::new(RedactingBridge)).is_ok();
+    if started {
+        // Every level reaches the bridge, which asks the (reloadable) filter about each.
+        log::set_max_level(log::LevelFilter::Trace);
+    }
     if started && !env_rules {
         let _ = LEVEL.set(handle);
     }
@@ -68,6 +76,64 @@ fn prints_headers(target: &str) -> bool {
     })
 }
 
+/// Forwards `log` records to tracing as tracing-log's `LogTracer` does, with every query
+/// string redacted: pingora's error lines (`Fail to proxy: … GET /v1/x?pan=…`) carry the
+/// request target, in messages keygate does not write and a future pingora may add to.
+struct RedactingBridge;
+
+impl log::Log for RedactingBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        use tracing_log::AsTrace;
+        metadata.level().as_trace() <= tracing::level_filters::LevelFilter::current()
+            && tracing::dispatcher::get_default(|d| d.enabled(&metadata.as_trace()))
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        // Checked before formatting: most records are below the level in force.
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let text = record.args().to_string();
+        let redacted = redact_queries(&text);
+        let _ = tracing_log::format_trace(
+            &log::Record::builder()
+                .args(format_args!("{redacted}"))
+                .metadata(record.metadata().clone())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {}
+}
+
+/// `text` with whatever follows each `?` up to the next whitespace replaced by `[redacted]`:
+/// a request target's query ends at whitespace, since HTTP allows none in a target. A trailing
+/// comma is kept (pingora's summaries go on with `, Host: …`).
+pub(crate) fn redact_queries(text: &str) -> Cow<'_, str> {
+    if !text.contains('?') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('?') {
+        out.push_str(&rest[..=at]);
+        let after = &rest[at + 1..];
+        let end = after.find(char::is_whitespace).unwrap_or(after.len());
+        let query = &after[..end];
+        let kept = if query.ends_with(',') { "," } else { "" };
+        if query.len() > kept.len() {
+            out.push_str("[redacted]");
+        }
+        out.push_str(kept);
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
 /// Applies a reloaded `log.level`; `Ok(false)` when `RUST_LOG` rules (nothing changes).
 pub fn set_level(level: &str) -> Result<bool, String> {
     let Some(handle) = LEVEL.get() else {
@@ -76,4 +142,80 @@ pub fn set_level(level: &str) -> Result<bool, String> {
     let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
     handle.reload(filter).map_err(|e| e.to_string())?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::{redact_queries, RedactingBridge};
+
+    #[test]
+    fn queries_are_cut_and_the_rest_kept() {
+        let line = "Fail to proxy: Upstream ConnectRefused, status: 502, tries: 1, retry: false, \
+                    GET /v1/x?pan=4111111111111111&token=t0k, Host: gw";
+        assert_eq!(
+            redact_queries(line),
+            "Fail to proxy: Upstream ConnectRefused, status: 502, tries: 1, retry: false, \
+             GET /v1/x?[redacted], Host: gw"
+        );
+        assert_eq!(
+            redact_queries("a ?b ?c\td?"),
+            "a ?[redacted] ?[redacted]\td?"
+        );
+        assert_eq!(redact_queries("is it? yes"), "is it? yes");
+        assert_eq!(redact_queries("GET /x?,"), "GET /x?,");
+        assert!(matches!(
+            redact_queries("no query"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    /// A pingora line through the bridge, into a subscriber writing to a buffer: the query is
+    /// gone, the rest of the line and its target are there.
+    #[test]
+    fn the_bridge_redacts_what_pingora_logs() {
+        use log::Log as _;
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = Arc::clone(&out);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Writer(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            RedactingBridge.log(
+                &log::Record::builder()
+                    .args(format_args!(
+                        "Fail to proxy: status: 502, GET /v1/x?pan=4111111111111111, Host: gw"
+                    ))
+                    .level(log::Level::Error)
+                    .target("pingora_proxy")
+                    .build(),
+            );
+        });
+        let text = String::from_utf8(out.lock().map(|b| b.clone()).unwrap_or_default())
+            .unwrap_or_default();
+        assert!(
+            text.contains(
+                "ERROR pingora_proxy: Fail to proxy: status: 502, GET /v1/x?[redacted], Host: gw"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("4111111111111111"), "{text}");
+    }
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut b) = self.0.lock() {
+                b.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 }

@@ -93,12 +93,28 @@ impl Reloader {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tls_toggled = current.server.tls.is_some() != fresh.server.tls.is_some();
         let kept: Vec<&str> = restart_only(&current)
             .into_iter()
             .zip(restart_only(&fresh))
             .filter(|(old, new)| old != new)
             .map(|(old, _)| old.0)
+            // Turning TLS on or off is the change; its CA file was not edited.
+            .filter(|name| !(tls_toggled && *name == "server.tls.client_ca_file"))
             .collect();
+        // The listener was built with or without TLS at start and stays so: said plainly,
+        // since "config reloaded" alone reads as if the proxy now spoke what the file says.
+        match (current.server.tls.is_some(), fresh.server.tls.is_some()) {
+            (true, false) => tracing::warn!(
+                "server.tls was removed, but the proxy listener keeps speaking TLS with its \
+                 certificate until a restart"
+            ),
+            (false, true) => tracing::warn!(
+                "server.tls was added, but the proxy listener keeps speaking plain HTTP until a \
+                 restart"
+            ),
+            _ => {}
+        }
         if !kept.is_empty() {
             tracing::warn!(
                 settings = kept.join(", "),

@@ -68,8 +68,64 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error("server.pid_file {0}: {1}")]
     PidFile(String, std::io::Error),
+    #[error("server.upgrade_sock {0}: {1}")]
+    UpgradeSock(String, std::io::Error),
     #[error("tracing.otlp_endpoint: {0}")]
     Otlp(#[from] crate::otlp::OtlpError),
+}
+
+/// Readies `server.upgrade_sock` for pingora to bind during an upgrade: its directory is
+/// created with mode 0700 when missing (pingora's bind fails without it), and the socket is
+/// set to 0600 as soon as it appears — pingora makes it 0666 for a server that changes user,
+/// which keygate never does. The directory already keeps other users from reaching it; the
+/// mode is the second lock. Returns the flag that ends the watch once bootstrap is over.
+fn private_upgrade_sock(
+    path: &std::path::Path,
+) -> Result<Arc<std::sync::atomic::AtomicBool>, StartError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    let fail = |e| StartError::UpgradeSock(path.display().to_string(), e);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(fail)?;
+        }
+    }
+    // A socket left by an earlier upgrade must not be taken for the new one.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = Arc::clone(&done);
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("keygate-upgrade-sock".into())
+        .spawn(move || {
+            // Watched until bootstrap is over: pingora binds, then chmods, then waits for the
+            // old process (5 s at most), so a mode set between its bind and chmod is undone.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !watch.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < until
+            {
+                let open = std::fs::symlink_metadata(&path).is_ok_and(|m| {
+                    m.file_type().is_socket() && m.permissions().mode() & 0o777 != 0o600
+                });
+                if open {
+                    if let Err(e) =
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot make the upgrade socket private");
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+        .map_err(fail)?;
+    Ok(done)
 }
 
 /// Reads the master key from `KEYGATE_MASTER_KEY`, else the systemd credential `master-key`,
@@ -334,7 +390,16 @@ impl App {
             ..Default::default()
         };
         let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+        // Only the new process of an upgrade creates the socket (the old one connects to it).
+        let socket_made_private = if self.upgrade {
+            Some(private_upgrade_sock(&cfg.server.upgrade_sock)?)
+        } else {
+            None
+        };
         server.bootstrap();
+        if let Some(done) = socket_made_private {
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
 
         let lifecycle = Arc::new(Lifecycle::new(
             Arc::clone(&self.store),

@@ -241,7 +241,10 @@ async fn an_upstream_verifies_the_assertion_and_a_changed_request_does_not_match
     assert_eq!(claims["environment"], key.record["environment"]);
     assert_eq!(claims["method"], "POST");
     assert_eq!(claims["target"], "/v1/payments?idempotency=7");
-    assert_eq!(claims["jti"], header(&seen, "x-request-id").unwrap());
+    // keygate's own, random: not the request id a client may choose (issue 24).
+    let jti = claims["jti"].as_str().unwrap();
+    assert_eq!(jti.len(), 32, "{jti}");
+    assert_ne!(jti, header(&seen, "x-request-id").unwrap());
     assert_eq!(
         claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
         60

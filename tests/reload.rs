@@ -172,3 +172,74 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
         "{failed} of {sent} requests failed during the reloads"
     );
 }
+
+/// Issue 24: a reload that removes `[server.tls]` said "config reloaded" while the listener
+/// stayed TLS. Removing TLS, like adding it, needs a restart: the reload says so, applies the
+/// rest, and the listener goes on speaking TLS with the certificate it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_removing_tls_says_it_needs_a_restart_and_tls_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::redis::TlsFiles::generate(dir.path());
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.rust_log = "info";
+    let tls_table = format!(
+        "\n[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        files.cert.display().to_string(),
+        files.key.display().to_string()
+    );
+    opts.server_extra.clone_from(&tls_table);
+    let gw = Gateway::start(opts).await;
+    let over_tls = || {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&files.ca)
+            .arg("--resolve")
+            .arg(format!("localhost:{}:127.0.0.1", gw.proxy.port()))
+            .arg(format!("https://localhost:{}/public/x", gw.proxy.port()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(over_tls(), "200");
+
+    let config_path = gw.dir.join("keygate.toml");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    let plain = original.replace(&tls_table, "\n");
+    assert_ne!(plain, original);
+    std::fs::write(&config_path, plain).unwrap();
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw
+        .metric("keygate_config_reloads_total{result=\"ok\"}")
+        .await
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no reload: {}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = gw.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("server.tls was removed"))
+        .unwrap_or_else(|| panic!("no warning that TLS stays:\n{log}"));
+    assert!(
+        warning.contains(" WARN ") && warning.contains("keeps speaking TLS"),
+        "{warning}"
+    );
+    let kept = log
+        .lines()
+        .find(|l| l.contains("need a restart: they keep their running values"))
+        .unwrap_or_else(|| panic!("no restart list:\n{log}"));
+    assert!(kept.contains("settings=\"server.tls\""), "{kept}");
+    // Still TLS, and plain HTTP is still not served.
+    assert_eq!(over_tls(), "200");
+    let plain_answer = support::raw_exchange(
+        gw.proxy,
+        &[b"GET /public/x HTTP/1.1\r\nhost: x\r\n\r\n"],
+        Duration::ZERO,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(!plain_answer.starts_with("HTTP/1.1 200"), "{plain_answer}");
+}

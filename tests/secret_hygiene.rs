@@ -308,3 +308,149 @@ async fn a_dropped_secret_is_wiped_from_the_gateways_memory() {
     // The other key's secret is still there: the scan was not blind the second time.
     assert!(memory_hits(gw.pid(), other.secret.as_bytes()).unwrap() > 0);
 }
+
+/// A card number and a token in the query string of every request the error paths below send.
+const QUERY: &str = "pan=4111111111111111&exp=1229&token=tok_live_Zq8Lm3Xv9Pw2";
+const QUERY_SECRETS: [&str; 2] = ["4111111111111111", "tok_live_Zq8Lm3Xv9Pw2"];
+
+/// Drives every path on which pingora logs the request it failed on, each with [`QUERY`]:
+/// the upstream down (signed, idempotent: retried, then failed), a malformed chunked body on
+/// a public and on a signed route, an HTTP/2 body longer and shorter than its
+/// `content-length`, and `Connection` nominating `x-forwarded-for`. Returns the gateway's
+/// whole output (stdout and stderr).
+async fn drive_error_paths(rust_log: &'static str) -> String {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::time::Duration;
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.rust_log = rust_log;
+    opts.server_extra = "h2c = true\nbody_timeout = \"1s\"".into();
+    opts.routes = support::routes_with(
+        echo.addr,
+        &format!(
+            "[[upstreams]]\nname = \"two-dead\"\nendpoints = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+             connect_timeout = \"1s\"\n\n[[routes]]\nname = \"two-dead\"\npath = \"/v1/two-dead\"\n\
+             upstream = \"two-dead\"\n",
+            support::free_port(),
+            support::free_port()
+        ),
+    );
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({"owner": "acme"})).await;
+    let wait = Duration::from_secs(3);
+
+    // The upstream down: a POST fails once, a GET is retried on the other endpoint first.
+    for (method, path) in [
+        ("POST", "/v1/dead"),
+        ("GET", "/v1/dead"),
+        ("GET", "/v1/two-dead"),
+    ] {
+        let r = gw
+            .send_v1(&key, method, &format!("{path}?{QUERY}"), b"")
+            .await;
+        assert_eq!(r.status(), 502, "{method} {path}");
+    }
+
+    // A malformed chunked body: a public route streams it, a signed one is read by keygate.
+    let bad_chunk = |target: &str, extra: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nhost: gw\r\n{extra}transfer-encoding: chunked\r\n\r\n\
+             5\r\nhello\r\nzz\r\nnot a chunk\r\n0\r\n\r\n"
+        )
+    };
+    let public = format!("/public/x?{QUERY}");
+    let answer = support::raw_exchange(
+        gw.proxy,
+        &[bad_chunk(&public, "").as_bytes()],
+        Duration::ZERO,
+        wait,
+    )
+    .await;
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let signed = format!("/v1/payments?{QUERY}");
+    let headers: String = support::v1_headers(
+        &key,
+        "POST",
+        &signed,
+        b"hello",
+        support::now(),
+        &uuid::Uuid::new_v4().to_string(),
+    )
+    .iter()
+    .map(|(k, v)| format!("{k}: {v}\r\n"))
+    .collect();
+    let answer = support::raw_exchange(
+        gw.proxy,
+        &[bad_chunk(&signed, &headers).as_bytes()],
+        Duration::ZERO,
+        wait,
+    )
+    .await;
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // `Connection` nominating x-forwarded-for (a hop-by-hop header keygate must set).
+    let answer = support::raw_exchange(
+        gw.proxy,
+        &[format!(
+            "GET {public} HTTP/1.1\r\nhost: gw\r\nconnection: x-forwarded-for\r\n\
+             x-forwarded-for: 10.0.0.1\r\n\r\n"
+        )
+        .as_bytes()],
+        Duration::ZERO,
+        wait,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+
+    // HTTP/2 bodies that do not match their content-length.
+    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (declared, body) in [("5", &b"0123456789"[..]), ("50", &b"0123456789"[..])] {
+        let mut req = http::Request::post(format!("http://{}{public}", gw.proxy))
+            .header("content-length", declared)
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        req.headers_mut()
+            .insert("content-length", declared.parse().unwrap());
+        let mut sender = sender.clone();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
+        assert!(
+            !matches!(&outcome, Ok(Ok(r)) if r.status() == 200),
+            "{outcome:?}"
+        );
+    }
+    // pingora logs a failure as the request ends: give the last one a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.log()
+}
+
+/// pingora's error lines carry the request target (`Fail to proxy: … GET /v1/dead?pan=…`):
+/// keygate prints method and path only, and redacts any query from what pingora logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_query_string_reaches_the_log_on_any_error_path() {
+    for level in ["info", "debug"] {
+        let log = drive_error_paths(level).await;
+        println!("--- RUST_LOG={level}\n{log}");
+        let errors = log.lines().filter(|l| l.contains("ERROR")).count();
+        assert!(
+            errors >= 3,
+            "the failures were not logged at {level}:\n{log}"
+        );
+        // Still named, by what the access log can be searched for.
+        assert!(
+            log.contains("POST /v1/dead, request_id: "),
+            "pingora's line does not name the request:\n{log}"
+        );
+        for secret in QUERY_SECRETS {
+            let leaks: Vec<&str> = log.lines().filter(|l| l.contains(secret)).collect();
+            assert!(leaks.is_empty(), "{secret} logged at {level}: {leaks:#?}");
+        }
+    }
+}

@@ -597,3 +597,98 @@ async fn a_bad_chunk_on_a_public_route_is_400_not_500() {
     // a whole request.
     assert!(echo.seen().iter().all(|r| r.body.is_empty()));
 }
+
+/// The claims of a compact JWS, unverified (the assertion tests verify signatures).
+fn jws_claims(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Issue 24: the assertion's `jti` was the client's `x-request-id`, so a client could send the
+/// `jti`s another client's requests were about to carry, and an upstream refusing seen `jti`s
+/// would refuse that client's payments. Now the `jti` is keygate's, random per request; the
+/// client's `x-request-id` stays the correlation id, upstream and in the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assertion_jti_is_random_per_request_whatever_the_request_id() {
+    let echo = Echo::start().await;
+    let gw = Gateway::start(Options::new(&echo)).await;
+    let key = gw
+        .mint(json!({"owner": "acme", "scopes": ["payments.*"]}))
+        .await;
+    let chosen = "victim-next-id-0000000041";
+    let mut jtis = Vec::new();
+    for _ in 0..2 {
+        echo.clear();
+        let mut headers = v1_headers(
+            &key,
+            "POST",
+            "/v1/payments",
+            b"{}",
+            now(),
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        headers.push(("x-request-id".into(), chosen.into()));
+        let r = gw.send("POST", "/v1/payments", &headers, b"{}").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-request-id"], chosen);
+        let seen = echo.seen().pop().unwrap();
+        assert_eq!(seen.headers["x-request-id"], chosen);
+        let claims = jws_claims(seen.headers["x-keygate-assertion"].to_str().unwrap());
+        let jti = claims["jti"].as_str().unwrap().to_owned();
+        assert_ne!(jti, chosen);
+        assert!(
+            jti.len() >= 24 && jti.bytes().all(|b| b.is_ascii_hexdigit()),
+            "not 96 random bits or more: {jti}"
+        );
+        jtis.push(jti);
+    }
+    assert_ne!(jtis[0], jtis[1], "two requests, one jti");
+}
+
+/// Issue 24: keygate's own request ids were a per-process prefix and a counter: seeing one
+/// told a client the next. Over 1,000 requests they are distinct, each at least 96 bits of
+/// hex, and consecutive ids share no run a counter would leave (a common prefix of 8 hex
+/// digits happens by chance once in 4 billion pairs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygates_request_ids_are_random_not_a_counter() {
+    let echo = Echo::start().await;
+    let gw = Gateway::start(Options::new(&echo)).await;
+    let mut ids: Vec<String> = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        // Answered by keygate itself (no route): the id is keygate's, not an upstream's.
+        let r = gw.send("GET", "/nowhere", &[], b"").await;
+        assert_eq!(r.status(), 404);
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        assert!(
+            id.len() >= 24 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "not 96 random bits or more: {id}"
+        );
+    }
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a request id repeated");
+    for pair in ids.windows(2) {
+        let shared = pair[0]
+            .bytes()
+            .zip(pair[1].bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let shared_tail = pair[0]
+            .bytes()
+            .rev()
+            .zip(pair[1].bytes().rev())
+            .take_while(|(a, b)| a == b)
+            .count();
+        assert!(
+            shared < 8 && shared_tail < 8,
+            "consecutive ids look like a sequence: {} then {}",
+            pair[0],
+            pair[1]
+        );
+    }
+}

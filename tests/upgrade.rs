@@ -16,20 +16,17 @@ async fn serve_upgrade_takes_the_listener_over_without_a_failed_request() {
     let redis = support::redis::RedisServer::start();
     let echo = Echo::start().await;
     let dir = tempfile::tempdir().unwrap();
+    // No upgrade_sock set: the default, a private directory beside the pid file.
     let (pid_file, sock) = (
         dir.path().join("keygate.pid"),
-        dir.path().join("upgrade.sock"),
+        dir.path().join("keygate-upgrade").join("upgrade.sock"),
     );
     let mut opts = Options::new(&echo);
     opts.store_toml = Some(format!(
         "[store]\nkind = \"redis\"\nurl = \"{}\"",
         redis.url()
     ));
-    opts.server_extra = format!(
-        "pid_file = {:?}\nupgrade_sock = {:?}",
-        pid_file.display().to_string(),
-        sock.display().to_string()
-    );
+    opts.server_extra = format!("pid_file = {:?}", pid_file.display().to_string());
     let mut old = Gateway::start(opts).await;
     let key = old.mint(json!({})).await;
     let old_pid = old.pid();
@@ -66,6 +63,13 @@ async fn serve_upgrade_takes_the_listener_over_without_a_failed_request() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Only keygate's user can reach the socket (issue 24: it was 0666 in /tmp).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sock), 0o600, "the upgrade socket's mode");
+        assert_eq!(mode(sock.parent().unwrap()), 0o700, "its directory's mode");
+    }
     let status = old.signal_and_wait("QUIT", Duration::from_secs(15));
     assert!(
         status.is_some(),

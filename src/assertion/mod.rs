@@ -71,7 +71,6 @@ pub enum Mode {
 /// The facts of one forwarded request that the assertion binds.
 pub struct Facts<'a> {
     pub key: &'a ActiveKey,
-    pub request_id: &'a str,
     pub method: &'a str,
     /// The request target as sent: path and query.
     pub target: &'a str,
@@ -209,13 +208,17 @@ impl Asserter {
             }
         };
         let iat = now.unix_timestamp();
+        // Fresh per assertion, not the request id: a client chooses its `x-request-id`, and
+        // could spend the `jti`s another client's requests would carry at an upstream that
+        // refuses a `jti` it has seen.
+        let jti = crate::ids::random();
         let body_hex = hex::encode(facts.body_sha256);
         let claims = Claims {
             iss: &self.issuer,
             aud: audience,
             iat,
             exp: iat.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX)),
-            jti: facts.request_id,
+            jti: &jti,
             sub: String::from_utf8_lossy(facts.key.id.as_bytes()),
             owner: String::from_utf8_lossy(facts.key.owner.as_bytes()),
             scopes: Scopes(std::str::from_utf8(facts.key.scopes.as_bytes()).unwrap_or_default()),
@@ -346,5 +349,59 @@ impl BackgroundService for RefreshService {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{build_record, AuthKind, NewKey, SecretString};
+
+    /// The `jti` of an HS256 assertion, read from its payload.
+    fn jti(token: &str) -> String {
+        let payload = token.split('.').nth(1).unwrap_or_default();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&B64URL.decode(payload).unwrap_or_default()).unwrap_or_default();
+        claims["jti"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Two assertions of the very same request facts carry different, 128-bit random `jti`s:
+    /// nothing a client sends (its `x-request-id`) decides one.
+    #[test]
+    fn every_assertion_has_its_own_random_jti() {
+        let (master, _) = MasterKey::generate();
+        let now = OffsetDateTime::now_utc();
+        let record = build_record(
+            &master,
+            NewKey::plain("acme", "jti", AuthKind::HmacV1),
+            "pk_test_jti".into(),
+            &SecretString::new("s".repeat(32)),
+            now,
+        );
+        let key = ActiveKey::open(&record, &master).unwrap_or_else(|e| panic!("{e}"));
+        let asserter = Asserter::new(
+            "keygate".into(),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+        );
+        let mode = Mode::Hs256(SharedSecret::new(vec![7; 32]).unwrap_or_else(|e| panic!("{e}")));
+        let facts = Facts {
+            key: &key,
+            method: "POST",
+            target: "/v1/payments",
+            body_sha256: &[0; 32],
+            client_cert: None,
+        };
+        let jtis: Vec<String> = (0..100)
+            .map(|_| match asserter.assert(&mode, "payments", &facts, now) {
+                Ok(Some(token)) => jti(&token),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(jtis
+            .iter()
+            .all(|j| j.len() == 32 && j.bytes().all(|b| b.is_ascii_hexdigit())));
+        let distinct: std::collections::HashSet<&String> = jtis.iter().collect();
+        assert_eq!(distinct.len(), jtis.len());
     }
 }

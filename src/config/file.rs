@@ -155,16 +155,12 @@ pub(crate) struct ServerFile {
     pub(crate) h2c: bool,
     /// Where keygate writes its process id (for `keygate reload`).
     pub(crate) pid_file: Option<String>,
-    /// Where a new keygate started with `--upgrade` receives the listening socket.
-    #[serde(default = "default_upgrade_sock")]
-    pub(crate) upgrade_sock: String,
+    /// Where a new keygate started with `--upgrade` receives the listening socket; absent:
+    /// a private directory under the runtime or state directory (see `config::upgrade_sock`).
+    pub(crate) upgrade_sock: Option<String>,
     /// Idle keep-alive connections kept to upstreams, all endpoints together.
     #[serde(default = "default_upstream_pool_size")]
     pub(crate) upstream_pool_size: usize,
-}
-
-fn default_upgrade_sock() -> String {
-    "/tmp/keygate_upgrade.sock".into()
 }
 
 fn default_upstream_pool_size() -> usize {
@@ -200,7 +196,7 @@ impl Default for ServerFile {
             h2c: false,
             pid_file: None,
             upstream_pool_size: default_upstream_pool_size(),
-            upgrade_sock: default_upgrade_sock(),
+            upgrade_sock: None,
         }
     }
 }

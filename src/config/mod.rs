@@ -532,6 +532,32 @@ fn listener_tls(p: &mut Problems, at: &str, t: Option<&file::TlsFile>) -> Option
     Some(cfg)
 }
 
+/// The directory, under the default [`ServerConfig::upgrade_sock`]'s base, that keygate creates
+/// with mode 0700 for the socket alone.
+pub const UPGRADE_SOCK_DIR: &str = "keygate-upgrade";
+
+/// `server.upgrade_sock` when the file sets none: `keygate-upgrade/upgrade.sock` in systemd's
+/// `$RUNTIME_DIRECTORY` (its first entry), else beside `server.pid_file`, else beside the
+/// embedded store, else in the working directory. Never a world-writable directory such as
+/// `/tmp`, where another user could take the name first or reach the socket.
+pub fn default_upgrade_sock(
+    runtime_directory: Option<&std::ffi::OsStr>,
+    pid_file: Option<&Path>,
+    embedded_store: Option<&Path>,
+) -> PathBuf {
+    let runtime = runtime_directory
+        .and_then(|d| d.to_str())
+        .and_then(|d| d.split(':').next())
+        .filter(|d| !d.is_empty())
+        .map(Path::new);
+    let base = runtime
+        .or_else(|| pid_file.and_then(Path::parent))
+        .or_else(|| embedded_store.and_then(Path::parent))
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    base.join(UPGRADE_SOCK_DIR).join("upgrade.sock")
+}
+
 fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
     let mut p = Problems(Vec::new());
 
@@ -560,7 +586,16 @@ fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
         h2c: f.server.h2c || f.server.tls.as_ref().is_some_and(|t| t.h2c),
         pid_file: f.server.pid_file.as_ref().map(PathBuf::from),
         upstream_pool_size: f.server.upstream_pool_size,
-        upgrade_sock: PathBuf::from(&f.server.upgrade_sock),
+        upgrade_sock: f.server.upgrade_sock.as_ref().map_or_else(
+            || {
+                default_upgrade_sock(
+                    std::env::var_os("RUNTIME_DIRECTORY").as_deref(),
+                    f.server.pid_file.as_deref().map(Path::new),
+                    (f.store.kind == "embedded").then(|| Path::new(f.store.path.as_str())),
+                )
+            },
+            PathBuf::from,
+        ),
         tls: f.server.tls.as_ref().map(|t| TlsConfig {
             cert_file: PathBuf::from(&t.cert_file),
             key_file: PathBuf::from(&t.key_file),

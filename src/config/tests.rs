@@ -344,3 +344,64 @@ fn a_cidr_with_host_bits_set_is_a_config_error() {
         "{errors}"
     );
 }
+
+/// Issue 24: the default upgrade socket was `/tmp/keygate_upgrade.sock`, in a directory any
+/// user can write. Now a private directory under systemd's runtime directory, else beside the
+/// pid file, else beside the embedded store; an explicit setting is kept as given.
+#[test]
+fn the_default_upgrade_sock_is_in_a_private_directory_never_tmp() {
+    use std::ffi::OsStr;
+    let p = Path::new;
+    let sock = |rt: Option<&str>, pid: Option<&str>, store: Option<&str>| {
+        default_upgrade_sock(rt.map(OsStr::new), pid.map(p), store.map(p))
+    };
+    assert_eq!(
+        sock(
+            Some("/run/keygate:/run/other"),
+            Some("/var/run/k.pid"),
+            Some("/var/lib/keygate/keygate.db")
+        ),
+        p("/run/keygate/keygate-upgrade/upgrade.sock")
+    );
+    assert_eq!(
+        sock(
+            None,
+            Some("/run/keygate/keygate.pid"),
+            Some("/var/lib/keygate/keygate.db")
+        ),
+        p("/run/keygate/keygate-upgrade/upgrade.sock")
+    );
+    assert_eq!(
+        sock(Some(""), None, Some("/var/lib/keygate/keygate.db")),
+        p("/var/lib/keygate/keygate-upgrade/upgrade.sock")
+    );
+    assert_eq!(
+        sock(None, None, Some("keygate.db")),
+        p("./keygate-upgrade/upgrade.sock")
+    );
+    assert_eq!(sock(None, None, None), p("./keygate-upgrade/upgrade.sock"));
+
+    // Through the config: the embedded store's default path, unless systemd gives a runtime
+    // directory (this test's environment may have one).
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert!(
+        !c.server.upgrade_sock.starts_with("/tmp"),
+        "{:?}",
+        c.server.upgrade_sock
+    );
+    assert!(c
+        .server
+        .upgrade_sock
+        .ends_with("keygate-upgrade/upgrade.sock"));
+    if std::env::var_os("RUNTIME_DIRECTORY").is_none() {
+        assert_eq!(
+            c.server.upgrade_sock,
+            p("data/keygate-upgrade/upgrade.sock")
+        );
+    }
+    let set = Config::from_toml(&format!(
+        "[server]\nupgrade_sock = \"/srv/k/up.sock\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(set.server.upgrade_sock, p("/srv/k/up.sock"));
+}

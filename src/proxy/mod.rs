@@ -19,7 +19,7 @@ pub mod tls;
 pub mod trace;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,6 @@ pub struct Gateway {
     /// The series of the self-service route's successful requests.
     self_service_metrics: RouteMetrics,
     clock: Arc<dyn Clock>,
-    request_ids: RequestIds,
     /// The key lifecycle, serving `/_keygate/v1/keys` to keys holding `keys.manage`.
     lifecycle: Option<Arc<crate::lifecycle::Lifecycle>>,
     self_service_route: Route,
@@ -187,27 +186,6 @@ const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// close); a larger declared body is not read at all.
 const LINGER_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Request ids: a random per-process prefix and a counter, unique without a syscall.
-struct RequestIds {
-    prefix: String,
-    counter: AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> Self {
-        let prefix = uuid::Uuid::new_v4().simple().to_string();
-        Self {
-            prefix: prefix[..12].to_owned(),
-            counter: AtomicU64::new(0),
-        }
-    }
-
-    fn next(&self) -> String {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n:010x}", self.prefix)
-    }
-}
-
 /// A client-sent `x-request-id` is kept when it is short and plain, so traces join up.
 fn usable_request_id(req: &RequestHeader) -> Option<String> {
     let v = req.headers.get("x-request-id")?.to_str().ok()?;
@@ -249,7 +227,6 @@ impl Gateway {
             self_service_metrics: metrics.route(&self_service_route.name),
             metrics,
             clock,
-            request_ids: RequestIds::new(),
             lifecycle,
             self_service_route,
             usage,
@@ -880,7 +857,7 @@ impl Gateway {
     }
 
     /// The upstream request: identity added, spoofed identity and (by default) credentials
-    /// removed, `x-request-id` and `X-Forwarded-For` set. Used by both forwarding paths.
+    /// removed, `x-request-id` and `X-Forwarded-For` set. Every request forwarded passes here.
     fn prepare_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
         let forward_credentials = self
             .route(ctx)
@@ -1164,7 +1141,7 @@ impl ProxyHttp for Gateway {
         // one after the other, instead of the second dropped with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
         let req = session.req_header();
-        ctx.request_id = usable_request_id(req).unwrap_or_else(|| self.request_ids.next());
+        ctx.request_id = usable_request_id(req).unwrap_or_else(crate::ids::random);
         ctx.trace = trace::begin(
             req.headers.get("traceparent"),
             self.otlp.as_deref(),
@@ -1345,7 +1322,6 @@ impl ProxyHttp for Gateway {
             let body_sha256: [u8; 32] = sha2::Sha256::digest(&body).into();
             let facts = crate::assertion::Facts {
                 key: &key,
-                request_id: &ctx.request_id,
                 method: req.method.as_str(),
                 target: &target,
                 body_sha256: &body_sha256,
@@ -1483,7 +1459,7 @@ impl ProxyHttp for Gateway {
         if let Some(code) = code {
             ctx.outcome = Some(code);
             if ctx.request_id.is_empty() {
-                ctx.request_id = self.request_ids.next();
+                ctx.request_id = crate::ids::random();
             }
             let detail = match code {
                 ErrorCode::UpstreamTimeout => "the upstream did not answer in time",
@@ -1499,6 +1475,19 @@ impl ProxyHttp for Gateway {
             error_code: code.map_or(0, ErrorCode::status),
             can_reuse_downstream: false,
         }
+    }
+
+    /// What pingora's own error and warning lines name the request by. Its default prints the
+    /// whole target, query included (a card number, a token), and the Host: here the method,
+    /// the path and keygate's request id, which joins the line to the access log's.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {}, request_id: {}",
+            req.method,
+            req.uri.path(),
+            ctx.request_id
+        )
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
