@@ -198,6 +198,41 @@ async fn target_bytes_the_parser_would_rewrite_are_refused_and_the_rest_pass_una
     for (place, prefix, suffix, seen) in utf8 {
         let f = fate(&gw, &up, prefix, 0xC3, suffix, seen).await;
         println!("raw UTF-8 (\u{e9}, first byte 0xC3) in the {place}: {f:?}");
+        assert_eq!(
+            f,
+            Fate::Refused(400, "bad_request".into()),
+            "raw UTF-8 in the {place}"
+        );
+    }
+    // Nothing reaches the upstream as other bytes than the client sent: what the parser would
+    // percent-encode (a raw space, tab, CR, other controls, DEL, non-ASCII) is refused with
+    // keygate's problem+json, before any key lookup (before: 401 bad_signature when signed,
+    // and the encoded target forwarded on a public route).
+    for (place, fates) in &table {
+        for (b, f) in fates {
+            assert!(
+                !matches!(f, Fate::Altered(_)),
+                "{} reaches the upstream altered in the {place}: {f:?}",
+                show(*b)
+            );
+        }
+        for b in [b' ', b'\t', b'\r', 0x01, 0x7F] {
+            assert_eq!(
+                fates[&b],
+                Fate::Refused(400, "bad_request".into()),
+                "{} in the {place}",
+                show(b)
+            );
+        }
+        // Bytes that are not UTF-8 at all the parser refuses itself (a bare 400).
+        for b in [0x80, 0xC3, 0xFF] {
+            assert!(
+                matches!(fates[&b], Fate::Refused(400, _)),
+                "{} in the {place}: {:?}",
+                show(b),
+                fates[&b]
+            );
+        }
     }
 
     // A raw '#' is refused by keygate wherever it is: the parser would drop it and all after.
@@ -224,6 +259,41 @@ async fn target_bytes_the_parser_would_rewrite_are_refused_and_the_rest_pass_una
                 );
             }
         }
+    }
+    assert_eq!(echo.count(), 0);
+}
+
+/// A signed request whose target holds a raw space, as Go's net/http writes `?q=a b`: refused
+/// with 400 `bad_request` naming the problem, before any key lookup — an unknown key gets the
+/// same answer. Before, the parser percent-encoded the space and the signature over the raw
+/// bytes failed (401 `bad_signature`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_target_with_a_raw_space_is_400_not_bad_signature() {
+    let echo = Echo::start().await;
+    let gw = Gateway::start(Options::new(&echo)).await;
+    let key = gw
+        .mint(serde_json::json!({"scopes": ["payments.read"]}))
+        .await;
+    let mut unknown = key.clone();
+    unknown.public_key = format!("{}x", &key.public_key[..key.public_key.len() - 1]);
+    for (k, label) in [(&key, "known key"), (&unknown, "unknown key")] {
+        let target = "/v1/payments/1?q=a b";
+        let mut head = format!("GET {target} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n");
+        for (name, value) in support::v1_headers(k, "GET", target, b"", support::now(), "raw-space")
+        {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let out = raw_exchange(
+            gw.proxy,
+            &[head.as_bytes()],
+            Duration::ZERO,
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{label}: {out}");
+        assert!(out.contains("\"code\":\"bad_request\""), "{label}: {out}");
+        assert!(out.contains("percent-encoded"), "{label}: {out}");
     }
     assert_eq!(echo.count(), 0);
 }

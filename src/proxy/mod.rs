@@ -1150,6 +1150,9 @@ impl ProxyHttp for Gateway {
         // Before routing: a path an upstream could read as another route, or a length two
         // parsers could read two ways, is refused whatever the route.
         let line = match session.as_downstream() {
+            pingora::protocols::http::server::Session::H1(h1) if h1.request_target_escaped() => {
+                Err(target::ESCAPED_TARGET)
+            }
             pingora::protocols::http::server::Session::H1(h1) => {
                 target::check_request_line(&h1.get_headers_raw_bytes())
             }

@@ -85,14 +85,24 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> 
         .ok_or("Content-Length must be a plain decimal number")
 }
 
+/// Why a target the HTTP/1 parser had to percent-encode is refused: the client signed (and
+/// meant) other bytes than keygate would check and forward. RFC 9112 §3.2 allows none of them
+/// raw; the parser under keygate encodes them rather than refuse, so keygate refuses instead.
+pub const ESCAPED_TARGET: &str = "the request target holds bytes that must be percent-encoded:      a raw space, control byte, '\"', '<', '>' or non-ASCII byte (RFC 9112 §3.2); encode them      (a space as %20) and sign the encoded target";
+
 /// Why a request line, as the client sent its bytes, is refused: a raw `#` in the target.
 /// The parser under keygate drops it and all that follows (a fragment is not part of a
 /// request-target, RFC 9112 §3.2), so the signature would be checked, and the request
 /// forwarded, with another target than the client sent.
+/// Raw non-ASCII (UTF-8) is refused too: the parser lets it through unaltered, but RFC 9112
+/// allows none, and the same target beside a raw space would be percent-encoded.
 pub fn check_request_line(raw_head: &[u8]) -> Result<(), &'static str> {
     let line = raw_head.split(|&b| b == b'\n').next().unwrap_or_default();
     if line.contains(&b'#') {
         return Err("the request target must not contain a raw '#' (percent-encode it as %23)");
+    }
+    if !line.is_ascii() {
+        return Err(ESCAPED_TARGET);
     }
     Ok(())
 }

@@ -658,6 +658,16 @@ impl Session {
         }
     }
 
+    /// keygate patch: whether an HTTP/1 request target was percent-encoded by the parser, so
+    /// that it is not the target the client sent (`false` for other protocols, whose targets
+    /// are never rewritten).
+    pub fn request_target_escaped(&self) -> bool {
+        match self {
+            Self::H1(s) => s.request_target_escaped(),
+            _ => false,
+        }
+    }
+
     pub fn retry_buffer_truncated(&self) -> bool {
         match self {
             Self::H1(s) => s.retry_buffer_truncated(),

@@ -111,6 +111,9 @@ pub struct HttpSession {
     request_header: Option<Box<RequestHeader>>,
     /// An internal buffer that holds a copy of the request body up to a certain size
     retry_buffer: Option<FixedBuffer>,
+    /// keygate patch (vendor/README.md): the request line held bytes httparse refuses, and the
+    /// target was percent-encoded before it was parsed, so it is not what the client sent.
+    request_target_escaped: bool,
     /// Whether this session is an upgraded session. This flag is calculated when sending the
     /// response header to the client.
     upgraded: bool,
@@ -192,6 +195,7 @@ impl HttpSession {
             body_bytes_sent: 0,
             body_bytes_read: 0,
             retry_buffer: None,
+            request_target_escaped: false,
             upgraded: false,
             digest,
             min_send_rate: None,
@@ -452,6 +456,7 @@ impl HttpSession {
                             if let Some(new_buf) = escape_illegal_request_line(&buf) {
                                 buf = new_buf;
                                 already_read = buf.len();
+                                self.request_target_escaped = true;
                             } else {
                                 debug!("Invalid request header from {:?}", self.underlying_stream);
                                 buf.truncate(MAX_ERR_BUF_LEN);
@@ -1150,6 +1155,13 @@ impl HttpSession {
                 }
             }
         }
+    }
+
+    /// keygate patch: whether the request target was percent-encoded by the parser (raw space,
+    /// control bytes, `"`, `<`, `>` or non-ASCII in the request line), so that
+    /// `req_header().raw_path()` is not the target the client sent.
+    pub fn request_target_escaped(&self) -> bool {
+        self.request_target_escaped
     }
 
     pub fn retry_buffer_truncated(&self) -> bool {
