@@ -89,8 +89,12 @@ impl log::Log for RedactingBridge {
     }
 
     fn log(&self, record: &log::Record<'_>) {
+        let metadata = log::Metadata::builder()
+            .level(level_of(record.metadata()))
+            .target(record.target())
+            .build();
         // Checked before formatting: most records are below the level in force.
-        if !self.enabled(record.metadata()) {
+        if !self.enabled(&metadata) {
             return;
         }
         let text = record.args().to_string();
@@ -98,7 +102,7 @@ impl log::Log for RedactingBridge {
         let _ = tracing_log::format_trace(
             &log::Record::builder()
                 .args(format_args!("{redacted}"))
-                .metadata(record.metadata().clone())
+                .metadata(metadata)
                 .module_path(record.module_path())
                 .file(record.file())
                 .line(record.line())
@@ -107,6 +111,20 @@ impl log::Log for RedactingBridge {
     }
 
     fn flush(&self) {}
+}
+
+/// The level a record is written at. rustls warns about what a peer sent — an IP address as
+/// SNI, an unexpected message — once per handshake, so any client could fill the log with
+/// them: they go to debug. (Failed handshakes are counted and logged once a minute by the
+/// proxy's guard.)
+fn level_of(metadata: &log::Metadata<'_>) -> log::Level {
+    let target = metadata.target();
+    let from_rustls = target == "rustls" || target.starts_with("rustls::");
+    if from_rustls && metadata.level() == log::Level::Warn {
+        log::Level::Debug
+    } else {
+        metadata.level()
+    }
 }
 
 /// `text` with whatever follows each `?` up to the next whitespace replaced by `[redacted]`:
@@ -169,6 +187,20 @@ mod tests {
             redact_queries("no query"),
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn what_a_peer_makes_rustls_warn_about_goes_to_debug() {
+        let meta = |target, level| log::Metadata::builder().target(target).level(level).build();
+        let level = |target, level| super::level_of(&meta(target, level));
+        assert_eq!(
+            level("rustls::msgs::handshake", log::Level::Warn),
+            log::Level::Debug
+        );
+        assert_eq!(level("rustls", log::Level::Warn), log::Level::Debug);
+        assert_eq!(level("rustls::conn", log::Level::Error), log::Level::Error);
+        assert_eq!(level("rustls_pemfile", log::Level::Warn), log::Level::Warn);
+        assert_eq!(level("pingora_proxy", log::Level::Warn), log::Level::Warn);
     }
 
     /// A pingora line through the bridge, into a subscriber writing to a buffer: the query is

@@ -916,6 +916,25 @@ async fn failed_handshakes_are_counted_and_logged_once_a_minute() {
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
     }
+    // An IP address as SNI: rustls ignores it (and used to warn about it, once per handshake).
+    for _ in 0..5 {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &gw.proxy.to_string(),
+                "-servername",
+                "127.0.0.1",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is needed: apt-get install -y openssl");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE")
+                || String::from_utf8_lossy(&out.stdout).contains("Server certificate"),
+            "the handshake with an IP as SNI completes"
+        );
+    }
     let mut failed = 0.0;
     for _ in 0..50 {
         failed = gw.metric(closed).await - before;
