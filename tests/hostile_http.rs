@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{now, raw_exchange, v1_lines, Echo, Gateway, Options};
+use support::{now, raw_exchange, status_of, v1_lines, Echo, Gateway, Options};
 
 /// What a hostile request must get.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -19,13 +19,6 @@ enum Want {
     Code(u16, &'static str),
     /// No request could be parsed: a plain 400 from the HTTP parser, or the connection closed.
     Unparseable,
-}
-
-fn status_of(raw: &str) -> u16 {
-    raw.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

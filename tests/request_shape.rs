@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use support::{now, raw_exchange, routes_with, v1_lines, Echo, Gateway, Options};
+use support::{now, raw_exchange, routes_with, status_of, v1_lines, Echo, Gateway, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An upstream that answers any request head with `101 Switching Protocols`, then echoes
@@ -67,13 +67,6 @@ impl Switcher {
     fn received(&self) -> String {
         String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
     }
-}
-
-fn status_of(raw: &str) -> u16 {
-    raw.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::redis::RedisServer;
+use support::status_of;
 use support::{
     assert_problem, now, raw_exchange, v1_headers, Echo, Gateway, Key, Options, ADMIN_TOKEN,
 };
@@ -23,14 +24,6 @@ async fn raw(gw: &Gateway, request: &str) -> String {
         Duration::from_secs(3),
     )
     .await
-}
-
-fn status_of(raw_response: &str) -> u16 {
-    raw_response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 // ---- 1. A keys.manage key cannot take over a stronger key of its owner -------------------

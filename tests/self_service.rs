@@ -280,24 +280,8 @@ async fn call_from(
     target: &str,
     body: Value,
 ) -> reqwest::Response {
-    let bytes = if body.is_null() {
-        Vec::new()
-    } else {
-        serde_json::to_vec(&body).unwrap()
-    };
-    let mut h = support::v1_headers(
-        key,
-        method,
-        target,
-        &bytes,
-        support::now(),
-        &uuid::Uuid::new_v4().to_string(),
-    );
-    h.push(("x-forwarded-for".into(), ip.into()));
-    if !bytes.is_empty() {
-        h.push(("content-type".into(), "application/json".into()));
-    }
-    gw.send(method, target, &h, &bytes).await
+    gw.call_with(key, method, target, body, &[("x-forwarded-for", ip)])
+        .await
 }
 
 /// Issue 24: a `keys.manage` key narrowed by an operator kept full control of a key it had

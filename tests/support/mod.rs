@@ -612,6 +612,18 @@ listen = "127.0.0.1:{metrics}"
         target: &str,
         body: Value,
     ) -> reqwest::Response {
+        self.call_with(key, method, target, body, &[]).await
+    }
+
+    /// [`Self::call`] with `extra` headers (not signed: keygate signs no header).
+    pub async fn call_with(
+        &self,
+        key: &Key,
+        method: &str,
+        target: &str,
+        body: Value,
+        extra: &[(&str, &str)],
+    ) -> reqwest::Response {
         let bytes = if body.is_null() {
             Vec::new()
         } else {
@@ -628,6 +640,11 @@ listen = "127.0.0.1:{metrics}"
         if !bytes.is_empty() {
             headers.push(("content-type".into(), "application/json".into()));
         }
+        headers.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         self.send(method, target, &headers, &bytes).await
     }
 
@@ -822,6 +839,15 @@ pub async fn assert_problem(resp: reqwest::Response, status: u16, code: &str) ->
     let rid = rid.expect("every response carries x-request-id");
     assert_eq!(body["request_id"], rid.as_str());
     body
+}
+
+/// The status of a raw HTTP/1 response (`HTTP/1.1 400 …`); 0 when there is none.
+pub fn status_of(raw_response: &str) -> u16 {
+    raw_response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Writes raw bytes to `addr` and returns everything read until close or `wait`.
