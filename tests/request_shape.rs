@@ -280,50 +280,106 @@ forward_method_override = true
         ("x-method-override", "PUT"),
         ("x-original-url", "/admin/refund-all"),
         ("X-Rewrite-URL", "/admin/refund-all"),
+        // Underscore spellings, which CGI/WSGI/PHP upstreams read as the dashed names.
+        ("x_http_method_override", "DELETE"),
+        ("X-Original_URL", "/admin/refund-all"),
     ];
-    let send = |target: &'static str, signed: bool| {
-        let gw = &gw;
-        let key = &key;
-        async move {
-            let mut headers = if signed {
-                support::v1_headers(
-                    key,
-                    "POST",
-                    target,
-                    b"{}",
-                    now(),
-                    &uuid::Uuid::new_v4().to_string(),
-                )
-            } else {
-                Vec::new()
-            };
-            headers.extend(
-                overrides
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string())),
-            );
-            gw.send("POST", target, &headers, b"{}").await
-        }
+    // Forwarding headers the client wrote itself (keygate trusts no proxy here).
+    let forged = [
+        ("forwarded", "for=6.6.6.6;host=evil.example"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "gopher"),
+    ];
+    let headers_for = |target: &str, signed: bool| {
+        let mut headers = if signed {
+            support::v1_headers(
+                &key,
+                "POST",
+                target,
+                b"{}",
+                now(),
+                &uuid::Uuid::new_v4().to_string(),
+            )
+        } else {
+            Vec::new()
+        };
+        headers.extend(
+            overrides
+                .iter()
+                .chain(&forged)
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        headers
     };
     for (target, signed) in [("/v1/payments", true), ("/public/x", false)] {
         echo.clear();
-        let r = send(target, signed).await;
+        let r = gw
+            .send("POST", target, &headers_for(target, signed), b"{}")
+            .await;
         assert_eq!(r.status(), 200, "{target}");
         let seen = echo.seen().pop().unwrap();
-        for (name, _) in overrides {
+        for (name, _) in overrides.iter().chain(&forged) {
             assert!(
-                !seen.headers.contains_key(name),
+                !seen.headers.contains_key(*name),
                 "{target}: {name} reached the upstream"
             );
         }
         assert_eq!(seen.method, "POST");
     }
-    // The route that keeps them.
+    // The route that keeps the overrides; the forged forwarding headers still go.
     echo.clear();
-    let r = send("/legacy/x", true).await;
+    let r = gw
+        .send("POST", "/legacy/x", &headers_for("/legacy/x", true), b"{}")
+        .await;
     assert_eq!(r.status(), 200);
     let seen = echo.seen().pop().unwrap();
     for (name, value) in overrides {
         assert_eq!(seen.headers[name], value, "{name}");
     }
+    for (name, _) in forged {
+        assert!(!seen.headers.contains_key(name), "{name}");
+    }
+    // From a trusted proxy, the forwarding headers are the proxy's own, and pass.
+    let mut opts = Options::new(&echo);
+    opts.server_extra = "trusted_proxies = [\"127.0.0.1/32\"]".into();
+    let trusting = Gateway::start(opts).await;
+    echo.clear();
+    let r = trusting
+        .send("POST", "/public/x", &headers_for("/public/x", false), b"{}")
+        .await;
+    assert_eq!(r.status(), 200);
+    let seen = echo.seen().pop().unwrap();
+    for (name, value) in forged {
+        assert_eq!(seen.headers[name], value, "{name} from a trusted proxy");
+    }
+}
+
+/// An HTTP/1.1 request without `Host` (RFC 9112 §3.2 requires one) is refused. HTTP/1.0 may
+/// omit it; it goes upstream as HTTP/1.1, so with the endpoint as its `Host`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_host_is_400_and_http_1_0_gets_the_endpoints() {
+    let echo = Echo::start().await;
+    let gw = Gateway::start(Options::new(&echo)).await;
+    let out = without_host(&gw, "HTTP/1.1").await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    assert!(out.contains("\"code\":\"bad_request\""), "{out}");
+    assert!(out.contains("no Host header"), "{out}");
+    assert_eq!(echo.count(), 0);
+    let out = without_host(&gw, "HTTP/1.0").await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    let seen = echo.seen().pop().unwrap();
+    assert_eq!(seen.headers["host"], echo.addr.to_string().as_str());
+}
+
+/// A GET of a public route with no Host header, over `version`.
+async fn without_host(gw: &Gateway, version: &str) -> String {
+    let request = format!("GET /public/x {version}\r\nconnection: close\r\n\r\n");
+    raw_exchange(
+        gw.proxy,
+        &[request.as_bytes()],
+        Duration::ZERO,
+        Duration::from_secs(3),
+    )
+    .await
 }

@@ -102,6 +102,8 @@ pub struct Ctx {
     route: Option<usize>,
     key: Option<Arc<ActiveKey>>,
     client_ip: Option<IpAddr>,
+    /// The TCP peer is in `server.trusted_proxies`: the forwarding headers it sent are its own.
+    peer_trusted: bool,
     /// `None` while the request is on its way to success.
     outcome: Option<ErrorCode>,
     /// `Expect: 100-continue` was answered by keygate; the upstream must not see it.
@@ -863,13 +865,21 @@ impl Gateway {
             .route(ctx)
             .and_then(|r| ctx.routing.upstream(r))
             .is_some_and(|u| u.forward_credentials);
-        let spoofed: Vec<http::HeaderName> = req
+        // An upstream framework honouring an override header would run another method or path
+        // than the route (and scope) keygate checked.
+        let keep_overrides = self.route(ctx).is_some_and(|r| r.forward_method_override);
+        let dropped: Vec<http::HeaderName> = req
             .headers
             .keys()
-            .filter(|n| is_spoofed(n.as_str()))
+            .filter(|n| {
+                let n = n.as_str();
+                is_spoofed(n)
+                    || (!keep_overrides && is_named(n, &OVERRIDE_HEADERS))
+                    || (!ctx.peer_trusted && is_named(n, &PROXY_HEADERS))
+            })
             .cloned()
             .collect();
-        for name in spoofed {
+        for name in dropped {
             req.remove_header(&name);
         }
         if !forward_credentials {
@@ -880,14 +890,13 @@ impl Gateway {
         if ctx.answered_expect {
             req.remove_header(&EXPECT);
         }
-        // An upstream framework honouring one of these would run another method or path than
-        // the route (and scope) keygate checked.
-        if !self.route(ctx).is_some_and(|r| r.forward_method_override) {
-            for name in OVERRIDE_HEADERS {
-                req.remove_header(name);
+        join_cookies(req)?;
+        if !req.headers.contains_key(http::header::HOST) {
+            // An HTTP/1.0 client's request goes upstream as HTTP/1.1, which needs one.
+            if let Some(addr) = ctx.upstream_addr {
+                req.insert_header(http::header::HOST, addr.to_string())?;
             }
         }
-        join_cookies(req)?;
         if let Some(key) = &ctx.key {
             req.insert_header("x-keygate-key-id", key.id.clone())?;
             req.insert_header("x-keygate-owner", key.owner.clone())?;
@@ -930,6 +939,24 @@ const OVERRIDE_HEADERS: [&str; 5] = [
     "x-original-url",
     "x-rewrite-url",
 ];
+
+/// What a proxy in front says about the client, other than the `X-Forwarded-For` keygate
+/// reads and extends: believed only from `server.trusted_proxies`, as that is. Sent by the
+/// client itself, an upstream reading `X-Real-IP` would take a forged address for the client's.
+const PROXY_HEADERS: [&str; 5] = [
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+];
+
+/// Whether header `name` (lowercase) is one of `names`, or an underscore spelling of one
+/// (`x_http_method_override`), which CGI/WSGI-style frameworks read as the dashed name.
+fn is_named(name: &str, names: &[&str]) -> bool {
+    names.contains(&name)
+        || (name.contains('_') && names.contains(&name.replace('_', "-").as_str()))
+}
 
 /// HTTP/2 clients send each cookie as its own `cookie` field (RFC 9113 §8.2.3); an HTTP/1.1
 /// upstream expects one line (RFC 6265 §5.4), and many read only the first. They are joined
@@ -1112,6 +1139,7 @@ impl ProxyHttp for Gateway {
             route: None,
             key: None,
             client_ip: None,
+            peer_trusted: false,
             outcome: None,
             answered_expect: false,
             public_body_bytes: 0,
@@ -1156,9 +1184,23 @@ impl ProxyHttp for Gateway {
             pingora::protocols::http::server::Session::H1(h1) => {
                 target::check_request_line(&h1.get_headers_raw_bytes())
             }
-            _ => Ok(()),
+            // HTTP/2: `:path` reaches keygate as sent (the h2 layer resets a stream whose
+            // `:path` holds a space or control byte), but raw non-ASCII passes.
+            _ => target::check_target_bytes(req.raw_path()),
         };
-        if let Err(detail) = line.and_then(|()| target::check_path(req.uri.path())) {
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. (HTTP/1.0 may omit it:
+        // the upstream gets the endpoint's; HTTP/2's `:authority` becomes one.)
+        let host = if req.version == http::Version::HTTP_11
+            && !req.headers.contains_key(http::header::HOST)
+        {
+            Err("the request has no Host header (RFC 9112 §3.2 requires one)")
+        } else {
+            Ok(())
+        };
+        if let Err(detail) = line
+            .and(host)
+            .and_then(|()| target::check_path(req.uri.path()))
+        {
             return self
                 .refuse(session, ctx, ErrorCode::BadRequest, detail)
                 .await;
@@ -1263,6 +1305,10 @@ impl ProxyHttp for Gateway {
             }
         };
         ctx.client_ip = Some(client_ip);
+        ctx.peer_trusted = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| routing.trusted_proxies.contains(a.ip().to_canonical()));
         // Step 2½: an address that keeps failing is refused before any key lookup or HMAC.
         if let Some(wait) = self
             .abuse

@@ -90,6 +90,21 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> 
 /// raw; the parser under keygate encodes them rather than refuse, so keygate refuses instead.
 pub const ESCAPED_TARGET: &str = "the request target holds bytes that must be percent-encoded:      a raw space, control byte, '\"', '<', '>' or non-ASCII byte (RFC 9112 §3.2); encode them      (a space as %20) and sign the encoded target";
 
+/// Why a target, as keygate received its bytes, is refused: one that RFC 9112 §3.2 allows no
+/// byte of raw — a space, a control byte, DEL or non-ASCII — or a raw `#`.
+pub fn check_target_bytes(target: &[u8]) -> Result<(), &'static str> {
+    if target.contains(&b'#') {
+        return Err("the request target must not contain a raw '#' (percent-encode it as %23)");
+    }
+    if target
+        .iter()
+        .any(|&b| b <= b' ' || b == 0x7F || !b.is_ascii())
+    {
+        return Err(ESCAPED_TARGET);
+    }
+    Ok(())
+}
+
 /// Why a request line, as the client sent its bytes, is refused: a raw `#` in the target.
 /// The parser under keygate drops it and all that follows (a fragment is not part of a
 /// request-target, RFC 9112 §3.2), so the signature would be checked, and the request
