@@ -73,6 +73,19 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// What makes a file another gateway's config rather than an edit of this one's: its
+/// listeners, store or master keys. A reload refuses such a file whole, rather than apply its
+/// routes to a gateway still bound and connected as the old file said.
+fn identity(c: &Config) -> Vec<(&'static str, String)> {
+    vec![
+        ("server.listen", c.server.listen.to_string()),
+        ("admin.listen", c.admin.listen.to_string()),
+        ("metrics.listen", c.metrics.listen.to_string()),
+        ("store", format!("{:?}", c.store)),
+        ("secrets", format!("{:?}", c.secrets)),
+    ]
+}
+
 impl Reloader {
     /// Reads the file again and applies what can change. `Err`: nothing changed.
     pub fn reload(&self) -> Result<(), String> {
@@ -80,6 +93,25 @@ impl Reloader {
             return Err("no config file to read (keygate demo)".into());
         };
         let fresh = Config::load(path).map_err(|e| e.to_string())?;
+        {
+            let current = self
+                .current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let differ: Vec<&str> = identity(&current)
+                .into_iter()
+                .zip(identity(&fresh))
+                .filter(|(old, new)| old != new)
+                .map(|(old, _)| old.0)
+                .collect();
+            if !differ.is_empty() {
+                return Err(format!(
+                    "{} differ from the running gateway's: a reload cannot change them, so the \
+                     file is refused whole (restart with it, or put the running values back)",
+                    differ.join(", ")
+                ));
+            }
+        }
         for (cert, tls, at) in [
             (&self.certificate, &fresh.server.tls, "server.tls"),
             (&self.admin_certificate, &fresh.admin.tls, "admin.tls"),

@@ -822,7 +822,8 @@ mod tests {
         write_private(&dir.path().join("admin-token"), "tok-from-systemd\n");
         let creds = dir.path().display().to_string();
         let env = move |k: &str| (k == ENV_CREDENTIALS_DIRECTORY).then(|| creds.clone());
-        let config = Config::from_toml("").unwrap_or_else(|e| panic!("{e}"));
+        let config =
+            Config::from_toml("[server]\nallow_no_routes = true").unwrap_or_else(|e| panic!("{e}"));
         assert!(load_master_key(&config, &env).is_ok());
         let tokens = load_admin_tokens(&config, &env).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
@@ -831,8 +832,10 @@ mod tests {
         );
         // Without the credential, the file named is missing: refused, and named.
         let none = |_: &str| None;
-        let config = Config::from_toml("[secrets]\nmaster_key_file = \"/nonexistent/k\"")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::from_toml(
+            "[server]\nallow_no_routes = true\n[secrets]\nmaster_key_file = \"/nonexistent/k\"",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
             load_master_key(&config, &none),
             Err(StartError::MasterKeyFile(_, ref why)) if why == "no such file"

@@ -143,7 +143,8 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
     assert_eq!(gw.send("GET", "/v2/status", &[], b"").await.status(), 200);
     assert!(gw.log().contains("config reload refused"), "{}", gw.log());
 
-    // 3. A listener change needs a restart: said, and the rest still applies.
+    // 3. Another gateway's file (a listener moved): refused whole, not half-applied — the
+    // file's routes (no /v2) do not take effect either.
     let moved = original.replace(
         &format!("listen = \"{}\"", gw.metrics),
         "listen = \"127.0.0.1:1\"",
@@ -151,20 +152,33 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
     assert_ne!(moved, original);
     std::fs::write(&config_path, &moved).unwrap();
     gw.signal("HUP");
-    until_status(&gw, "/v2/status", 404).await;
+    until_errors(&gw, 2.0).await;
+    assert!(gw.log().contains("metrics.listen differ"), "{}", gw.log());
+    assert_eq!(gw.send("GET", "/v2/status", &[], b"").await.status(), 200);
+
+    // 4. An empty file (a save cut short, `: > keygate.toml`): refused, routes keep serving.
+    std::fs::write(&config_path, "").unwrap();
+    let out = keygate_reload(&gw);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "keygate reload refuses it first"
+    );
+    gw.signal("HUP");
+    until_errors(&gw, 3.0).await;
+    assert!(gw.log().contains("no [[routes]]"), "{}", gw.log());
+    assert_eq!(gw.send("GET", "/v2/status", &[], b"").await.status(), 200);
     assert_eq!(
         gw.metric("keygate_config_reloads_total{result=\"ok\"}")
             .await,
-        2.0
+        1.0
     );
-    assert!(gw.log().contains("need a restart"), "{}", gw.log());
-    assert!(gw.log().contains("metrics.listen"));
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let (sent, failed) = traffic.await.unwrap();
     println!(
-        "reload under traffic: {sent} signed requests, {failed} failed, 3 reloads (1 refused)"
+        "reload under traffic: {sent} signed requests, {failed} failed, 4 reloads (3 refused)"
     );
     assert!(sent > 20, "too little traffic to show anything: {sent}");
     assert_eq!(
@@ -242,4 +256,21 @@ async fn a_reload_removing_tls_says_it_needs_a_restart_and_tls_stays() {
     )
     .await;
     assert!(!plain_answer.starts_with("HTTP/1.1 200"), "{plain_answer}");
+}
+
+/// Waits (up to 5 s) until `n` reloads have been refused.
+async fn until_errors(gw: &Gateway, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw
+        .metric("keygate_config_reloads_total{result=\"error\"}")
+        .await
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "reload {n} not refused: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

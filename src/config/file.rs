@@ -161,6 +161,10 @@ pub(crate) struct ServerFile {
     /// Idle keep-alive connections kept to upstreams, all endpoints together.
     #[serde(default = "default_upstream_pool_size")]
     pub(crate) upstream_pool_size: usize,
+    /// A config without `[[routes]]` is refused unless this says it is meant: an empty or
+    /// cut-short file would otherwise answer every request `no_route`.
+    #[serde(default)]
+    pub(crate) allow_no_routes: bool,
 }
 
 fn default_upstream_pool_size() -> usize {
@@ -197,6 +201,7 @@ impl Default for ServerFile {
             pid_file: None,
             upstream_pool_size: default_upstream_pool_size(),
             upgrade_sock: None,
+            allow_no_routes: false,
         }
     }
 }

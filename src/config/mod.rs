@@ -795,6 +795,15 @@ fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
         .enumerate()
         .map(|(i, r)| validate_route(&mut p, i, r, &upstreams))
         .collect();
+    if f.routes.is_empty() && !f.server.allow_no_routes {
+        // An empty or cut-short file (an editor's half-written save, `: > keygate.toml`)
+        // would turn every request into 404 no_route, on reload too.
+        p.add(
+            "routes",
+            "no [[routes]]: every request would be answered 404 no_route (set \
+             server.allow_no_routes = true if that is meant)",
+        );
+    }
 
     let mut owner_limits = std::collections::HashMap::new();
     for (i, o) in f.owners.iter().enumerate() {

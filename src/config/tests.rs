@@ -231,7 +231,7 @@ fn a_host_name_endpoint_resolves_to_the_preferred_family_only() {
         .all(|a| a.port() == 8443 && a.ip().is_loopback()));
     assert!(addrs.iter().all(|a| a.is_ipv4() == addrs[0].is_ipv4()));
     let c = Config::from_toml(
-        "[[upstreams]]\nname = \"u\"\nendpoints = [\"localhost:8443\", \"127.0.0.1:9\"]\nresolve_interval = \"5s\"\n",
+        "[server]\nallow_no_routes = true\n[[upstreams]]\nname = \"u\"\nendpoints = [\"localhost:8443\", \"127.0.0.1:9\"]\nresolve_interval = \"5s\"\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(c.upstreams[0].has_host_names());
@@ -404,4 +404,22 @@ fn the_default_upgrade_sock_is_in_a_private_directory_never_tmp() {
     ))
     .unwrap();
     assert_eq!(set.server.upgrade_sock, p("/srv/k/up.sock"));
+}
+
+/// Issue 25: an empty or cut-short file was a valid config with no routes, and a reload of it
+/// answered every request 404 no_route. A config without routes is refused unless it says so.
+#[test]
+fn a_config_without_routes_is_refused_unless_it_says_so() {
+    for text in ["", "[server]\nlisten = \"127.0.0.1:8080\"\n"] {
+        let errors = Config::from_toml(text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            errors.contains("routes: no [[routes]]"),
+            "{text:?}: {errors}"
+        );
+    }
+    assert!(Config::from_toml("[server]\nallow_no_routes = true\n").is_ok());
+    assert!(Config::from_toml(MINIMAL).is_ok());
 }

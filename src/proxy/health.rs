@@ -291,7 +291,7 @@ mod tests {
 
     fn routing(balance: &str) -> (Routing, Config) {
         let config = Config::from_toml(&format!(
-            "[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\"]\nbalance = \"{balance}\"\n"
+            "[server]\nallow_no_routes = true\n[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\"]\nbalance = \"{balance}\"\n"
         ))
         .unwrap_or_else(|e| panic!("{e}"));
         let metrics = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
