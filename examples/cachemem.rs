@@ -63,6 +63,15 @@ impl KeyStore for Synthetic {
     async fn add_tombstone(&self, _: &str) -> Result<(), StoreError> {
         Ok(())
     }
+    async fn secret_was_revoked(&self, _: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    async fn secret_tombstones(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn add_secret_tombstone(&self, _: &[u8; 32]) -> Result<(), StoreError> {
+        Ok(())
+    }
     async fn get_by_id(&self, _: &str) -> Result<Option<KeyRecord>, StoreError> {
         Ok(None)
     }

@@ -469,6 +469,15 @@ mod tests {
         async fn add_tombstone(&self, pk: &str) -> Result<(), StoreError> {
             self.inner.add_tombstone(pk).await
         }
+        async fn secret_was_revoked(&self, h: &[u8; 32]) -> Result<bool, StoreError> {
+            self.inner.secret_was_revoked(h).await
+        }
+        async fn secret_tombstones(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+            self.inner.secret_tombstones().await
+        }
+        async fn add_secret_tombstone(&self, h: &[u8; 32]) -> Result<(), StoreError> {
+            self.inner.add_secret_tombstone(h).await
+        }
         async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
             self.inner.get_by_id(id).await
         }

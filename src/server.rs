@@ -137,12 +137,24 @@ pub fn load_master_key(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<MasterKey, StartError> {
     let master = current_master_key(config, env)?;
+    Ok(match previous_master_key(config, env)? {
+        Some(previous) => master.with_previous(previous),
+        None => master,
+    })
+}
+
+/// The previous master key (systemd credential or `secrets.previous_master_key_file`), if one
+/// is configured.
+fn previous_master_key(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<MasterKey>, StartError> {
     let previous = credential(env, "previous-master-key");
     let Some(path) = previous
         .as_ref()
         .or(config.secrets.previous_master_key_file.as_ref())
     else {
-        return Ok(master);
+        return Ok(None);
     };
     // A missing previous key is an error, not a quiet start: the secrets sealed under it
     // would not open, and every key of theirs would be refused.
@@ -150,7 +162,7 @@ pub fn load_master_key(
     let text = crate::keys::secret::read_private_file(path)
         .map_err(|e| StartError::PreviousMasterKeyFile(shown.clone(), e))?
         .ok_or_else(|| StartError::PreviousMasterKeyFile(shown, "no such file".into()))?;
-    Ok(master.with_previous(MasterKey::from_base64(text.expose())?))
+    Ok(Some(MasterKey::from_base64(text.expose())?))
 }
 
 fn current_master_key(
@@ -175,17 +187,23 @@ fn current_master_key(
 }
 
 /// What `serve` would refuse about the secret files this config names, given `env`: the
-/// very loaders `serve` runs ([`load_master_key`], [`load_admin_tokens`]), so `check-config`
-/// and `serve` cannot disagree. No master key source at all is left out: the key may come
-/// from the environment or a systemd credential only where the gateway runs.
+/// very readers `serve`'s loaders ([`load_master_key`], [`load_admin_tokens`]) run, so
+/// `check-config` and `serve` cannot disagree — each file on its own, so one run names every
+/// bad one where `serve` stops at the first. No master key source at all is left out: the key
+/// may come from the environment or a systemd credential only where the gateway runs.
 pub fn check_secret_files(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
     let mut problems = Vec::new();
-    match load_master_key(config, env) {
+    match current_master_key(config, env) {
         Ok(_) | Err(StartError::NoMasterKey) => {}
         Err(e) => problems.push(e.to_string()),
     }
-    if let Err(e) = load_admin_tokens(config, env) {
+    if let Err(e) = previous_master_key(config, env) {
         problems.push(e.to_string());
+    }
+    for path in admin_token_files(config, env) {
+        if let Err(e) = admin_token_file(&path) {
+            problems.push(e.to_string());
+        }
     }
     problems
 }
@@ -198,19 +216,38 @@ pub fn load_admin_tokens(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<[u8; 32]>, StartError> {
     let mut hashes = config.admin.token_sha256.clone();
-    let from_systemd = credential(env, "admin-token");
-    for path in config.admin.token_file.iter().chain(from_systemd.iter()) {
-        let shown = path.display().to_string();
-        let token = crate::keys::secret::read_private_file(path)
-            .map_err(|e| StartError::AdminTokenFile(shown.clone(), e))?
-            .filter(|t| !t.expose().is_empty())
-            .ok_or_else(|| StartError::AdminTokenFile(shown, "missing or empty".into()))?;
-        hashes.push(token.sha256());
+    for path in admin_token_files(config, env) {
+        hashes.push(admin_token_file(&path)?);
     }
     if let Some(token) = env(ENV_ADMIN_TOKEN).filter(|t| !t.is_empty()) {
         hashes.push(SecretString::new(token).sha256());
     }
     Ok(hashes)
+}
+
+/// `admin.token_file` and the systemd credential `admin-token`, those that are set.
+fn admin_token_files(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<std::path::PathBuf> {
+    let from_systemd = credential(env, "admin-token");
+    config
+        .admin
+        .token_file
+        .iter()
+        .cloned()
+        .chain(from_systemd)
+        .collect()
+}
+
+/// The SHA-256 of the token in `path` (mode 0600, not empty).
+fn admin_token_file(path: &std::path::Path) -> Result<[u8; 32], StartError> {
+    let shown = path.display().to_string();
+    let token = crate::keys::secret::read_private_file(path)
+        .map_err(|e| StartError::AdminTokenFile(shown.clone(), e))?
+        .filter(|t| !t.expose().is_empty())
+        .ok_or_else(|| StartError::AdminTokenFile(shown, "missing or empty".into()))?;
+    Ok(token.sha256())
 }
 
 /// Secrets in the environment stay readable in `/proc/<pid>/environ` for the life of the

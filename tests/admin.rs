@@ -412,6 +412,52 @@ async fn bearer_rotation_grace_through_the_proxy() {
     }
 }
 
+/// Issue 24: a bearer key authenticates with its secret alone, so a revoked and deleted bearer
+/// key's secret imported under a new public key was 201 and `Bearer S` was 200 again. The
+/// revocation tombstones the secret too: the import is 409 `conflict` unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_bearer_secret_is_not_imported_again_under_a_new_public_key_unless_forced() {
+    let (_echo, gw) = setup().await;
+    let key = gw
+        .mint(json!({"auth": "bearer", "scopes": ["payments.read"]}))
+        .await;
+    let bearer = vec![("authorization".to_owned(), format!("Bearer {}", key.secret))];
+    assert_eq!(bearer_status(&gw, &bearer).await, 200);
+    gw.revoke(&key).await;
+    assert_eq!(bearer_status(&gw, &bearer).await, 401);
+    let r = send_json(
+        &gw,
+        reqwest::Method::DELETE,
+        &format!("/v1/keys/{}", key.id),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+
+    let body = json!({"owner": "acme", "name": "r", "public_key": "pk_live_brandnew01", "secret": key.secret, "auth": "bearer", "scopes": ["payments.read"]});
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", body.clone()).await;
+    let problem = assert_problem(r, 409, "conflict").await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("secret") && detail.contains("force"),
+        "{problem}"
+    );
+    assert_eq!(bearer_status(&gw, &bearer).await, 401);
+    // The operator means it: forced, the secret works again.
+    let mut forced = body;
+    forced["force"] = json!(true);
+    let r = send_json(&gw, reqwest::Method::POST, "/v1/keys/import", forced).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(bearer_status(&gw, &bearer).await, 200);
+}
+
+async fn bearer_status(gw: &Gateway, h: &[(String, String)]) -> u16 {
+    gw.send("GET", "/v1/payments/p1", h, b"")
+        .await
+        .status()
+        .as_u16()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_keys_are_gone_everywhere() {
     let (_echo, gw) = setup().await;

@@ -432,3 +432,43 @@ fn check_config_refuses_the_secret_files_serve_refuses() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 24: with an upstream's assertion secret file, the master key file, the previous
+/// master key file and the admin token file all readable by others, check-config named only
+/// the assertion file (a config problem), and the secret files only on a second run once it
+/// was fixed; two bad master key files also showed one at a time. One run names all four.
+#[test]
+fn check_config_reports_every_bad_secret_file_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let master = secret_file(d, "master.key", &support::master_key(), 0o644);
+    let previous = secret_file(d, "old.key", &support::master_key(), 0o644);
+    let token = secret_file(d, "admin-token", "tok", 0o644);
+    let shared = secret_file(d, "payments.hs256", &"s".repeat(32), 0o644);
+    let cfg = secrets_config(d, &master, Some(&previous), Some(&token));
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += &format!(
+        "[[upstreams]]\nname = \"payments\"\nendpoints = [\"127.0.0.1:{}\"]\n\
+         assertion = \"hs256\"\nassertion_secret_file = \"{}\"\n",
+        free_port(),
+        shared.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = run_keygate(&["check-config"], &cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for (key, file) in [
+        ("upstreams[0].assertion_secret_file", &shared),
+        ("secrets.master_key_file", &master),
+        ("secrets.previous_master_key_file", &previous),
+        ("admin.token_file", &token),
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(key)
+                && l.contains(&file.display().to_string())
+                && l.contains("mode 644")),
+            "{key} not reported: {err}"
+        );
+    }
+    assert!(err.contains(": 4 problem(s)"), "{err}");
+}

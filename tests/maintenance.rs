@@ -308,8 +308,9 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
         .await;
     assert_eq!(used["total_requests"], 2, "{used}");
     assert_eq!(gw.key_record(&metered.id).await["remaining"], 8);
-    // A revoked and deleted key: only its tombstone is left to back up (issue 24).
-    let gone = gw.mint(json!({})).await;
+    // A revoked and deleted bearer key: only its tombstones are left to back up, its public
+    // key's and its secret's (issue 24).
+    let gone = gw.mint(json!({"auth": "bearer"})).await;
     gw.revoke(&gone).await;
     let r = gw
         .http
@@ -338,7 +339,7 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(": 3 keys, 6 audit entries, 1 credit counters")
-            && out.contains(", 1 revoked public keys"),
+            && out.contains(", 1 revoked public keys, 1 revoked bearer secrets"),
         "{out}"
     );
     {
@@ -376,7 +377,7 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("keys: 3 restored, 0 already there; audit entries: 6 restored, 0 already there; credit counters: 1")
-            && out.contains("revoked public keys: 1"),
+            && out.contains("revoked public keys: 1; revoked bearer secrets: 1"),
         "{out}"
     );
     let (code, out) = keygate(&config, &master, &restore);
@@ -410,12 +411,29 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
         .bearer_auth(ADMIN_TOKEN)
         .json(
             &json!({"public_key": gone.public_key, "secret": gone.secret,
-                      "owner": "acme", "name": "back"}),
+                      "owner": "acme", "name": "back", "auth": "bearer"}),
         )
         .send()
         .await
         .unwrap();
     assert_problem(r, 409, "conflict").await;
+    // Nor is its secret, under a new public key: a bearer secret authenticates alone.
+    let r = gw2
+        .http
+        .post(gw2.admin_url("/v1/keys/import"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(
+            &json!({"public_key": "pk_live_newhome01", "secret": gone.secret,
+                      "owner": "acme", "name": "back", "auth": "bearer"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(r, 409, "conflict").await;
+    assert!(
+        problem["detail"].as_str().unwrap_or("").contains("secret"),
+        "{problem}"
+    );
     drop(gw);
 }
 

@@ -537,6 +537,98 @@ async fn a_revoked_public_key_is_remembered_after_its_record_is_deleted() {
     }
 }
 
+/// Issue 24: a bearer key authenticates with its secret alone, so revoking one tombstones the
+/// SHA-256 of its secret, and of the one still in its rotation grace, in the same write; the
+/// marks survive the delete and a reopen. Revoked hmac keys and deleted unrevoked bearer keys
+/// leave no secret mark; a revoked record written whole (copy, restore) leaves one; a secret
+/// tombstone can be added alone (restore), once.
+#[tokio::test]
+async fn a_revoked_bearer_secret_is_remembered_after_its_record_is_deleted() {
+    let (mk, _) = MasterKey::generate();
+    for b in backends() {
+        let now = OffsetDateTime::now_utc();
+        let (mut revoked, first) = mint(&mk, new_key("acme", AuthKind::Bearer), now);
+        let (plain, plain_secret) = mint(&mk, new_key("acme", AuthKind::Bearer), now);
+        let mut hmac = record(&mk, "acme", AuthKind::HmacV1);
+        for r in [&revoked, &plain, &hmac] {
+            b.store.insert(r).await.unwrap();
+        }
+        // The first secret stays in its grace: it still authenticates, so it is marked too.
+        let second = keygate::keys::rotate(&mk, &mut revoked, time::Duration::minutes(5), now);
+        revoked.version += 1;
+        b.store.update(&revoked).await.unwrap();
+        assert!(
+            !b.store.secret_was_revoked(&first.sha256()).await.unwrap(),
+            "{}: not revoked yet",
+            b.name
+        );
+        revoked.revoked_at = Some(now);
+        revoked.version += 1;
+        b.store.update(&revoked).await.unwrap();
+        hmac.revoked_at = Some(now);
+        hmac.version += 1;
+        b.store.update(&hmac).await.unwrap();
+        for s in [&first, &second] {
+            assert!(
+                b.store.secret_was_revoked(&s.sha256()).await.unwrap(),
+                "{}: marked with the revocation",
+                b.name
+            );
+        }
+        assert!(b.store.delete(&revoked.id).await.unwrap());
+        assert!(b.store.delete(&plain.id).await.unwrap());
+        assert!(b.store.delete(&hmac.id).await.unwrap());
+        let Backend {
+            name,
+            store,
+            signing,
+            limits,
+            credits,
+            reopen,
+            _dir,
+            _servers,
+        } = b;
+        store.flush().await.unwrap();
+        drop((store, signing, limits, credits));
+        let store = reopen();
+        for s in [&first, &second] {
+            assert!(
+                store.secret_was_revoked(&s.sha256()).await.unwrap(),
+                "{name}: the secret tombstone outlives the delete and a reopen"
+            );
+        }
+        assert!(
+            !store
+                .secret_was_revoked(&plain_secret.sha256())
+                .await
+                .unwrap(),
+            "{name}: deleted, never revoked"
+        );
+        let (mut copied, copied_secret) = mint(&mk, new_key("acme", AuthKind::Bearer), now);
+        copied.revoked_at = Some(now);
+        store.insert(&copied).await.unwrap();
+        assert!(
+            store
+                .secret_was_revoked(&copied_secret.sha256())
+                .await
+                .unwrap(),
+            "{name}"
+        );
+        store.add_secret_tombstone(&[7; 32]).await.unwrap();
+        store.add_secret_tombstone(&[7; 32]).await.unwrap();
+        let mut all = store.secret_tombstones().await.unwrap();
+        all.sort();
+        let mut want = vec![
+            first.sha256(),
+            second.sha256(),
+            copied_secret.sha256(),
+            [7; 32],
+        ];
+        want.sort();
+        assert_eq!(all, want, "{name}: no hmac secret, each hash once");
+    }
+}
+
 /// Concurrent read-modify-write loops that retry on `VersionConflict` lose no change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_lose_no_change() {

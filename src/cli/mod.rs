@@ -432,17 +432,15 @@ pub fn main() -> ExitCode {
         Some(Command::Secrets { command }) => {
             with_config(cli.config, "secrets", |c| secrets::run(c, &command))
         }
-        Some(Command::CheckConfig { file, offline }) => match serve::load_with(
+        Some(Command::CheckConfig { file, offline }) => serve::check_config(
             &file,
             if offline {
                 crate::config::Lookup::ShapeOnly
             } else {
                 crate::config::Lookup::Now
             },
-        ) {
-            Ok(config) => serve::check_secret_files(&file, &config, offline),
-            Err(code) => code,
-        },
+            offline,
+        ),
         Some(Command::Demo {
             listen,
             admin_listen,

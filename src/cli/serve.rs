@@ -22,19 +22,31 @@ pub(super) fn load_with(
     })
 }
 
-/// The end of `check-config` for a config that parsed: the secret files it names, checked as
-/// `serve` reads them (with this process's environment), unless `offline` — a config checked
-/// away from where it runs, whose files live there.
-pub(super) fn check_secret_files(
+/// `keygate check-config`: the config's own problems and those of the secret files it names,
+/// checked as `serve` reads them (with this process's environment), all in one run — the
+/// files are checked even when the config has problems elsewhere. `offline`: the files are
+/// not read (a config checked away from where it runs, whose files live there).
+pub(super) fn check_config(
     path: &std::path::Path,
-    config: &Config,
+    lookup: crate::config::Lookup,
     offline: bool,
 ) -> ExitCode {
-    let problems = if offline {
-        Vec::new()
-    } else {
-        crate::server::check_secret_files(config, &|k| std::env::var(k).ok())
+    let (config, found) = match Config::load_for_check(path, lookup) {
+        Ok(read) => read,
+        Err(errors) => {
+            eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(EX_USAGE);
+        }
     };
+    let mut problems: Vec<String> = found.iter().map(ToString::to_string).collect();
+    if !offline {
+        problems.extend(crate::server::check_secret_files(&config, &|k| {
+            std::env::var(k).ok()
+        }));
+    }
     if problems.is_empty() {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;

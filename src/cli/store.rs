@@ -46,8 +46,8 @@ pub(super) fn copy(
     match result {
         Ok(r) => {
             println!(
-                "keys: {} copied, {} already there; audit entries: {} copied, {} already there; live nonces: {}; revoked public keys: {}",
-                r.keys_copied, r.keys_present, r.audit_copied, r.audit_present, r.nonces, r.tombstones
+                "keys: {} copied, {} already there; audit entries: {} copied, {} already there; live nonces: {}; revoked public keys: {}; revoked bearer secrets: {}",
+                r.keys_copied, r.keys_present, r.audit_copied, r.audit_present, r.nonces, r.tombstones, r.secret_tombstones
             );
             for id in &r.keys_differing {
                 println!("kept the target's version of {id}: it differs from the source's");
@@ -137,13 +137,14 @@ pub(super) fn backup(config: &crate::Config, to: &std::path::Path) -> ExitCode {
         Ok(c) => {
             println!(
                 "{}: {} keys, {} audit entries, {} credit counters, assertion keyring: {}, \
-                 {} revoked public keys",
+                 {} revoked public keys, {} revoked bearer secrets",
                 to.display(),
                 c.keys,
                 c.audit,
                 c.credits,
                 if c.signing_keys { "yes" } else { "none" },
-                c.tombstones
+                c.tombstones,
+                c.secret_tombstones
             );
             let _ = std::io::stdout().flush();
             ExitCode::SUCCESS
@@ -185,7 +186,8 @@ pub(super) fn restore(config: &crate::Config, from: &std::path::Path) -> ExitCod
         Ok(r) => {
             println!(
                 "keys: {} restored, {} already there; audit entries: {} restored, {} already \
-                 there; credit counters: {}; assertion keyring: {}; revoked public keys: {}",
+                 there; credit counters: {}; assertion keyring: {}; revoked public keys: {}; \
+                 revoked bearer secrets: {}",
                 r.copy.keys_copied,
                 r.copy.keys_present + r.copy.keys_differing.len(),
                 r.copy.audit_copied,
@@ -196,7 +198,8 @@ pub(super) fn restore(config: &crate::Config, from: &std::path::Path) -> ExitCod
                     (true, true) => "restored",
                     (true, false) => "kept the store's own",
                 },
-                r.copy.tombstones
+                r.copy.tombstones,
+                r.copy.secret_tombstones
             );
             for id in &r.copy.keys_differing {
                 println!("kept the store's version of {id}: it differs from the backup's");

@@ -344,13 +344,20 @@ impl Config {
 
     /// [`load`](Self::load), resolving upstream host names or not.
     pub fn load_with(path: &Path, lookup: Lookup) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                path: String::new(),
-                message: format!("cannot read {}: {e}", path.display()),
-            }])
-        })?;
+        let text = read(path)?;
         Self::parse(&text, lookup)
+    }
+
+    /// For `check-config` only: the config as far as it could be read, with every problem
+    /// found in it, so the checks that need a config (the secret files it names) still run
+    /// and one run reports everything. A config with problems is never served. `Err` only
+    /// when the file cannot be read or is not TOML at all.
+    pub fn load_for_check(
+        path: &Path,
+        lookup: Lookup,
+    ) -> Result<(Self, Vec<ConfigError>), ConfigErrors> {
+        let text = read(path)?;
+        Self::parse_all(&text, lookup)
     }
 
     /// Parses and validates config text, reporting every problem of the file in one run:
@@ -362,6 +369,18 @@ impl Config {
     }
 
     fn parse(text: &str, lookup: Lookup) -> Result<Self, ConfigErrors> {
+        let (config, problems) = Self::parse_all(text, lookup)?;
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// What could be read, and every problem: the reader's, then validation's told in the
+    /// file's own terms (validation's findings about what the reader already refused are
+    /// left out).
+    fn parse_all(text: &str, lookup: Lookup) -> Result<(Self, Vec<ConfigError>), ConfigErrors> {
         let table: toml::Table = toml::from_str(text).map_err(|e| {
             let where_ = e
                 .span()
@@ -374,20 +393,24 @@ impl Config {
         })?;
         let mut reader = SectionReader::default();
         let file = reader.read(table);
-        match validate(file, lookup) {
-            Ok(config) if reader.problems.is_empty() => Ok(config),
-            Ok(_) => Err(ConfigErrors(reader.problems)),
-            Err(ConfigErrors(found)) => {
-                let told: Vec<ConfigError> = found
-                    .into_iter()
-                    .filter_map(|e| reader.original(e))
-                    .collect();
-                let mut all = std::mem::take(&mut reader.problems);
-                all.extend(told);
-                Err(ConfigErrors(all))
-            }
-        }
+        let (config, found) = validate(file, lookup);
+        let told: Vec<ConfigError> = found
+            .into_iter()
+            .filter_map(|e| reader.original(e))
+            .collect();
+        let mut all = std::mem::take(&mut reader.problems);
+        all.extend(told);
+        Ok((config, all))
     }
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
+    })
 }
 
 /// Reads a config table section by section and entry by entry, collecting problems; what
@@ -558,7 +581,8 @@ pub fn default_upgrade_sock(
     base.join(UPGRADE_SOCK_DIR).join("upgrade.sock")
 }
 
-fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
+/// The config built from `f`, and every problem found in it (none: it may be served).
+fn validate(f: FileConfig, lookup: Lookup) -> (Config, Vec<ConfigError>) {
     let mut p = Problems(Vec::new());
 
     let server = ServerConfig {
@@ -869,8 +893,8 @@ fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
             None
         }
     };
-    if p.0.is_empty() {
-        Ok(Config {
+    (
+        Config {
             server,
             admin,
             metrics,
@@ -887,10 +911,9 @@ fn validate(f: FileConfig, lookup: Lookup) -> Result<Config, ConfigErrors> {
             owner_limits,
             abuse,
             lease,
-        })
-    } else {
-        Err(ConfigErrors(p.0))
-    }
+        },
+        p.0,
+    )
 }
 
 /// Whether upstream host names are looked up while validating.

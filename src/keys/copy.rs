@@ -23,6 +23,8 @@ pub struct CopyReport {
     pub nonces: usize,
     /// Public keys of revoked keys (deleted ones included), now refused for import there too.
     pub tombstones: usize,
+    /// Hashes of revoked bearer keys' secrets, now refused for import there too.
+    pub secret_tombstones: usize,
 }
 
 const PAGE: usize = 500;
@@ -47,6 +49,10 @@ pub async fn copy_store(from: &EmbeddedStore, to: &dyn KeyStore) -> Result<CopyR
     for public_key in from.tombstones().await? {
         to.add_tombstone(&public_key).await?;
         report.tombstones += 1;
+    }
+    for hash in from.secret_tombstones().await? {
+        to.add_secret_tombstone(&hash).await?;
+        report.secret_tombstones += 1;
     }
     for (key_id, nonce, left) in from.live_nonces().await? {
         to.use_nonce(&key_id, &nonce, left).await?;

@@ -43,6 +43,10 @@ const AUDIT_BY_OWNER: TableDefinition<'_, (&str, &str), ()> =
 /// Public key → id of every key ever revoked; kept when the record is deleted, so the pair
 /// cannot quietly come back through an import.
 const TOMBSTONES: TableDefinition<'_, &str, &str> = TableDefinition::new("tombstones");
+/// Lowercase hex SHA-256 of the secret → id of every bearer key ever revoked (current and
+/// grace credential): the secret alone authenticates, so it is tombstoned like the public key.
+const SECRET_TOMBSTONES: TableDefinition<'_, &str, &str> =
+    TableDefinition::new("secret_tombstones");
 const DOCUMENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("documents");
 /// Key id → (remaining credits, refill period they belong to).
 const CREDITS: TableDefinition<'_, &str, (u64, u64)> = TableDefinition::new("credits");
@@ -261,6 +265,7 @@ impl EmbeddedStore {
             txn.open_table(AUDIT_BY_OWNER).map_err(unavailable)?;
             txn.open_table(DOCUMENTS).map_err(unavailable)?;
             txn.open_table(TOMBSTONES).map_err(unavailable)?;
+            txn.open_table(SECRET_TOMBSTONES).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -384,13 +389,20 @@ impl EmbeddedStore {
     }
 }
 
-/// Records a revoked key's public key inside `txn` (nothing for a key not revoked).
+/// Records a revoked key's public key, and a bearer key's secret hashes (the ones the hash
+/// index holds), inside `txn` (nothing for a key not revoked).
 fn tombstone(txn: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), StoreError> {
     if record.revoked_at.is_some() {
         txn.open_table(TOMBSTONES)
             .map_err(unavailable)?
             .insert(record.public_key.as_str(), record.id.as_str())
             .map_err(unavailable)?;
+        let mut secrets = txn.open_table(SECRET_TOMBSTONES).map_err(unavailable)?;
+        for hash in record.indexed_hashes() {
+            secrets
+                .insert(hex::encode(hash).as_str(), record.id.as_str())
+                .map_err(unavailable)?;
+        }
     }
     Ok(())
 }
@@ -886,6 +898,41 @@ impl KeyStore for EmbeddedStore {
             if t.get(public_key.as_str()).map_err(unavailable)?.is_none() {
                 // The id is not known here (a restored or copied tombstone): keep it empty.
                 t.insert(public_key.as_str(), "").map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn secret_was_revoked(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let read = self.db.get()?.begin_read().map_err(unavailable)?;
+        let t = read.open_table(SECRET_TOMBSTONES).map_err(unavailable)?;
+        Ok(t.get(hex::encode(hash).as_str())
+            .map_err(unavailable)?
+            .is_some())
+    }
+
+    async fn secret_tombstones(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+        let read = self.db.get()?.begin_read().map_err(unavailable)?;
+        let t = read.open_table(SECRET_TOMBSTONES).map_err(unavailable)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(unavailable)? {
+            let (hash, _) = row.map_err(unavailable)?;
+            let mut bytes = [0u8; 32];
+            hex::decode_to_slice(hash.value(), &mut bytes)
+                .map_err(|e| StoreError::Corrupt(format!("secret tombstone: {e}")))?;
+            out.push(bytes);
+        }
+        Ok(out)
+    }
+
+    async fn add_secret_tombstone(&self, hash: &[u8; 32]) -> Result<(), StoreError> {
+        let hash = hex::encode(hash);
+        self.transact(move |txn| {
+            let mut t = txn.open_table(SECRET_TOMBSTONES).map_err(unavailable)?;
+            if t.get(hash.as_str()).map_err(unavailable)?.is_none() {
+                // The id is not known here (a restored or copied tombstone): keep it empty.
+                t.insert(hash.as_str(), "").map_err(unavailable)?;
             }
             Ok(())
         })

@@ -12,6 +12,8 @@
 //! - `{kg}:a:<audit id>` — audit entry JSON; `{kg}:aa`, `{kg}:ak:<key id>`, `{kg}:ao:<owner>`
 //! - `{kg}:t` — set of the public keys of every key ever revoked (tombstones; a delete keeps
 //!   them), so a revoked pair cannot be imported again unnoticed
+//! - `{kg}:th` — set of the SHA-256 hex of every revoked bearer key's secrets (current and in
+//!   grace): a bearer secret authenticates alone, so it cannot come back under a new public key
 //! - `kg:n:<id>:<nonce>` — used nonces, `SET NX PX`; untagged, so on a cluster the per-request
 //!   traffic spreads over every master
 //! - channel `kg:changes` — every write publishes the public keys and hashes it touched
@@ -103,10 +105,15 @@ if ARGV[7] ~= '' then
   redis.call('ZADD', '{kg}:ak:' .. ARGV[9], 0, aid)
   redis.call('ZADD', '{kg}:ao:' .. ARGV[10], 0, aid)
 end
--- Tombstones: every public key ever revoked, kept after its record is deleted.
-if op ~= 'delete' and ARGV[12] == '1' then redis.call('SADD', '{kg}:t', ARGV[4]) end
+-- Tombstones: every public key ever revoked, and a revoked bearer key's secret hashes, kept
+-- after its record is deleted.
+if op ~= 'delete' and ARGV[12] == '1' then
+  redis.call('SADD', '{kg}:t', ARGV[4])
+  for _, h in ipairs(newhashes) do redis.call('SADD', '{kg}:th', h) end
+end
 if op == 'delete' and o['revoked_at'] ~= nil and o['revoked_at'] ~= cjson.null then
   redis.call('SADD', '{kg}:t', o['public_key'])
+  for _, h in ipairs(hashes_of(o)) do redis.call('SADD', '{kg}:th', h) end
 end
 redis.call('PUBLISH', 'kg:changes', table.concat(changed, ' '))
 return 'ok'
@@ -149,6 +156,8 @@ return 1
 /// The tombstone set (see the layout above): tagged like the records, so on a cluster it
 /// sits with them and the write script can add to it atomically.
 const TOMBSTONES: &str = "{kg}:t";
+/// The bearer secret tombstones (hex SHA-256), beside the public key ones for the same reason.
+const SECRET_TOMBSTONES: &str = "{kg}:th";
 
 /// Every script names this key, so a cluster client sends it to the master holding `{kg}`.
 /// The keys a script builds itself share the tag, hence the slot.
@@ -953,6 +962,36 @@ impl KeyStore for RedisStore {
     async fn add_tombstone(&self, public_key: &str) -> Result<(), StoreError> {
         self.conn()
             .sadd::<_, _, ()>(TOMBSTONES, public_key)
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
+    async fn secret_was_revoked(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.conn()
+            .sismember(SECRET_TOMBSTONES, hex::encode(hash))
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
+    async fn secret_tombstones(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+        let all: Vec<String> = self
+            .conn()
+            .smembers(SECRET_TOMBSTONES)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        all.iter()
+            .map(|h| {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(h, &mut out)
+                    .map(|()| out)
+                    .map_err(|e| StoreError::Corrupt(format!("secret tombstone: {e}")))
+            })
+            .collect()
+    }
+
+    async fn add_secret_tombstone(&self, hash: &[u8; 32]) -> Result<(), StoreError> {
+        self.conn()
+            .sadd::<_, _, ()>(SECRET_TOMBSTONES, hex::encode(hash))
             .await
             .map_err(|e| unavailable(&e))
     }

@@ -111,6 +111,14 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn tombstones(&self) -> Result<Vec<String>, StoreError>;
     /// Marks a public key as revoked without a record (restores, copies).
     async fn add_tombstone(&self, public_key: &str) -> Result<(), StoreError>;
+    /// Whether a bearer key whose secret (current or still in its rotation grace) has this
+    /// SHA-256 was ever revoked here. Marked in the same writes as [`Self::was_revoked`]: a
+    /// bearer secret authenticates alone, so a new public key around it must not revive it.
+    async fn secret_was_revoked(&self, hash: &[u8; 32]) -> Result<bool, StoreError>;
+    /// Every hash [`Self::secret_was_revoked`] answers `true` for (backups, copies).
+    async fn secret_tombstones(&self) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// Marks a bearer secret's hash as revoked without a record (restores, copies).
+    async fn add_secret_tombstone(&self, hash: &[u8; 32]) -> Result<(), StoreError>;
     async fn get_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_by_public_key(&self, public_key: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_by_secret_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;

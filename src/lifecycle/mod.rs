@@ -64,6 +64,8 @@ pub enum Error {
     Revoked,
     #[error("a key with this public key was revoked before; revocation is final (send \"force\": true to import it anyway)")]
     RevokedBefore,
+    #[error("a bearer key with this secret was revoked before; revocation is final (send \"force\": true to import it anyway)")]
+    SecretRevokedBefore,
     #[error("the key kept changing while this change was being made; try again")]
     Contended,
     #[error("the key store is unavailable")]
@@ -81,9 +83,11 @@ impl Error {
             Self::MalformedJson(_) => ErrorCode::MalformedJson,
             Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             Self::Validation(_) => ErrorCode::ValidationFailed,
-            Self::Conflict | Self::Revoked | Self::RevokedBefore | Self::Contended => {
-                ErrorCode::Conflict
-            }
+            Self::Conflict
+            | Self::Revoked
+            | Self::RevokedBefore
+            | Self::SecretRevokedBefore
+            | Self::Contended => ErrorCode::Conflict,
             Self::StoreUnavailable => ErrorCode::StoreUnavailable,
             // The code self-service already answers a key lacking what a call needs.
             Self::Forbidden(_) => ErrorCode::InsufficientScope,
@@ -503,6 +507,14 @@ impl Lifecycle {
         who.admin_only()?;
         if !force && self.store.was_revoked(&public_key).await? {
             return Err(Error::RevokedBefore);
+        }
+        // A bearer secret authenticates alone: a new public key around a revoked one would
+        // revive it. An hmac secret needs its public key, whose tombstone is checked above.
+        if !force
+            && new.auth == keys::AuthKind::Bearer
+            && self.store.secret_was_revoked(&secret.sha256()).await?
+        {
+            return Err(Error::SecretRevokedBefore);
         }
         let start = new.remaining.or(new.refill.map(|r| r.amount));
         let record = keys::build_record(&self.master, new, public_key, secret, self.clock.now());

@@ -1,7 +1,7 @@
 //! `keygate store backup` and `restore`: the whole store as one JSON Lines file — key records
 //! (secrets still sealed, bearer secrets still hashed, usage counters), audit entries, metered
-//! keys' credits, the public keys of every key ever revoked (tombstones) and the sealed
-//! assertion keyring — and back.
+//! keys' credits, the public keys of every key ever revoked and the secret hashes of every
+//! bearer key ever revoked (tombstones) and the sealed assertion keyring — and back.
 //!
 //! The file ends with a line that counts what came before it, so a truncated or cut-short
 //! backup is refused before anything is written. Restoring into a store that already holds
@@ -51,9 +51,13 @@ enum Line {
         #[serde(default)]
         period: Option<u64>,
     },
-    /// The public key of a key revoked at some time (its record may be gone).
+    /// The public key of a key revoked at some time (its record may be gone), or the SHA-256
+    /// (lowercase hex) of a revoked bearer key's secret: exactly one of the two.
     Tombstone {
-        public_key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public_key: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret_sha256: Option<String>,
     },
     /// The sealed assertion keyring document.
     SigningKeys {
@@ -73,6 +77,9 @@ pub struct Counts {
     /// Absent from backups made before tombstones: none.
     #[serde(default)]
     pub tombstones: usize,
+    /// Bearer secret tombstones; absent from backups made before them: none.
+    #[serde(default)]
+    pub secret_tombstones: usize,
 }
 
 fn write_line(out: &mut dyn Write, line: &Line) -> Result<(), BackupError> {
@@ -119,8 +126,21 @@ pub async fn backup(
         }
     }
     for public_key in stores.keys.tombstones().await? {
-        write_line(out, &Line::Tombstone { public_key })?;
+        let public_key = Some(public_key);
+        let line = Line::Tombstone {
+            public_key,
+            secret_sha256: None,
+        };
+        write_line(out, &line)?;
         counts.tombstones += 1;
+    }
+    for hash in stores.keys.secret_tombstones().await? {
+        let line = Line::Tombstone {
+            public_key: None,
+            secret_sha256: Some(hex::encode(hash)),
+        };
+        write_line(out, &line)?;
+        counts.secret_tombstones += 1;
     }
     let mut audit = Walk::new(stores.keys.as_ref());
     while let Some(page) = audit.next_audit().await? {
@@ -138,6 +158,33 @@ pub async fn backup(
     write_line(out, &Line::End(counts))?;
     out.flush()?;
     Ok(counts)
+}
+
+/// A tombstone line, checked.
+enum Tombstone {
+    PublicKey(String),
+    Secret([u8; 32]),
+}
+
+/// Checks a tombstone line `n`: one public key or one 32-byte hex hash, not both, not neither.
+fn tombstone(
+    n: usize,
+    public_key: Option<String>,
+    secret_sha256: Option<String>,
+) -> Result<Tombstone, BackupError> {
+    match (public_key, secret_sha256) {
+        (Some(pk), None) => Ok(Tombstone::PublicKey(pk)),
+        (None, Some(hash)) => {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(&hash, &mut out)
+                .map_err(|_| format_error(n, "a secret tombstone that is not 64 hex digits"))?;
+            Ok(Tombstone::Secret(out))
+        }
+        _ => Err(format_error(
+            n,
+            "a tombstone names one public key or one secret hash",
+        )),
+    }
 }
 
 /// What a restore did.
@@ -174,7 +221,13 @@ pub fn verify(input: &mut dyn BufRead) -> Result<Counts, BackupError> {
             Line::Key(_) => seen.keys += 1,
             Line::Audit(_) => seen.audit += 1,
             Line::Credits { .. } => seen.credits += 1,
-            Line::Tombstone { .. } => seen.tombstones += 1,
+            Line::Tombstone {
+                public_key,
+                secret_sha256,
+            } => match tombstone(n, public_key, secret_sha256)? {
+                Tombstone::PublicKey(_) => seen.tombstones += 1,
+                Tombstone::Secret(_) => seen.secret_tombstones += 1,
+            },
             Line::SigningKeys { .. } => seen.signing_keys = true,
             Line::End(counts) => end = Some((n, counts)),
         }
@@ -203,8 +256,8 @@ pub async fn restore(
     // the counter of a key that has been spending since.
     let mut added = std::collections::HashSet::new();
     let mut lines = Lines::new(input);
-    while let Some((_, line)) = lines.next_line()? {
-        apply(stores, line, &mut report, &mut added).await?;
+    while let Some((n, line)) = lines.next_line()? {
+        apply(stores, n, line, &mut report, &mut added).await?;
     }
     stores.keys.flush().await?;
     Ok(report)
@@ -212,6 +265,7 @@ pub async fn restore(
 
 async fn apply(
     stores: &Stores,
+    n: usize,
     line: Line,
     report: &mut RestoreReport,
     added: &mut std::collections::HashSet<String>,
@@ -242,10 +296,19 @@ async fn apply(
                 report.credits_restored += 1;
             }
         }
-        Line::Tombstone { public_key } => {
-            stores.keys.add_tombstone(&public_key).await?;
-            report.copy.tombstones += 1;
-        }
+        Line::Tombstone {
+            public_key,
+            secret_sha256,
+        } => match tombstone(n, public_key, secret_sha256)? {
+            Tombstone::PublicKey(public_key) => {
+                stores.keys.add_tombstone(&public_key).await?;
+                report.copy.tombstones += 1;
+            }
+            Tombstone::Secret(hash) => {
+                stores.keys.add_secret_tombstone(&hash).await?;
+                report.copy.secret_tombstones += 1;
+            }
+        },
         Line::SigningKeys { body } => {
             // Version 1 is written only where there is no keyring (compare-and-set): a store
             // with one of its own, or a gateway that created one meanwhile, keeps it.
@@ -296,5 +359,41 @@ impl<'a> Lines<'a> {
         serde_json::from_str(self.buf.trim_end())
             .map(|line| Some((n, line)))
             .map_err(|e| format_error(n, &e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(text: &str) -> Result<Counts, BackupError> {
+        verify(&mut text.as_bytes())
+    }
+
+    const HEAD: &str =
+        r#"{"header":{"format":1,"created_at":"2026-12-03T00:00:00Z","keygate":"t"}}"#;
+
+    #[test]
+    fn a_tombstone_line_names_one_public_key_or_one_secret_hash() {
+        let hash = "ab".repeat(32);
+        let good = format!(
+            "{HEAD}\n{{\"tombstone\":{{\"public_key\":\"pk_live_x\"}}}}\n\
+             {{\"tombstone\":{{\"secret_sha256\":\"{hash}\"}}}}\n\
+             {{\"end\":{{\"keys\":0,\"audit\":0,\"credits\":0,\"signing_keys\":false,\
+             \"tombstones\":1,\"secret_tombstones\":1}}}}\n"
+        );
+        let c = counts(&good).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.tombstones, c.secret_tombstones), (1, 1));
+        for bad in [
+            format!("{{\"public_key\":\"pk_live_x\",\"secret_sha256\":\"{hash}\"}}"),
+            "{}".to_owned(),
+            "{\"secret_sha256\":\"abc\"}".to_owned(),
+        ] {
+            let text = format!("{HEAD}\n{{\"tombstone\":{bad}}}\n");
+            match counts(&text) {
+                Err(BackupError::Format { line: 2, .. }) => {}
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 }
