@@ -306,7 +306,7 @@ fn secrets_config(
     token: Option<&std::path::Path>,
 ) -> std::path::PathBuf {
     let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+        "[server]\nlisten = \"127.0.0.1:{}\"\nallow_no_routes = true\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
         free_port(),
         free_port()
     );

@@ -193,7 +193,7 @@ fn serve_refuses_a_world_readable_master_key_file() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n[secrets]\nmaster_key_file = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:{}\"\nallow_no_routes = true\n[store]\npath = \"{}\"\n[secrets]\nmaster_key_file = \"{}\"\n",
             free_port(),
             dir.path().join("k.db").display(),
             key_file.display()
