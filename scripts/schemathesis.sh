@@ -18,6 +18,7 @@ proxy=$(port); admin=$(port); metrics=$(port)
 cat > "$work/keygate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$proxy"
+allow_no_routes = true
 [admin]
 listen = "127.0.0.1:$admin"
 [metrics]
