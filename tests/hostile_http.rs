@@ -165,13 +165,7 @@ async fn hostile_requests_get_the_contracts_answer_and_never_reach_the_upstream(
     let pipelined = format!(
         "POST {t} HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{{}}GET /public/after HTTP/1.1\r\nhost: gw\r\n\r\n"
     );
-    let out = raw_exchange(
-        gw.proxy,
-        &[pipelined.as_bytes()],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await;
+    let out = gw.raw(pipelined.as_bytes()).await;
     let first = out.find("HTTP/1.1 401").expect(&out);
     let second = out.find("HTTP/1.1 200").expect(&out);
     assert!(first < second, "{out}");
@@ -179,13 +173,7 @@ async fn hostile_requests_get_the_contracts_answer_and_never_reach_the_upstream(
 
     // HTTP/1.0 with keep-alive: answered, and the connection serves a second request.
     let ka = "GET /public/one HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /public/two HTTP/1.0\r\n\r\n";
-    let out = raw_exchange(
-        gw.proxy,
-        &[ka.as_bytes()],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await;
+    let out = gw.raw(ka.as_bytes()).await;
     assert!(out.matches("HTTP/1.1 200").count() >= 2, "{out}");
     assert!(
         gw.log().lines().all(|l| !l.contains("panicked")),

@@ -227,13 +227,7 @@ async fn content_length_beside_transfer_encoding_is_refused_in_every_shape() {
         for version in ["HTTP/1.1", "HTTP/1.0"] {
             let sig = v1_lines(&key, "POST", t, b"{}", now());
             let request = format!("POST {t} {version}\r\nhost: gw\r\n{sig}{framing}\r\n{chunked}");
-            let out = raw_exchange(
-                gw.proxy,
-                &[request.as_bytes()],
-                Duration::ZERO,
-                Duration::from_secs(3),
-            )
-            .await;
+            let out = gw.raw(request.as_bytes()).await;
             assert_eq!(status_of(&out), 400, "{what}, {version}: {out}");
             if version == "HTTP/1.1" {
                 assert!(
@@ -250,13 +244,7 @@ async fn content_length_beside_transfer_encoding_is_refused_in_every_shape() {
     let request = format!(
         "POST {t} HTTP/1.1\r\nhost: gw\r\n{sig}transfer-encoding: chunked\r\nconnection: close\r\n\r\n{chunked}"
     );
-    let out = raw_exchange(
-        gw.proxy,
-        &[request.as_bytes()],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await;
+    let out = gw.raw(request.as_bytes()).await;
     assert_eq!(status_of(&out), 200, "{out}");
 }
 
@@ -375,11 +363,5 @@ async fn a_request_without_host_is_400_and_http_1_0_gets_the_endpoints() {
 /// A GET of a public route with no Host header, over `version`.
 async fn without_host(gw: &Gateway, version: &str) -> String {
     let request = format!("GET /public/x {version}\r\nconnection: close\r\n\r\n");
-    raw_exchange(
-        gw.proxy,
-        &[request.as_bytes()],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await
+    gw.raw(request.as_bytes()).await
 }

@@ -9,9 +9,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use support::{raw_exchange, routes_with, Echo, Gateway, Options};
+use support::{routes_with, Echo, Gateway, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An upstream that records each request line's target as raw bytes and answers 200.
@@ -102,13 +101,7 @@ async fn fate(
         b" HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
     ]
     .concat();
-    let out = raw_exchange(
-        gw.proxy,
-        &[&request],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await;
+    let out = gw.raw(&request).await;
     let status: u16 = out
         .split(' ')
         .nth(1)
@@ -284,13 +277,7 @@ async fn a_signed_target_with_a_raw_space_is_400_not_bad_signature() {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
-        let out = raw_exchange(
-            gw.proxy,
-            &[head.as_bytes()],
-            Duration::ZERO,
-            Duration::from_secs(3),
-        )
-        .await;
+        let out = gw.raw(head.as_bytes()).await;
         assert!(out.starts_with("HTTP/1.1 400"), "{label}: {out}");
         assert!(out.contains("\"code\":\"bad_request\""), "{label}: {out}");
         assert!(out.contains("percent-encoded"), "{label}: {out}");

@@ -16,16 +16,6 @@ use support::{
     assert_problem, now, raw_exchange, v1_headers, Echo, Gateway, Key, Options, ADMIN_TOKEN,
 };
 
-async fn raw(gw: &Gateway, request: &str) -> String {
-    raw_exchange(
-        gw.proxy,
-        &[request.as_bytes()],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await
-}
-
 // ---- 1. A keys.manage key cannot take over a stronger key of its owner -------------------
 
 /// The embedded store, or (with `redis`) a private Redis.
@@ -324,7 +314,9 @@ async fn dot_segments_and_encoded_separators_are_refused_before_routing() {
         "/v1/p%61yments",
         "/public/%61",
     ] {
-        let out = raw(&gw, &format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n")).await;
+        let out = gw
+            .raw(format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes())
+            .await;
         assert_eq!(status_of(&out), 400, "{path}: {out}");
         assert!(
             out.contains("bad_request") || out.is_empty() || status_of(&out) == 400,
@@ -337,11 +329,9 @@ async fn dot_segments_and_encoded_separators_are_refused_before_routing() {
         "http://gw/v1/payments/../admin/secret",
     ] {
         let signed = support::v1_lines(&reader, "GET", target, b"", now());
-        let out = raw(
-            &gw,
-            &format!("GET {target} HTTP/1.1\r\nhost: gw\r\n{signed}\r\n"),
-        )
-        .await;
+        let out = gw
+            .raw(format!("GET {target} HTTP/1.1\r\nhost: gw\r\n{signed}\r\n").as_bytes())
+            .await;
         assert_eq!(status_of(&out), 400, "{target}: {out}");
         assert!(out.contains("bad_request"), "{out}");
     }
@@ -568,7 +558,7 @@ async fn malformed_framing_is_400_not_500_and_never_forwarded() {
         ("CL public", "POST /public/x HTTP/1.1\r\nhost: gw\r\ncontent-length: 07\r\n\r\n{\"a\":1}".to_owned()),
         ("bad chunk size", format!("POST /v1/payments HTTP/1.1\r\nhost: gw\r\n{auth}transfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")),
     ] {
-        let out = raw(&gw, &request).await;
+        let out = gw.raw(request.as_bytes()).await;
         assert_eq!(status_of(&out), 400, "{what}: {out}");
         assert!(out.contains("bad_request"), "{what}: {out}");
     }
@@ -579,11 +569,9 @@ async fn malformed_framing_is_400_not_500_and_never_forwarded() {
 async fn a_bad_chunk_on_a_public_route_is_400_not_500() {
     let echo = Echo::start().await;
     let gw = Gateway::start(Options::new(&echo)).await;
-    let out = raw(
-        &gw,
-        "POST /public/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
-    )
-    .await;
+    let out = gw
+        .raw(b"POST /public/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+        .await;
     assert_eq!(status_of(&out), 400, "{out}");
     assert!(out.contains("bad_request"), "{out}");
     // Public routes stream: the upstream may have seen the head and a body cut short, never

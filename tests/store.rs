@@ -36,6 +36,32 @@ struct Backend {
     _servers: Option<Box<dyn std::any::Any + Send>>,
 }
 
+/// What keeps a reopened backend's directory and servers alive.
+type Kept = (
+    Option<tempfile::TempDir>,
+    Option<Box<dyn std::any::Any + Send>>,
+);
+
+impl Backend {
+    /// Writes what the store holds, lets go of every handle on it (redb locks its file) and
+    /// opens it again: its name, the reopened store, and what must outlive it.
+    async fn flushed_and_reopened(self) -> (&'static str, Arc<dyn KeyStore>, Kept) {
+        self.store.flush().await.unwrap();
+        let Backend {
+            name,
+            store,
+            signing,
+            limits,
+            credits,
+            reopen,
+            _dir,
+            _servers,
+        } = self;
+        drop((store, signing, limits, credits));
+        (name, reopen(), (_dir, _servers))
+    }
+}
+
 fn embedded() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.db");
@@ -483,20 +509,7 @@ async fn a_revoked_public_key_is_remembered_after_its_record_is_deleted() {
         );
         assert!(b.store.delete(&revoked.id).await.unwrap());
         assert!(b.store.delete(&plain.id).await.unwrap());
-        // Every handle on the store goes before it is opened again (redb locks its file).
-        let Backend {
-            name,
-            store,
-            signing,
-            limits,
-            credits,
-            reopen,
-            _dir,
-            _servers,
-        } = b;
-        store.flush().await.unwrap();
-        drop((store, signing, limits, credits));
-        let store = reopen();
+        let (name, store, _kept) = b.flushed_and_reopened().await;
         assert!(
             store.was_revoked(&revoked.public_key).await.unwrap(),
             "{name}: the tombstone outlives the delete and a reopen"
@@ -578,19 +591,7 @@ async fn a_revoked_bearer_secret_is_remembered_after_its_record_is_deleted() {
         assert!(b.store.delete(&revoked.id).await.unwrap());
         assert!(b.store.delete(&plain.id).await.unwrap());
         assert!(b.store.delete(&hmac.id).await.unwrap());
-        let Backend {
-            name,
-            store,
-            signing,
-            limits,
-            credits,
-            reopen,
-            _dir,
-            _servers,
-        } = b;
-        store.flush().await.unwrap();
-        drop((store, signing, limits, credits));
-        let store = reopen();
+        let (name, store, _kept) = b.flushed_and_reopened().await;
         for s in [&first, &second] {
             assert!(
                 store.secret_was_revoked(&s.sha256()).await.unwrap(),

@@ -690,6 +690,18 @@ listen = "127.0.0.1:{metrics}"
         req.send().await.unwrap()
     }
 
+    /// Writes one raw request to the proxy listener and returns everything read until the
+    /// connection closes or 3 s pass.
+    pub async fn raw(&self, request: &[u8]) -> String {
+        raw_exchange(
+            self.proxy,
+            &[request],
+            Duration::ZERO,
+            Duration::from_secs(3),
+        )
+        .await
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
