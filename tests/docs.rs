@@ -158,3 +158,133 @@ fn escapes(root: &Path, target: &Path) -> bool {
         Err(_) => true,
     }
 }
+
+#[test]
+fn every_section_of_the_example_config_has_a_heading_in_the_configuration_reference() {
+    // An operator looks a key up by its section's heading: a section without one is a key the
+    // reference hides (the `[[upstreams]]` table once sat under `[assertion]`).
+    let example: toml::Table = read("config/keygate.toml").parse().unwrap();
+    let reference = read("docs/configuration.md");
+    let headings: Vec<&str> = reference
+        .lines()
+        .filter(|l| l.starts_with("## ") || l.starts_with("### "))
+        .collect();
+    let mut missing = Vec::new();
+    for (name, value) in &example {
+        let heading = match value {
+            toml::Value::Array(_) => format!("`[[{name}]]`"),
+            _ => format!("`[{name}]`"),
+        };
+        if !headings.iter().any(|h| h.contains(&heading)) {
+            missing.push(heading);
+        }
+    }
+    assert!(example.len() >= 10, "the example config lost its sections");
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md has no heading for {missing:?}"
+    );
+}
+
+/// The first ```sh block after `heading` in the README.
+fn readme_block(readme: &str, heading: &str) -> String {
+    let section = readme.split(heading).nth(1).unwrap();
+    let block = section.split("```sh\n").nth(1).unwrap();
+    block.split("```").next().unwrap().to_string()
+}
+
+/// The README's "Running it for real" steps, run literally in a fresh copy of the repository's
+/// config (no `data/` directory, no `KEYGATE_ADMIN_TOKEN` in the gateway's environment), with
+/// the release build swapped for this build and the listeners moved to free ports; then the
+/// README's own mint command, with the token exported as the README says, creates a key.
+#[test]
+fn the_readmes_running_it_for_real_steps_work_in_a_fresh_checkout() {
+    let readme = read("README.md");
+    let steps = readme_block(&readme, "## Running it for real");
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin, metrics) = (
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    );
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    let config = read("config/keygate.toml")
+        .replace("0.0.0.0:8080", &format!("127.0.0.1:{proxy}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:9902", &format!("127.0.0.1:{metrics}"));
+    std::fs::write(dir.path().join("config/keygate.toml"), config).unwrap();
+    let bin = env!("CARGO_BIN_EXE_keygate");
+    let sh = |line: &str| {
+        Command::new("sh")
+            .args(["-ec", line])
+            .current_dir(dir.path())
+            .env_remove("KEYGATE_ADMIN_TOKEN")
+            .env_remove("KEYGATE_MASTER_KEY")
+            .output()
+            .unwrap()
+    };
+    let mut gateway = None;
+    for line in steps.lines().filter(|l| !l.trim().is_empty()) {
+        let line = line.replace("target/release/keygate", bin);
+        if line.starts_with("cargo build") {
+            continue;
+        }
+        if line.contains(" serve ") {
+            let cmd = line.split_whitespace().skip(1).collect::<Vec<_>>();
+            let child = Command::new(bin)
+                .args(&cmd)
+                .current_dir(dir.path())
+                .env_remove("KEYGATE_ADMIN_TOKEN")
+                .env_remove("KEYGATE_MASTER_KEY")
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            gateway = Some(child);
+            continue;
+        }
+        let out = sh(&line);
+        assert!(
+            out.status.success(),
+            "README step `{line}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let gateway = gateway.expect("the README's steps start the gateway");
+
+    assert!(
+        readme.contains("export KEYGATE_ADMIN_TOKEN=$(cat data/admin.token)"),
+        "the README says how to give the CLI the token"
+    );
+    let mint = readme_block(&readme, "Mint a key:").replace("9901", &admin.to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let reply = loop {
+        let out = sh(&format!(
+            "export KEYGATE_ADMIN_TOKEN=$(cat data/admin.token)\n{mint}"
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains("\"secret\"") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the README's mint command never worked: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let key: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(key["owner"], "acme", "{reply}");
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &gateway.id().to_string()])
+        .status();
+    let out = gateway.wait_with_output().unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !log.contains("KEYGATE_ADMIN_TOKEN"),
+        "the README's setup must not make keygate warn about its environment: {log}"
+    );
+}
