@@ -322,7 +322,8 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
     assert_eq!(r.status(), 204);
     let config = gw.dir.join("keygate.toml");
     let master = gw.master_key.clone();
-    let backup = gw.dir.join("backup.jsonl");
+    // Into a directory that does not exist yet, as a dated path would (issue 25).
+    let backup = gw.dir.join("backups/2026-12-03/backup.jsonl");
     let backup_arg = backup.display().to_string();
 
     // Embedded: the store opens in one process, so the gateway stops first.
@@ -346,6 +347,8 @@ async fn backup_wipe_restore(opts: impl Fn() -> Options, wipe: impl FnOnce(&Path
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&backup).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        let dir = std::fs::metadata(backup.parent().unwrap()).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o777, 0o700);
     }
     let text = std::fs::read_to_string(&backup).unwrap();
     for key in [&v1, &metered] {

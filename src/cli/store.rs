@@ -96,10 +96,6 @@ pub(super) fn open(
 /// `keygate store backup --to FILE`: writes a new file (never over an old backup), mode 0600.
 pub(super) fn backup(config: &crate::Config, to: &std::path::Path) -> ExitCode {
     use std::io::Write;
-    let (stores, rt) = match open(config, "store backup") {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
     // Written beside the target and renamed at the end: a failed backup leaves no file that
     // looks whole.
     if to.exists() {
@@ -109,6 +105,23 @@ pub(super) fn backup(config: &crate::Config, to: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(EX_USAGE);
     }
+    // A dated backup path (`backups/2026-12-03/keygate.jsonl`) names a directory that does not
+    // exist yet: make it private, as the backup it will hold, before the store is opened.
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+        {
+            eprintln!("keygate store backup: {}: {e}", parent.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    }
+    let (stores, rt) = match open(config, "store backup") {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let mut partial = to.as_os_str().to_owned();
     partial.push(".partial");
     let partial = std::path::PathBuf::from(partial);
