@@ -89,23 +89,26 @@ impl log::Log for RedactingBridge {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        let metadata = log::Metadata::builder()
-            .level(level_of(record.metadata()))
-            .target(record.target())
-            .build();
-        // Checked before formatting: most records are below the level in force.
-        if !self.enabled(&metadata) {
+        // The level may depend on the text (a client-caused pingora ERROR): format once, and
+        // only when the record could be written at its own level.
+        if !self.enabled(record.metadata()) {
             return;
         }
         let text = record.args().to_string();
+        let metadata = log::Metadata::builder()
+            .level(level_of(record.metadata(), &text))
+            .target(record.target())
+            .build();
+        if !self.enabled(&metadata) {
+            return;
+        }
         let redacted = redact_queries(&text);
+        // No file, line or module path: a dependency's file is a build-machine path
+        // (`/root/.cargo/registry/src/…`), noise to an operator; the target names the place.
         let _ = tracing_log::format_trace(
             &log::Record::builder()
                 .args(format_args!("{redacted}"))
                 .metadata(metadata)
-                .module_path(record.module_path())
-                .file(record.file())
-                .line(record.line())
                 .build(),
         );
     }
@@ -113,14 +116,21 @@ impl log::Log for RedactingBridge {
     fn flush(&self) {}
 }
 
-/// The level a record is written at. rustls warns about what a peer sent — an IP address as
-/// SNI, an unexpected message — once per handshake, so any client could fill the log with
-/// them: they go to debug. (Failed handshakes are counted and logged once a minute by the
-/// proxy's guard.)
-fn level_of(metadata: &log::Metadata<'_>) -> log::Level {
+/// The level a record is written at: ERROR is for what an operator must act on, so what any
+/// client can cause goes to debug. rustls warns about what a peer sent — an IP address as SNI,
+/// an unexpected message — once per handshake (failed handshakes are counted and logged once
+/// a minute by the proxy's guard). pingora logs at ERROR a client that closed its connection or
+/// stalled before its request was read (`Fail to proxy: Downstream …`) and a problem response
+/// it could not write to a client already gone.
+fn level_of(metadata: &log::Metadata<'_>, text: &str) -> log::Level {
     let target = metadata.target();
     let from_rustls = target == "rustls" || target.starts_with("rustls::");
-    if from_rustls && metadata.level() == log::Level::Warn {
+    let from_pingora = target.starts_with("pingora");
+    let client_caused = text.starts_with("Fail to proxy: Downstream")
+        || text.starts_with("failed to send error response to downstream");
+    if from_rustls && metadata.level() == log::Level::Warn
+        || from_pingora && metadata.level() <= log::Level::Warn && client_caused
+    {
         log::Level::Debug
     } else {
         metadata.level()
@@ -192,7 +202,7 @@ mod tests {
     #[test]
     fn what_a_peer_makes_rustls_warn_about_goes_to_debug() {
         let meta = |target, level| log::Metadata::builder().target(target).level(level).build();
-        let level = |target, level| super::level_of(&meta(target, level));
+        let level = |target, level| super::level_of(&meta(target, level), "a warning");
         assert_eq!(
             level("rustls::msgs::handshake", log::Level::Warn),
             log::Level::Debug
@@ -203,6 +213,40 @@ mod tests {
         assert_eq!(level("pingora_proxy", log::Level::Warn), log::Level::Warn);
     }
 
+    /// pingora's ERROR lines for a client that went away become debug; its other ERRORs stay.
+    #[test]
+    fn what_a_client_makes_pingora_log_at_error_goes_to_debug() {
+        let meta = |level| {
+            log::Metadata::builder()
+                .target("pingora_proxy")
+                .level(level)
+                .build()
+        };
+        let gone = "Fail to proxy: Downstream ReadError context: while reading request headers \
+                    cause: Connection reset by peer, downstream session type: HTTP/1";
+        assert_eq!(
+            super::level_of(&meta(log::Level::Error), gone),
+            log::Level::Debug
+        );
+        assert_eq!(
+            super::level_of(
+                &meta(log::Level::Error),
+                "failed to send error response to downstream: Downstream WriteError"
+            ),
+            log::Level::Debug
+        );
+        let upstream = "Fail to proxy: Upstream ConnectRefused context: 127.0.0.1:9";
+        assert_eq!(
+            super::level_of(&meta(log::Level::Error), upstream),
+            log::Level::Error
+        );
+        let other = log::Metadata::builder()
+            .target("keygate::proxy")
+            .level(log::Level::Error)
+            .build();
+        assert_eq!(super::level_of(&other, gone), log::Level::Error);
+    }
+
     /// A pingora line through the bridge, into a subscriber writing to a buffer: the query is
     /// gone, the rest of the line and its target are there.
     #[test]
@@ -210,7 +254,10 @@ mod tests {
         use log::Log as _;
         let out = Arc::new(Mutex::new(Vec::<u8>::new()));
         let sink = Arc::clone(&out);
+        // As `init` writes JSON lines, which carry what the bridge passes on as fields.
         let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
             .with_ansi(false)
             .with_writer(move || Writer(Arc::clone(&sink)))
             .finish();
@@ -222,18 +269,25 @@ mod tests {
                     ))
                     .level(log::Level::Error)
                     .target("pingora_proxy")
+                    .file(Some(
+                        "/root/.cargo/registry/src/index/pingora-proxy-0.9.1/src/lib.rs",
+                    ))
+                    .module_path(Some("pingora_proxy"))
+                    .line(Some(1351))
                     .build(),
             );
         });
         let text = String::from_utf8(out.lock().map(|b| b.clone()).unwrap_or_default())
             .unwrap_or_default();
-        assert!(
-            text.contains(
-                "ERROR pingora_proxy: Fail to proxy: status: 502, GET /v1/x?[redacted], Host: gw"
-            ),
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+        assert_eq!(line["level"], "ERROR", "{text}");
+        assert_eq!(line["target"], "pingora_proxy", "{text}");
+        assert_eq!(
+            line["message"], "Fail to proxy: status: 502, GET /v1/x?[redacted], Host: gw",
             "{text}"
         );
         assert!(!text.contains("4111111111111111"), "{text}");
+        assert!(!text.contains("/root/.cargo"), "a build path: {text}");
     }
 
     struct Writer(Arc<Mutex<Vec<u8>>>);

@@ -1526,6 +1526,27 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// pingora writes each request's final error at ERROR; keygate writes it instead, at the
+    /// level of who must act. ERROR is for an operator: a client that went away or sent
+    /// something unreadable is not (debug: its access-log line and `client_closed` /
+    /// `bad_request` count it); an upstream that failed is seen in metrics and alerts (warn);
+    /// only keygate's own failures stay at ERROR.
+    fn suppress_error_log(&self, session: &Session, ctx: &Ctx, e: &Error) -> bool {
+        let error = e.to_string();
+        let error = crate::logging::redact_queries(&error);
+        let request = self.request_summary(session, ctx);
+        match error_code(e) {
+            None | Some(ErrorCode::BadRequest | ErrorCode::BodyTooLarge) => {
+                tracing::debug!(%error, %request, "request failed on the client's side");
+            }
+            Some(ErrorCode::UpstreamTimeout | ErrorCode::UpstreamUnavailable) => {
+                tracing::warn!(%error, %request, "upstream failed");
+            }
+            Some(_) => tracing::error!(%error, %request, "request failed in keygate"),
+        }
+        true
+    }
+
     /// What pingora's own error and warning lines name the request by. Its default prints the
     /// whole target, query included (a card number, a token), and the Host: here the method,
     /// the path and keygate's request id, which joins the line to the access log's.
@@ -1572,9 +1593,6 @@ impl ProxyHttp for Gateway {
                 .requests_total
                 .with_label_values(&[route, outcome])
                 .inc(),
-        }
-        if let Some(err) = e {
-            tracing::debug!(request_id = %ctx.request_id, route, error = %err, "request failed");
         }
 
         if self.access_log {
