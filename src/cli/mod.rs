@@ -179,9 +179,10 @@ pub enum SecretsCmd {
     /// gateway with the new key as secrets.master_key_file and the old one as
     /// secrets.previous_master_key_file first. Resumable and idempotent.
     Reseal {
-        /// The new master key (base64 of 32 bytes, mode 0600).
+        /// The new master key (base64 of 32 bytes, mode 0600). Default: the systemd
+        /// credential `new-master-key` (systemd-run -p LoadCredential=new-master-key:FILE).
         #[arg(long)]
-        new_master_key_file: PathBuf,
+        new_master_key_file: Option<PathBuf>,
     },
 }
 
