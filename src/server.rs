@@ -35,7 +35,10 @@ pub const ENV_ADMIN_TOKEN: &str = "KEYGATE_ADMIN_TOKEN";
 pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 
 /// A systemd credential named `name`, if the unit was given one.
-fn credential(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn credential(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+) -> Option<std::path::PathBuf> {
     let dir = env(ENV_CREDENTIALS_DIRECTORY).filter(|d| !d.is_empty())?;
     let path = std::path::Path::new(&dir).join(name);
     path.exists().then_some(path)

@@ -92,10 +92,13 @@ pub enum Command {
     /// Print the signature headers for a request.
     Sign(sign::SignArgs),
     /// GET a health endpoint (default the admin listener's /healthz): exit 0 on 2xx, else 1.
-    /// For container HEALTHCHECKs; images need no curl.
+    /// For container HEALTHCHECKs; images need no curl. With --config and no --url, the
+    /// admin listener's /healthz as that config has it (https under [admin.tls], on loopback
+    /// when it listens on every address).
     Health {
-        #[arg(long, default_value = "http://127.0.0.1:9901/healthz")]
-        url: String,
+        /// Default: from --config, else http://127.0.0.1:9901/healthz.
+        #[arg(long)]
+        url: Option<String>,
         /// PEM CA certificates to trust for an https:// URL, besides the system's.
         #[arg(long, env = "KEYGATE_ADMIN_CA_FILE")]
         ca_file: Option<PathBuf>,
@@ -176,9 +179,10 @@ pub enum SecretsCmd {
     /// gateway with the new key as secrets.master_key_file and the old one as
     /// secrets.previous_master_key_file first. Resumable and idempotent.
     Reseal {
-        /// The new master key (base64 of 32 bytes, mode 0600).
+        /// The new master key (base64 of 32 bytes, mode 0600). Default: the systemd
+        /// credential `new-master-key` (systemd-run -p LoadCredential=new-master-key:FILE).
         #[arg(long)]
-        new_master_key_file: PathBuf,
+        new_master_key_file: Option<PathBuf>,
     },
 }
 
@@ -468,7 +472,26 @@ pub fn main() -> ExitCode {
             url,
             ca_file,
             timeout,
-        }) => health::run(&url, ca_file.as_deref(), timeout),
+        }) => {
+            let target = match (url, cli.config) {
+                (Some(url), _) => health::Target {
+                    url,
+                    skip_verify: false,
+                },
+                (None, Some(config)) => match health::target_of(&config, ca_file.as_deref()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("keygate health: {e}");
+                        return ExitCode::from(1);
+                    }
+                },
+                (None, None) => health::Target {
+                    url: "http://127.0.0.1:9901/healthz".to_owned(),
+                    skip_verify: false,
+                },
+            };
+            health::run(&target, ca_file.as_deref(), timeout)
+        }
         Some(Command::Reload) => {
             let Some(path) = cli.config else {
                 eprintln!("keygate reload: --config FILE is required (its server.pid_file names the gateway)");

@@ -6,6 +6,10 @@ use super::{SecretsCmd, EX_UNAVAILABLE, EX_USAGE};
 use crate::keys::MasterKey;
 use crate::maintenance::reseal;
 
+/// The systemd credential `secrets reseal` takes the new master key from when no
+/// `--new-master-key-file` is given.
+const NEW_MASTER_KEY_CREDENTIAL: &str = "new-master-key";
+
 pub(super) fn run(config: &crate::Config, command: &SecretsCmd) -> ExitCode {
     let env = |k: &str| std::env::var(k).ok();
     let loaded = crate::server::load_master_key(config, &env);
@@ -21,7 +25,20 @@ pub(super) fn run(config: &crate::Config, command: &SecretsCmd) -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
-            let new = match crate::keys::secret::read_private_file(new_master_key_file) {
+            // Under systemd the admin's shell hands the new key over as a credential of the
+            // transient unit, which the store's dynamic user can read (deploy/README.md).
+            let env = |k: &str| std::env::var(k).ok();
+            let Some(new_master_key_file) = new_master_key_file
+                .clone()
+                .or_else(|| crate::server::credential(&env, NEW_MASTER_KEY_CREDENTIAL))
+            else {
+                eprintln!(
+                    "keygate secrets reseal: --new-master-key-file FILE is required (or the \
+                     systemd credential {NEW_MASTER_KEY_CREDENTIAL})"
+                );
+                return ExitCode::from(EX_USAGE);
+            };
+            let new = match crate::keys::secret::read_private_file(&new_master_key_file) {
                 Ok(Some(text)) => MasterKey::from_base64(text.expose()).map_err(|e| e.to_string()),
                 Ok(None) => Err("no such file".to_owned()),
                 Err(e) => Err(e),

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 pub mod curl;
 pub mod redis;
+pub mod unprivileged;
 
 pub const ADMIN_TOKEN: &str = "kgadm_test_token_0123456789abcdef";
 
