@@ -460,7 +460,7 @@ impl App {
             refresh: cfg.assertion.refresh_interval,
             metrics: metrics.clone(),
         });
-        server.add_service(background_service(
+        let signing_keys_loaded = server.add_service(background_service(
             "keygate assertion keys",
             RefreshService(Arc::clone(&signing_keys)),
         ));
@@ -576,7 +576,12 @@ impl App {
         // A plain TCP listener either way: the TLS handshake runs inside Guarded, so it counts
         // toward max_connections and must finish within header_timeout.
         proxy.add_tcp(&cfg.server.listen.to_string());
-        server.add_service(proxy);
+        let proxy_service = server.add_service(proxy);
+        if self.upgrade {
+            // The old process stops accepting the moment the socket is taken: the new one
+            // accepts only once it can sign for upstreams (connections wait in the backlog).
+            proxy_service.add_dependency(&signing_keys_loaded);
+        }
         server.add_service(background_service(
             "keygate reload",
             crate::reload::ReloadService(Arc::new(crate::reload::Reloader {

@@ -160,15 +160,19 @@ async fn quit_and_time(pid: u32, exited: impl Fn() -> bool, within: Duration) ->
 /// Clients that each keep one connection alive and send signed requests back to back.
 struct KeepAliveLoad {
     stop: Arc<AtomicBool>,
+    /// Requests sent so far, all clients together.
+    sent: Arc<std::sync::atomic::AtomicUsize>,
     clients: Vec<tokio::task::JoinHandle<(usize, usize)>>,
 }
 
 impl KeepAliveLoad {
     fn start(proxy: std::net::SocketAddr, key: &Key, clients: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let clients = (0..clients)
             .map(|i| {
                 let (stop, key) = (Arc::clone(&stop), key.clone());
+                let total = Arc::clone(&total);
                 tokio::spawn(async move {
                     // One connection, reused; a new one only after the server closed it (after
                     // a `Connection: close` answer), which is what any HTTP/1.1 client does.
@@ -193,10 +197,13 @@ impl KeepAliveLoad {
                             req = req.header(k.as_str(), v.as_str());
                         }
                         sent += 1;
+                        total.fetch_add(1, Ordering::Relaxed);
                         let ok = match req.send().await {
                             Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
                             Ok(r) => {
-                                eprintln!("client {i}: {}", r.status());
+                                let status = r.status();
+                                let body = r.text().await.unwrap_or_default();
+                                eprintln!("client {i}: {status} {body}");
                                 false
                             }
                             Err(e) => {
@@ -212,7 +219,11 @@ impl KeepAliveLoad {
                 })
             })
             .collect();
-        Self { stop, clients }
+        Self {
+            stop,
+            sent: total,
+            clients,
+        }
     }
 
     async fn finish(self) -> (usize, usize) {
@@ -253,7 +264,13 @@ async fn three_upgrades_under_keep_alive_load_lose_no_request() {
 
     let mut exits = Vec::new();
     let mut current: Option<Child> = None;
+    let started = Instant::now();
     for round in 1..=3 {
+        println!(
+            "before upgrade {round}: {} requests in {:?}",
+            load.sent.load(Ordering::Relaxed),
+            started.elapsed()
+        );
         let log = dir.path().join(format!("new{round}.log"));
         let mut new = spawn_upgrade(&first, &log);
         wait_for_socket(&sock, &mut new, &log).await;
