@@ -48,6 +48,7 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
         ("server.h2c", s.h2c.to_string()),
         ("server.pid_file", format!("{:?}", s.pid_file)),
         ("server.upgrade_sock", format!("{:?}", s.upgrade_sock)),
+        ("server.upgrade_wait", format!("{:?}", s.upgrade_wait)),
         (
             "server.upstream_pool_size",
             s.upstream_pool_size.to_string(),

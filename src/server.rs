@@ -73,6 +73,15 @@ pub enum StartError {
     PidFile(String, std::io::Error),
     #[error("server.upgrade_sock {0}: {1}")]
     UpgradeSock(String, std::io::Error),
+    /// `serve --upgrade` received no listening socket within `server.upgrade_wait`.
+    #[error(
+        "serve --upgrade: no running keygate handed its listening socket over {0} within \
+         {1} (server.upgrade_wait): start this process first, then send the running one SIGQUIT; \
+         nothing was taken over, the running keygate (if any) still serves"
+    )]
+    UpgradeTimedOut(String, String),
+    #[error("serve --upgrade: receiving the listening socket over {0} failed: {1}")]
+    UpgradeFailed(String, std::io::Error),
     #[error("tracing.otlp_endpoint: {0}")]
     Otlp(#[from] crate::otlp::OtlpError),
 }
@@ -84,6 +93,7 @@ pub enum StartError {
 /// mode is the second lock. Returns the flag that ends the watch once bootstrap is over.
 fn private_upgrade_sock(
     path: &std::path::Path,
+    wait: std::time::Duration,
 ) -> Result<Arc<std::sync::atomic::AtomicBool>, StartError> {
     use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     let fail = |e| StartError::UpgradeSock(path.display().to_string(), e);
@@ -109,8 +119,9 @@ fn private_upgrade_sock(
         .name("keygate-upgrade-sock".into())
         .spawn(move || {
             // Watched until bootstrap is over: pingora binds, then chmods, then waits for the
-            // old process (5 s at most), so a mode set between its bind and chmod is undone.
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            // old process (server.upgrade_wait), so a mode set between its bind and chmod is
+            // undone.
+            let until = std::time::Instant::now() + wait + std::time::Duration::from_secs(5);
             while !watch.load(std::sync::atomic::Ordering::Relaxed)
                 && std::time::Instant::now() < until
             {
@@ -430,16 +441,6 @@ impl App {
             ..Default::default()
         };
         let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
-        // Only the new process of an upgrade creates the socket (the old one connects to it).
-        let socket_made_private = if self.upgrade {
-            Some(private_upgrade_sock(&cfg.server.upgrade_sock)?)
-        } else {
-            None
-        };
-        server.bootstrap();
-        if let Some(done) = socket_made_private {
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
 
         let lifecycle = Arc::new(Lifecycle::new(
             Arc::clone(&self.store),
@@ -462,7 +463,7 @@ impl App {
             refresh: cfg.assertion.refresh_interval,
             metrics: metrics.clone(),
         });
-        server.add_service(background_service(
+        let signing_keys_loaded = server.add_service(background_service(
             "keygate assertion keys",
             RefreshService(Arc::clone(&signing_keys)),
         ));
@@ -578,7 +579,12 @@ impl App {
         // A plain TCP listener either way: the TLS handshake runs inside Guarded, so it counts
         // toward max_connections and must finish within header_timeout.
         proxy.add_tcp(&cfg.server.listen.to_string());
-        server.add_service(proxy);
+        let proxy_service = server.add_service(proxy);
+        if self.upgrade {
+            // The old process stops accepting the moment the socket is taken: the new one
+            // accepts only once it can sign for upstreams (connections wait in the backlog).
+            proxy_service.add_dependency(&signing_keys_loaded);
+        }
         server.add_service(background_service(
             "keygate reload",
             crate::reload::ReloadService(Arc::new(crate::reload::Reloader {
@@ -643,6 +649,10 @@ impl App {
             metrics = %cfg.metrics.listen,
             "keygate started"
         );
+        // Taken over last, once everything that can fail has been built: from the moment the
+        // old process sees the sockets taken it stops accepting, so this one must not then
+        // fail to start.
+        self.take_over_listeners(&mut server)?;
         if let Some(pid_file) = &cfg.server.pid_file {
             std::fs::write(pid_file, format!("{}\n", std::process::id()))
                 .map_err(|e| StartError::PidFile(pid_file.display().to_string(), e))?;
@@ -676,6 +686,34 @@ impl App {
         }
         tracing::info!("keygate stopped");
         Ok(())
+    }
+}
+
+impl App {
+    /// During an upgrade, receives the listening proxy socket from the running keygate,
+    /// waiting up to `server.upgrade_wait` for it (a no-op otherwise).
+    fn take_over_listeners(&self, server: &mut Server) -> Result<(), StartError> {
+        if !self.upgrade {
+            return Ok(());
+        }
+        let server_cfg = &self.config.server;
+        let sock = server_cfg.upgrade_sock.display().to_string();
+        pingora::server::set_upgrade_wait(server_cfg.upgrade_wait);
+        // Only the new process of an upgrade creates the socket (the old one connects to it).
+        let made_private = private_upgrade_sock(&server_cfg.upgrade_sock, server_cfg.upgrade_wait)?;
+        let taken = server.try_bootstrap();
+        made_private.store(true, std::sync::atomic::Ordering::Relaxed);
+        match taken {
+            Ok(()) => {
+                tracing::info!(upgrade_sock = %sock, "listening socket taken over from the running keygate");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(StartError::UpgradeTimedOut(
+                sock,
+                humantime::format_duration(server_cfg.upgrade_wait).to_string(),
+            )),
+            Err(e) => Err(StartError::UpgradeFailed(sock, e)),
+        }
     }
 }
 

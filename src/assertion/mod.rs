@@ -337,6 +337,37 @@ pub struct RefreshService(pub Arc<SigningKeys>);
 
 #[async_trait]
 impl BackgroundService for RefreshService {
+    /// Ready once the keys are loaded, or after 10 s without them (a store down at start: the
+    /// gateway serves what it can, as before). An upgrading process's proxy listener waits for
+    /// this: it takes over from a process that stops accepting at once, and would otherwise
+    /// answer its first requests 503 `store_unavailable` ("cannot sign for the upstream yet").
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: pingora::services::ServiceReadyNotifier,
+    ) {
+        const READY_WITHIN: Duration = Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        let mut ready = Some(ready);
+        loop {
+            let loaded = self.0.load_once().await;
+            if loaded || started.elapsed() >= READY_WITHIN {
+                if let Some(r) = ready.take() {
+                    r.notify_ready();
+                }
+            }
+            let wait = if loaded {
+                self.0.refresh
+            } else {
+                Duration::from_secs(1)
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             let wait = if self.0.load_once().await {

@@ -22,6 +22,9 @@ use keys::{KeyFields, KeysCommand};
 pub const EX_USAGE: u8 = 64;
 /// Exit code when the gateway cannot start (EX_SOFTWARE would mislead; EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;
+/// Exit code of `serve --upgrade` when no running keygate handed its listening socket over
+/// within `server.upgrade_wait` (sysexits EX_TEMPFAIL: nothing changed, try again).
+pub const EX_TEMPFAIL: u8 = 75;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +46,7 @@ pub enum Command {
     Serve {
         /// Zero-downtime binary upgrade: receive the listening proxy socket from the running
         /// keygate (over server.upgrade_sock), which is then told to stop with SIGQUIT.
+        /// Waits up to server.upgrade_wait for it; exit 75 when nothing was handed over.
         #[arg(long)]
         upgrade: bool,
     },

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::{EX_UNAVAILABLE, EX_USAGE};
+use super::{EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE};
 use crate::{App, Config};
 
 pub(super) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -105,6 +105,11 @@ pub(super) fn serve(path: &std::path::Path, upgrade: bool) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ crate::server::StartError::UpgradeTimedOut(..)) => {
+            tracing::error!(error = %e, "upgrade not done");
+            eprintln!("keygate: {e}");
+            ExitCode::from(EX_TEMPFAIL)
+        }
         Err(e) => {
             eprintln!("keygate: {e}");
             ExitCode::from(EX_UNAVAILABLE)

@@ -158,6 +158,9 @@ pub(crate) struct ServerFile {
     /// Where a new keygate started with `--upgrade` receives the listening socket; absent:
     /// a private directory under the runtime or state directory (see `config::upgrade_sock`).
     pub(crate) upgrade_sock: Option<String>,
+    /// How long `serve --upgrade` waits for the running keygate to hand its sockets over.
+    #[serde(default = "default_upgrade_wait")]
+    pub(crate) upgrade_wait: String,
     /// Idle keep-alive connections kept to upstreams, all endpoints together.
     #[serde(default = "default_upstream_pool_size")]
     pub(crate) upstream_pool_size: usize,
@@ -201,6 +204,7 @@ impl Default for ServerFile {
             pid_file: None,
             upstream_pool_size: default_upstream_pool_size(),
             upgrade_sock: None,
+            upgrade_wait: default_upgrade_wait(),
             allow_no_routes: false,
         }
     }
@@ -224,6 +228,9 @@ fn default_max_body_bytes() -> u64 {
 }
 fn default_shutdown_grace() -> String {
     "10s".into()
+}
+fn default_upgrade_wait() -> String {
+    "60s".into()
 }
 
 #[derive(Debug, Deserialize)]

@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub upstream_pool_size: usize,
     /// The unix socket a binary upgrade hands the proxy listener over (`server.upgrade_sock`).
     pub upgrade_sock: PathBuf,
+    /// How long `serve --upgrade` waits for the running keygate to hand its listening socket
+    /// over (`server.upgrade_wait`) before it gives up (exit code 75).
+    pub upgrade_wait: Duration,
     /// TLS on the proxy listener; `None`: plain HTTP (behind a load balancer).
     pub tls: Option<TlsConfig>,
 }
@@ -620,6 +623,7 @@ fn validate(f: FileConfig, lookup: Lookup) -> (Config, Vec<ConfigError>) {
             },
             PathBuf::from,
         ),
+        upgrade_wait: p.duration("server.upgrade_wait", &f.server.upgrade_wait),
         tls: f.server.tls.as_ref().map(|t| TlsConfig {
             cert_file: PathBuf::from(&t.cert_file),
             key_file: PathBuf::from(&t.key_file),

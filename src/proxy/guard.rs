@@ -45,6 +45,12 @@ pub struct Limits {
     pub h2c: bool,
 }
 
+/// After the listener stops, how long a kept-alive connection may still send one more request
+/// before it is closed idle: a client in a request loop sends it within milliseconds; one
+/// idle this long is closed (the one race left is HTTP/1.1's own, a request sent at the very
+/// moment an idle connection closes, RFC 9112 §9.6).
+const IDLE_DRAIN: Duration = Duration::from_secs(1);
+
 /// Open HTTP/2 connections by peer address, for their streams (see the module docs).
 static H2_CONNECTIONS: LazyLock<Mutex<HashMap<SocketAddr, Arc<Deadline>>>> =
     LazyLock::new(Mutex::default);
@@ -405,8 +411,24 @@ where
         }
     }
 
+    /// Called once the listener has stopped accepting (an upgrade's hand-over, or SIGTERM).
+    /// pingora's own cleanup drops every kept-alive connection waiting for its next request
+    /// at once, which races a client sending that request (the request is lost: reset or EOF
+    /// without answer). So connections first get [`IDLE_DRAIN`] to send it — answered with
+    /// `Connection: close`, as pingora does for any request read once shutdown has begun (h2:
+    /// GOAWAY) — and only those still idle then are dropped. Then this waits for requests in
+    /// flight, so the service (and the process, after an upgrade) ends when the last one has
+    /// its response; pingora's grace period bounds it all.
     async fn cleanup(&self) {
+        let open = || self.connections.open.load(Ordering::Acquire);
+        let drained = |until: Instant| async move {
+            while open() > 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        drained(Instant::now() + IDLE_DRAIN).await;
         self.inner.cleanup().await;
+        drained(Instant::now() + self.limits.header_timeout + self.limits.body_timeout).await;
     }
 }
 

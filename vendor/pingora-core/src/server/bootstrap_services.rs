@@ -181,9 +181,19 @@ impl Bootstrap {
     }
 
     pub fn bootstrap(&mut self) {
+        if let Err(e) = self.try_bootstrap() {
+            error!("Bootstrap failed on error: {:?}, exiting.", e);
+            std::process::exit(1);
+        }
+    }
+
+    /// keygate patch (3): [`Self::bootstrap`] returning the failure to receive the listening
+    /// sockets instead of exiting 1, so the application can say what happened and exit with
+    /// its own code.
+    pub fn try_bootstrap(&mut self) -> Result<(), std::io::Error> {
         // already bootstrapped
         if self.completed {
-            return;
+            return Ok(());
         }
 
         info!("Bootstrap starting");
@@ -230,8 +240,7 @@ impl Bootstrap {
                 #[cfg(all(not(debug_assertions), feature = "sentry"))]
                 sentry::capture_error(&e);
 
-                error!("Bootstrap failed on error: {:?}, exiting.", e);
-                std::process::exit(1);
+                return Err(std::io::Error::from(e));
             }
         }
 
@@ -240,6 +249,7 @@ impl Bootstrap {
         self.execution_phase_watch
             .send(ExecutionPhase::BootstrapComplete)
             .ok();
+        Ok(())
     }
 
     #[cfg(unix)]

@@ -44,7 +44,7 @@ use std::time::{Instant, SystemTime};
 #[cfg(unix)]
 use tokio::signal::unix;
 use tokio::sync::{broadcast, watch};
-use tokio::time::{sleep, Duration};
+use tokio::time::Duration;
 
 use crate::prelude::background_service;
 use crate::server::bootstrap_services::{Bootstrap, BootstrapService};
@@ -54,6 +54,8 @@ use crate::services::{
 use configuration::{Opt, ServerConf};
 use std::collections::HashMap;
 #[cfg(unix)]
+pub use transfer_fd::set_upgrade_wait;
+#[cfg(unix)]
 pub use transfer_fd::Fds;
 
 use pingora_error::{Error, ErrorType, Result};
@@ -61,13 +63,15 @@ use pingora_error::{Error, ErrorType, Result};
 /* Time to wait before exiting the program.
 This is the graceful period for all existing sessions to finish */
 const EXIT_TIMEOUT: u64 = 60 * 5;
-/* Time to wait before shutting down listening sockets.
-This is the graceful period for the new service to get ready */
-const CLOSE_TIMEOUT: u64 = 5;
+// keygate patch (3): CLOSE_TIMEOUT (5 s of accepting after the sockets were sent) is gone:
+// the new process accepts on the very same sockets, so the old one stops at once.
 
 enum ShutdownType {
     Graceful,
     Quick,
+    /// keygate patch (3): the listening sockets were taken over by a new process; exit as
+    /// soon as every service has finished (at most the grace period).
+    Upgraded,
 }
 
 /// Internal wrapper for services with dependency metadata.
@@ -152,16 +156,28 @@ pub trait ShutdownSignalWatch {
 /// - `SIGQUIT`: graceful upgrade
 /// - `SIGTERM`: graceful terminate
 /// - `SIGINT`: fast shutdown
+///
+/// keygate patch (3): the signal streams are made once and kept, since `recv` is called again
+/// after a failed hand-over, and a signal delivered between two fresh streams would be lost.
 #[cfg(unix)]
-pub struct UnixShutdownSignalWatch;
+#[derive(Default)]
+pub struct UnixShutdownSignalWatch {
+    signals: tokio::sync::Mutex<Option<[unix::Signal; 3]>>,
+}
 
 #[cfg(unix)]
 #[async_trait]
 impl ShutdownSignalWatch for UnixShutdownSignalWatch {
     async fn recv(&self) -> ShutdownSignal {
-        let mut graceful_upgrade_signal = unix::signal(unix::SignalKind::quit()).unwrap();
-        let mut graceful_terminate_signal = unix::signal(unix::SignalKind::terminate()).unwrap();
-        let mut fast_shutdown_signal = unix::signal(unix::SignalKind::interrupt()).unwrap();
+        let mut signals = self.signals.lock().await;
+        let [graceful_upgrade_signal, graceful_terminate_signal, fast_shutdown_signal] = signals
+            .get_or_insert_with(|| {
+                [
+                    unix::signal(unix::SignalKind::quit()).unwrap(),
+                    unix::signal(unix::SignalKind::terminate()).unwrap(),
+                    unix::signal(unix::SignalKind::interrupt()).unwrap(),
+                ]
+            });
 
         tokio::select! {
             _ = graceful_upgrade_signal.recv() => {
@@ -188,7 +204,7 @@ impl Default for RunArgs {
     #[cfg(unix)]
     fn default() -> Self {
         Self {
-            shutdown_signal: Box::new(UnixShutdownSignalWatch),
+            shutdown_signal: Box::new(UnixShutdownSignalWatch::default()),
         }
     }
 
@@ -224,6 +240,9 @@ pub struct Server {
     pub configuration: Arc<ServerConf>,
     /// The parser command line options
     pub options: Option<Opt>,
+
+    /// keygate patch (3): services whose `start_service` has not returned yet.
+    services_running: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 // TODO: delete the pid when exit
@@ -244,82 +263,74 @@ impl Server {
             .send(ExecutionPhase::Running)
             .ok();
 
-        match run_args.shutdown_signal.recv().await {
-            ShutdownSignal::FastShutdown => {
-                info!("SIGINT received, exiting");
-                ShutdownType::Quick
-            }
-            ShutdownSignal::GracefulTerminate => {
-                // we receive a graceful terminate, all instances are instructed to stop
-                info!("SIGTERM received, gracefully exiting");
-                // graceful shutdown if there are listening sockets
-                info!("Broadcasting graceful shutdown");
-                match self.shutdown_watch.send(true) {
-                    Ok(_) => {
-                        info!("Graceful shutdown started!");
-                    }
-                    Err(e) => {
-                        error!("Graceful shutdown broadcast failed: {e}");
-                    }
+        // keygate patch (3): a hand-over that fails leaves this process serving, waiting for
+        // the next signal, instead of shutting down with no one to take the sockets.
+        loop {
+            match run_args.shutdown_signal.recv().await {
+                ShutdownSignal::FastShutdown => {
+                    info!("SIGINT received, exiting");
+                    return ShutdownType::Quick;
                 }
-                info!("Broadcast graceful shutdown complete");
-
-                self.execution_phase_watch
-                    .send(ExecutionPhase::GracefulTerminate)
-                    .ok();
-
-                ShutdownType::Graceful
-            }
-            ShutdownSignal::GracefulUpgrade => {
-                // TODO: still need to select! on signals in case a fast shutdown is needed
-                // aka: move below to another task and only kick it off here
-                info!("SIGQUIT received, sending socks and gracefully exiting");
-
-                self.execution_phase_watch
-                    .send(ExecutionPhase::GracefulUpgradeTransferringFds)
-                    .ok();
-
-                let sent_fds = {
-                    let fds = self.listen_fds();
-                    let fds = fds.lock();
-                    if fds.is_empty() {
-                        info!("No socks to send, shutting down.");
-                        false
-                    } else {
-                        info!("Trying to send socks");
-                        match fds.send_to_sock(self.configuration.as_ref().upgrade_sock.as_str()) {
-                            Ok(_) => {
-                                info!("listener sockets sent");
-                            }
-                            Err(e) => {
-                                error!("Unable to send listener sockets to new process: {e}");
-                                #[cfg(all(not(debug_assertions), feature = "sentry"))]
-                                sentry::capture_error(&e);
-                            }
+                ShutdownSignal::GracefulTerminate => {
+                    // we receive a graceful terminate, all instances are instructed to stop
+                    info!("SIGTERM received, gracefully exiting");
+                    // graceful shutdown if there are listening sockets
+                    info!("Broadcasting graceful shutdown");
+                    match self.shutdown_watch.send(true) {
+                        Ok(_) => {
+                            info!("Graceful shutdown started!");
                         }
-                        true
+                        Err(e) => {
+                            error!("Graceful shutdown broadcast failed: {e}");
+                        }
                     }
-                };
-                if sent_fds {
+                    info!("Broadcast graceful shutdown complete");
+
+                    self.execution_phase_watch
+                        .send(ExecutionPhase::GracefulTerminate)
+                        .ok();
+
+                    return ShutdownType::Graceful;
+                }
+                ShutdownSignal::GracefulUpgrade => {
+                    info!("SIGQUIT received, handing the listening sockets over");
+
+                    self.execution_phase_watch
+                        .send(ExecutionPhase::GracefulUpgradeTransferringFds)
+                        .ok();
+
+                    let upgrade_sock = self.configuration.as_ref().upgrade_sock.as_str();
+                    let sent = {
+                        let fds = self.listen_fds();
+                        let fds = fds.lock();
+                        if fds.is_empty() {
+                            Err("this process has no listening socket to hand over".to_owned())
+                        } else {
+                            fds.send_to_sock(upgrade_sock).map_err(|e| e.to_string())
+                        }
+                    };
+                    if let Err(e) = sent {
+                        error!(
+                            "upgrade hand-over failed: no new process took the listening sockets \
+                             over {upgrade_sock} ({e}); still serving. Start `serve --upgrade`, \
+                             then send SIGQUIT again"
+                        );
+                        self.execution_phase_watch
+                            .send(ExecutionPhase::Running)
+                            .ok();
+                        continue;
+                    }
+                    info!("listening sockets taken over by the new process; draining");
                     self.execution_phase_watch
                         .send(ExecutionPhase::GracefulUpgradeCloseTimeout)
                         .ok();
-                    sleep(Duration::from_secs(CLOSE_TIMEOUT)).await;
-                }
-                info!("Broadcasting graceful shutdown");
-                // gracefully exiting
-                match self.shutdown_watch.send(true) {
-                    Ok(_) => {
-                        info!("Graceful shutdown started!");
-                    }
-                    Err(e) => {
+                    // The new process accepts on the same sockets from now on: this one stops
+                    // accepting at once and finishes what it holds.
+                    if let Err(e) = self.shutdown_watch.send(true) {
                         error!("Graceful shutdown broadcast failed: {e}");
-                        // switch to fast shutdown
-                        return ShutdownType::Graceful;
                     }
+                    return ShutdownType::Upgraded;
                 }
-                info!("Broadcast graceful shutdown complete");
-                ShutdownType::Graceful
             }
         }
     }
@@ -388,6 +399,7 @@ impl Server {
 
     #[allow(clippy::too_many_arguments)]
     fn run_service(
+        running: Arc<std::sync::atomic::AtomicUsize>,
         mut service: Box<dyn ServiceWithDependents>,
         #[cfg(unix)] fds: ListenFds,
         shutdown: ShutdownWatch,
@@ -410,6 +422,7 @@ impl Server {
             runtime_opts,
         );
         let service_name = service.name().to_string();
+        running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         service_runtime.get_handle().spawn(async move {
             // Wait for all dependencies to be ready
             let mut time_waited_opt: Option<Duration> = None;
@@ -440,6 +453,7 @@ impl Server {
                     ready_notifier,
                 )
                 .await;
+            running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             info!("service '{}' exited.", service_name);
         });
         service_runtime
@@ -479,6 +493,7 @@ impl Server {
             options: opt,
             dependencies: Arc::new(Mutex::new(DependencyGraph::new())),
             bootstrap,
+            services_running: Default::default(),
         }
     }
 
@@ -527,6 +542,7 @@ impl Server {
             options: opt,
             dependencies: Arc::new(Mutex::new(DependencyGraph::new())),
             bootstrap,
+            services_running: Default::default(),
         })
     }
 
@@ -603,6 +619,13 @@ impl Server {
     /// running, this function will try to get all its listening sockets in order to take them over.
     pub fn bootstrap(&mut self) {
         self.bootstrap.lock().bootstrap();
+    }
+
+    /// keygate patch (3): [`Self::bootstrap`] that returns the failure to receive the
+    /// listening sockets (`TimedOut` when no old process sent them within the wait set by
+    /// [`set_upgrade_wait`]) instead of exiting the process with code 1.
+    pub fn try_bootstrap(&mut self) -> std::io::Result<()> {
+        self.bootstrap.lock().try_bootstrap()
     }
 
     /// Create a service that will run to prepare the service to start
@@ -760,6 +783,7 @@ impl Server {
                 .collect::<Vec<_>>();
 
             let runtime = Server::run_service(
+                Arc::clone(&self.services_running),
                 wrapper.service,
                 #[cfg(unix)]
                 self.listen_fds(),
@@ -811,11 +835,32 @@ impl Server {
             thread::sleep(Duration::from_secs(exit_timeout));
             info!("Graceful shutdown: grace period ends");
         }
+        if matches!(shutdown_type, ShutdownType::Upgraded) {
+            self.execution_phase_watch
+                .send(ExecutionPhase::ShutdownGracePeriod)
+                .ok();
+            let exit_timeout = Duration::from_secs(
+                self.configuration
+                    .as_ref()
+                    .grace_period_seconds
+                    .unwrap_or(EXIT_TIMEOUT),
+            );
+            let start = Instant::now();
+            while self
+                .services_running
+                .load(std::sync::atomic::Ordering::Acquire)
+                > 0
+                && start.elapsed() < exit_timeout
+            {
+                thread::sleep(Duration::from_millis(10));
+            }
+            info!("after the upgrade: services drained in {:?}", start.elapsed());
+        }
 
         // Give tokio runtimes time to exit
         let shutdown_timeout = match shutdown_type {
             ShutdownType::Quick => Duration::from_secs(0),
-            ShutdownType::Graceful => Duration::from_secs(
+            ShutdownType::Graceful | ShutdownType::Upgraded => Duration::from_secs(
                 self.configuration
                     .as_ref()
                     .graceful_shutdown_timeout_seconds

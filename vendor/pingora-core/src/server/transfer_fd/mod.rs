@@ -13,7 +13,7 @@
 // limitations under the License.
 
 #[cfg(target_os = "linux")]
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use nix::errno::Errno;
 #[cfg(target_os = "linux")]
 use nix::sys::socket::{self, AddressFamily, Backlog, RecvMsg, SockFlag, SockType, UnixAddr};
@@ -31,6 +31,23 @@ use std::os::unix::io::RawFd;
 use std::{thread, time};
 
 // Utilities to transfer file descriptors between sockets, e.g. during graceful upgrades.
+
+// keygate patch (3): how long the receiving (`--upgrade`) process waits for the old one, in
+// milliseconds. pingora retried a fixed 5 times a second apart (about 6 s), logging an ERROR
+// each time, then exited 1: too short for an operator to send SIGQUIT, and noisy.
+static UPGRADE_WAIT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(6_000);
+
+/// keygate patch (3): sets how long [`get_fds_from`] waits for the old process to send its
+/// listening sockets (default 6 s, pingora's old 5 retries).
+pub fn set_upgrade_wait(wait: std::time::Duration) {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    UPGRADE_WAIT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// keygate patch (3): the byte the receiver writes back once it holds the descriptors, so the
+/// sender knows they were taken (and keeps serving when they were not).
+#[cfg(target_os = "linux")]
+const TAKEN: u8 = b'K';
 
 /// Container for open file descriptors and their associated bind addresses.
 pub struct Fds {
@@ -67,6 +84,8 @@ impl Fds {
         }
     }
 
+    /// keygate patch (3): succeeds only once the receiver has confirmed it holds the
+    /// descriptors (see [`TAKEN`]).
     pub fn send_to_sock<P>(&self, path: &P) -> Result<usize, Error>
     where
         P: ?Sized + NixPath + std::fmt::Display,
@@ -74,7 +93,7 @@ impl Fds {
         let (vec_key, vec_fds) = self.serialize();
         let mut ser_buf: [u8; 2048] = [0; 2048];
         let ser_key_size = serialize_vec_string(&vec_key, &mut ser_buf);
-        send_fds_to(vec_fds, &ser_buf[..ser_key_size], path, None)
+        send_fds_inner(vec_fds, &ser_buf[..ser_key_size], path, None, true)
     }
 
     pub fn get_from_sock<P>(&mut self, path: &P) -> Result<(), Error>
@@ -134,7 +153,13 @@ pub fn get_fds_from<P>(
 where
     P: ?Sized + NixPath + std::fmt::Display,
 {
-    let max_retry = max_retry.unwrap_or(MAX_RETRY);
+    // keygate patch (3): a wait, not a retry count (an explicit count keeps its old meaning).
+    let wait = match max_retry {
+        Some(n) => RETRY_INTERVAL * u32::try_from(n + 1).unwrap_or(u32::MAX),
+        None => time::Duration::from_millis(
+            UPGRADE_WAIT_MS.load(std::sync::atomic::Ordering::Relaxed),
+        ),
+    };
     const MAX_FDS: usize = 32;
 
     let listen_fd = socket::socket(
@@ -176,10 +201,10 @@ where
     )
     .unwrap();
 
-    let fd = match accept_with_retry_timeout(listen_fd.as_raw_fd(), max_retry) {
+    let fd = match accept_within(listen_fd.as_raw_fd(), wait, path) {
         Ok(fd) => fd,
         Err(e) => {
-            error!("Giving up reading socket from: {path}, error: {e:?}");
+            warn!("No listening sockets received on {path} within {wait:?}: {e}");
             //cleanup
             if nix::unistd::close(listen_fd).is_ok() {
                 nix::unistd::unlink(path).unwrap();
@@ -217,6 +242,13 @@ where
             warn!("Unexpected control messages: {cmsg:?}")
         }
     }
+    // keygate patch (3): tell the sender the descriptors are ours. An unpatched sender has
+    // closed its end already: the write fails, and nothing depends on it.
+    if !fds.is_empty() {
+        if let Err(e) = socket::send(conn.as_raw_fd(), &[TAKEN], socket::MsgFlags::MSG_NOSIGNAL) {
+            debug!("cannot confirm the socket hand-over to the old process: {e}");
+        }
+    }
 
     //cleanup
     if nix::unistd::close(listen_fd).is_ok() {
@@ -244,7 +276,51 @@ const MAX_RETRY: usize = 5;
 #[cfg(target_os = "linux")]
 const RETRY_INTERVAL: time::Duration = time::Duration::from_secs(1);
 
+/// keygate patch (3): accepts the old process's connection within `wait`, polling every 10 ms
+/// (a hand-over no longer waits up to a second for the next retry). Waiting is the normal
+/// state of an upgrade, not an error: one INFO line, then a WARN every 10 s.
 #[cfg(target_os = "linux")]
+fn accept_within<P>(listen_fd: i32, wait: time::Duration, path: &P) -> Result<i32, Error>
+where
+    P: ?Sized + std::fmt::Display,
+{
+    const POLL: time::Duration = time::Duration::from_millis(10);
+    const REMIND: time::Duration = time::Duration::from_secs(10);
+    let start = time::Instant::now();
+    let mut next_reminder = REMIND;
+    info!(
+        "waiting up to {wait:?} on {path} for the running server to hand over its listening \
+         sockets (send it SIGQUIT)"
+    );
+    loop {
+        match socket::accept(listen_fd) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
+                let waited = start.elapsed();
+                if waited >= wait {
+                    return Err(Errno::ETIMEDOUT);
+                }
+                if waited >= next_reminder {
+                    warn!(
+                        "still waiting on {path} for the running server's listening sockets \
+                         ({}s of {}s): send it SIGQUIT",
+                        waited.as_secs(),
+                        wait.as_secs()
+                    );
+                    next_reminder += REMIND;
+                }
+                thread::sleep(POLL);
+            }
+            Err(e) => {
+                error!("Error accepting socket transfer: {e}");
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[allow(dead_code)] // keygate patch (3): replaced by accept_within
 fn accept_with_retry_timeout(listen_fd: i32, max_retry: usize) -> Result<i32, Error> {
     let mut retried = 0;
     loop {
@@ -273,11 +349,46 @@ fn accept_with_retry_timeout(listen_fd: i32, max_retry: usize) -> Result<i32, Er
 }
 
 #[cfg(target_os = "linux")]
+#[allow(dead_code)] // keygate patch (3): the server sends through send_to_sock, which confirms
 pub fn send_fds_to<P>(
     fds: Vec<RawFd>,
     payload: &[u8],
     path: &P,
     max_retry: Option<usize>,
+) -> Result<usize, Error>
+where
+    P: ?Sized + NixPath + std::fmt::Display,
+{
+    send_fds_inner(fds, payload, path, max_retry, false)
+}
+
+/// keygate patch (3): waits up to 10 s for the receiver's [`TAKEN`] byte. Without it (an
+/// unpatched receiver, or one that died) the hand-over is not confirmed: `ECONNABORTED`.
+#[cfg(target_os = "linux")]
+fn await_taken(fd: RawFd) -> Result<(), Error> {
+    const WAIT: time::Duration = time::Duration::from_secs(10);
+    let start = time::Instant::now();
+    let mut byte = [0u8; 1];
+    loop {
+        match socket::recv(fd, &mut byte, socket::MsgFlags::empty()) {
+            Ok(1) if byte[0] == TAKEN => return Ok(()),
+            Ok(_) => return Err(Errno::ECONNABORTED),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) if start.elapsed() < WAIT => {
+                thread::sleep(time::Duration::from_millis(5));
+            }
+            Err(Errno::EAGAIN) => return Err(Errno::ETIMEDOUT),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn send_fds_inner<P>(
+    fds: Vec<RawFd>,
+    payload: &[u8],
+    path: &P,
+    max_retry: Option<usize>,
+    confirm: bool,
 ) -> Result<usize, Error>
 where
     P: ?Sized + NixPath + std::fmt::Display,
@@ -348,6 +459,7 @@ where
                     socket::MsgFlags::empty(),
                     None::<&UnixAddr>,
                 ) {
+                    Ok(result) if confirm => break await_taken(send_fd.as_raw_fd()).map(|()| result),
                     Ok(result) => break Ok(result),
                     Err(e) => match e {
                         /* handle nonblocking IO */
@@ -376,6 +488,20 @@ where
 
     nix::unistd::close(send_fd).unwrap();
     result
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_fds_inner<P>(
+    fds: Vec<RawFd>,
+    payload: &[u8],
+    path: &P,
+    max_retry: Option<usize>,
+    _confirm: bool,
+) -> Result<usize, Error>
+where
+    P: ?Sized + NixPath + std::fmt::Display,
+{
+    send_fds_to(fds, payload, path, max_retry)
 }
 
 #[cfg(not(target_os = "linux"))]
