@@ -821,21 +821,10 @@ impl Server {
             .send(ExecutionPhase::ShutdownStarted)
             .ok();
 
-        if matches!(shutdown_type, ShutdownType::Graceful) {
-            self.execution_phase_watch
-                .send(ExecutionPhase::ShutdownGracePeriod)
-                .ok();
-
-            let exit_timeout = self
-                .configuration
-                .as_ref()
-                .grace_period_seconds
-                .unwrap_or(EXIT_TIMEOUT);
-            info!("Graceful shutdown: grace period {}s starts", exit_timeout);
-            thread::sleep(Duration::from_secs(exit_timeout));
-            info!("Graceful shutdown: grace period ends");
-        }
-        if matches!(shutdown_type, ShutdownType::Upgraded) {
+        // keygate patch (3): a graceful terminate, like an upgrade, ends as soon as every
+        // service has finished (each drains its connections) rather than always sleeping the
+        // whole grace period: a stop with nothing in flight takes milliseconds, not seconds.
+        if matches!(shutdown_type, ShutdownType::Graceful | ShutdownType::Upgraded) {
             self.execution_phase_watch
                 .send(ExecutionPhase::ShutdownGracePeriod)
                 .ok();
@@ -854,7 +843,7 @@ impl Server {
             {
                 thread::sleep(Duration::from_millis(10));
             }
-            info!("after the upgrade: services drained in {:?}", start.elapsed());
+            info!("graceful shutdown: services drained in {:?}", start.elapsed());
         }
 
         // Give tokio runtimes time to exit
