@@ -474,6 +474,9 @@ impl App {
                 .iter()
                 .any(|u| matches!(u.assertion, crate::assertion::Mode::Ed25519)),
             ready: metrics.ready.clone(),
+            cache: Arc::clone(&cache),
+            nonces_checked_locally: cfg.nonce_fallback == crate::config::NonceFallback::Local,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         server.add_service(background_service(
             "keygate readiness",

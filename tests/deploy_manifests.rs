@@ -459,11 +459,13 @@ fn the_kubernetes_manifests_match_the_binary() {
     assert_eq!(port("proxy"), f.proxy_port);
     assert_eq!(port("admin"), f.admin_port);
     assert_eq!(port("metrics"), f.metrics_port);
-    // Probes on the admin listener.
+    // Probes on the admin listener. Readiness is "can this pod serve" (not store health,
+    // which fails on every pod at once), answered within the probe's timeout.
     assert_eq!(
         s(&container["readinessProbe"]["httpGet"]["path"]),
-        "/readyz"
+        "/readyz/serving"
     );
+    assert!(n(&container["readinessProbe"]["timeoutSeconds"]) >= 3);
     assert_eq!(s(&container["readinessProbe"]["httpGet"]["port"]), "admin");
     assert_eq!(
         s(&container["livenessProbe"]["httpGet"]["path"]),
