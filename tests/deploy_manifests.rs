@@ -427,6 +427,17 @@ fn manifests() -> Vec<Yaml> {
     docs
 }
 
+/// A Kubernetes memory quantity in MiB (`512Mi`, `1Gi`).
+fn mebibytes(q: &str) -> u64 {
+    if let Some(m) = q.strip_suffix("Mi") {
+        m.parse().unwrap()
+    } else if let Some(g) = q.strip_suffix("Gi") {
+        g.parse::<u64>().unwrap() * 1024
+    } else {
+        panic!("memory limit {q}: write it in Mi or Gi")
+    }
+}
+
 fn find<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
     docs.iter()
         .find(|d| d["kind"] == *kind && d["metadata"]["name"] == *name)
@@ -489,6 +500,22 @@ fn the_kubernetes_manifests_match_the_binary() {
     for r in ["cpu", "memory"] {
         assert!(container["resources"]["requests"][r].is_string(), "{r}");
     }
+    // A memory limit, and a max_connections that fits in it: connections beyond what memory
+    // holds get the pod OOM-killed instead of turned away (issue 25 item 7).
+    let limit = mebibytes(s(&container["resources"]["limits"]["memory"]));
+    let capacity = f
+        .table
+        .get("cache")
+        .and_then(|c| c.get("capacity"))
+        .map_or(100_000, |c| u64::try_from(c.as_integer().unwrap()).unwrap());
+    let max_connections = f.table["server"]["max_connections"]
+        .as_integer()
+        .expect("the ConfigMap sizes server.max_connections for the memory limit");
+    let allowed = keygate::sizing::connections_for_memory(limit * 1024 * 1024, capacity);
+    assert!(
+        usize::try_from(max_connections).unwrap() <= allowed,
+        "max_connections {max_connections} > {allowed}, what {limit} MiB holds"
+    );
     assert_eq!(pod["securityContext"]["runAsNonRoot"], Yaml::Bool(true));
     assert_ne!(n(&pod["securityContext"]["runAsUser"]), 0);
     let sc = &container["securityContext"];
