@@ -447,9 +447,13 @@ fn find<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
 #[test]
 fn the_kubernetes_manifests_match_the_binary() {
     let docs = manifests();
-    let config_text =
-        s(&find(&docs, "ConfigMap", "keygate-config")["data"]["keygate.toml"]).to_owned();
-    check_config(&config_text, "the ConfigMap's keygate.toml");
+    // The ConfigMap is generated from keygate.toml (a new name for every change).
+    let kustomization = yaml("kubernetes/kustomization.yaml");
+    let generator = &kustomization["configMapGenerator"][0];
+    assert_eq!(s(&generator["name"]), "keygate-config");
+    assert_eq!(s(&generator["files"][0]), "keygate.toml");
+    let config_text = read(&deploy("kubernetes/keygate.toml"));
+    check_config(&config_text, "deploy/kubernetes/keygate.toml");
     let f = facts(&config_text);
     let deployment = find(&docs, "Deployment", "keygate");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -486,6 +490,8 @@ fn the_kubernetes_manifests_match_the_binary() {
     // A stopping pod: preStop pause, then SIGTERM and the grace; the kubelet waits for all of
     // it (and pingora's final second) before SIGKILL.
     let pause = n(&container["lifecycle"]["preStop"]["sleep"]["seconds"]);
+    // The sleep action needs Kubernetes 1.30: said where an operator reads, not only in YAML.
+    assert!(read(&deploy("README.md")).contains("**Kubernetes 1.30 or later**"));
     let termination = n(&pod["terminationGracePeriodSeconds"]);
     assert!(
         termination >= pause + f.shutdown_grace_s + 2,
@@ -617,6 +623,97 @@ fn the_kubernetes_manifests_match_the_binary() {
     }
     assert_eq!(s(&monitor["spec"]["endpoints"][0]["port"]), "metrics");
     assert_eq!(s(&metrics_svc["spec"]["ports"][0]["name"]), "metrics");
+}
+
+/// `kubectl kustomize DIR` as YAML documents; `None` (with the reason printed) when kubectl is
+/// not installed: a build machine need not have it (scripts/dev does not install it).
+fn kustomize(dir: &Path) -> Option<Vec<Yaml>> {
+    use serde::Deserialize;
+    let out = match Command::new("kubectl")
+        .args(["kustomize", &dir.display().to_string()])
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: kubectl is not installed ({e}); the kustomize output is not checked"
+            );
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    Some(
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| Yaml::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect(),
+    )
+}
+
+/// The generated ConfigMap's name and its keygate.toml, and the name the Deployment mounts.
+fn rendered_config(docs: &[Yaml]) -> (String, String, String) {
+    let maps: Vec<&Yaml> = docs.iter().filter(|d| d["kind"] == *"ConfigMap").collect();
+    assert_eq!(maps.len(), 1);
+    let name = s(&maps[0]["metadata"]["name"]).to_owned();
+    let text = s(&maps[0]["data"]["keygate.toml"]).to_owned();
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == *"Deployment")
+        .expect("a Deployment");
+    let mounted = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == *"config")
+        .map(|v| s(&v["configMap"]["name"]).to_owned())
+        .unwrap();
+    (name, text, mounted)
+}
+
+/// Issue 25 item 7: `keygate.toml` mounted with `subPath` from a fixed ConfigMap never saw an
+/// update. The ConfigMap is generated with a hash of the file in its name and the Deployment
+/// mounts that name, so a changed config is a changed pod template: the Deployment rolls.
+#[test]
+fn kustomize_gives_each_config_its_own_configmap_so_a_change_rolls_the_deployment() {
+    let Some(docs) = kustomize(&deploy("kubernetes")) else {
+        return;
+    };
+    let (name, text, mounted) = rendered_config(&docs);
+    assert!(name.starts_with("keygate-config-"), "{name}");
+    assert_eq!(
+        mounted, name,
+        "the Deployment mounts the generated ConfigMap"
+    );
+    assert_eq!(text, read(&deploy("kubernetes/keygate.toml")));
+    for d in &docs {
+        assert_eq!(
+            s(&d["metadata"]
+                .get("namespace")
+                .unwrap_or(&Yaml::from("keygate"))),
+            "keygate"
+        );
+    }
+
+    // The same manifests with one changed line: another name, and the Deployment follows it.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(deploy("kubernetes")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let changed = text.replace("max_connections = 2500", "max_connections = 2000");
+    assert_ne!(changed, text);
+    std::fs::write(dir.path().join("keygate.toml"), &changed).unwrap();
+    let (name2, text2, mounted2) = rendered_config(&kustomize(dir.path()).unwrap());
+    assert_ne!(name2, name, "a changed config gets a new ConfigMap name");
+    assert_eq!(mounted2, name2);
+    assert_eq!(text2, changed);
+    eprintln!("config change: {name} -> {name2}; the Deployment's pod template changes with it");
 }
 
 /// Fails loudly, with the install command, when promtool is missing.
