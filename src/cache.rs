@@ -100,6 +100,9 @@ pub struct KeyCache {
     by_hash: Maps<[u8; 32]>,
     /// How long a positive entry is trusted before the store is asked again.
     ttl: Duration,
+    /// `cache.stale_if_error`: zero means the operator wants no serving from the cache while
+    /// the store cannot answer.
+    stale_if_error: Duration,
     /// Bumped by every invalidation. A fill that read the store before a change and inserts
     /// after its invalidation would otherwise hold the old record (a revoked key still
     /// working) for a whole `ttl`; fills compare it before and after their read.
@@ -120,8 +123,35 @@ impl KeyCache {
             by_public: Maps::new(cfg),
             by_hash: Maps::new(cfg),
             ttl: cfg.ttl,
+            stale_if_error: cfg.stale_if_error,
             epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Whether a request could still be authenticated from this cache with the store
+    /// unreachable: `stale_if_error` is on and some cached key, not revoked or expired at
+    /// `now`, needs no store write to be used. A signed key (`hmac-v1`, `hmac-body`) needs its
+    /// nonce recorded, so it counts only when `nonces_checked_locally`
+    /// (`store.nonce_fallback = "local"`); a bearer key always counts. Read by
+    /// `/readyz/serving`, so a pod with nothing usable leaves the Service during an outage
+    /// while the pods that can still serve stay in.
+    pub fn can_serve_without_store(
+        &self,
+        nonces_checked_locally: bool,
+        now: time::OffsetDateTime,
+    ) -> bool {
+        if self.stale_if_error.is_zero() {
+            return false;
+        }
+        let usable = |slot: &Slot| {
+            let key = &slot.key;
+            key.revoked_at.is_none()
+                && key.expires_at.is_none_or(|at| at > now)
+                && (nonces_checked_locally || key.auth == crate::keys::AuthKind::Bearer)
+        };
+        // moka's iterators skip expired entries: past ttl + stale_if_error nothing counts.
+        self.by_hash.known.iter().any(|(_, slot)| usable(&slot))
+            || self.by_public.known.iter().any(|(_, slot)| usable(&slot))
     }
 
     pub fn store(&self) -> &Arc<dyn KeyStore> {

@@ -30,6 +30,7 @@ pub mod problem;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod sizing;
 pub mod usage;
 
 pub use config::Config;

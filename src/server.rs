@@ -281,28 +281,43 @@ fn warn_about_env_secrets(env: &dyn Fn(&str) -> Option<String>) {
 }
 
 /// Raises the soft descriptor limit to the hard one where allowed, and derives the default
-/// `server.max_connections` from it: each proxied request can hold an upstream connection
-/// too, and the listeners, store and logs need a reserve.
-fn connection_limit(configured: Option<usize>) -> usize {
+/// `server.max_connections` from it and from the cgroup memory limit ([`crate::sizing`]): each
+/// proxied request can hold an upstream connection too, and each client connection costs
+/// ~103 KiB, so a memory-limited container would be OOM-killed long before its descriptors ran
+/// out.
+fn connection_limit(configured: Option<usize>, cache_capacity: u64) -> usize {
     let nofile = rlimit::increase_nofile_limit(u64::MAX)
         .inspect_err(|e| tracing::warn!(error = %e, "cannot raise the descriptor limit"))
         .unwrap_or(1024);
-    let derived = usize::try_from(nofile.saturating_sub(256) / 2)
-        .unwrap_or(usize::MAX)
-        .max(64);
+    let memory = crate::sizing::read_memory_limit();
+    let (derived, source) = crate::sizing::default_max_connections(nofile, memory, cache_capacity);
     match configured {
         Some(n) => {
             if n > derived {
                 tracing::warn!(
                     max_connections = n,
                     descriptors = nofile,
-                    "server.max_connections is above half the descriptor limit: a flood \
-                     could leave none for upstreams and the admin listener"
+                    memory_limit = memory,
+                    allowed = derived,
+                    bound = source.as_str(),
+                    "server.max_connections is above what the {} allows: a flood could leave \
+                     no descriptors for upstreams and the admin listener, or exhaust memory",
+                    source.as_str()
                 );
             }
             n
         }
-        None => derived,
+        None => {
+            tracing::info!(
+                max_connections = derived,
+                source = source.as_str(),
+                descriptors = nofile,
+                memory_limit = memory,
+                "server.max_connections not set: derived from the {}",
+                source.as_str()
+            );
+            derived
+        }
     }
 }
 
@@ -478,6 +493,9 @@ impl App {
                 .iter()
                 .any(|u| matches!(u.assertion, crate::assertion::Mode::Ed25519)),
             ready: metrics.ready.clone(),
+            cache: Arc::clone(&cache),
+            nonces_checked_locally: cfg.nonce_fallback == crate::config::NonceFallback::Local,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         server.add_service(background_service(
             "keygate readiness",
@@ -523,7 +541,7 @@ impl App {
             },
         ));
         let limits = Limits {
-            max_connections: connection_limit(cfg.server.max_connections),
+            max_connections: connection_limit(cfg.server.max_connections, cfg.cache.capacity),
             header_timeout: cfg.server.header_timeout,
             body_timeout: cfg.server.body_timeout,
             h2c: cfg.server.h2c,

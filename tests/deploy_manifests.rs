@@ -605,6 +605,17 @@ fn manifests() -> Vec<Yaml> {
     docs
 }
 
+/// A Kubernetes memory quantity in MiB (`512Mi`, `1Gi`).
+fn mebibytes(q: &str) -> u64 {
+    if let Some(m) = q.strip_suffix("Mi") {
+        m.parse().unwrap()
+    } else if let Some(g) = q.strip_suffix("Gi") {
+        g.parse::<u64>().unwrap() * 1024
+    } else {
+        panic!("memory limit {q}: write it in Mi or Gi")
+    }
+}
+
 fn find<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
     docs.iter()
         .find(|d| d["kind"] == *kind && d["metadata"]["name"] == *name)
@@ -614,9 +625,13 @@ fn find<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
 #[test]
 fn the_kubernetes_manifests_match_the_binary() {
     let docs = manifests();
-    let config_text =
-        s(&find(&docs, "ConfigMap", "keygate-config")["data"]["keygate.toml"]).to_owned();
-    check_config(&config_text, "the ConfigMap's keygate.toml");
+    // The ConfigMap is generated from keygate.toml (a new name for every change).
+    let kustomization = yaml("kubernetes/kustomization.yaml");
+    let generator = &kustomization["configMapGenerator"][0];
+    assert_eq!(s(&generator["name"]), "keygate-config");
+    assert_eq!(s(&generator["files"][0]), "keygate.toml");
+    let config_text = read(&deploy("kubernetes/keygate.toml"));
+    check_config(&config_text, "deploy/kubernetes/keygate.toml");
     let f = facts(&config_text);
     let deployment = find(&docs, "Deployment", "keygate");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -637,11 +652,13 @@ fn the_kubernetes_manifests_match_the_binary() {
     assert_eq!(port("proxy"), f.proxy_port);
     assert_eq!(port("admin"), f.admin_port);
     assert_eq!(port("metrics"), f.metrics_port);
-    // Probes on the admin listener.
+    // Probes on the admin listener. Readiness is "can this pod serve" (not store health,
+    // which fails on every pod at once), answered within the probe's timeout.
     assert_eq!(
         s(&container["readinessProbe"]["httpGet"]["path"]),
-        "/readyz"
+        "/readyz/serving"
     );
+    assert!(n(&container["readinessProbe"]["timeoutSeconds"]) >= 3);
     assert_eq!(s(&container["readinessProbe"]["httpGet"]["port"]), "admin");
     assert_eq!(
         s(&container["livenessProbe"]["httpGet"]["path"]),
@@ -651,6 +668,8 @@ fn the_kubernetes_manifests_match_the_binary() {
     // A stopping pod: preStop pause, then SIGTERM and the grace; the kubelet waits for all of
     // it (and pingora's final second) before SIGKILL.
     let pause = n(&container["lifecycle"]["preStop"]["sleep"]["seconds"]);
+    // The sleep action needs Kubernetes 1.30: said where an operator reads, not only in YAML.
+    assert!(read(&deploy("README.md")).contains("**Kubernetes 1.30 or later**"));
     let termination = n(&pod["terminationGracePeriodSeconds"]);
     assert!(
         termination >= pause + f.shutdown_grace_s + 2,
@@ -665,6 +684,22 @@ fn the_kubernetes_manifests_match_the_binary() {
     for r in ["cpu", "memory"] {
         assert!(container["resources"]["requests"][r].is_string(), "{r}");
     }
+    // A memory limit, and a max_connections that fits in it: connections beyond what memory
+    // holds get the pod OOM-killed instead of turned away (issue 25 item 7).
+    let limit = mebibytes(s(&container["resources"]["limits"]["memory"]));
+    let capacity = f
+        .table
+        .get("cache")
+        .and_then(|c| c.get("capacity"))
+        .map_or(100_000, |c| u64::try_from(c.as_integer().unwrap()).unwrap());
+    let max_connections = f.table["server"]["max_connections"]
+        .as_integer()
+        .expect("the ConfigMap sizes server.max_connections for the memory limit");
+    let allowed = keygate::sizing::connections_for_memory(limit * 1024 * 1024, capacity);
+    assert!(
+        usize::try_from(max_connections).unwrap() <= allowed,
+        "max_connections {max_connections} > {allowed}, what {limit} MiB holds"
+    );
     assert_eq!(pod["securityContext"]["runAsNonRoot"], Yaml::Bool(true));
     assert_ne!(n(&pod["securityContext"]["runAsUser"]), 0);
     let sc = &container["securityContext"];
@@ -765,7 +800,101 @@ fn the_kubernetes_manifests_match_the_binary() {
         assert_eq!(metrics_svc["metadata"]["labels"][k], *v);
     }
     assert_eq!(s(&monitor["spec"]["endpoints"][0]["port"]), "metrics");
+    // The job label Prometheus gives the gateway's series is the one KeygateDown selects on
+    // (issue 25 item 7: the operator's default, the Service name keygate-metrics, matched none).
+    let job_label = s(&monitor["spec"]["jobLabel"]);
+    assert_eq!(
+        s(&metrics_svc["metadata"]["labels"][job_label]),
+        alert_job(),
+        "the ServiceMonitor's job is not the one KeygateDown matches"
+    );
     assert_eq!(s(&metrics_svc["spec"]["ports"][0]["name"]), "metrics");
+}
+
+/// `kubectl kustomize DIR` as YAML documents; `None` (with the reason printed) when kubectl is
+/// not installed: a build machine need not have it (scripts/dev does not install it).
+fn kustomize(dir: &Path) -> Option<Vec<Yaml>> {
+    use serde::Deserialize;
+    let out = match Command::new("kubectl")
+        .args(["kustomize", &dir.display().to_string()])
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: kubectl is not installed ({e}); the kustomize output is not checked"
+            );
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    Some(
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| Yaml::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect(),
+    )
+}
+
+/// The generated ConfigMap's name and its keygate.toml, and the name the Deployment mounts.
+fn rendered_config(docs: &[Yaml]) -> (String, String, String) {
+    let maps: Vec<&Yaml> = docs.iter().filter(|d| d["kind"] == *"ConfigMap").collect();
+    assert_eq!(maps.len(), 1);
+    let name = s(&maps[0]["metadata"]["name"]).to_owned();
+    let text = s(&maps[0]["data"]["keygate.toml"]).to_owned();
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == *"Deployment")
+        .expect("a Deployment");
+    let mounted = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == *"config")
+        .map(|v| s(&v["configMap"]["name"]).to_owned())
+        .unwrap();
+    (name, text, mounted)
+}
+
+/// Issue 25 item 7: `keygate.toml` mounted with `subPath` from a fixed ConfigMap never saw an
+/// update. The ConfigMap is generated with a hash of the file in its name and the Deployment
+/// mounts that name, so a changed config is a changed pod template: the Deployment rolls.
+#[test]
+fn kustomize_gives_each_config_its_own_configmap_so_a_change_rolls_the_deployment() {
+    let Some(docs) = kustomize(&deploy("kubernetes")) else {
+        return;
+    };
+    let (name, text, mounted) = rendered_config(&docs);
+    assert!(name.starts_with("keygate-config-"), "{name}");
+    assert_eq!(
+        mounted, name,
+        "the Deployment mounts the generated ConfigMap"
+    );
+    assert_eq!(text, read(&deploy("kubernetes/keygate.toml")));
+    for d in docs.iter().filter(|d| d["kind"] != *"Namespace") {
+        assert_eq!(s(&d["metadata"]["namespace"]), "keygate", "{d:?}");
+    }
+
+    // The same manifests with one changed line: another name, and the Deployment follows it.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(deploy("kubernetes")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let changed = text.replace("max_connections = 2500", "max_connections = 2000");
+    assert_ne!(changed, text);
+    std::fs::write(dir.path().join("keygate.toml"), &changed).unwrap();
+    let (name2, text2, mounted2) = rendered_config(&kustomize(dir.path()).unwrap());
+    assert_ne!(name2, name, "a changed config gets a new ConfigMap name");
+    assert_eq!(mounted2, name2);
+    assert_eq!(text2, changed);
+    eprintln!("config change: {name} -> {name2}; the Deployment's pod template changes with it");
 }
 
 /// Fails loudly, with the install command, when promtool is missing.
@@ -789,6 +918,83 @@ fn promtool(args: &[&str]) -> String {
     text
 }
 
+/// The job `KeygateDown` selects on, from its `up{job="…"}` expression.
+fn alert_job() -> String {
+    let alerts = yaml("prometheus/alerts.yaml");
+    let rule = alerts["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["alert"] == *"KeygateDown")
+        .unwrap();
+    let expr = s(&rule["expr"]);
+    let job = expr
+        .split("job=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("KeygateDown has no job selector: {expr}"));
+    job.to_owned()
+}
+
+/// Where the alert rules' `runbook_url`s start: a placeholder deploy/README.md says how to
+/// replace once.
+const RUNBOOK_BASE: &str = "https://keygate.example/docs";
+
+#[test]
+fn keygate_down_matches_the_job_of_every_shipped_scrape() {
+    let job = alert_job();
+    // Compose's Prometheus.
+    let prom = yaml("prometheus/prometheus.yml");
+    let jobs: Vec<&str> = prom["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| s(&c["job_name"]))
+        .collect();
+    assert_eq!(jobs, [job.as_str()]);
+    // The Prometheus operator: checked in the_kubernetes_manifests_match_the_binary against
+    // the ServiceMonitor's jobLabel; here that it is set at all.
+    let monitor = yaml("kubernetes/servicemonitor.yaml");
+    assert!(monitor["spec"]["jobLabel"].is_string());
+}
+
+#[test]
+fn every_alert_has_a_firing_and_a_quiet_promtool_case() {
+    let names: BTreeSet<String> = yaml("prometheus/alerts.yaml")["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap().iter())
+        .map(|r| s(&r["alert"]).to_owned())
+        .collect();
+    let (mut firing, mut quiet) = (BTreeSet::new(), BTreeSet::new());
+    for case in yaml("prometheus/alerts.test.yaml")["tests"]
+        .as_sequence()
+        .unwrap()
+    {
+        for t in case["alert_rule_test"].as_sequence().unwrap() {
+            let name = s(&t["alertname"]).to_owned();
+            if t["exp_alerts"].as_sequence().unwrap().is_empty() {
+                quiet.insert(name);
+            } else {
+                firing.insert(name);
+            }
+        }
+    }
+    assert_eq!(
+        names.len(),
+        13,
+        "13 names, 14 rules (two severities of one)"
+    );
+    for name in &names {
+        assert!(firing.contains(name), "no promtool case where {name} fires");
+        assert!(
+            quiet.contains(name),
+            "no promtool case where {name} stays quiet"
+        );
+    }
+}
+
 #[test]
 fn promtool_checks_the_rules_and_their_unit_tests_pass() {
     let rules = promtool(&["check", "rules", "alerts.yaml"]);
@@ -804,10 +1010,11 @@ fn promtool_checks_the_rules_and_their_unit_tests_pass() {
     {
         for rule in group["rules"].as_sequence().unwrap() {
             let name = s(&rule["alert"]);
-            let anchor = s(&rule["annotations"]["runbook"]);
+            // A URL an alert receiver can open (was a repository path).
+            let url = s(&rule["annotations"]["runbook_url"]);
             assert_eq!(
-                anchor,
-                format!("docs/operations.md#{}", name.to_lowercase())
+                url,
+                format!("{RUNBOOK_BASE}/operations.md#{}", name.to_lowercase())
             );
             assert!(
                 ops.contains(&format!("### {}", name.to_lowercase())),

@@ -409,3 +409,29 @@ async fn ten_thousand_idle_connections_leave_the_gateway_serving() {
     assert!(gw.metric("keygate_open_connections").await <= 1.0);
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }
+
+/// Without `server.max_connections` the gateway derives it (from the descriptor limit here; a
+/// cgroup memory limit can only lower it: `src/sizing.rs` unit tests) and says so at INFO
+/// with its source, so an operator can see what a pod was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_derived_max_connections_is_logged_with_its_source() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.launcher = vec!["prlimit".into(), "--nofile=2048:2048".into()];
+    opts.rust_log = "info";
+    let gw = Gateway::start(opts).await;
+    let memory = keygate::sizing::read_memory_limit();
+    let (expected, source) = keygate::sizing::default_max_connections(2048, memory, 100_000);
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("server.max_connections not set"))
+        .unwrap_or_else(|| panic!("no line on the derived limit:\n{log}"));
+    eprintln!("{line}");
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(
+        line.contains(&format!("max_connections={expected}")),
+        "{line}"
+    );
+    assert!(line.contains(source.as_str()), "{line}");
+}

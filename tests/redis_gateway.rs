@@ -447,3 +447,118 @@ async fn a_frozen_redis_costs_availability_never_safety() {
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
     println!("frozen Redis: signed requests {statuses:?}, 5 bearer requests served from cache");
 }
+
+/// `GET /readyz/serving` on the admin listener: status and body.
+async fn serving_probe(gw: &Gateway) -> (u16, serde_json::Value) {
+    let r = gw
+        .http
+        .get(gw.admin_url("/readyz/serving"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// A gateway on `redis` that has used (so cached) one key of `auth`, with `cache` and `store`
+/// lines added.
+async fn cached_gateway(
+    echo: &Echo,
+    redis: &RedisServer,
+    master_key: &str,
+    auth: &str,
+    cache: &str,
+    store: &str,
+) -> Gateway {
+    let mut opts = on_url(echo, &redis.url(), store);
+    opts.master_key = Some(master_key.to_owned());
+    opts.cache_toml = Some(format!("[cache]\nttl = \"1s\"\n{cache}"));
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({"auth": auth})).await;
+    let status = if auth == "bearer" {
+        let h = vec![("x-api-key".to_owned(), key.secret.clone())];
+        gw.send("POST", "/v1/payments", &h, b"{}").await.status()
+    } else {
+        gw.send_v1(&key, "POST", "/v1/payments", b"{}")
+            .await
+            .status()
+    };
+    assert_eq!(status, 200);
+    gw
+}
+
+/// Issue 25 item 7: a Redis stall fails `/readyz` on every gateway at once; the Kubernetes
+/// readiness probe (`/readyz/serving`) stays up on a gateway whose cache can still serve
+/// (stale_if_error on and a usable key cached: a bearer key, or a signed one when nonces fall
+/// back to local checks) and fails on one that cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_probe_stays_up_through_a_redis_stall_only_where_the_cache_can_serve() {
+    let redis = RedisServer::start();
+    let echo = Echo::start().await;
+    let stale = "stale_if_error = \"60s\"";
+    let mk = support::master_key();
+    let mk = mk.as_str();
+    let bearer = cached_gateway(&echo, &redis, mk, "bearer", stale, "").await;
+    let signed = cached_gateway(&echo, &redis, mk, "hmac-v1", stale, "").await;
+    let signed_local = cached_gateway(
+        &echo,
+        &redis,
+        mk,
+        "hmac-v1",
+        stale,
+        "nonce_fallback = \"local\"",
+    )
+    .await;
+    let no_stale = cached_gateway(&echo, &redis, mk, "bearer", "stale_if_error = \"0s\"", "").await;
+    let all = [
+        ("bearer", &bearer, 200),
+        ("signed", &signed, 503),
+        ("signed_local", &signed_local, 200),
+        ("no_stale", &no_stale, 503),
+    ];
+    for (name, gw, _) in all {
+        let (status, body) = serving_probe(gw).await;
+        assert_eq!(status, 200, "{name} before the stall: {body}");
+    }
+
+    redis.pause();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past cache.ttl
+    for (name, gw, expected) in all {
+        let ready = gw.http.get(gw.admin_url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 503, "{name}: /readyz is store health");
+        let started = std::time::Instant::now();
+        let (status, body) = serving_probe(gw).await;
+        eprintln!(
+            "{name}: /readyz 503, /readyz/serving {status} in {:?}: {body}",
+            started.elapsed()
+        );
+        assert_eq!(status, expected, "{name}: {body}");
+        assert_eq!(body["store"], false, "{name}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "under the probe's timeoutSeconds"
+        );
+    }
+    // Store health stays visible beside it.
+    assert_eq!(
+        gw_metric_ready(&bearer).await,
+        0.0,
+        "store health stays visible"
+    );
+
+    redis.resume();
+    for (name, gw, _) in all {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while serving_probe(gw).await.0 != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} did not come back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn gw_metric_ready(gw: &Gateway) -> f64 {
+    gw.metric("keygate_ready").await
+}

@@ -1,9 +1,11 @@
 //! The admin API (SPEC §5) on its own listener: an axum adapter over [`crate::lifecycle`]
-//! (parse, call, render), plus `/healthz` and `/readyz`. Every `/v1/` call needs an admin
-//! bearer token.
+//! (parse, call, render), plus `/healthz`, `/readyz` and `/readyz/serving`. Every `/v1/` call
+//! needs an admin bearer token.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Extension, Path, Query, Request, State};
@@ -15,6 +17,7 @@ use axum::Router;
 use serde_json::{json, Value};
 
 use crate::assertion::{KeyringError, SigningKeys};
+use crate::cache::KeyCache;
 use crate::keys::{KeyStore, SecretString};
 use crate::lifecycle::{self, input, Lifecycle, Principal};
 use crate::problem::{self, ErrorCode};
@@ -34,6 +37,12 @@ pub struct AdminState {
     pub needs_signing_keys: bool,
     /// `keygate_ready`, set by every readiness check.
     pub ready: prometheus::IntGauge,
+    /// The key cache, asked by `/readyz/serving` whether it can serve with the store down.
+    pub cache: Arc<KeyCache>,
+    /// `store.nonce_fallback = "local"`: signed keys work from the cache during an outage too.
+    pub nonces_checked_locally: bool,
+    /// Set once shutdown (SIGTERM) begins: `/readyz/serving` fails so endpoints drain.
+    pub shutting_down: AtomicBool,
 }
 
 tokio::task_local! {
@@ -145,6 +154,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
+        .route("/readyz/serving", get(serving_probe))
         .route("/.well-known/jwks.json", get(jwks))
         .merge(v1)
         .fallback(|| async { AdminError::NoSuchEndpoint })
@@ -199,16 +209,25 @@ async fn require_admin(
     Ok(next.run(req).await)
 }
 
-/// The checks of `/readyz`: store reachable, proxy listener accepting, assertion keys loaded
-/// where an upstream needs them. Sets `keygate_ready`.
-pub async fn readiness(state: &AdminState) -> (bool, Value) {
-    let store_ok = state.store.ping().await.is_ok();
+/// Whether the proxy listener accepts a connection.
+async fn proxy_accepting(state: &AdminState) -> bool {
     let probe = if state.proxy_addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], state.proxy_addr.port()))
     } else {
         state.proxy_addr
     };
-    let proxy_ok = tokio::net::TcpStream::connect(probe).await.is_ok();
+    tokio::net::TcpStream::connect(probe).await.is_ok()
+}
+
+/// The longest `/readyz/serving` waits for the store: under the probe's `timeoutSeconds` (3 s
+/// in deploy/kubernetes), so a frozen store reads as unreachable, not as a probe timeout.
+const SERVING_STORE_WAIT: Duration = Duration::from_secs(2);
+
+/// The checks of `/readyz`: store reachable, proxy listener accepting, assertion keys loaded
+/// where an upstream needs them. Sets `keygate_ready`.
+pub async fn readiness(state: &AdminState) -> (bool, Value) {
+    let store_ok = state.store.ping().await.is_ok();
+    let proxy_ok = proxy_accepting(state).await;
     let keys_ok = state.signing_keys.asserter.keyring().is_some();
     let ready = store_ok && proxy_ok && (keys_ok || !state.needs_signing_keys);
     state.ready.set(i64::from(ready));
@@ -220,14 +239,57 @@ pub async fn readiness(state: &AdminState) -> (bool, Value) {
     (ready, checks)
 }
 
-async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    let (ready, checks) = readiness(&state).await;
-    let status = if ready {
+/// The checks of `/readyz/serving` ("can this pod serve traffic?", the Kubernetes readiness
+/// probe): not shutting down, proxy listener accepting, assertion keys loaded where an
+/// upstream needs them, and either the store answers or the key cache can serve without it
+/// ([`KeyCache::can_serve_without_store`]). A store outage hits every pod at once; failing
+/// them all would take the whole Service down while cached keys could still be served, so
+/// the store alone fails only a pod that has nothing to serve from.
+pub async fn serving(state: &AdminState) -> (bool, Value) {
+    let shutting_down = state.shutting_down.load(Ordering::Acquire);
+    let proxy_ok = !shutting_down && proxy_accepting(state).await;
+    let keys_ok = state.signing_keys.asserter.keyring().is_some();
+    let store_ok = !shutting_down
+        && matches!(
+            tokio::time::timeout(SERVING_STORE_WAIT, state.store.ping()).await,
+            Ok(Ok(()))
+        );
+    let cache_ok = !store_ok
+        && state.cache.can_serve_without_store(
+            state.nonces_checked_locally,
+            time::OffsetDateTime::now_utc(),
+        );
+    let serving = !shutting_down
+        && proxy_ok
+        && (keys_ok || !state.needs_signing_keys)
+        && (store_ok || cache_ok);
+    let checks = json!({
+        "shutting_down": shutting_down,
+        "proxy_listener": proxy_ok,
+        "assertion_keys": keys_ok,
+        "store": store_ok,
+        "cache_serves_without_store": cache_ok,
+    });
+    (serving, checks)
+}
+
+fn probe_answer(ok: bool, checks: Value) -> Response {
+    let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(checks)).into_response()
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let (ready, checks) = readiness(&state).await;
+    probe_answer(ready, checks)
+}
+
+async fn serving_probe(State(state): State<Arc<AdminState>>) -> Response {
+    let (serving, checks) = serving(&state).await;
+    probe_answer(serving, checks)
 }
 
 /// Evaluates readiness every 5 s, so `keygate_ready` is current whether or not anything
@@ -242,6 +304,7 @@ impl pingora::services::background::BackgroundService for ReadinessService {
             tokio::select! {
                 () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
                 _ = shutdown.changed() => {
+                    self.0.shutting_down.store(true, Ordering::Release);
                     self.0.ready.set(0);
                     return;
                 }
