@@ -109,9 +109,10 @@ async fn sigterm_with_nothing_in_flight_exits_without_waiting_the_grace_period()
     let r = gw.send("GET", "/public/x", &[], b"").await;
     assert_eq!(r.status(), 200);
     let started = Instant::now();
-    let status = tokio::task::spawn_blocking(move || gw.signal_and_wait("TERM", Duration::from_secs(40)))
-        .await
-        .unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || gw.signal_and_wait("TERM", Duration::from_secs(40)))
+            .await
+            .unwrap();
     let took = started.elapsed();
     println!("SIGTERM with nothing in flight: exited after {took:?} (shutdown_grace 30 s)");
     assert_eq!(
