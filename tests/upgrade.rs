@@ -166,21 +166,26 @@ struct KeepAliveLoad {
 }
 
 impl KeepAliveLoad {
-    fn start(proxy: std::net::SocketAddr, key: &Key, clients: usize) -> Self {
+    /// `clients` HTTP/1.1 clients and `h2c_clients` HTTP/2 (prior knowledge) ones.
+    fn start(proxy: std::net::SocketAddr, key: &Key, clients: usize, h2c_clients: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let clients = (0..clients)
+        let clients = (0..clients + h2c_clients)
             .map(|i| {
                 let (stop, key) = (Arc::clone(&stop), key.clone());
                 let total = Arc::clone(&total);
                 tokio::spawn(async move {
                     // One connection, reused; a new one only after the server closed it (after
-                    // a `Connection: close` answer), which is what any HTTP/1.1 client does.
-                    let http = reqwest::Client::builder()
-                        .http1_only()
-                        .pool_max_idle_per_host(1)
-                        .build()
-                        .unwrap();
+                    // a `Connection: close` answer, or an HTTP/2 GOAWAY), which is what any
+                    // client does.
+                    let builder = reqwest::Client::builder().pool_max_idle_per_host(1);
+                    let http = if i < clients {
+                        builder.http1_only()
+                    } else {
+                        builder.http2_prior_knowledge()
+                    }
+                    .build()
+                    .unwrap();
                     let url = format!("http://{proxy}/v1/payments");
                     let (mut sent, mut failed) = (0, 0);
                     while !stop.load(Ordering::Relaxed) {
@@ -244,7 +249,7 @@ fn redis_options(echo: &Echo, redis: &support::redis::RedisServer, dir: &Path) -
         redis.url()
     ));
     opts.server_extra = format!(
-        "pid_file = {:?}",
+        "pid_file = {:?}\nh2c = true",
         dir.join("keygate.pid").display().to_string()
     );
     opts.shutdown_grace = "5s";
@@ -259,7 +264,8 @@ async fn three_upgrades_under_keep_alive_load_lose_no_request() {
     let sock: PathBuf = dir.path().join("keygate-upgrade").join("upgrade.sock");
     let mut first = Gateway::start(redis_options(&echo, &redis, dir.path())).await;
     let key = first.mint(json!({})).await;
-    let load = KeepAliveLoad::start(first.proxy, &key, 6);
+    // HTTP/1.1 connections are drained with `Connection: close`, HTTP/2 ones with GOAWAY.
+    let load = KeepAliveLoad::start(first.proxy, &key, 4, 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut exits = Vec::new();
@@ -336,7 +342,7 @@ async fn sigquit_without_a_receiver_leaves_the_gateway_serving() {
     let echo = Echo::start().await;
     let gw = Gateway::start(Options::new(&echo)).await;
     let key = gw.mint(json!({})).await;
-    let load = KeepAliveLoad::start(gw.proxy, &key, 2);
+    let load = KeepAliveLoad::start(gw.proxy, &key, 2, 0);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // No `serve --upgrade` runs: the hand-over cannot happen.
     gw.signal("QUIT");
