@@ -472,3 +472,78 @@ fn check_config_reports_every_bad_secret_file_in_one_run() {
     }
     assert!(err.contains(": 4 problem(s)"), "{err}");
 }
+
+/// Issue 25 (outside test): `keygate secrets status` (or `store backup`) run as root on a
+/// service's embedded store wrote a root-owned nonce-journal segment beside it, and the
+/// service, another uid, then failed to start (exit 69, permission denied). keygate now
+/// refuses a store file of another user, writes nothing, and says how to run it instead.
+#[test]
+fn a_store_of_another_user_is_refused_and_left_untouched() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if let Some(why) = support::unprivileged::cannot_switch() {
+        println!("skipped: {why}");
+        return;
+    }
+    const SERVICE: u32 = 62013;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let master = secret_file(dir.path(), "master.key", &support::master_key(), 0o600);
+    let cfg = secrets_config(dir.path(), &master, None, None);
+    let status = |cmd: &mut Command| {
+        let out = cmd
+            .args(["--config"])
+            .arg(&cfg)
+            .args(["secrets", "status"])
+            .env_remove("KEYGATE_MASTER_KEY")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    // The service's store, made by the service's user.
+    for path in [dir.path().to_path_buf(), master.clone()] {
+        support::unprivileged::own(&path, SERVICE, SERVICE, 0o700);
+    }
+    support::unprivileged::own(&master, SERVICE, SERVICE, 0o600);
+    let service = || support::unprivileged::command(SERVICE, SERVICE, std::path::Path::new(BIN));
+    let (code, text) = status(&mut service());
+    assert_eq!(code, Some(0), "{text}");
+    let journal = dir.path().join("k.db.nonces");
+    let files = |d: &std::path::Path| -> Vec<(std::path::PathBuf, u32)> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                let uid = std::fs::metadata(&p).unwrap().uid();
+                (p, uid)
+            })
+            .collect()
+    };
+    let before = files(&journal);
+    assert!(before.iter().all(|(_, uid)| *uid == SERVICE), "{before:?}");
+
+    // root, as an operator's shell is: refused, with the way to do it.
+    let (code, text) = status(&mut Command::new(BIN));
+    assert_eq!(code, Some(69), "{text}");
+    assert!(
+        text.contains(&format!("belongs to uid {SERVICE}")) && text.contains("systemd-run"),
+        "{text}"
+    );
+    assert_eq!(
+        files(&journal),
+        before,
+        "root wrote beside the service's store"
+    );
+    assert!(
+        files(dir.path())
+            .iter()
+            .all(|(p, uid)| *uid == SERVICE || p == &cfg),
+        "{:?}",
+        files(dir.path())
+    );
+    // And the service still opens its store.
+    let (code, text) = status(&mut service());
+    assert_eq!(code, Some(0), "{text}");
+}

@@ -236,6 +236,28 @@ impl Db {
     }
 }
 
+/// Refuses a store file that belongs to another user. Opening writes beside it (a new nonce
+/// journal segment, redb's own pages): files of this user that the gateway, running as the
+/// file's owner, then cannot open — its next start fails. A `keygate secrets status` or
+/// `store backup` run as root on a service's store did exactly that.
+fn not_another_users(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(()); // a new store: this user creates it
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() == me {
+        return Ok(());
+    }
+    Err(StoreError::Unavailable(format!(
+        "{} belongs to uid {}, not to this process (uid {me}): run keygate as the store's \
+         owner, so that what it writes stays readable by the gateway (under the systemd unit: \
+         the systemd-run line of deploy/README.md)",
+        path.display(),
+        meta.uid()
+    )))
+}
+
 fn reopening() -> StoreError {
     StoreError::Unavailable("the store is being reopened after an I/O error".into())
 }
@@ -244,6 +266,7 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file, creating its parent directory, and loads the
     /// nonces that are still inside their window.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        not_another_users(path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
