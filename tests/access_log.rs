@@ -133,3 +133,77 @@ async fn one_json_line_per_request_without_secrets_and_with_the_trace() {
     }
     assert!(!log.contains("\u{1b}["), "no ANSI colour in a file");
 }
+
+/// Issue 25 (outside test): a request whose body stopped arriving was closed at
+/// `server.body_timeout` with no access-log line (the connection was dropped mid-request,
+/// skipping the request's end). Now it ends like any failed request: one line, outcome
+/// `body_timeout`, counted in `keygate_requests_total` and
+/// `keygate_connections_closed_total{reason="body_timeout"}` — on a signed route (keygate
+/// reads the body) and a public one (pingora streams it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_gets_its_access_log_line() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.routes = format!("[log]\nformat = \"json\"\n{}", opts.routes);
+    opts.server_extra = "body_timeout = \"1s\"".into();
+    opts.rust_log = "warn,keygate::access=info";
+    let gw = Gateway::start(opts).await;
+    let key = gw.mint(json!({})).await;
+    let body = [b'x'; 100];
+    let signed: String = support::v1_headers(
+        &key,
+        "POST",
+        "/v1/payments",
+        &body,
+        support::now(),
+        &uuid::Uuid::new_v4().to_string(),
+    )
+    .iter()
+    .map(|(k, v)| format!("{k}: {v}\r\n"))
+    .collect();
+    let signed_head =
+        format!("POST /v1/payments HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n{signed}\r\n");
+    let public_head = b"POST /public/upload HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n";
+    let signed_parts: [&[u8]; 2] = [signed_head.as_bytes(), &body[..10]];
+    let public_parts: [&[u8]; 2] = [public_head, &body[..10]];
+    let started = Instant::now();
+    let (a, b) = tokio::join!(
+        support::raw_exchange(
+            gw.proxy,
+            &signed_parts,
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        ),
+        support::raw_exchange(
+            gw.proxy,
+            &public_parts,
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        ),
+    );
+    println!("closed after {:?}: {a:?} / {b:?}", started.elapsed());
+    let lines = wait_for_lines(&gw, 2).await;
+    let late: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["outcome"] == "body_timeout")
+        .collect();
+    assert_eq!(late.len(), 2, "{lines:#?}");
+    let mut paths: Vec<&str> = late.iter().map(|l| l["path"].as_str().unwrap()).collect();
+    paths.sort_unstable();
+    assert_eq!(paths, ["/public/upload", "/v1/payments"]);
+    // The signed body is verified before anything goes upstream; a public route streams.
+    assert!(
+        echo.seen().iter().all(|s| s.target != "/v1/payments"),
+        "an unverified request reached the upstream"
+    );
+    assert_eq!(
+        gw.metric("keygate_connections_closed_total{reason=\"body_timeout\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric("keygate_requests_total{outcome=\"body_timeout\",route=\"create-payment\"}")
+            .await,
+        1.0
+    );
+}

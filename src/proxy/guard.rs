@@ -148,17 +148,39 @@ fn with_deadline(f: impl FnOnce(&Deadline)) {
     let _ = DEADLINE.try_with(|d| f(d));
 }
 
+/// How long after `server.body_timeout` the watchdog drops a connection whose body is late.
+/// The proxy's own reads time out at `body_timeout` ([`body_time_left`]) and end the request
+/// through pingora's error path — an access-log line, metrics, refunds, the endpoint released;
+/// the watchdog, which drops the connection mid-flight and skips all that, is only the
+/// backstop for a read that was not bounded.
+const BODY_BACKSTOP: Duration = Duration::from_secs(1);
+
 /// The request head is in: the client now owes its body, within `server.body_timeout`. An
 /// HTTP/2 stream (from `peer`) instead frees its connection of the first-stream deadline.
 pub fn head_received(peer: Option<SocketAddr>) {
     if DEADLINE
-        .try_with(|d| d.set(Stage::Body, Some(d.limits.body_timeout)))
+        .try_with(|d| d.set(Stage::Body, Some(d.limits.body_timeout + BODY_BACKSTOP)))
         .is_err()
     {
         if let Some(d) = peer.and_then(|p| h2_connections().get(&p).cloned()) {
             d.set(Stage::Free, None);
         }
     }
+}
+
+/// Time left for this HTTP/1 connection's request body (`server.body_timeout` from its head);
+/// `None` outside a guarded connection (an HTTP/2 stream) or when no body is owed.
+pub fn body_time_left() -> Option<Duration> {
+    DEADLINE
+        .try_with(|d| match d.current() {
+            (Some(at), Stage::Body) => Some(
+                at.saturating_duration_since(Instant::now())
+                    .saturating_sub(BODY_BACKSTOP),
+            ),
+            _ => None,
+        })
+        .ok()
+        .flatten()
 }
 
 /// Whether this task serves one HTTP/1 connection, whose deadlines the watchdog enforces;

@@ -135,6 +135,12 @@ pub struct Ctx {
     /// Rate-limit units this request spent (0: none), given back if nothing reached the
     /// upstream.
     rate_spent: u64,
+    /// The body did not arrive within `server.body_timeout` (access-log outcome
+    /// `body_timeout`).
+    body_timed_out: bool,
+    /// The downstream read timeout before a public route's body bounded it, restored for the
+    /// next request on the connection.
+    read_timeout_before: Option<Option<Duration>>,
 }
 
 /// `[abuse]` at work: the blocks this gateway knows, and where failures are counted.
@@ -679,17 +685,14 @@ impl Gateway {
             }
             Ok::<_, Box<Error>>(Some(first.unwrap_or_else(|| rest.freeze())))
         };
-        let body = if guard::deadlines_enforced() {
-            read.await?
-        } else {
-            // An HTTP/2 stream: no connection watchdog covers it, so bound it here.
-            match tokio::time::timeout(self.body_timeout, read).await {
-                Ok(body) => body?,
-                Err(_) => {
-                    let mut e = Error::explain(ErrorType::ReadTimedout, "server.body_timeout");
-                    e.as_down();
-                    return Err(e);
-                }
+        // HTTP/1: what is left of the connection's body deadline; an HTTP/2 stream, which no
+        // connection watchdog covers, gets the whole `body_timeout` here.
+        let limit = guard::body_time_left().unwrap_or(self.body_timeout);
+        let body = match tokio::time::timeout(limit, read).await {
+            Ok(body) => body?,
+            Err(_) => {
+                ctx.body_timed_out = true;
+                return Err(body_timeout_error());
             }
         };
         guard::body_received();
@@ -1104,6 +1107,36 @@ async fn write_problem_with(
 }
 
 /// The contract's code for a pingora error, or `None` when the client is gone.
+/// Bounds pingora's next read of a public route's streamed HTTP/1 body by what is left of
+/// `server.body_timeout`, so a late body ends the request through the error path (logged,
+/// counted) rather than by the connection watchdog. Per read: a client trickling bytes gets
+/// no more than the deadline in all.
+fn bound_body_read(session: &mut Session, ctx: &mut Ctx) {
+    let Some(left) = guard::body_time_left() else {
+        return;
+    };
+    if ctx.read_timeout_before.is_none() {
+        ctx.read_timeout_before = Some(session.get_read_timeout());
+    }
+    // A zero timeout would not time out at all in pingora's reads: keep a millisecond.
+    session.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+}
+
+/// Gives the connection its own read timeout back once the body is in (the next request
+/// head on it is bounded by `server.header_timeout`, not by this body's deadline).
+fn restore_read_timeout(session: &mut Session, ctx: &mut Ctx) {
+    if let Some(before) = ctx.read_timeout_before.take() {
+        session.set_read_timeout(before);
+    }
+}
+
+/// The client did not send its body within `server.body_timeout`.
+fn body_timeout_error() -> Box<Error> {
+    let mut e = Error::explain(ErrorType::ReadTimedout, "server.body_timeout");
+    e.as_down();
+    e
+}
+
 fn error_code(e: &Error) -> Option<ErrorCode> {
     use ErrorType::*;
     match e.etype() {
@@ -1144,6 +1177,8 @@ impl ProxyHttp for Gateway {
             answered_expect: false,
             public_body_bytes: 0,
             upstream_started: None,
+            body_timed_out: false,
+            read_timeout_before: None,
             self_service: false,
             assertion: None,
             trace: trace::Trace {
@@ -1348,6 +1383,8 @@ impl ProxyHttp for Gateway {
         if route.public {
             if session.is_body_empty() {
                 guard::body_received();
+            } else {
+                bound_body_read(session, ctx);
             }
             return Ok(false);
         }
@@ -1405,7 +1442,7 @@ impl ProxyHttp for Gateway {
     /// Public routes stream their body; cap it as it passes (chunked bodies declare no length).
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
@@ -1417,6 +1454,9 @@ impl ProxyHttp for Gateway {
             }
             if end_of_stream {
                 guard::body_received();
+                restore_read_timeout(session, ctx);
+            } else {
+                bound_body_read(session, ctx);
             }
         }
         Ok(())
@@ -1562,6 +1602,17 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         guard::request_done();
+        // A streamed public body whose bounded read timed out (`bound_body_read`).
+        let body_late = ctx.body_timed_out
+            || ctx.read_timeout_before.is_some()
+                && e.is_some_and(|e| {
+                    e.etype() == &ErrorType::ReadTimedout && e.esource() == &ErrorSource::Downstream
+                });
+        restore_read_timeout(session, ctx);
+        if body_late {
+            self.metrics
+                .connection_closed(crate::metrics::ConnClosed::BodyTimeout);
+        }
         // Still held: the upstream failed before answering (a timeout, a broken connection).
         let upstream_failed = e.is_some_and(|e| e.esource() == &ErrorSource::Upstream)
             || matches!(
@@ -1583,6 +1634,7 @@ impl ProxyHttp for Gateway {
         let route = self.route(ctx).map_or("unmatched", |r| r.name.as_str());
         let outcome = match (ctx.outcome, e) {
             (Some(code), _) => code.as_str(),
+            (None, Some(_)) if body_late => "body_timeout",
             (None, Some(_)) => "client_closed",
             (None, None) => "ok",
         };
