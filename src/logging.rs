@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -116,6 +117,37 @@ impl log::Log for RedactingBridge {
     fn flush(&self) {}
 }
 
+/// A log line that any client (or an outage, request by request) can cause, written at most
+/// once a minute with a count of the occurrences it stands for.
+#[derive(Debug, Default)]
+pub(crate) struct QuietLog {
+    /// Seconds since the Unix epoch of the last line written (0: never).
+    last: AtomicU64,
+    /// Occurrences since the last line written.
+    since: AtomicU64,
+}
+
+impl QuietLog {
+    const EVERY_SECS: u64 = 60;
+
+    /// Counts one occurrence; `Some(occurrences since the last line)` when a line is due.
+    pub(crate) fn due(&self) -> Option<u64> {
+        self.since.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < Self::EVERY_SECS {
+            return None;
+        }
+        // One caller wins the minute; the others only count.
+        self.last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        Some(self.since.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The level a record is written at: ERROR is for what an operator must act on, so what any
 /// client can cause goes to debug. rustls warns about what a peer sent — an IP address as SNI,
 /// an unexpected message — once per handshake (failed handshakes are counted and logged once
@@ -128,10 +160,15 @@ fn level_of(metadata: &log::Metadata<'_>, text: &str) -> log::Level {
     let from_pingora = target.starts_with("pingora");
     let client_caused = text.starts_with("Fail to proxy: Downstream")
         || text.starts_with("failed to send error response to downstream");
+    // A failed upgrade hand-over: pingora's line repeats what keygate's own ERROR
+    // (`upgrade hand-over failed … still serving`) says next.
+    let handover_retries = text.starts_with("Max retry: ") && text.contains("sending socket");
     if from_rustls && metadata.level() == log::Level::Warn
         || from_pingora && metadata.level() <= log::Level::Warn && client_caused
     {
         log::Level::Debug
+    } else if from_pingora && handover_retries {
+        log::Level::Warn
     } else {
         metadata.level()
     }
@@ -177,6 +214,21 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::{redact_queries, RedactingBridge};
+
+    #[test]
+    fn a_quiet_log_writes_once_and_counts_the_rest() {
+        let log = super::QuietLog::default();
+        assert_eq!(log.due(), Some(1));
+        for _ in 0..99 {
+            assert_eq!(log.due(), None);
+        }
+        // A minute later the next line carries the 99 it stood for, plus itself.
+        log.last.fetch_sub(
+            super::QuietLog::EVERY_SECS,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        assert_eq!(log.due(), Some(100));
+    }
 
     #[test]
     fn queries_are_cut_and_the_rest_kept() {
@@ -239,6 +291,16 @@ mod tests {
         assert_eq!(
             super::level_of(&meta(log::Level::Error), upstream),
             log::Level::Error
+        );
+        assert_eq!(
+            super::level_of(
+                &log::Metadata::builder()
+                    .target("pingora_core::server::transfer_fd")
+                    .level(log::Level::Error)
+                    .build(),
+                "Max retry: 5 reached. Giving up sending socket to: /run/keygate/upgrade.sock"
+            ),
+            log::Level::Warn
         );
         let other = log::Metadata::builder()
             .target("keygate::proxy")

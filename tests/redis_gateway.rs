@@ -302,6 +302,19 @@ async fn a_redis_outage_keeps_cached_keys_working_and_never_says_401() {
         "store_unavailable",
     )
     .await;
+    // Any client can send unknown keys during an outage: one ERROR line a minute, not one per
+    // request (issue 25's outside test saw 30 for 30 requests).
+    for i in 0..20 {
+        let unknown = vec![("x-api-key".to_owned(), format!("sk_test_unknown_{i}"))];
+        let r = gw.send("POST", "/v1/payments", &unknown, b"{}").await;
+        assert_eq!(r.status(), 503);
+    }
+    let lookups = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("key lookup failed"))
+        .count();
+    assert_eq!(lookups, 1, "{}", gw.log());
     let ready = gw.http.get(gw.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     assert_eq!(

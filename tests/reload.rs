@@ -106,6 +106,10 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("reloaded"),
+        "keygate reload reports the gateway's answer"
+    );
     until_status(&gw, "/v2/status", 200).await;
     assert_eq!(
         gw.metric("keygate_config_reloads_total{result=\"ok\"}")
@@ -151,10 +155,28 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
     );
     assert_ne!(moved, original);
     std::fs::write(&config_path, &moved).unwrap();
-    gw.signal("HUP");
+    // `keygate reload` reads the outcome from the metrics listener the file names, which the
+    // running gateway does not listen on: it says it cannot tell, and why that may be.
+    let out = keygate_reload(&gw);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("metrics.listen"), "{err}");
     until_errors(&gw, 2.0).await;
     assert!(gw.log().contains("metrics.listen differ"), "{}", gw.log());
     assert_eq!(gw.send("GET", "/v2/status", &[], b"").await.status(), 200);
+
+    // 3b. Another store: a file check cannot know the running one, so check-config passes,
+    // but the gateway refuses it — and `keygate reload` says so (issue 25: it said "sent
+    // SIGHUP" and exited 0).
+    let other_store = original.replace("keygate.db", "other.db");
+    assert_ne!(other_store, original);
+    std::fs::write(&config_path, &other_store).unwrap();
+    let out = keygate_reload(&gw);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("refused"), "{err}");
+    until_errors(&gw, 3.0).await;
+    assert!(gw.log().contains("differ"), "{}", gw.log());
 
     // 4. An empty file (a save cut short, `: > keygate.toml`): refused, routes keep serving.
     std::fs::write(&config_path, "").unwrap();
@@ -165,7 +187,7 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
         "keygate reload refuses it first"
     );
     gw.signal("HUP");
-    until_errors(&gw, 3.0).await;
+    until_errors(&gw, 4.0).await;
     assert!(gw.log().contains("no [[routes]]"), "{}", gw.log());
     assert_eq!(gw.send("GET", "/v2/status", &[], b"").await.status(), 200);
     assert_eq!(
@@ -178,7 +200,7 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
     stop.store(true, Ordering::Relaxed);
     let (sent, failed) = traffic.await.unwrap();
     println!(
-        "reload under traffic: {sent} signed requests, {failed} failed, 4 reloads (3 refused)"
+        "reload under traffic: {sent} signed requests, {failed} failed, 5 reloads (4 refused)"
     );
     assert!(sent > 20, "too little traffic to show anything: {sent}");
     assert_eq!(

@@ -22,6 +22,9 @@ use keys::{KeyFields, KeysCommand};
 pub const EX_USAGE: u8 = 64;
 /// Exit code when the gateway cannot start (EX_SOFTWARE would mislead; EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;
+/// Exit code when the gateway refused what it was given: `keygate reload` of a file the
+/// running gateway will not apply (sysexits EX_DATAERR, as the `keys` commands' refusals).
+pub const EX_DATAERR: u8 = 65;
 /// Exit code of `serve --upgrade` when no running keygate handed its listening socket over
 /// within `server.upgrade_wait` (sysexits EX_TEMPFAIL: nothing changed, try again).
 pub const EX_TEMPFAIL: u8 = 75;

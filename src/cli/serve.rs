@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::{EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE};
+use super::{EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE};
 use crate::{App, Config};
 
 pub(super) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -58,8 +58,46 @@ pub(super) fn check_config(
     ExitCode::from(EX_USAGE)
 }
 
+/// The running gateway's `keygate_config_reloads_total` (ok, error), read from the metrics
+/// listener the config names (loopback for an unspecified address; under `[metrics.tls]`
+/// without checking the certificate: it is this host's own listener and nothing secret is
+/// sent). `None` when it cannot be read.
+async fn reload_counts(config: &crate::Config) -> Option<(u64, u64)> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let listen = config.metrics.listen;
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let tls = config.metrics.tls.is_some();
+    let url = format!(
+        "{}://{}/metrics",
+        if tls { "https" } else { "http" },
+        SocketAddr::new(ip, listen.port())
+    );
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(tls)
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let text = client.get(url).send().await.ok()?.text().await.ok()?;
+    let count = |result: &str| {
+        let name = format!("keygate_config_reloads_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    text.contains("keygate_config_reloads_total")
+        .then(|| (count("ok"), count("error")))
+}
+
 /// `keygate reload`: SIGHUP to the gateway whose pid is in the config's `server.pid_file`.
-/// The file is checked first, so a broken edit is reported here, before the signal.
+/// The file is checked first, so a broken edit is reported here, before the signal; then the
+/// gateway's answer is read from its reload counter, since it also refuses what no file check
+/// can know (listeners, `[store]` or `[secrets]` that differ from the running ones, a file it
+/// cannot read as its own user).
 pub(super) fn reload(path: &std::path::Path) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
@@ -80,16 +118,53 @@ pub(super) fn reload(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_UNAVAILABLE);
         }
     };
-    match rustix::process::kill_process(pid, rustix::process::Signal::HUP) {
-        Ok(()) => {
-            println!("sent SIGHUP to keygate (pid {})", pid.as_raw_nonzero());
-            ExitCode::SUCCESS
-        }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("keygate reload: pid {}: {e}", pid.as_raw_nonzero());
-            ExitCode::from(EX_UNAVAILABLE)
+            eprintln!("keygate reload: runtime: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    let before = rt.block_on(reload_counts(&config));
+    if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::HUP) {
+        eprintln!("keygate reload: pid {}: {e}", pid.as_raw_nonzero());
+        return ExitCode::from(EX_UNAVAILABLE);
+    }
+    let pid = pid.as_raw_nonzero();
+    let Some((ok, error)) = before else {
+        eprintln!(
+            "keygate reload: sent SIGHUP to keygate (pid {pid}), but its metrics listener ({}) \
+             does not answer, so whether it applied the file is unknown: see its log (a file \
+             that changes metrics.listen is refused: listeners change only on restart)",
+            config.metrics.listen
+        );
+        return ExitCode::from(EX_UNAVAILABLE);
+    };
+    // A reload is read, checked and applied within milliseconds; 10 s covers a slow host
+    // name lookup of a changed upstream.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        match rt.block_on(reload_counts(&config)) {
+            Some((_, e)) if e > error => {
+                eprintln!(
+                    "keygate reload: keygate (pid {pid}) refused the file and keeps its running \
+                     config; its log says why (\"config reload refused\")"
+                );
+                return ExitCode::from(EX_DATAERR);
+            }
+            Some((o, _)) if o > ok => {
+                println!("keygate (pid {pid}) reloaded {}", path.display());
+                return ExitCode::SUCCESS;
+            }
+            _ => {}
         }
     }
+    eprintln!("keygate reload: sent SIGHUP to keygate (pid {pid}), which has not said in 10 s whether it applied the file: see its log");
+    ExitCode::from(EX_UNAVAILABLE)
 }
 
 pub(super) fn serve(path: &std::path::Path, upgrade: bool) -> ExitCode {

@@ -271,7 +271,7 @@ pub struct Guarded<A> {
     /// `[server.tls]`: the handshake each connection owes first.
     tls: Option<Acceptor>,
     /// Failed handshakes are logged at most once a minute: any client can cause one.
-    handshake_log: QuietLog,
+    handshake_log: crate::logging::QuietLog,
 }
 
 impl<A> Guarded<A> {
@@ -289,7 +289,7 @@ impl<A> Guarded<A> {
             metrics,
             tick,
             tls: None,
-            handshake_log: QuietLog::default(),
+            handshake_log: crate::logging::QuietLog::default(),
         }
     }
 
@@ -303,37 +303,6 @@ impl<A> Guarded<A> {
     pub fn with_tls(mut self, acceptor: Option<Acceptor>) -> Self {
         self.tls = acceptor;
         self
-    }
-}
-
-/// A log line that any client can cause, written at most once a minute with a count of the
-/// occurrences it stands for.
-#[derive(Debug, Default)]
-struct QuietLog {
-    /// Seconds since the Unix epoch of the last line written (0: never).
-    last: AtomicU64,
-    /// Occurrences since the last line written.
-    since: AtomicU64,
-}
-
-impl QuietLog {
-    const EVERY_SECS: u64 = 60;
-
-    /// Counts one occurrence; `Some(occurrences since the last line)` when a line is due.
-    fn due(&self) -> Option<u64> {
-        self.since.fetch_add(1, Ordering::Relaxed);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) < Self::EVERY_SECS {
-            return None;
-        }
-        // One caller wins the minute; the others only count.
-        self.last
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .ok()?;
-        Some(self.since.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -465,18 +434,6 @@ mod tests {
             body_timeout: Duration::from_secs(30),
             h2c: false,
         }
-    }
-
-    #[test]
-    fn a_quiet_log_writes_once_and_counts_the_rest() {
-        let log = QuietLog::default();
-        assert_eq!(log.due(), Some(1));
-        for _ in 0..99 {
-            assert_eq!(log.due(), None);
-        }
-        // A minute later the next line carries the 99 it stood for, plus itself.
-        log.last.fetch_sub(QuietLog::EVERY_SECS, Ordering::Relaxed);
-        assert_eq!(log.due(), Some(100));
     }
 
     #[tokio::test(start_paused = true)]

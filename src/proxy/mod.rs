@@ -56,6 +56,8 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The `ProxyHttp` implementation; shared by every request of the proxy service.
 pub struct Gateway {
+    /// Key lookups failed by the store, logged once a minute.
+    store_error_log: crate::logging::QuietLog,
     /// Routes, upstreams, trusted proxies: swapped whole by a reload.
     routing: Arc<ArcSwap<Routing>>,
     /// Endpoint health across reloads.
@@ -221,6 +223,7 @@ impl Gateway {
         let self_service_route = self_service::route();
         let board = Arc::new(health::HealthBoard::new(metrics.clone()));
         Self {
+            store_error_log: crate::logging::QuietLog::default(),
             routing: Arc::new(ArcSwap::from_pointee(Routing::new(
                 config, &metrics, &board,
             ))),
@@ -781,7 +784,10 @@ impl Gateway {
             Ok(Some(key)) => key,
             Ok(None) => return Err(AuthError::UnknownKey),
             Err(e) => {
-                tracing::error!(error = %e, "key lookup failed");
+                // Every request during an outage fails the same way: one line a minute.
+                if let Some(n) = self.store_error_log.due() {
+                    tracing::error!(error = %e, failed = n, "key lookup failed: the store is unavailable (logged at most once a minute; keygate_store_errors_total counts each)");
+                }
                 return Err(AuthError::StoreUnavailable);
             }
         };
