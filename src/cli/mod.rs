@@ -112,9 +112,10 @@ pub enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Make the running gateway read its config again: SIGHUP to the pid in the config's
-    /// server.pid_file. The gateway logs and counts the result
-    /// (keygate_config_reloads_total).
+    /// Make the running gateway read its config again: checks the file, sends SIGHUP to the
+    /// pid in its server.pid_file, and waits for the gateway's answer
+    /// (keygate_config_reloads_total on the file's metrics listener). Exit 0 reloaded, 65 the
+    /// gateway refused the file (its log says why), 69 no answer, 64 the file check failed.
     Reload,
 }
 
