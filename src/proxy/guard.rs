@@ -419,7 +419,12 @@ where
         };
         drained(Instant::now() + IDLE_DRAIN).await;
         self.inner.cleanup().await;
-        drained(Instant::now() + self.limits.header_timeout + self.limits.body_timeout).await;
+        // No bound of its own: a request in flight may run as long as its upstream allows, and
+        // pingora stops waiting for this service at the end of `shutdown_grace` (a bound here
+        // of header + body timeout cut requests that the grace still allowed).
+        while open() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
