@@ -349,3 +349,63 @@ async fn raw_utf8_in_an_h2_path_is_400() {
     assert!(text.contains("percent-encoded"), "{text}");
     assert_eq!(echo.count(), 0, "nothing reached the upstream");
 }
+
+/// A public route streams its body; over HTTP/2 pingora's reads of a stream have no timeout to
+/// move, so a stalled public body ran until the client gave up (outside test, issue 25). It is
+/// cut at `server.body_timeout` and counted as `body_timeout`, like a signed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_h2_body_on_a_public_route_is_cut_at_body_timeout() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    opts.server_extra = "h2c = true\nbody_timeout = \"1s\"".into();
+    let gw = Gateway::start(opts).await;
+    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(&[b'x'; 10]))))
+        .await
+        .unwrap();
+    let stalled = http::Request::post(format!("http://{}/public/upload", gw.proxy))
+        .header("content-length", "100")
+        .body(StreamBody::new(tokio_stream_from(rx)).boxed())
+        .unwrap();
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), sender.send_request(stalled))
+        .await
+        .expect("the stalled public stream was never cut");
+    println!(
+        "public h2 stream cut after {:?}: {outcome:?}",
+        started.elapsed()
+    );
+    assert!(
+        outcome.is_err() || outcome.as_ref().is_ok_and(|r| r.status() != 200),
+        "{outcome:?}"
+    );
+    drop(tx);
+    let counted = "keygate_requests_total{outcome=\"body_timeout\",route=\"public\"}";
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while gw.metric(counted).await < 1.0 {
+        assert!(Instant::now() < deadline, "not counted as body_timeout");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A whole public body over HTTP/2 still goes through, bytes intact.
+    let r = curl(
+        &["--http2-prior-knowledge".to_owned()],
+        "POST",
+        &format!("http://{}/public/upload", gw.proxy),
+        &[],
+        &[b'y'; 100_000],
+    )
+    .await;
+    assert_eq!((r.version.as_str(), r.status), ("2", 200), "{r:?}");
+    let seen = echo.seen().pop().unwrap();
+    assert_eq!(seen.body.len(), 100_000);
+}

@@ -1389,8 +1389,15 @@ impl ProxyHttp for Gateway {
         if route.public {
             if session.is_body_empty() {
                 guard::body_received();
-            } else {
+            } else if guard::deadlines_enforced() {
                 bound_body_read(session, ctx);
+            } else {
+                // An HTTP/2 stream: pingora's reads of it have no timeout to move, so the body
+                // is read here within `server.body_timeout` (and `max_body_bytes`) and replayed
+                // upstream from the retry buffer, as a signed request's is.
+                if self.read_body(session, ctx).await?.is_none() {
+                    return self.refuse_too_large(session, ctx).await;
+                }
             }
             return Ok(false);
         }
