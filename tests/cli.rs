@@ -543,6 +543,40 @@ fn a_store_of_another_user_is_refused_and_left_untouched() {
         "{:?}",
         files(dir.path())
     );
+    // A backup refused the same way leaves no directory behind.
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["store", "backup", "--to"])
+        .arg(dir.path().join("bk/b.jsonl"))
+        .env_remove("KEYGATE_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    assert!(
+        !dir.path().join("bk").exists(),
+        "a refused backup made its directory"
+    );
+    // root creating a new store in the service's directory (a restore onto a fresh host) is
+    // refused too: the service could not open it.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fresh = elsewhere.path().join("fresh.toml");
+    std::fs::write(
+        &fresh,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("k.db", "fresh.db"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&fresh)
+        .args(["secrets", "status"])
+        .env_remove("KEYGATE_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    assert!(!dir.path().join("fresh.db").exists());
     // And the service still opens its store.
     let (code, text) = status(&mut service());
     assert_eq!(code, Some(0), "{text}");

@@ -105,8 +105,13 @@ pub(super) fn backup(config: &crate::Config, to: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(EX_USAGE);
     }
+    let (stores, rt) = match open(config, "store backup") {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     // A dated backup path (`backups/2026-12-03/keygate.jsonl`) names a directory that does not
-    // exist yet: make it private, as the backup it will hold, before the store is opened.
+    // exist yet: make it private, as the backup it will hold — once the store has opened, so a
+    // refused backup leaves nothing behind.
     if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
         use std::os::unix::fs::DirBuilderExt;
         if let Err(e) = std::fs::DirBuilder::new()
@@ -118,10 +123,6 @@ pub(super) fn backup(config: &crate::Config, to: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     }
-    let (stores, rt) = match open(config, "store backup") {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
     let mut partial = to.as_os_str().to_owned();
     partial.push(".partial");
     let partial = std::path::PathBuf::from(partial);

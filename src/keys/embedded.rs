@@ -242,10 +242,17 @@ impl Db {
 /// `store backup` run as root on a service's store did exactly that.
 fn not_another_users(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(path) else {
-        return Ok(()); // a new store: this user creates it
-    };
     let me = rustix::process::geteuid().as_raw();
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        // A new store: root creating it in another user's directory (a restore onto a fresh
+        // host, run from an admin shell) would leave the service a store it cannot open. Any
+        // other user creates what it will own.
+        Err(_) => match path.parent().and_then(|d| std::fs::metadata(d).ok()) {
+            Some(dir) if me == 0 && dir.uid() != 0 => dir,
+            _ => return Ok(()),
+        },
+    };
     if meta.uid() == me {
         return Ok(());
     }
