@@ -82,6 +82,9 @@ fn identity(c: &Config) -> Vec<(&'static str, String)> {
         ("server.listen", c.server.listen.to_string()),
         ("admin.listen", c.admin.listen.to_string()),
         ("metrics.listen", c.metrics.listen.to_string()),
+        // HTTP or HTTPS is how those listeners were built; their certificate files reload.
+        ("admin.tls", c.admin.tls.is_some().to_string()),
+        ("metrics.tls", c.metrics.tls.is_some().to_string()),
         ("store", format!("{:?}", c.store)),
         ("secrets", format!("{:?}", c.secrets)),
     ]

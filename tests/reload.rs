@@ -178,6 +178,22 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
     until_errors(&gw, 3.0).await;
     assert!(gw.log().contains("differ"), "{}", gw.log());
 
+    // 3c. HTTPS added to the metrics listener: that listener was built plain and stays so,
+    // so the file is refused like a listener change (it was "reloaded", still plain).
+    let tls_dir = tempfile::tempdir().unwrap();
+    let files = support::redis::TlsFiles::generate(tls_dir.path());
+    let with_metrics_tls = format!(
+        "{original}\n[metrics.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        files.cert.display().to_string(),
+        files.key.display().to_string()
+    );
+    std::fs::write(&config_path, &with_metrics_tls).unwrap();
+    let out = keygate_reload(&gw);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    until_errors(&gw, 4.0).await;
+    assert!(gw.log().contains("metrics.tls differ"), "{}", gw.log());
+
     // 4. An empty file (a save cut short, `: > keygate.toml`): refused, routes keep serving.
     std::fs::write(&config_path, "").unwrap();
     let out = keygate_reload(&gw);
@@ -187,7 +203,7 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
         "keygate reload refuses it first"
     );
     gw.signal("HUP");
-    until_errors(&gw, 4.0).await;
+    until_errors(&gw, 5.0).await;
     assert!(gw.log().contains("no [[routes]]"), "{}", gw.log());
     assert_eq!(gw.send("GET", "/v2/status", &[], b"").await.status(), 200);
     assert_eq!(
@@ -200,7 +216,7 @@ async fn a_reload_under_traffic_changes_routes_without_a_failed_request() {
     stop.store(true, Ordering::Relaxed);
     let (sent, failed) = traffic.await.unwrap();
     println!(
-        "reload under traffic: {sent} signed requests, {failed} failed, 5 reloads (4 refused)"
+        "reload under traffic: {sent} signed requests, {failed} failed, 6 reloads (5 refused)"
     );
     assert!(sent > 20, "too little traffic to show anything: {sent}");
     assert_eq!(
@@ -295,4 +311,54 @@ async fn until_errors(gw: &Gateway, n: f64) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `keygate reload` signals only a `keygate serve` reading the file it was given (outside test,
+/// issue 25): a pid file left by a killed gateway may name another process by now, which
+/// SIGHUP ended; and a gateway re-reads its own `--config`, so "reloaded OTHER" was untrue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygate_reload_signals_only_the_gateway_reading_that_file() {
+    let echo = Echo::start().await;
+    let mut opts = Options::new(&echo);
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("keygate.pid");
+    opts.server_extra = format!("pid_file = {:?}", pid_file.display().to_string());
+    let gw = Gateway::start(opts).await;
+    let original = std::fs::read_to_string(gw.dir.join("keygate.toml")).unwrap();
+
+    // Another file naming the same pid file: refused, nothing signalled, nothing counted.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, original.replace("/public/*", "/elsewhere/*")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["reload", "--config"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("nothing was signalled"), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gw.metric("keygate_config_reloads_total{result=\"ok\"}")
+            .await,
+        0.0
+    );
+
+    // A stale pid file naming an unrelated process: it is left alone.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    std::fs::write(&pid_file, format!("{}\n", bystander.id())).unwrap();
+    let out = keygate_reload(&gw);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("not a keygate serve"), "{err}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the unrelated process was signalled"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
 }

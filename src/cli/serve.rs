@@ -70,18 +70,27 @@ async fn reload_counts(config: &crate::Config) -> Option<(u64, u64)> {
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    let tls = config.metrics.tls.is_some();
-    let url = format!(
-        "{}://{}/metrics",
-        if tls { "https" } else { "http" },
-        SocketAddr::new(ip, listen.port())
-    );
     let client = reqwest::Client::builder()
-        .danger_accept_invalid_certs(tls)
+        .danger_accept_invalid_certs(true)
         .timeout(std::time::Duration::from_secs(2))
         .build()
         .ok()?;
-    let text = client.get(url).send().await.ok()?.text().await.ok()?;
+    // The file's scheme first; the other too, since a file that adds or drops
+    // `[metrics.tls]` is read by a gateway still serving the way it started.
+    let tls = config.metrics.tls.is_some();
+    let mut text = None;
+    for https in [tls, !tls] {
+        let url = format!(
+            "{}://{}/metrics",
+            if https { "https" } else { "http" },
+            SocketAddr::new(ip, listen.port())
+        );
+        if let Ok(resp) = client.get(url).send().await {
+            text = resp.text().await.ok();
+            break;
+        }
+    }
+    let text = text?;
     let count = |result: &str| {
         let name = format!("keygate_config_reloads_total{{result=\"{result}\"}} ");
         text.lines()
@@ -91,6 +100,46 @@ async fn reload_counts(config: &crate::Config) -> Option<(u64, u64)> {
     };
     text.contains("keygate_config_reloads_total")
         .then(|| (count("ok"), count("error")))
+}
+
+/// Whether `pid` is a `keygate serve` reading `config`: a pid file left by a gateway that was
+/// killed may name another process by now (which SIGHUP would end), and the gateway re-reads
+/// its own `--config`, not the file given here.
+fn same_gateway(pid: i32, config: &std::path::Path) -> Result<(), String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map_err(|e| format!("pid {pid} is not running ({e}); a stale pid file?"))?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let is_keygate =
+        args.first().is_some_and(|a| a.ends_with("keygate")) && args.iter().any(|a| a == "serve");
+    if !is_keygate {
+        return Err(format!(
+            "pid {pid} is not a keygate serve ({}): a stale pid file? nothing was signalled",
+            args.join(" ").trim()
+        ));
+    }
+    let theirs = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
+    if let Some(theirs) = theirs {
+        // A relative path is the gateway's, from its own working directory.
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        let theirs = std::fs::canonicalize(cwd.join(&theirs)).unwrap_or(theirs);
+        let ours = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned());
+        if theirs != ours {
+            return Err(format!(
+                "keygate (pid {pid}) reads {}, not {}: a reload would apply that file; \
+                 nothing was signalled",
+                theirs.display(),
+                ours.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `keygate reload`: SIGHUP to the gateway whose pid is in the config's `server.pid_file`.
@@ -118,6 +167,10 @@ pub(super) fn reload(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_UNAVAILABLE);
         }
     };
+    if let Err(e) = same_gateway(pid.as_raw_nonzero().get(), path) {
+        eprintln!("keygate reload: {}: {e}", pid_file.display());
+        return ExitCode::from(EX_UNAVAILABLE);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
