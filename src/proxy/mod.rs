@@ -56,7 +56,8 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The `ProxyHttp` implementation; shared by every request of the proxy service.
 pub struct Gateway {
-    /// Key lookups failed by the store, logged once a minute.
+    /// Key lookups and nonce checks failed by the store, logged once a minute: every request
+    /// of an outage fails the same way.
     store_error_log: crate::logging::QuietLog,
     /// Routes, upstreams, trusted proxies: swapped whole by a reload.
     routing: Arc<ArcSwap<Routing>>,
@@ -851,10 +852,14 @@ impl Gateway {
                 Err(e) => {
                     self.metrics.store_error("use_nonce");
                     let Some(local) = &self.local_nonces else {
-                        tracing::error!(error = %e, "nonce check failed");
+                        if let Some(n) = self.store_error_log.due() {
+                            tracing::error!(error = %e, failed = n, "nonce check failed: the store is unavailable (logged at most once a minute; keygate_store_errors_total{{op=\"use_nonce\"}} counts each)");
+                        }
                         return Err(AuthError::StoreUnavailable);
                     };
-                    tracing::warn!(error = %e, "store unreachable: checking the nonce locally");
+                    if let Some(n) = self.store_error_log.due() {
+                        tracing::warn!(error = %e, checked = n, "store unreachable: checking nonces locally (logged at most once a minute)");
+                    }
                     let entry = local
                         .entry(format!("{}\n{}", key.id(), claim.value))
                         .or_insert(());
