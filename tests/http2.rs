@@ -182,32 +182,21 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_h2_body_is_cut_at_body_timeout_and_other_streams_go_on() {
-    use http_body_util::{BodyExt, Full, StreamBody};
-    use hyper::body::Frame;
+    use http_body_util::{BodyExt, Full};
     let echo = Echo::start().await;
     let mut opts = Options::new(&echo);
     opts.server_extra = "h2c = true\nbody_timeout = \"1s\"\nheader_timeout = \"1s\"".into();
     let gw = Gateway::start(opts).await;
     let key = gw.mint(json!({})).await;
 
-    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(&gw).await;
 
     // Announces 100 bytes, sends 10, then nothing.
     let body = vec![b'x'; 100];
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
-    tx.send(Ok(Frame::data(Bytes::from_static(&[b'x'; 10]))))
-        .await
-        .unwrap();
+    let (tx, stalled_body) = stalled_after_10_bytes().await;
     let mut stalled = http::Request::post(format!("http://{}/v1/payments", gw.proxy))
         .header("content-length", "100")
-        .body(StreamBody::new(tokio_stream_from(rx)).boxed())
+        .body(stalled_body)
         .unwrap();
     for (k, v) in signed(&key, "POST", "/v1/payments", &body) {
         stalled.headers_mut().insert(
@@ -294,6 +283,38 @@ async fn a_stalled_h2_body_is_cut_at_body_timeout_and_other_streams_go_on() {
 }
 
 /// A stream of the channel's items, for a streaming request body.
+/// An h2c (prior knowledge) connection to the proxy, driven in the background.
+async fn h2c_sender(
+    gw: &Gateway,
+) -> hyper::client::conn::http2::SendRequest<
+    http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
+> {
+    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A request body that sends 10 bytes, then nothing until the sender is dropped.
+async fn stalled_after_10_bytes() -> (
+    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+    http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
+) {
+    use http_body_util::{BodyExt, StreamBody};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(
+        &[b'x'; 10],
+    ))))
+    .await
+    .unwrap();
+    (tx, StreamBody::new(tokio_stream_from(rx)).boxed())
+}
+
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> {
@@ -355,27 +376,15 @@ async fn raw_utf8_in_an_h2_path_is_400() {
 /// cut at `server.body_timeout` and counted as `body_timeout`, like a signed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_h2_body_on_a_public_route_is_cut_at_body_timeout() {
-    use http_body_util::{BodyExt, StreamBody};
-    use hyper::body::Frame;
     let echo = Echo::start().await;
     let mut opts = Options::new(&echo);
     opts.server_extra = "h2c = true\nbody_timeout = \"1s\"".into();
     let gw = Gateway::start(opts).await;
-    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
-    tx.send(Ok(Frame::data(Bytes::from_static(&[b'x'; 10]))))
-        .await
-        .unwrap();
+    let mut sender = h2c_sender(&gw).await;
+    let (tx, stalled_body) = stalled_after_10_bytes().await;
     let stalled = http::Request::post(format!("http://{}/public/upload", gw.proxy))
         .header("content-length", "100")
-        .body(StreamBody::new(tokio_stream_from(rx)).boxed())
+        .body(stalled_body)
         .unwrap();
     let started = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(10), sender.send_request(stalled))
