@@ -367,20 +367,6 @@ impl BackgroundService for RefreshService {
             }
         }
     }
-
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
-            let wait = if self.0.load_once().await {
-                self.0.refresh
-            } else {
-                Duration::from_secs(1)
-            };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
 }
 
 #[cfg(test)]

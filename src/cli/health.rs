@@ -1,7 +1,6 @@
 //! `keygate health`: one GET of a health endpoint, for a container `HEALTHCHECK` or a probe
 //! on a host without curl. Exit 0 on a 2xx answer, 1 otherwise.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,18 +28,12 @@ pub(super) fn target_of(config: &Path, ca_file: Option<&Path>) -> Result<Target,
     if let Some(p) = problems.iter().find(|p| p.path.starts_with("admin")) {
         return Err(format!("--config: {p}"));
     }
-    let listen = config.admin.listen;
-    let ip = match listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
     let tls = config.admin.tls.is_some();
     Ok(Target {
         url: format!(
             "{}://{}/healthz",
             if tls { "https" } else { "http" },
-            SocketAddr::new(ip, listen.port())
+            super::reachable(config.admin.listen)
         ),
         skip_verify: tls && ca_file.is_none(),
     })

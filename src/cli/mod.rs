@@ -377,6 +377,18 @@ impl From<KeysCmd> for KeysCommand {
 }
 
 /// An HTTP client builder that also trusts the PEM CA certificates of `--ca-file`.
+/// Where a probe on this host reaches a listener bound to `listen`: loopback for an
+/// unspecified address (0.0.0.0, [::]), the address itself otherwise.
+fn reachable(listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, listen.port())
+}
+
 fn client_trusting(ca_file: Option<&std::path::Path>) -> Result<reqwest::ClientBuilder, String> {
     let builder = reqwest::Client::builder();
     let Some(ca) = ca_file else {

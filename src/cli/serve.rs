@@ -63,13 +63,7 @@ pub(super) fn check_config(
 /// without checking the certificate: it is this host's own listener and nothing secret is
 /// sent). `None` when it cannot be read.
 async fn reload_counts(config: &crate::Config) -> Option<(u64, u64)> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    let listen = config.metrics.listen;
-    let ip = match listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
+    let addr = super::reachable(config.metrics.listen);
     let client = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .timeout(std::time::Duration::from_secs(2))
@@ -83,7 +77,7 @@ async fn reload_counts(config: &crate::Config) -> Option<(u64, u64)> {
         let url = format!(
             "{}://{}/metrics",
             if https { "https" } else { "http" },
-            SocketAddr::new(ip, listen.port())
+            addr
         );
         if let Ok(resp) = client.get(url).send().await {
             text = resp.text().await.ok();
