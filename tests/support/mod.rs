@@ -29,6 +29,8 @@ pub struct Seen {
     pub target: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
+    /// When the upstream had read it.
+    pub at: Instant,
 }
 
 /// A real HTTP upstream that records every request and echoes a small JSON answer.
@@ -62,6 +64,7 @@ impl Echo {
                     target: target.clone(),
                     headers: parts.headers,
                     body: body.clone(),
+                    at: Instant::now(),
                 });
                 if slow {
                     tokio::time::sleep(Duration::from_secs(3)).await;

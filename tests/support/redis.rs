@@ -279,7 +279,82 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_nodes(3, 2000)
+    }
+
+    /// Three masters and a replica of each (`nodes[3 + i]` replicates `nodes[i]`), with
+    /// `node_timeout_ms` as `cluster-node-timeout`: a killed master's replica takes over about
+    /// that long after the kill.
+    pub fn start_with_replicas(node_timeout_ms: u32) -> Self {
+        let cluster = Self::start_nodes(6, node_timeout_ms);
+        let ids: Vec<String> = cluster.nodes[..3]
+            .iter()
+            .map(|n| resp_text(&n.cli(&["CLUSTER", "MYID"])))
+            .collect();
+        for (replica, id) in cluster.nodes[3..].iter().zip(&ids) {
+            // A node learns the others over the bus: REPLICATE fails until it knows the master.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let reply = replica.cli(&["CLUSTER", "REPLICATE", id]);
+                if reply.starts_with("+OK") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "CLUSTER REPLICATE: {reply}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let synced = cluster.nodes[..3].iter().all(|m| {
+                let info = m.cli(&["INFO", "replication"]);
+                info.contains("connected_slaves:1") && info.contains("state=online")
+            });
+            let ok = cluster
+                .nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            if synced && ok {
+                return cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas did not catch up with their masters"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether `node` now answers `ROLE` as a master.
+    pub fn is_master(node: &RedisServer) -> bool {
+        node.cli(&["ROLE"]).contains("master")
+    }
+
+    /// After master `dead` was killed: waits until its replica is a master and every other
+    /// node says `cluster_state:ok`; returns how long that took.
+    pub fn wait_failover(&self, dead: usize, within: Duration) -> Duration {
+        let replica = dead + 3;
+        let started = Instant::now();
+        loop {
+            let promoted = Self::is_master(&self.nodes[replica]);
+            let ok = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != dead)
+                .all(|(_, n)| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            if promoted && ok {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "node {replica} was not promoted within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn start_nodes(count: usize, node_timeout_ms: u32) -> Self {
+        let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 RedisServer::start_with(&Mode::Plain, || {
                     vec![
@@ -290,7 +365,7 @@ impl RedisCluster {
                         "--cluster-port".into(),
                         free_port().to_string(),
                         "--cluster-node-timeout".into(),
-                        "2000".into(),
+                        node_timeout_ms.to_string(),
                     ]
                 })
             })
@@ -306,11 +381,12 @@ impl RedisCluster {
                 nodes[0].cli(&["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string(), &bus]);
             assert!(reply.starts_with("+OK"), "CLUSTER MEET: {reply}");
         }
+        let known = format!("cluster_known_nodes:{count}");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let ok = nodes.iter().all(|n| {
                 let info = n.cli(&["CLUSTER", "INFO"]);
-                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+                info.contains("cluster_state:ok") && info.contains(&known)
             });
             if ok {
                 return Self { nodes };
@@ -320,14 +396,24 @@ impl RedisCluster {
         }
     }
 
-    /// `redis+cluster://` naming every node.
+    /// `redis+cluster://` naming the three first masters (seeds: the client learns the rest).
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .nodes
+        let hosts: Vec<String> = self.nodes[..3]
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The index of the first master serving `key`'s slot.
+    pub fn master_index_for(&self, key: &str) -> usize {
+        let slot = self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]);
+        let slot: u16 = slot.trim().trim_start_matches(':').parse().unwrap();
+        match slot {
+            0..=5460 => 0,
+            5461..=10922 => 1,
+            _ => 2,
+        }
     }
 
     /// The node serving `key`'s slot.
@@ -341,6 +427,17 @@ impl RedisCluster {
         };
         &self.nodes[index]
     }
+}
+
+/// The text of a simple or bulk RESP reply.
+fn resp_text(reply: &str) -> String {
+    reply
+        .lines()
+        .find(|l| !l.starts_with('$'))
+        .unwrap_or_default()
+        .trim_start_matches('+')
+        .trim()
+        .to_owned()
 }
 
 fn node_bus_port(node: &RedisServer) -> String {
