@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::redis::SentinelSet;
-use support::{assert_problem, free_port, run_output, Echo, Gateway, Options};
+use support::{assert_problem, free_port, run_output, Echo, Gateway, Key, Options};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
@@ -30,19 +30,124 @@ fn secret_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
     path
 }
 
-/// What the load saw: each answer's status, with when it came.
-type Answers = Arc<Mutex<Vec<(Instant, u16)>>>;
+/// Signed load: several tasks sending valid requests (fresh nonce each) to the gateways in
+/// turn, each answer's status recorded with when it came.
+struct Load {
+    answers: Arc<Mutex<Vec<(Instant, u16)>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fleet_on_sentinel_follows_a_primary_kill_without_a_false_refusal() {
-    let test_started = Instant::now();
-    let mut set = SentinelSet::start();
-    let echo = Echo::start().await;
-    let gw1 = Gateway::start(on_sentinels(&echo, &set, "")).await;
-    let mut opts = on_sentinels(&echo, &set, "");
+impl Load {
+    fn start(gateways: &Arc<Vec<Gateway>>, key: &Key, tasks: usize) -> Self {
+        let answers: Arc<Mutex<Vec<(Instant, u16)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..tasks)
+            .map(|t| {
+                let (gateways, key, answers, stop) = (
+                    Arc::clone(gateways),
+                    key.clone(),
+                    Arc::clone(&answers),
+                    Arc::clone(&stop),
+                );
+                tokio::spawn(async move {
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        let gw = &gateways[i % gateways.len()];
+                        i += 1;
+                        let status = gw
+                            .send_v1(&key, "POST", "/v1/payments", b"{}")
+                            .await
+                            .status()
+                            .as_u16();
+                        answers.lock().unwrap().push((Instant::now(), status));
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            answers,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Waits until only 200s came for 2 s after some non-200 after `event` (true), or 30 s
+    /// pass (false).
+    async fn wait_recovered(&self, event: Instant) -> bool {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let last_bad = self
+                .answers
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(at, s)| *at > event && *s != 200)
+                .map(|(at, _)| *at)
+                .max();
+            if last_bad.is_some_and(|b| b.elapsed() > Duration::from_secs(2)) {
+                return true;
+            }
+            if last_bad.is_none() && event.elapsed() > Duration::from_secs(8) {
+                // Not one failed answer: nothing to recover from.
+                return true;
+            }
+            if event.elapsed() > Duration::from_secs(30) {
+                return false;
+            }
+        }
+    }
+
+    async fn finish(self) -> Vec<(Instant, u16)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let seen = self.answers.lock().unwrap().clone();
+        seen
+    }
+}
+
+/// The figures of one failover: (valid requests answered 401/403, time from `event` to the
+/// last non-200), printed for the note.
+fn figures(what: &str, seen: &[(Instant, u16)], event: Instant) -> (usize, Duration) {
+    let after: Vec<&(Instant, u16)> = seen.iter().filter(|(at, _)| *at > event).collect();
+    let refused_as_invalid = seen.iter().filter(|(_, s)| *s == 401 || *s == 403).count();
+    let bad: Vec<Instant> = after
+        .iter()
+        .filter(|(_, s)| *s != 200)
+        .map(|(at, _)| *at)
+        .collect();
+    let window = match (bad.iter().min(), bad.iter().max()) {
+        (Some(a), Some(b)) => *b - *a,
+        _ => Duration::ZERO,
+    };
+    let until_last_bad = bad.iter().max().map_or(Duration::ZERO, |b| *b - event);
+    let mut statuses = std::collections::BTreeMap::new();
+    for (_, s) in &after {
+        *statuses.entry(*s).or_insert(0u32) += 1;
+    }
+    eprintln!(
+        "{what}: {} requests ({} before, {} after); valid requests answered 401/403: \
+         {refused_as_invalid}; non-200 window {:.2} s (first to last), {:.2} s from the event \
+         to the last non-200; statuses after: {statuses:?}",
+        seen.len(),
+        seen.len() - after.len(),
+        after.len(),
+        window.as_secs_f64(),
+        until_last_bad.as_secs_f64(),
+    );
+    (refused_as_invalid, until_last_bad)
+}
+
+/// Two gateways on `set` sharing one master key, and a key that works on both.
+async fn fleet(echo: &Echo, set: &SentinelSet) -> (Arc<Vec<Gateway>>, Key) {
+    let gw1 = Gateway::start(on_sentinels(echo, set, "")).await;
+    let mut opts = on_sentinels(echo, set, "");
     opts.master_key = Some(gw1.master_key.clone());
     let gw2 = Gateway::start(opts).await;
-    let gateways = Arc::new([gw1, gw2]);
+    let gateways = Arc::new(vec![gw1, gw2]);
     let key = gateways[0].mint(json!({})).await;
     for gw in gateways.iter() {
         assert_eq!(
@@ -52,101 +157,14 @@ async fn a_fleet_on_sentinel_follows_a_primary_kill_without_a_false_refusal() {
             200
         );
     }
+    (gateways, key)
+}
 
-    // Signed load from several tasks, each request valid with a fresh nonce, on both gateways.
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for t in 0..4usize {
-        let (gateways, key, answers, stop) = (
-            Arc::clone(&gateways),
-            key.clone(),
-            Arc::clone(&answers),
-            Arc::clone(&stop),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut i = t;
-            while !stop.load(Ordering::Relaxed) {
-                let gw = &gateways[i % 2];
-                i += 1;
-                let status = gw
-                    .send_v1(&key, "POST", "/v1/payments", b"{}")
-                    .await
-                    .status()
-                    .as_u16();
-                answers.lock().unwrap().push((Instant::now(), status));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let old_primary = set.primary_addr();
-    let killed_at = Instant::now();
-    set.kill_primary();
-
-    // Until both gateways have answered only 200s for 2 s, within 30 s of the kill.
-    let recovered = loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let seen = answers.lock().unwrap().clone();
-        let last_bad = seen
-            .iter()
-            .filter(|(at, s)| *at > killed_at && *s != 200)
-            .map(|(at, _)| *at)
-            .max();
-        let quiet_since = last_bad.unwrap_or(killed_at);
-        if quiet_since.elapsed() > Duration::from_secs(2) && last_bad.is_some() {
-            break true;
-        }
-        if killed_at.elapsed() > Duration::from_secs(30) {
-            break false;
-        }
-    };
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let seen = answers.lock().unwrap().clone();
-    let after: Vec<&(Instant, u16)> = seen.iter().filter(|(at, _)| *at > killed_at).collect();
-    let refused_as_invalid = seen.iter().filter(|(_, s)| *s == 401 || *s == 403).count();
-    let bad: Vec<&&(Instant, u16)> = after.iter().filter(|(_, s)| *s != 200).collect();
-    let first_bad = bad.iter().map(|(at, _)| *at).min();
-    let last_bad = bad.iter().map(|(at, _)| *at).max();
-    let window = match (first_bad, last_bad) {
-        (Some(a), Some(b)) => b - a,
-        _ => Duration::ZERO,
-    };
-    let until_last_bad = last_bad.map_or(Duration::ZERO, |b| b - killed_at);
-    let mut statuses = std::collections::BTreeMap::new();
-    for (_, s) in &after {
-        *statuses.entry(*s).or_insert(0u32) += 1;
-    }
-    eprintln!(
-        "sentinel failover: {} requests ({} before the kill, {} after); valid requests answered \
-         401/403: {refused_as_invalid}; non-200 window {:.2} s (first to last), {:.2} s from the \
-         kill to the last non-200; statuses after the kill: {statuses:?}; primary {old_primary} \
-         -> {}",
-        seen.len(),
-        seen.len() - after.len(),
-        after.len(),
-        window.as_secs_f64(),
-        until_last_bad.as_secs_f64(),
-        set.primary_addr()
-    );
-    assert_eq!(refused_as_invalid, 0, "valid requests refused as invalid");
-    assert!(
-        recovered,
-        "the gateways did not serve again within 30 s of the kill"
-    );
-    assert!(
-        until_last_bad < Duration::from_secs(10),
-        "non-200 answers for {until_last_bad:?} after the kill"
-    );
-    assert_ne!(set.primary_addr(), old_primary, "no failover happened");
-
-    // A key minted after the failover works on both gateways, and its revocation on one
-    // reaches the other over the change feed, now on the new primary.
+/// A key minted after the failover works on both gateways, and its revocation on one reaches
+/// the other over the change feed, now on the new primary. Returns how long that took.
+async fn fresh_key_and_revocation_work(gateways: &[Gateway]) -> Duration {
     let fresh = gateways[1].mint(json!({})).await;
-    for gw in gateways.iter() {
+    for gw in gateways {
         assert_eq!(
             gw.send_v1(&fresh, "POST", "/v1/payments", b"{}")
                 .await
@@ -162,7 +180,7 @@ async fn a_fleet_on_sentinel_follows_a_primary_kill_without_a_false_refusal() {
             .await;
         if r.status() == 401 {
             assert_problem(r, 401, "revoked_key").await;
-            break;
+            return revoked_at.elapsed();
         }
         assert_eq!(r.status(), 200);
         assert!(
@@ -171,13 +189,90 @@ async fn a_fleet_on_sentinel_follows_a_primary_kill_without_a_false_refusal() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_on_sentinel_follows_a_primary_kill_without_a_false_refusal() {
+    let test_started = Instant::now();
+    let mut set = SentinelSet::start();
+    let echo = Echo::start().await;
+    let (gateways, key) = fleet(&echo, &set).await;
+    let load = Load::start(&gateways, &key, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old_primary = set.primary_addr();
+    let killed_at = Instant::now();
+    set.kill_primary();
+    let recovered = load.wait_recovered(killed_at).await;
+    let seen = load.finish().await;
+    let (refused_as_invalid, until_last_bad) =
+        figures("sentinel failover (SIGKILL)", &seen, killed_at);
+    assert_eq!(refused_as_invalid, 0, "valid requests refused as invalid");
+    assert!(
+        recovered,
+        "the gateways did not serve again within 30 s of the kill"
+    );
+    assert!(
+        until_last_bad < Duration::from_secs(10),
+        "non-200 answers for {until_last_bad:?} after the kill"
+    );
+    assert_ne!(set.primary_addr(), old_primary, "no failover happened");
+    let propagation = fresh_key_and_revocation_work(&gateways).await;
     eprintln!(
-        "sentinel failover: revocation after the failover reached the other gateway in {:.1} ms; \
-         whole test {:.1} s",
-        revoked_at.elapsed().as_secs_f64() * 1000.0,
+        "sentinel failover (SIGKILL): primary {old_primary} -> {}; a revocation after it \
+         reached the other gateway in {:.1} ms; whole test {:.1} s",
+        set.primary_addr(),
+        propagation.as_secs_f64() * 1000.0,
         test_started.elapsed().as_secs_f64()
     );
     assert!(test_started.elapsed() < Duration::from_secs(60));
+}
+
+/// `SENTINEL FAILOVER` leaves the old primary alive as a replica: a gateway that kept writing
+/// to it would get READONLY on every nonce (503 for ever). The fleet must move to the new
+/// primary, with no valid request refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_on_sentinel_stops_writing_to_a_demoted_primary() {
+    let set = SentinelSet::start();
+    let echo = Echo::start().await;
+    let (gateways, key) = fleet(&echo, &set).await;
+    let load = Load::start(&gateways, &key, 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old_port = set.primary.port;
+    let switched_at = Instant::now();
+    set.force_failover();
+    // Sentinel promotes the replica at once but may reconfigure the old primary as its replica
+    // only seconds later (about 8 s here): until then both answer as masters.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while set.role_of(old_port) != "slave" {
+        assert!(Instant::now() < deadline, "the old primary was not demoted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let demoted_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = load.finish().await;
+    let (refused_as_invalid, until_last_bad) =
+        figures("sentinel failover (SENTINEL FAILOVER)", &seen, switched_at);
+    assert_eq!(refused_as_invalid, 0, "valid requests refused as invalid");
+    assert!(
+        until_last_bad < Duration::from_secs(10),
+        "{until_last_bad:?}"
+    );
+    assert_eq!(
+        set.primary_addr(),
+        format!("127.0.0.1:{}", set.replica.port)
+    );
+    // Once the old primary is a replica, writing to it would be answered READONLY (503): every
+    // answer after its demotion is a 200, so the writes go to the new primary.
+    let late: Vec<u16> = seen
+        .iter()
+        .filter(|(at, _)| *at > demoted_at)
+        .map(|(_, s)| *s)
+        .collect();
+    assert!(
+        late.len() > 50 && late.iter().all(|s| *s == 200),
+        "{late:?}"
+    );
+    fresh_key_and_revocation_work(&gateways).await;
 }
 
 /// A config with `[store]` replaced by `store`, nothing else of note.

@@ -467,6 +467,25 @@ impl SentinelSet {
         }
     }
 
+    /// `SENTINEL FAILOVER`: the replica is promoted and the primary, alive, demoted.
+    pub fn force_failover(&self) {
+        let reply = self.sentinel_cmd(
+            self.sentinels[0].port,
+            &["SENTINEL", "FAILOVER", SENTINEL_MASTER],
+        );
+        assert!(reply.contains("+OK"), "SENTINEL FAILOVER: {reply}");
+    }
+
+    /// `ROLE` of the node on `port` (`master`/`slave`), with the data nodes' password.
+    pub fn role_of(&self, port: u16) -> String {
+        let reply = resp_exchange(port, self.password.as_deref(), &["ROLE"]);
+        ["master", "slave"]
+            .into_iter()
+            .find(|r| reply.contains(&format!("\r\n{r}\r\n")))
+            .unwrap_or("unknown")
+            .to_owned()
+    }
+
     /// `host:port` of the primary, asked from a sentinel that answers.
     pub fn primary_addr(&self) -> String {
         format!("127.0.0.1:{}", self.primary_port())
