@@ -441,4 +441,32 @@ async fn a_gateway_reads_the_data_and_sentinel_passwords_from_their_files() {
         200
     );
     assert!(!gw.log().contains("pw-1"), "a password was logged");
+    // The +switch-master follower authenticates to the sentinels too.
+    assert!(
+        !gw.log()
+            .contains("cannot follow the sentinel's notifications"),
+        "{}",
+        gw.log()
+    );
+
+    // The CLI on the same config: health reaches the gateway, a backup reads the store
+    // through the sentinels.
+    let config = gw.dir.join("keygate.toml");
+    let cli = |args: &[&str]| {
+        run_output(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(&config)
+                .args(args)
+                .env("KEYGATE_MASTER_KEY", &gw.master_key)
+                .env_remove("KEYGATE_ADMIN_TOKEN"),
+        )
+    };
+    let (code, text) = cli(&["health"]);
+    assert_eq!(code, 0, "{text}");
+    let backup = dir.path().join("backup.jsonl");
+    let (code, text) = cli(&["store", "backup", "--to", backup.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(": 1 keys"), "{text}");
+    assert!(!text.contains("pw-1"), "{text}");
 }
