@@ -152,8 +152,11 @@ struct Shared {
     target: SentinelTarget,
     passwords: Passwords,
     primary: ArcSwap<Primary>,
-    /// Wakes the resolver.
+    /// Wakes the resolver: a call failed on its connection or got READONLY.
     wake: Notify,
+    /// A sentinel announced a switch: also cuts short the resolver's backoff (failed calls,
+    /// which come by the thousand during an outage, do not).
+    announced: Notify,
     /// Counts switches to another primary; the change feed resubscribes when it moves.
     switches: watch::Sender<u64>,
 }
@@ -182,6 +185,7 @@ impl SentinelConn {
             passwords,
             primary: ArcSwap::from_pointee(primary),
             wake: Notify::new(),
+            announced: Notify::new(),
             switches,
         }));
         tokio::spawn(conn.clone().resolver());
@@ -208,10 +212,16 @@ impl SentinelConn {
         let mut wait = Duration::from_millis(50);
         loop {
             if failing {
-                tokio::time::sleep(wait).await;
+                let _ = tokio::time::timeout(wait, self.0.announced.notified()).await;
                 wait = (wait * 2).min(MAX_RETRY_WAIT);
             } else {
-                let _ = tokio::time::timeout(RECHECK_EVERY, self.0.wake.notified()).await;
+                let _ = tokio::time::timeout(RECHECK_EVERY, async {
+                    tokio::select! {
+                        () = self.0.wake.notified() => {}
+                        () = self.0.announced.notified() => {}
+                    }
+                })
+                .await;
                 wait = Duration::from_millis(50);
             }
             match self.refresh().await {
@@ -284,7 +294,7 @@ impl SentinelConn {
                         // "<master name> <old ip> <old port> <new ip> <new port>"
                         if payload.split_whitespace().next() == Some(&self.0.target.master) {
                             tracing::info!(%payload, "Redis Sentinel: +switch-master");
-                            self.0.wake.notify_one();
+                            self.0.announced.notify_one();
                         }
                     }
                     tracing::warn!(sentinel = %format!("{host}:{port}"), "lost the sentinel's notifications; trying the next sentinel");
