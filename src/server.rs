@@ -219,6 +219,14 @@ pub fn check_secret_files(config: &Config, env: &dyn Fn(&str) -> Option<String>)
             problems.push(e.to_string());
         }
     }
+    if let StoreConfig::Redis {
+        target: crate::keys::RedisTarget::Sentinel(s),
+        ..
+    } = &config.store
+    {
+        // The very reader `serve` runs when it connects (`RedisStore::connect`).
+        problems.extend(s.check_password_files());
+    }
     problems
 }
 

@@ -297,6 +297,14 @@ pub(crate) struct StoreFile {
     /// keygate extension (README): what a nonce check does when the store cannot be reached.
     #[serde(default = "default_nonce_fallback")]
     pub(crate) nonce_fallback: String,
+    /// Redis Sentinel (SPEC §9): the sentinels' `host:port`, instead of `url`.
+    pub(crate) sentinels: Option<Vec<String>>,
+    /// The name the sentinels monitor.
+    pub(crate) sentinel_master: Option<String>,
+    /// The data nodes' password (mode 0600), with `sentinels`.
+    pub(crate) password_file: Option<String>,
+    /// The sentinels' password (mode 0600).
+    pub(crate) sentinel_password_file: Option<String>,
 }
 
 fn default_nonce_fallback() -> String {
@@ -318,6 +326,10 @@ impl Default for StoreFile {
             url: None,
             tls_ca_file: None,
             nonce_fallback: default_nonce_fallback(),
+            sentinels: None,
+            sentinel_master: None,
+            password_file: None,
+            sentinel_password_file: None,
         }
     }
 }

@@ -542,6 +542,50 @@ impl SectionReader {
 
 /// `[admin.tls]` / `[metrics.tls]`: a certificate and key, checked now; client certificates
 /// and h2c are for the proxy listener only.
+/// `store.sentinels` + `store.sentinel_master` (+ password files): every problem named, the
+/// target built anyway (the caller only reports problems).
+fn sentinel_target(p: &mut Problems, s: &file::StoreFile) -> RedisTarget {
+    if s.url.is_some() {
+        p.add(
+            "store.sentinels",
+            "cannot be combined with store.url: name the sentinels, or one server or cluster",
+        );
+    }
+    if s.tls_ca_file.is_some() {
+        p.add(
+            "store.tls_ca_file",
+            "TLS to Sentinel-managed Redis is not supported; use store.url with rediss:// or \
+             keep Sentinel traffic on a private network",
+        );
+    }
+    let sentinels =
+        crate::keys::SentinelTarget::parse_addresses(s.sentinels.as_deref().unwrap_or_default())
+            .unwrap_or_else(|e| {
+                p.add("store.sentinels", e);
+                Vec::new()
+            });
+    let master = match s.sentinel_master.as_deref().map(str::trim) {
+        Some(m) if !m.is_empty() && !m.contains(char::is_whitespace) => m.to_owned(),
+        Some(_) => {
+            p.add("store.sentinel_master", "must be one name, without spaces");
+            String::new()
+        }
+        None => {
+            p.add(
+                "store.sentinel_master",
+                "required with store.sentinels: the name the sentinels monitor",
+            );
+            String::new()
+        }
+    };
+    RedisTarget::Sentinel(crate::keys::SentinelTarget {
+        sentinels,
+        master,
+        password_file: s.password_file.as_ref().map(PathBuf::from),
+        sentinel_password_file: s.sentinel_password_file.as_ref().map(PathBuf::from),
+    })
+}
+
 fn listener_tls(p: &mut Problems, at: &str, t: Option<&file::TlsFile>) -> Option<TlsConfig> {
     let t = t?;
     if t.client_ca_file.is_some() || t.h2c {
@@ -680,7 +724,26 @@ fn validate(f: FileConfig, lookup: Lookup) -> (Config, Vec<ConfigError>) {
         "embedded" => StoreConfig::Embedded {
             path: PathBuf::from(&f.store.path),
         },
+        "redis" if f.store.sentinels.is_some() => StoreConfig::Redis {
+            target: sentinel_target(&mut p, &f.store),
+            tls_ca_file: None,
+        },
         "redis" => {
+            for (key, set) in [
+                ("store.sentinel_master", f.store.sentinel_master.is_some()),
+                ("store.password_file", f.store.password_file.is_some()),
+                (
+                    "store.sentinel_password_file",
+                    f.store.sentinel_password_file.is_some(),
+                ),
+            ] {
+                if set {
+                    p.add(
+                        key,
+                        "only used with store.sentinels (a store.url carries its own password)",
+                    );
+                }
+            }
             let urls = match f.store.url {
                 Some(UrlOrList::One(u)) => vec![u],
                 Some(UrlOrList::Many(us)) => us,

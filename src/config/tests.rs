@@ -199,6 +199,27 @@ fn redis_urls_name_one_server_or_a_cluster() {
 }
 
 #[test]
+fn sentinels_and_a_master_name_make_a_sentinel_target() {
+    let store = "sentinels = [\"10.0.0.5:26379\", \"[::1]:26380\"]\nsentinel_master = \"kg\"\n\
+                 password_file = \"/run/pw\"";
+    match with_store(store).map(|c| c.store) {
+        Ok(StoreConfig::Redis {
+            target: RedisTarget::Sentinel(s),
+            ..
+        }) => {
+            assert_eq!(
+                s.sentinels,
+                vec![("10.0.0.5".to_owned(), 26379), ("::1".to_owned(), 26380)]
+            );
+            assert_eq!(s.master, "kg");
+            assert_eq!(s.password_file, Some(std::path::PathBuf::from("/run/pw")));
+            assert_eq!(s.sentinel_password_file, None);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn bad_redis_settings_are_refused_without_repeating_a_password() {
     for (store, path) in [
         (r#"url = "http://:hunter2@h:1""#, "store.url"),

@@ -37,6 +37,9 @@ use super::store::{
     ChangeSink, KeyStore, Page, SigningKeyStore, StoreError, Usage, Versioned, Write,
 };
 
+mod sentinel;
+pub use sentinel::SentinelTarget;
+
 const WRITE_SCRIPT: &str = r#"
 local op, id = ARGV[1], ARGV[2]
 local rk = '{kg}:k:' .. id
@@ -183,6 +186,8 @@ pub enum RedisTarget {
     Single(String),
     /// Seed nodes of a Redis Cluster, each `redis://host:port` or `rediss://…`.
     Cluster(Vec<String>),
+    /// The primary that Redis Sentinel names (`store.sentinels`).
+    Sentinel(SentinelTarget),
 }
 
 impl RedisTarget {
@@ -227,6 +232,7 @@ impl RedisTarget {
         match self {
             Self::Single(u) => std::slice::from_ref(u),
             Self::Cluster(us) => us,
+            Self::Sentinel(_) => &[],
         }
     }
 
@@ -241,6 +247,7 @@ impl std::fmt::Debug for RedisTarget {
         match self {
             Self::Single(_) => f.debug_tuple("Single").field(&urls[0]).finish(),
             Self::Cluster(_) => f.debug_tuple("Cluster").field(&urls).finish(),
+            Self::Sentinel(s) => f.debug_tuple("Sentinel").field(s).finish(),
         }
     }
 }
@@ -284,11 +291,13 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
-/// A connection to one server or to a cluster; both drive commands the same way.
+/// A connection to one server, a cluster or Sentinel's primary; all drive commands the same
+/// way.
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(sentinel::SentinelConn),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -296,6 +305,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -308,6 +318,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
             Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -315,6 +326,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
+            Self::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -519,6 +531,7 @@ impl RedisStore {
                     ConnectionManager::new_with_config(client, manager_config())
                         .await
                         .map(Conn::Single)
+                        .map_err(|e| unavailable(&e))
                 }
                 RedisTarget::Cluster(seeds) => {
                     let mut builder = ClusterClient::builder(seeds.clone())
@@ -530,11 +543,15 @@ impl RedisStore {
                     if ca_pem.is_some() {
                         builder = builder.certs(certs());
                     }
-                    builder
-                        .build()?
+                    let client = builder.build().map_err(|e| unavailable(&e))?;
+                    client
                         .get_async_connection()
                         .await
                         .map(Conn::Cluster)
+                        .map_err(|e| unavailable(&e))
+                }
+                RedisTarget::Sentinel(s) => {
+                    sentinel::SentinelConn::connect(s).await.map(Conn::Sentinel)
                 }
             }
         };
@@ -544,7 +561,7 @@ impl RedisStore {
                 .join()
                 .map_err(|_| StoreError::Unavailable("Redis connect panicked".into()))
         })
-        .and_then(|c| c.map_err(|e| unavailable(&e)));
+        .and_then(|c| c);
         let conn = match connected {
             Ok(conn) => conn,
             Err(e) => {
@@ -1062,7 +1079,10 @@ impl KeyStore for RedisStore {
 
     fn watch(&self, sink: Arc<dyn ChangeSink>) {
         let Some(rt) = &self.runtime else { return };
-        rt.spawn(follow_changes(self.feed.clone(), sink));
+        match &self.conn {
+            Conn::Sentinel(c) => rt.spawn(c.clone().follow_changes(sink, deliver)),
+            _ => rt.spawn(follow_changes(self.feed.clone(), sink)),
+        };
     }
 }
 
@@ -1081,13 +1101,7 @@ async fn follow_changes(feed: Vec<redis::Client>, sink: Arc<dyn ChangeSink>) {
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let payload: String = msg.get_payload().unwrap_or_default();
-                        let change = parse_change(&payload);
-                        sink.changed(&change.public_keys, &change.hashes).await;
-                        if let Some(at) = change.written_at_micros {
-                            let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
-                            let lag_us = u64::try_from(now - i128::from(at)).unwrap_or(0);
-                            sink.delivered_after(Duration::from_micros(lag_us));
-                        }
+                        deliver(payload, Arc::clone(&sink)).await;
                     }
                     tracing::warn!("lost the Redis change feed; reconnecting");
                 }
@@ -1097,6 +1111,17 @@ async fn follow_changes(feed: Vec<redis::Client>, sink: Arc<dyn ChangeSink>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Hands one change-feed message to `sink`.
+async fn deliver(payload: String, sink: Arc<dyn ChangeSink>) {
+    let change = parse_change(&payload);
+    sink.changed(&change.public_keys, &change.hashes).await;
+    if let Some(at) = change.written_at_micros {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
+        let lag_us = u64::try_from(now - i128::from(at)).unwrap_or(0);
+        sink.delivered_after(Duration::from_micros(lag_us));
     }
 }
 

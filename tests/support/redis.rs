@@ -448,3 +448,275 @@ fn node_bus_port(node: &RedisServer) -> String {
         .unwrap();
     node.extra[i + 1].clone()
 }
+
+// ---- Redis Sentinel ---------------------------------------------------------------------------
+
+/// The name the test sentinels monitor.
+pub const SENTINEL_MASTER: &str = "keygate";
+
+/// One `redis-server --sentinel`, with its config file in its own temp dir (a sentinel
+/// rewrites its config as it learns the topology).
+struct SentinelProcess {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A primary, one replica and three sentinels (quorum 2, `down-after-milliseconds 1000`,
+/// `failover-timeout 5000`), each on a free port with its own temp dir.
+pub struct SentinelSet {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    sentinels: Vec<SentinelProcess>,
+    /// The data nodes' password, if any.
+    pub password: Option<String>,
+    /// The sentinels' password, if any.
+    pub sentinel_password: Option<String>,
+}
+
+impl SentinelSet {
+    pub fn start() -> Self {
+        Self::start_with(None, None)
+    }
+
+    /// Data nodes with `requirepass password`, sentinels with `requirepass sentinel_password`.
+    pub fn start_with(password: Option<&str>, sentinel_password: Option<&str>) -> Self {
+        let mode = password.map_or(Mode::Plain, |p| Mode::Password(p.to_owned()));
+        let auth: Vec<String> = password
+            .map(|p| vec!["--masterauth".to_owned(), p.to_owned()])
+            .unwrap_or_default();
+        let primary = {
+            let auth = auth.clone();
+            RedisServer::start_with(&mode, move || auth.clone())
+        };
+        let primary_port = primary.port;
+        let replica = RedisServer::start_with(&mode, move || {
+            let mut args = vec![
+                "--replicaof".to_owned(),
+                "127.0.0.1".to_owned(),
+                primary_port.to_string(),
+            ];
+            args.extend(auth.clone());
+            args
+        });
+        let sentinels = (0..3)
+            .map(|_| start_sentinel(primary_port, password, sentinel_password))
+            .collect();
+        let set = Self {
+            primary,
+            replica,
+            sentinels,
+            password: password.map(str::to_owned),
+            sentinel_password: sentinel_password.map(str::to_owned),
+        };
+        set.wait_formed();
+        set
+    }
+
+    /// Until every sentinel knows the replica (up) and the two other sentinels: without them
+    /// no failover can be authorised.
+    fn wait_formed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let replica = format!("{}", self.replica.port);
+        loop {
+            let formed = self.sentinels.iter().all(|s| {
+                let master = self.sentinel_cmd(s.port, &["SENTINEL", "MASTER", SENTINEL_MASTER]);
+                let replicas =
+                    self.sentinel_cmd(s.port, &["SENTINEL", "REPLICAS", SENTINEL_MASTER]);
+                resp_field(&master, "num-other-sentinels").as_deref() == Some("2")
+                    && resp_field(&master, "num-slaves").as_deref() == Some("1")
+                    && replicas.contains(&replica)
+                    && resp_field(&replicas, "master-link-status").as_deref() == Some("ok")
+            });
+            if formed {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not see the replica and each other within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `host:port` of each sentinel.
+    pub fn sentinels(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect()
+    }
+
+    /// SIGKILL of the current primary (the one a sentinel names).
+    pub fn kill_primary(&mut self) {
+        let port = self.primary_port();
+        if self.primary.port == port {
+            self.primary.stop();
+        } else {
+            self.replica.stop();
+        }
+    }
+
+    /// `SENTINEL FAILOVER`: the replica is promoted and the primary, alive, demoted.
+    pub fn force_failover(&self) {
+        let reply = self.sentinel_cmd(
+            self.sentinels[0].port,
+            &["SENTINEL", "FAILOVER", SENTINEL_MASTER],
+        );
+        assert!(reply.contains("+OK"), "SENTINEL FAILOVER: {reply}");
+    }
+
+    /// `ROLE` of the node on `port` (`master`/`slave`), with the data nodes' password.
+    pub fn role_of(&self, port: u16) -> String {
+        let reply = resp_exchange(port, self.password.as_deref(), &["ROLE"]);
+        ["master", "slave"]
+            .into_iter()
+            .find(|r| reply.contains(&format!("\r\n{r}\r\n")))
+            .unwrap_or("unknown")
+            .to_owned()
+    }
+
+    /// `host:port` of the primary, asked from a sentinel that answers.
+    pub fn primary_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.primary_port())
+    }
+
+    fn primary_port(&self) -> u16 {
+        for s in &self.sentinels {
+            let reply = self.sentinel_cmd(
+                s.port,
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER],
+            );
+            // *2 $9 127.0.0.1 $N <port>
+            if let Some(port) = reply
+                .split("\r\n")
+                .filter(|l| !l.starts_with(['*', '$', '+', '-']))
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+            {
+                return port;
+            }
+        }
+        panic!("no sentinel names a primary");
+    }
+
+    /// `[store]` TOML for this set; password files are written by the caller.
+    pub fn store_toml(&self, more: &str) -> String {
+        let list: Vec<String> = self.sentinels().iter().map(|s| format!("{s:?}")).collect();
+        format!(
+            "[store]\nkind = \"redis\"\nsentinels = [{}]\nsentinel_master = \"{SENTINEL_MASTER}\"\n{more}",
+            list.join(", ")
+        )
+    }
+
+    /// One command to a sentinel (AUTH first when it has a password).
+    pub fn sentinel_cmd(&self, port: u16, args: &[&str]) -> String {
+        resp_exchange(port, self.sentinel_password.as_deref(), args)
+    }
+}
+
+fn start_sentinel(
+    primary_port: u16,
+    password: Option<&str>,
+    sentinel_password: Option<&str>,
+) -> SentinelProcess {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut conf = format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+             sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary_port} 2\n\
+             sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+             sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+             sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+            dir = dir.path().display()
+        );
+        if let Some(pw) = password {
+            conf.push_str(&format!("sentinel auth-pass {SENTINEL_MASTER} {pw}\n"));
+        }
+        if let Some(pw) = sentinel_password {
+            conf.push_str(&format!("requirepass {pw}\nsentinel sentinel-pass {pw}\n"));
+        }
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, conf).unwrap();
+        let mut child = Command::new("redis-server")
+            .arg(&path)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return SentinelProcess {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("could not start a sentinel on a free port");
+}
+
+/// A raw RESP exchange: `AUTH password` first when given, then `args`; the replies as text.
+fn resp_exchange(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let encode = |args: &[&str]| {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        req
+    };
+    let mut req = String::new();
+    if let Some(pw) = password {
+        req.push_str(&encode(&["AUTH", pw]));
+    }
+    req.push_str(&encode(args));
+    if s.write_all(req.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut buf = vec![0u8; 1 << 16];
+    let mut out = Vec::new();
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value after `name` in a RESP array of field/value bulk strings.
+fn resp_field(reply: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = reply
+        .split("\r\n")
+        .filter(|l| !l.starts_with(['*', '$']))
+        .collect();
+    lines
+        .iter()
+        .position(|l| *l == name)
+        .and_then(|i| lines.get(i + 1))
+        .map(|v| (*v).to_owned())
+}
