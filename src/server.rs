@@ -20,7 +20,7 @@ use crate::keys::{
     EmbeddedStore, KeyStore, MasterKey, RedisStore, SecretString, SigningKeyStore, StoreError,
 };
 use crate::lifecycle::Lifecycle;
-use crate::limits::abuse::AbuseStore;
+use crate::limits::abuse::{AbuseStore, BlockFeed, Blocks};
 use crate::limits::credits::CreditStore;
 use crate::limits::store::RateLimitStore;
 use crate::metrics::Metrics;
@@ -432,9 +432,17 @@ impl App {
             metrics.clone(),
             &cfg.cache,
         ));
-        // Other gateways' changes to keys evict them here too (Redis; a no-op when embedded).
-        self.store
-            .watch(Arc::clone(&cache) as Arc<dyn crate::keys::ChangeSink>);
+        // Other gateways' changes to keys evict them here too, and the `[abuse]` blocks their
+        // failures set are known here (Redis; a no-op when embedded).
+        let abuse_blocks = Arc::new(Blocks::new(
+            cfg.abuse
+                .as_ref()
+                .map_or(std::time::Duration::from_secs(1), |a| a.block_for),
+        ));
+        self.store.watch(Arc::new(BlockFeed {
+            keys: Arc::clone(&cache) as Arc<dyn crate::keys::ChangeSink>,
+            blocks: Arc::clone(&abuse_blocks),
+        }));
 
         // Bind what we can now, so a taken port fails at once instead of pingora's 30 retries.
         // Bind what we can now, so a taken port fails at once instead of pingora's 30 retries.
@@ -538,7 +546,7 @@ impl App {
         )
         .with_otlp(otlp.clone())
         .with_limiter(limiter)
-        .with_abuse(cfg.abuse.as_ref(), Arc::clone(&self.abuse))
+        .with_abuse(cfg.abuse.as_ref(), Arc::clone(&self.abuse), abuse_blocks)
         .with_credits(Arc::clone(&self.credits));
         server.add_service(background_service(
             "keygate usage",

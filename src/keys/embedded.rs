@@ -704,7 +704,7 @@ impl crate::limits::abuse::AbuseStore for EmbeddedStore {
         window: Duration,
         max: u32,
         block_for: Duration,
-    ) -> Result<Duration, StoreError> {
+    ) -> Result<crate::limits::abuse::Recorded, StoreError> {
         self.abuse
             .record_failure(subject, window, max, block_for)
             .await

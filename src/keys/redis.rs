@@ -426,22 +426,31 @@ return 0
 "#;
 
 /// One failed authentication of an address: KEYS[1] counts failures in a fixed window,
-/// KEYS[2] is the block. ARGV: window (ms), max, block (ms). Returns the block's ms left
-/// (0: not blocked). A block is set once per crossing (NX), so failures during a block do not
-/// extend it.
+/// KEYS[2] is the block. ARGV: window (ms), max, block (ms), the subject. Returns {the block's
+/// ms left (0: not blocked), the window's ms left}. Counting and blocking are one atomic step,
+/// so the fleet's `max`-th failure is the one that blocks. A block is set once per crossing
+/// (NX), so failures during a block do not extend it, and that one SET announces it on the
+/// change feed (`b:<subject>:<ms>`), so every gateway refuses the address without waiting for
+/// a failure of its own.
 const ABUSE_SCRIPT: &str = r#"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
 if n >= tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3], 'NX')
+  if redis.call('SET', KEYS[2], '1', 'PX', ARGV[3], 'NX') then
+    redis.call('PUBLISH', 'kg:changes', 'b:' .. ARGV[4] .. ':' .. ARGV[3])
+  end
 end
 local left = redis.call('PTTL', KEYS[2])
 if left < 0 then
-  return 0
+  left = 0
 end
-return left
+local window = redis.call('PTTL', KEYS[1])
+if window < 0 then
+  window = 0
+end
+return {left, window}
 "#;
 
 /// One credit operation — `crate::limits::credits::apply` line for line. KEYS[1]: the key's
@@ -761,18 +770,22 @@ impl crate::limits::abuse::AbuseStore for RedisStore {
         window: Duration,
         max: u32,
         block_for: Duration,
-    ) -> Result<Duration, StoreError> {
-        let left: u64 = self
+    ) -> Result<crate::limits::abuse::Recorded, StoreError> {
+        let (left, window_left): (u64, u64) = self
             .abuse
             .key(format!("{{kgab:{subject}}}:f"))
             .key(format!("{{kgab:{subject}}}:b"))
             .arg(window.as_millis().max(1) as u64)
             .arg(max)
             .arg(block_for.as_millis().max(1) as u64)
+            .arg(subject)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
-        Ok(Duration::from_millis(left))
+        Ok(crate::limits::abuse::Recorded {
+            blocked_for: Duration::from_millis(left),
+            window_left: Duration::from_millis(window_left),
+        })
     }
 }
 
@@ -1117,7 +1130,15 @@ async fn follow_changes(feed: Vec<redis::Client>, sink: Arc<dyn ChangeSink>) {
 /// Hands one change-feed message to `sink`.
 async fn deliver(payload: String, sink: Arc<dyn ChangeSink>) {
     let change = parse_change(&payload);
-    sink.changed(&change.public_keys, &change.hashes).await;
+    for (subject, for_) in &change.blocks {
+        sink.blocked(subject, *for_);
+    }
+    // A block announcement alone changes no key: the cache is left alone.
+    let blocks_only =
+        !change.blocks.is_empty() && change.public_keys.is_empty() && change.hashes.is_empty();
+    if !blocks_only {
+        sink.changed(&change.public_keys, &change.hashes).await;
+    }
     if let Some(at) = change.written_at_micros {
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
         let lag_us = u64::try_from(now - i128::from(at)).unwrap_or(0);
@@ -1132,10 +1153,13 @@ struct Change {
     hashes: Vec<[u8; 32]>,
     /// When Redis applied the write (its clock, Unix µs).
     written_at_micros: Option<i64>,
+    /// Addresses blocked by `[abuse]` (their subject text), and for how long.
+    blocks: Vec<(String, Duration)>,
 }
 
-/// `pk:<public key>`, `h:<sha256 hex>` and `t:<Unix µs>` tokens, space-separated; others
-/// (from a newer keygate) are skipped.
+/// `pk:<public key>`, `h:<sha256 hex>`, `t:<Unix µs>` and `b:<abuse subject>:<ms>` tokens,
+/// space-separated; others (from a newer keygate) are skipped. A subject may hold colons
+/// (IPv6): the duration is after the last one.
 fn parse_change(payload: &str) -> Change {
     let mut change = Change::default();
     for token in payload.split_whitespace() {
@@ -1148,6 +1172,14 @@ fn parse_change(payload: &str) -> Change {
             }
         } else if let Some(t) = token.strip_prefix("t:") {
             change.written_at_micros = t.parse().ok();
+        } else if let Some(b) = token.strip_prefix("b:") {
+            if let Some((subject, ms)) = b.rsplit_once(':') {
+                if let Ok(ms) = ms.parse() {
+                    change
+                        .blocks
+                        .push((subject.to_owned(), Duration::from_millis(ms)));
+                }
+            }
         }
     }
     change
@@ -1169,9 +1201,18 @@ mod tests {
                 public_keys: vec!["pk_test_a".into()],
                 hashes: vec![[0xab; 32]],
                 written_at_micros: Some(1_764_700_000_123_456),
+                blocks: Vec::new(),
             }
         );
         // Messages of an older keygate carry no time.
         assert_eq!(parse_change("pk:pk_test_b").written_at_micros, None);
+        // Abuse blocks: an IPv6 subject keeps its colons; a mangled duration is skipped.
+        assert_eq!(
+            parse_change("b:203.0.113.7:60000 b:2001:db8:1:2::/64:1500 b:10.0.0.1:x b:junk").blocks,
+            [
+                ("203.0.113.7".to_owned(), Duration::from_millis(60_000)),
+                ("2001:db8:1:2::/64".to_owned(), Duration::from_millis(1_500)),
+            ]
+        );
     }
 }

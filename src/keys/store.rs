@@ -63,6 +63,9 @@ pub trait ChangeSink: Send + Sync + 'static {
     fn everything_may_have_changed(&self);
     /// The change just handled was written `lag` ago (by the store's clock).
     fn delivered_after(&self, _lag: Duration) {}
+    /// Another gateway's failures got `subject` (`crate::limits::abuse::subject`) blocked for
+    /// `for_` (`[abuse]`).
+    fn blocked(&self, _subject: &str, _for: Duration) {}
 }
 
 /// Where key records and used nonces live. Implementations: embedded (redb) now, Redis later.

@@ -150,7 +150,8 @@ pub struct Ctx {
 struct AbuseGuard {
     config: crate::config::AbuseConfig,
     never: auth::client_ip::AllowList,
-    blocks: Blocks,
+    /// Shared with the change feed, which adds the blocks other gateways' failures set.
+    blocks: Arc<Blocks>,
     store: Arc<dyn AbuseStore>,
 }
 
@@ -168,6 +169,10 @@ impl AbuseGuard {
             return;
         }
         let c = &self.config;
+        // Counted here before anything is awaited: the threshold blocks this gateway's next
+        // request at once, not when the store's answer comes back (meanwhile every request
+        // of the address would be evaluated).
+        self.blocks.fail(ip, c.window, c.max_failures, c.block_for);
         match self
             .store
             .record_failure(
@@ -178,11 +183,10 @@ impl AbuseGuard {
             )
             .await
         {
-            Ok(left) if !left.is_zero() => self.blocks.block(ip, left),
-            Ok(_) => {}
+            Ok(recorded) => self.blocks.learn(ip, recorded),
             Err(e) => {
                 metrics.store_error("abuse");
-                tracing::debug!(error = %e, "failed authentication not counted");
+                tracing::debug!(error = %e, "failed authentication counted by this gateway only");
             }
         }
     }
@@ -280,15 +284,17 @@ impl Gateway {
         self
     }
 
-    /// Blocks addresses that keep failing authentication (`[abuse]`), counting in `store`.
+    /// Blocks addresses that keep failing authentication (`[abuse]`), counting in `store`;
+    /// `blocks` also receives the blocks announced on the change feed.
     #[must_use]
     pub fn with_abuse(
         mut self,
         config: Option<&crate::config::AbuseConfig>,
         store: Arc<dyn AbuseStore>,
+        blocks: Arc<Blocks>,
     ) -> Self {
         self.abuse = config.map(|c| AbuseGuard {
-            blocks: Blocks::new(c.block_for),
+            blocks,
             never: auth::client_ip::AllowList::new(&c.never_block),
             config: c.clone(),
             store,
@@ -397,6 +403,39 @@ impl Gateway {
             .iter()
             .map(http::HeaderValue::as_bytes);
         auth::client_ip::client_ip(peer_ip, xff, &routing.trusted_proxies)
+    }
+
+    /// Seconds `ip` stays blocked by `[abuse]`, if it is (never a `never_block` address).
+    fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        self.abuse
+            .as_ref()
+            .filter(|a| !a.never.contains(ip))
+            .and_then(|a| a.blocks.blocked(ip))
+    }
+
+    /// 429 `too_many_failures` with `Retry-After`.
+    async fn refuse_blocked(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        wait: u64,
+    ) -> Result<bool> {
+        self.metrics.abuse_blocked.inc();
+        ctx.outcome = Some(ErrorCode::TooManyFailures);
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        let detail = "too many failed authentications from this address; retry later";
+        let wait = wait.to_string();
+        write_problem_with(
+            session,
+            ErrorCode::TooManyFailures,
+            detail,
+            &ctx.request_id,
+            &[("retry-after", wait.as_str())],
+        )
+        .await?;
+        Ok(true)
     }
 
     /// Answers with problem+json and records the outcome. A body not yet read is drained by
@@ -736,6 +775,15 @@ impl Gateway {
         let Some(body) = self.read_body(session, ctx).await? else {
             return self.refuse_too_large(session, ctx).await.map(|_| None);
         };
+        // Checked again now that the awaits are behind: a block set while this request waited
+        // for its key or body stops it before its signature is evaluated. From here to the
+        // failure being counted nothing is awaited, so one worker thread evaluates at most
+        // `max_failures` bad signatures of an address however many arrive at once.
+        if signature.is_some() {
+            if let Some(wait) = self.blocked(client_ip) {
+                return self.refuse_blocked(session, ctx, wait).await.map(|_| None);
+            }
+        }
         let started = Instant::now();
         // Steps 8–10 now that the body is in (bearer secrets were checked on the head).
         let checked = match signature {
@@ -1356,28 +1404,8 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .is_some_and(|a| routing.trusted_proxies.contains(a.ip().to_canonical()));
         // Step 2½: an address that keeps failing is refused before any key lookup or HMAC.
-        if let Some(wait) = self
-            .abuse
-            .as_ref()
-            .filter(|a| !a.never.contains(client_ip))
-            .and_then(|a| a.blocks.blocked(client_ip))
-        {
-            self.metrics.abuse_blocked.inc();
-            ctx.outcome = Some(ErrorCode::TooManyFailures);
-            if !session.is_body_done() {
-                session.set_keepalive(None);
-            }
-            let detail = "too many failed authentications from this address; retry later";
-            let wait = wait.to_string();
-            write_problem_with(
-                session,
-                ErrorCode::TooManyFailures,
-                detail,
-                &ctx.request_id,
-                &[("retry-after", wait.as_str())],
-            )
-            .await?;
-            return Ok(true);
+        if let Some(wait) = self.blocked(client_ip) {
+            return self.refuse_blocked(session, ctx, wait).await;
         }
         let Some(route_index) = route_index else {
             return self.self_service(session, ctx, client_ip).await;
