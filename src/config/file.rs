@@ -297,6 +297,20 @@ pub(crate) struct StoreFile {
     /// keygate extension (README): what a nonce check does when the store cannot be reached.
     #[serde(default = "default_nonce_fallback")]
     pub(crate) nonce_fallback: String,
+    /// SPEC §9: `async` or `replicated` (a replica acknowledges each nonce).
+    #[serde(default = "default_nonce_durability")]
+    pub(crate) nonce_durability: String,
+    /// SPEC §9: how long `replicated` waits for a replica.
+    #[serde(default = "default_replication_timeout")]
+    pub(crate) replication_timeout: String,
+}
+
+fn default_nonce_durability() -> String {
+    "async".into()
+}
+
+fn default_replication_timeout() -> String {
+    "50ms".into()
 }
 
 fn default_nonce_fallback() -> String {
@@ -318,6 +332,8 @@ impl Default for StoreFile {
             url: None,
             tls_ca_file: None,
             nonce_fallback: default_nonce_fallback(),
+            nonce_durability: default_nonce_durability(),
+            replication_timeout: default_replication_timeout(),
         }
     }
 }
