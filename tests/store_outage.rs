@@ -7,8 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::redis::{RedisReplicated, RedisServer};
-use support::{assert_problem, Echo, Gateway, Key, Options};
+use support::redis::{RedisCluster, RedisReplicated, RedisServer};
+use support::{assert_problem, now, v1_headers, Echo, Gateway, Key, Options};
 
 /// `store.url = url`, plus more `[store]` lines.
 fn on_url(echo: &Echo, url: &str, more: &str) -> Options {
@@ -191,6 +191,39 @@ async fn replicated_nonces_wait_for_the_replica_and_async_ones_do_not() {
     assert_eq!(status, 200);
     println!("replica thawed: \"replicated\" 200 again after {back:?}");
     assert_eq!(asynchronous.post(&key, "/v1/payments").await.status(), 200);
+}
+
+/// On a cluster a bare `WAIT` goes to every master (redis-rs takes the minimum): the nonce's
+/// `WAIT` must reach the master holding the nonce, and only it. This test cluster has no
+/// replicas, so "replicated" answers 503 — after asking the right node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_wait_goes_to_the_master_holding_the_nonce() {
+    let cluster = RedisCluster::start();
+    let echo = Echo::start().await;
+    let gw = Gateway::start(on_url(
+        &echo,
+        &cluster.url(),
+        "nonce_durability = \"replicated\"\nreplication_timeout = \"20ms\"",
+    ))
+    .await;
+    let key = gw.mint(json!({})).await;
+    for i in 0..6 {
+        let nonce = format!("cluster-wait-{i}");
+        let before: Vec<u64> = cluster.nodes.iter().map(wait_calls).collect();
+        let h = v1_headers(&key, "POST", "/v1/payments", b"{}", now(), &nonce);
+        assert_problem(
+            gw.send("POST", "/v1/payments", &h, b"{}").await,
+            503,
+            "store_unavailable",
+        )
+        .await;
+        let holder = cluster.node_for(&format!("kg:n:{}:{nonce}", key.id)).port;
+        for (node, was) in cluster.nodes.iter().zip(before) {
+            let sent = wait_calls(node) - was;
+            let expected = u64::from(node.port == holder);
+            assert_eq!(sent, expected, "WAITs on node {} for {nonce}", node.port);
+        }
+    }
 }
 
 /// `WAIT` calls the server has executed (`INFO commandstats`).
