@@ -39,6 +39,10 @@ pub struct Metrics {
     pub tls_certificate_expiry: IntGaugeVec,
     /// From a key change written to Redis to this gateway evicting it (the change feed).
     pub change_feed_lag: Histogram,
+    /// 1 while the store's circuit breaker is open (Redis unreachable), else 0.
+    pub store_circuit_open: IntGauge,
+    /// Store calls answered at once, unsent, because the circuit was open.
+    pub store_fast_failures: IntCounter,
     /// `cache_requests` by [`CacheResult`], looked up once: a labelled lookup hashes the
     /// labels and takes a lock on every request.
     cache_counters: [IntCounter; 3],
@@ -287,6 +291,18 @@ impl Metrics {
             .buckets(UPSTREAM_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(change_feed_lag.clone()))?;
+        let store_circuit_open = IntGauge::new(
+            "keygate_store_circuit_open",
+            "1 while the store's circuit breaker is open (Redis unreachable: store calls fail \
+             at once until a probe gets an answer), else 0",
+        )?;
+        registry.register(Box::new(store_circuit_open.clone()))?;
+        let store_fast_failures = IntCounter::new(
+            "keygate_store_fast_failures_total",
+            "Store calls answered store_unavailable at once, without a network round trip, \
+             because the circuit breaker was open",
+        )?;
+        registry.register(Box::new(store_fast_failures.clone()))?;
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -332,6 +348,8 @@ impl Metrics {
             ready,
             tls_certificate_expiry,
             change_feed_lag,
+            store_circuit_open,
+            store_fast_failures,
             cache_counters,
         })
     }
@@ -401,7 +419,7 @@ mod tests {
     fn every_metric_is_documented() {
         let doc = include_str!("../docs/metrics.md");
         let m = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
-        let collectors: [&dyn Collector; 10] = [
+        let collectors: [&dyn Collector; 12] = [
             &m.requests_total,
             &m.auth_duration,
             &m.upstream_duration,
@@ -412,12 +430,14 @@ mod tests {
             &m.open_connections,
             &m.config_reloads,
             &m.upstream_healthy,
+            &m.store_circuit_open,
+            &m.store_fast_failures,
         ];
         let names: Vec<String> = collectors
             .iter()
             .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
             .collect();
-        assert_eq!(names.len(), 10);
+        assert_eq!(names.len(), 12);
         for name in names {
             assert!(
                 doc.contains(&format!("| `{name}` |")),

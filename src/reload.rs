@@ -62,6 +62,10 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
         ("metrics.listen", c.metrics.listen.to_string()),
         ("store", format!("{:?}", c.store)),
         ("store.nonce_fallback", format!("{:?}", c.nonce_fallback)),
+        (
+            "store.nonce_durability",
+            format!("{:?}", c.nonce_durability),
+        ),
         ("cache", format!("{:?}", c.cache)),
         ("signing", format!("{:?}", c.signing)),
         ("secrets", format!("{:?}", c.secrets)),

@@ -369,7 +369,13 @@ pub fn open_store(config: &Config) -> Result<Stores, StartError> {
                     std::fs::read(f).map_err(|e| StartError::TlsCaFile(f.display().to_string(), e))
                 })
                 .transpose()?;
-            Ok(Stores::of(RedisStore::connect(target, ca.as_deref())?))
+            Ok(Stores::of(
+                RedisStore::connect(target, ca.as_deref())?.with_nonce_durability(
+                    config.nonce_durability,
+                    target,
+                    ca.as_deref(),
+                )?,
+            ))
         }
     }
 }
@@ -426,6 +432,10 @@ impl App {
     ) -> Result<(), StartError> {
         let cfg = &self.config;
         let metrics = Metrics::new()?;
+        self.store.report_circuit(
+            metrics.store_circuit_open.clone(),
+            metrics.store_fast_failures.clone(),
+        );
         let cache = Arc::new(KeyCache::new(
             Arc::clone(&self.store),
             Arc::clone(&self.master),

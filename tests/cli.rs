@@ -581,3 +581,38 @@ fn a_store_of_another_user_is_refused_and_left_untouched() {
     let (code, text) = status(&mut service());
     assert_eq!(code, Some(0), "{text}");
 }
+
+/// Issue 26: `store.nonce_durability` and `store.replication_timeout` are checked by
+/// check-config as serve checks them: "replicated" on the embedded store (no replica to wait
+/// for) and a replication timeout outside 1ms..500ms are refused, naming the key.
+#[test]
+fn check_config_checks_nonce_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let master = secret_file(d, "master.key", &support::master_key(), 0o600);
+    let cfg = secrets_config(d, &master, None, None);
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let with_store = |lines: &str| {
+        std::fs::write(
+            &cfg,
+            base.replace("[secrets]", &format!("{lines}\n[secrets]")),
+        )
+        .unwrap();
+        let out = run_keygate(&["check-config"], &cfg);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = with_store("nonce_durability = \"async\"");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = with_store("nonce_durability = \"replicated\"");
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("store.nonce_durability"), "{err}");
+    let (code, err) = with_store("replication_timeout = \"2s\"");
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("store.replication_timeout"), "{err}");
+    let (code, err) = with_store("nonce_durability = \"eventually\"");
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("store.nonce_durability"), "{err}");
+}

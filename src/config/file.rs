@@ -305,6 +305,20 @@ pub(crate) struct StoreFile {
     pub(crate) password_file: Option<String>,
     /// The sentinels' password (mode 0600).
     pub(crate) sentinel_password_file: Option<String>,
+    /// SPEC §9: `async` or `replicated` (a replica acknowledges each nonce).
+    #[serde(default = "default_nonce_durability")]
+    pub(crate) nonce_durability: String,
+    /// SPEC §9: how long `replicated` waits for a replica.
+    #[serde(default = "default_replication_timeout")]
+    pub(crate) replication_timeout: String,
+}
+
+fn default_nonce_durability() -> String {
+    "async".into()
+}
+
+fn default_replication_timeout() -> String {
+    "50ms".into()
 }
 
 fn default_nonce_fallback() -> String {
@@ -330,6 +344,8 @@ impl Default for StoreFile {
             sentinel_master: None,
             password_file: None,
             sentinel_password_file: None,
+            nonce_durability: default_nonce_durability(),
+            replication_timeout: default_replication_timeout(),
         }
     }
 }

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use crate::auth::client_ip::parse_net;
 
-use crate::keys::{AuthKind, AuthKinds, RedisTarget};
+use crate::keys::{AuthKind, AuthKinds, NonceDurability, RedisTarget};
 use file::{FileConfig, RouteFile, UpstreamFile, UrlOrList};
 
 /// The validated configuration.
@@ -23,6 +23,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
     pub nonce_fallback: NonceFallback,
+    /// `store.nonce_durability` (+ `store.replication_timeout`).
+    pub nonce_durability: NonceDurability,
     pub cache: CacheConfig,
     pub signing: SigningConfig,
     pub secrets: SecretsConfig,
@@ -788,6 +790,38 @@ fn validate(f: FileConfig, lookup: Lookup) -> (Config, Vec<ConfigError>) {
             NonceFallback::Refuse
         }
     };
+    let replication_timeout = p.duration("store.replication_timeout", &f.store.replication_timeout);
+    if replication_timeout.is_zero() || replication_timeout > crate::keys::MAX_REPLICATION_TIMEOUT {
+        p.add(
+            "store.replication_timeout",
+            format!(
+                "must be between 1ms and {:?} (below the store call timeout)",
+                crate::keys::MAX_REPLICATION_TIMEOUT
+            ),
+        );
+    }
+    let nonce_durability = match f.store.nonce_durability.as_str() {
+        "async" => NonceDurability::Async,
+        "replicated" => {
+            if !matches!(store, StoreConfig::Redis { .. }) {
+                p.add(
+                    "store.nonce_durability",
+                    "\"replicated\" needs store.kind = \"redis\": the embedded store has no \
+                     replica to wait for",
+                );
+            }
+            NonceDurability::Replicated {
+                timeout: replication_timeout,
+            }
+        }
+        other => {
+            p.add(
+                "store.nonce_durability",
+                format!("{other:?} is not \"async\" or \"replicated\""),
+            );
+            NonceDurability::Async
+        }
+    };
     let cache = CacheConfig {
         capacity: f.cache.capacity,
         ttl: p.duration("cache.ttl", &f.cache.ttl),
@@ -967,6 +1001,7 @@ fn validate(f: FileConfig, lookup: Lookup) -> (Config, Vec<ConfigError>) {
             metrics,
             store,
             nonce_fallback,
+            nonce_durability,
             cache,
             signing,
             secrets,

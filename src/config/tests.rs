@@ -444,3 +444,47 @@ fn a_config_without_routes_is_refused_unless_it_says_so() {
     assert!(Config::from_toml("[server]\nallow_no_routes = true\n").is_ok());
     assert!(Config::from_toml(MINIMAL).is_ok());
 }
+
+#[test]
+fn nonce_durability_is_async_by_default_and_replicated_needs_redis() {
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(c.nonce_durability, NonceDurability::Async);
+    let c = with_store("url = \"redis://h:1\"\nnonce_durability = \"replicated\"").unwrap();
+    assert_eq!(
+        c.nonce_durability,
+        NonceDurability::Replicated {
+            timeout: Duration::from_millis(50)
+        }
+    );
+    let c = with_store(
+        "url = \"redis://h:1\"\nnonce_durability = \"replicated\"\nreplication_timeout = \"200ms\"",
+    )
+    .unwrap();
+    assert_eq!(
+        c.nonce_durability,
+        NonceDurability::Replicated {
+            timeout: Duration::from_millis(200)
+        }
+    );
+    for (store, path) in [
+        ("url = \"redis://h:1\"\nnonce_durability = \"sync\"", "store.nonce_durability"),
+        (
+            "url = \"redis://h:1\"\nnonce_durability = \"replicated\"\nreplication_timeout = \"0s\"",
+            "store.replication_timeout",
+        ),
+        (
+            "url = \"redis://h:1\"\nreplication_timeout = \"2s\"",
+            "store.replication_timeout",
+        ),
+    ] {
+        let errors = with_store(store).expect_err(store).to_string();
+        assert!(errors.contains(path), "{store}: {errors}");
+    }
+    // The embedded store has no replica to wait for: refused, not silently ignored.
+    let errors = Config::from_toml(&format!(
+        "{MINIMAL}\n[store]\nnonce_durability = \"replicated\""
+    ))
+    .expect_err("embedded + replicated")
+    .to_string();
+    assert!(errors.contains("store.nonce_durability"), "{errors}");
+}

@@ -19,6 +19,7 @@ use http::HeaderValue;
 use crate::auth::client_ip::AllowList;
 use time::OffsetDateTime;
 
+pub use self::redis::{NonceDurability, MAX_REPLICATION_TIMEOUT};
 pub use self::redis::{RedisStore, RedisTarget, SentinelTarget};
 pub use audit::{Action, Actor, AuditEntry, AuditPage};
 pub use copy::{copy_audit, copy_key, copy_store, CopyReport, Walk};

@@ -32,10 +32,14 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, RedisFuture, Script, TlsCertificates, Value};
 
 use super::audit::{AuditEntry, AuditPage};
+
+mod breaker;
+mod durability;
 use super::model::KeyRecord;
 use super::store::{
     ChangeSink, KeyStore, Page, SigningKeyStore, StoreError, Usage, Versioned, Write,
 };
+pub use durability::{NonceDurability, MAX_REPLICATION_TIMEOUT};
 
 mod sentinel;
 pub use sentinel::SentinelTarget;
@@ -337,6 +341,10 @@ pub struct RedisStore {
     /// `PUBLISH` reaches every node of a cluster).
     feed: Vec<redis::Client>,
     conn: Conn,
+    /// Every call through [`Self::conn`] and the nonce pool passes it (breaker.rs).
+    breaker: Arc<breaker::Breaker>,
+    /// `store.nonce_durability = "replicated"`: nonces go through their own connections.
+    nonces: Option<durability::NoncePool>,
     write: Script,
     usage: Script,
     lookup: Script,
@@ -579,9 +587,16 @@ impl RedisStore {
                 return Err(e);
             }
         };
+        let breaker = Arc::new(breaker::Breaker::new(matches!(conn, Conn::Cluster(_))));
+        runtime.spawn(breaker::probe(Arc::clone(&breaker), {
+            let conn = conn.clone();
+            move || breaker::ping(conn.clone())
+        }));
         Ok(Self {
             feed,
             conn,
+            breaker,
+            nonces: None,
             write: Script::new(WRITE_SCRIPT),
             usage: Script::new(USAGE_SCRIPT),
             lookup: Script::new(LOOKUP_SCRIPT),
@@ -595,8 +610,12 @@ impl RedisStore {
         })
     }
 
-    fn conn(&self) -> Conn {
-        self.conn.clone()
+    /// The store's connection, behind its circuit breaker.
+    fn conn(&self) -> breaker::Guarded<Conn> {
+        breaker::Guarded {
+            inner: self.conn.clone(),
+            breaker: Arc::clone(&self.breaker),
+        }
     }
 
     /// One record with its usage counters, in one round trip: by id (`how = "id"`) or through
@@ -648,8 +667,11 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
     redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(RESPONSE_TIMEOUT)
         .set_connection_timeout(CONNECT_TIMEOUT)
-        // Reconnect attempts inside one call: few and short; the next call tries again.
-        .set_number_of_retries(1)
+        // One reconnect attempt per connection loss, no retry inside it: redis-rs waits its
+        // fixed first backoff (1 s, plus up to 1 s of jitter; `max_delay` does not bound it)
+        // before a retry, which held every call during an outage and delayed recovery. The
+        // next call, or the circuit breaker's probe every 250 ms, tries again instead.
+        .set_number_of_retries(0)
         .set_max_delay(200)
 }
 
@@ -1065,12 +1087,17 @@ impl KeyStore for RedisStore {
         nonce: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let key = format!("kg:n:{key_id}:{nonce}");
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        if let Some(pool) = &self.nonces {
+            return pool.use_nonce(&key, ttl_ms).await;
+        }
         let set: Option<String> = redis::cmd("SET")
-            .arg(format!("kg:n:{key_id}:{nonce}"))
+            .arg(key)
             .arg(1)
             .arg("NX")
             .arg("PX")
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(ttl_ms)
             .query_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
@@ -1088,6 +1115,10 @@ impl KeyStore for RedisStore {
     /// Every write is synchronous: nothing is pending.
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn report_circuit(&self, open: prometheus::IntGauge, fast_failed: prometheus::IntCounter) {
+        self.breaker.report_to(open, fast_failed);
     }
 
     fn watch(&self, sink: Arc<dyn ChangeSink>) {

@@ -146,6 +146,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Starts telling `sink` about changes made by other processes. A store only one process
     /// can open (embedded) has none to report.
     fn watch(&self, _sink: std::sync::Arc<dyn ChangeSink>) {}
+
+    /// Reports a circuit breaker's state (0/1) and the calls it failed at once, for a store
+    /// that has one (Redis). The metrics exist, at 0, for every store.
+    fn report_circuit(&self, _open: prometheus::IntGauge, _fast_failed: prometheus::IntCounter) {}
 }
 
 /// A small document stored whole, with the version it is at (1 for the first write).

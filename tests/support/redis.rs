@@ -720,3 +720,35 @@ fn resp_field(reply: &str, name: &str) -> Option<String> {
         .and_then(|i| lines.get(i + 1))
         .map(|v| (*v).to_owned())
 }
+
+// --- A primary with one replica (nonce durability, `store.nonce_durability`) ---
+
+/// A primary and one replica (`--replicaof`), the link up before `start` returns.
+pub struct RedisReplicated {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+}
+
+impl RedisReplicated {
+    pub fn start() -> Self {
+        let primary = RedisServer::start();
+        let of = primary.port.to_string();
+        let replica = RedisServer::start_with(&Mode::Plain, || {
+            vec!["--replicaof".into(), "127.0.0.1".into(), of.clone()]
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let linked = replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+                && primary
+                    .cli(&["INFO", "replication"])
+                    .contains("connected_slaves:1");
+            if linked {
+                return Self { primary, replica };
+            }
+            assert!(Instant::now() < deadline, "the replica did not link up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
