@@ -258,7 +258,8 @@ async fn start_fleet(echo: &Echo, cluster: &RedisCluster, store_more: &str) -> V
 /// The whole failover story on one cluster, as the issue counts it.
 async fn master_kill_under_load(store_more: &str, replicated: bool) {
     let scale = scale();
-    let cluster = RedisCluster::start_with_replicas(1000);
+    // "replicated" needs a replica left after the failover: two per master.
+    let cluster = RedisCluster::start_with_replicas(if replicated { 2 } else { 1 }, 1000);
     let echo = Echo::start().await;
     let gws = start_fleet(&echo, &cluster, store_more).await;
     let proxies: Arc<Vec<SocketAddr>> = Arc::new(gws.iter().map(|g| g.proxy).collect());
@@ -341,6 +342,7 @@ async fn master_kill_under_load(store_more: &str, replicated: bool) {
         *codes.entry(format!("{} {}", s.status, s.code)).or_default() += 1;
     }
     let span = shots.last().map_or(Duration::ZERO, |l| l.at - shots[0].at);
+    eprintln!("fleet: {store_more:?}");
     eprintln!(
         "fleet: {} signed requests on 4 gateways in {span:?}; master {dead} killed, replica promoted after {failover:?}; \
          non-200 answers after the kill: {} over {window:?} ({codes:?}); before the kill: {non_200_before}; \
@@ -394,6 +396,13 @@ async fn a_fleet_rides_out_a_cluster_master_kill() {
     master_kill_under_load("", false).await;
 }
 
+/// With `nonce_durability = "replicated"` no request accepted before the kill is accepted
+/// again after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_replicated_nonces_no_replay_survives_a_cluster_master_kill() {
+    master_kill_under_load("nonce_durability = \"replicated\"", true).await;
+}
+
 /// Requests admitted under a limit of `limit` per `window` over `elapsed`, against the GCRA
 /// bound `L + L·t/W`: the relative difference.
 fn off_bound(admitted: usize, limit: f64, window: f64, elapsed: f64) -> (f64, f64) {
@@ -404,7 +413,7 @@ fn off_bound(admitted: usize, limit: f64, window: f64, elapsed: f64) -> (f64, f6
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_hold_across_four_gateways_on_a_cluster() {
     let scale = scale();
-    let cluster = RedisCluster::start_with_replicas(1000);
+    let cluster = RedisCluster::start_with_replicas(1, 1000);
     let echo = Echo::start().await;
     let gws = start_fleet(&echo, &cluster, "").await;
     let proxies: Arc<Vec<SocketAddr>> = Arc::new(gws.iter().map(|g| g.proxy).collect());

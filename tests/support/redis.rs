@@ -282,16 +282,17 @@ impl RedisCluster {
         Self::start_nodes(3, 2000)
     }
 
-    /// Three masters and a replica of each (`nodes[3 + i]` replicates `nodes[i]`), with
-    /// `node_timeout_ms` as `cluster-node-timeout`: a killed master's replica takes over about
-    /// that long after the kill.
-    pub fn start_with_replicas(node_timeout_ms: u32) -> Self {
-        let cluster = Self::start_nodes(6, node_timeout_ms);
+    /// Three masters and `replicas` replicas of each (`nodes[3 * r + i]`, r ≥ 1, replicates
+    /// `nodes[i]`), with `node_timeout_ms` as `cluster-node-timeout`: a killed master's replica
+    /// takes over about that long after the kill.
+    pub fn start_with_replicas(replicas: usize, node_timeout_ms: u32) -> Self {
+        let cluster = Self::start_nodes(3 * (1 + replicas), node_timeout_ms);
         let ids: Vec<String> = cluster.nodes[..3]
             .iter()
             .map(|n| resp_text(&n.cli(&["CLUSTER", "MYID"])))
             .collect();
-        for (replica, id) in cluster.nodes[3..].iter().zip(&ids) {
+        for (j, replica) in cluster.nodes.iter().enumerate().skip(3) {
+            let id = &ids[j % 3];
             // A node learns the others over the bus: REPLICATE fails until it knows the master.
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -303,11 +304,14 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        let linked = format!("connected_slaves:{replicas}");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let synced = cluster.nodes[..3].iter().all(|m| {
                 let info = m.cli(&["INFO", "replication"]);
-                info.contains("connected_slaves:1") && info.contains("state=online")
+                info.contains(&linked)
+                    && !info.contains("state=wait_bgsave")
+                    && !info.contains("state=send_bulk")
             });
             let ok = cluster
                 .nodes
@@ -329,13 +333,16 @@ impl RedisCluster {
         node.cli(&["ROLE"]).contains("master")
     }
 
-    /// After master `dead` was killed: waits until its replica is a master and every other
-    /// node says `cluster_state:ok`; returns how long that took.
+    /// After master `dead` was killed: waits until one of its replicas is a master and every
+    /// other node says `cluster_state:ok`; returns how long that took.
     pub fn wait_failover(&self, dead: usize, within: Duration) -> Duration {
-        let replica = dead + 3;
         let started = Instant::now();
         loop {
-            let promoted = Self::is_master(&self.nodes[replica]);
+            let promoted = self
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(j, n)| j >= 3 && j % 3 == dead && Self::is_master(n));
             let ok = self
                 .nodes
                 .iter()
@@ -347,7 +354,7 @@ impl RedisCluster {
             }
             assert!(
                 started.elapsed() < within,
-                "node {replica} was not promoted within {within:?}"
+                "no replica of node {dead} was promoted within {within:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
