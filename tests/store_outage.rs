@@ -72,6 +72,25 @@ async fn until_store_answers(gw: &Gateway, key: &Key, within: Duration) -> (Dura
 /// stopped answering wait out the call timeout (about 1 s, what every call cost before the
 /// breaker), but once the circuit is open each signed request is answered 503 at once; cached
 /// keys keep working; when Redis is back, 200s return within about a second, no restart.
+/// Prints the slowest answer of a burst before and after the circuit opened; the latter must
+/// come at once.
+fn circuit_figures(
+    what: &str,
+    first: &[(u16, String, Duration)],
+    open: &[(u16, String, Duration)],
+) {
+    println!(
+        "{what} Redis: {N} concurrent signed requests, slowest {:?} before the circuit opened, \
+         {:?} after",
+        slowest(first),
+        slowest(open)
+    );
+    assert!(
+        slowest(open) < Duration::from_millis(100),
+        "circuit open: {open:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_redis_is_known_down_signed_requests_fail_at_once_and_recover_without_a_restart() {
     let mut redis = RedisServer::start();
@@ -96,16 +115,7 @@ async fn once_redis_is_known_down_signed_requests_fail_at_once_and_recover_witho
     assert_eq!(gw.metric("keygate_store_circuit_open").await, 1.0);
     let open = burst(&gw, &key).await;
     all_unavailable(&open, "frozen, circuit open");
-    println!(
-        "frozen Redis: {N} concurrent signed requests, slowest {:?} before the circuit opened, \
-         {:?} after",
-        slowest(&first),
-        slowest(&open)
-    );
-    assert!(
-        slowest(&open) < Duration::from_millis(100),
-        "circuit open: {open:?}"
-    );
+    circuit_figures("frozen", &first, &open);
     assert!(gw.metric("keygate_store_fast_failures_total").await >= N as f64);
     assert_eq!(
         gw.send("POST", "/v1/payments", &bearer_h, b"{}")
@@ -126,16 +136,7 @@ async fn once_redis_is_known_down_signed_requests_fail_at_once_and_recover_witho
     all_unavailable(&first, "killed, circuit still closed");
     let open = burst(&gw, &key).await;
     all_unavailable(&open, "killed, circuit open");
-    println!(
-        "killed Redis: {N} concurrent signed requests, slowest {:?} before the circuit opened, \
-         {:?} after",
-        slowest(&first),
-        slowest(&open)
-    );
-    assert!(
-        slowest(&open) < Duration::from_millis(100),
-        "circuit open: {open:?}"
-    );
+    circuit_figures("killed", &first, &open);
     assert_eq!(gw.metric("keygate_store_circuit_open").await, 1.0);
     redis.restart();
     // Back empty (no persistence here): once the change feed is back too, the cached key is

@@ -541,37 +541,7 @@ impl RedisStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis runtime: {e}")))?;
-        let connecting = async {
-            match target {
-                RedisTarget::Single(_) => {
-                    let client = feed[0].clone();
-                    ConnectionManager::new_with_config(client, manager_config())
-                        .await
-                        .map(Conn::Single)
-                        .map_err(|e| unavailable(&e))
-                }
-                RedisTarget::Cluster(seeds) => {
-                    let mut builder = ClusterClient::builder(seeds.clone())
-                        .connection_timeout(CONNECT_TIMEOUT)
-                        .response_timeout(RESPONSE_TIMEOUT)
-                        // Redirections during a failover need a few tries; each is bounded.
-                        .retries(3)
-                        .max_retry_wait(200);
-                    if ca_pem.is_some() {
-                        builder = builder.certs(certs());
-                    }
-                    let client = builder.build().map_err(|e| unavailable(&e))?;
-                    client
-                        .get_async_connection()
-                        .await
-                        .map(Conn::Cluster)
-                        .map_err(|e| unavailable(&e))
-                }
-                RedisTarget::Sentinel(s) => {
-                    sentinel::SentinelConn::connect(s).await.map(Conn::Sentinel)
-                }
-            }
-        };
+        let connecting = connect_conn(target, &feed, ca_pem);
         let connected = std::thread::scope(|s| {
             // block_on must not run on a thread that is already inside a runtime.
             s.spawn(|| runtime.block_on(connecting))
@@ -673,6 +643,49 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
         // next call, or the circuit breaker's probe every 250 ms, tries again instead.
         .set_number_of_retries(0)
         .set_max_delay(200)
+}
+
+/// One connection to `target`, bounded like every store call: the store's own, and each of
+/// the nonce pool's (`durability.rs`). `feed` holds the single server's client.
+async fn connect_conn(
+    target: &RedisTarget,
+    feed: &[redis::Client],
+    ca_pem: Option<&[u8]>,
+) -> Result<Conn, StoreError> {
+    match target {
+        RedisTarget::Single(url) => {
+            let client = feed
+                .first()
+                .ok_or_else(|| StoreError::Unavailable(format!("{}: no client", redact(url))))?;
+            ConnectionManager::new_with_config(client.clone(), manager_config())
+                .await
+                .map(Conn::Single)
+                .map_err(|e| unavailable(&e))
+        }
+        RedisTarget::Cluster(seeds) => {
+            let mut builder = ClusterClient::builder(seeds.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                // Redirections during a failover need a few tries; each is bounded.
+                .retries(3)
+                .max_retry_wait(200);
+            if let Some(ca) = ca_pem {
+                builder = builder.certs(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.to_vec()),
+                });
+            }
+            builder
+                .build()
+                .map_err(|e| unavailable(&e))?
+                .get_async_connection()
+                .await
+                .map(Conn::Cluster)
+                .map_err(|e| unavailable(&e))
+        }
+        // Each connection follows the sentinels' primary on its own.
+        RedisTarget::Sentinel(s) => sentinel::SentinelConn::connect(s).await.map(Conn::Sentinel),
+    }
 }
 
 fn hashes_arg(record: &KeyRecord) -> String {

@@ -14,15 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::cluster::ClusterClient;
-use redis::TlsCertificates;
-
 use super::breaker::Guarded;
-use super::{
-    manager_config, redact, unavailable, Conn, RedisStore, RedisTarget, CONNECT_TIMEOUT,
-    RESPONSE_TIMEOUT,
-};
+use super::{unavailable, Conn, RedisStore, RedisTarget};
 use crate::keys::StoreError;
 
 /// What a nonce check waits for before the request goes upstream (`store.nonce_durability`).
@@ -108,7 +101,7 @@ impl RedisStore {
         let connecting = async {
             let mut conns = Vec::with_capacity(POOL_SIZE);
             for _ in 0..POOL_SIZE {
-                let inner = connect_one(target, &feed, ca_pem).await?;
+                let inner = super::connect_conn(target, &feed, ca_pem).await?;
                 conns.push(Guarded {
                     inner,
                     breaker: Arc::clone(&breaker),
@@ -128,48 +121,5 @@ impl RedisStore {
             timeout,
         });
         Ok(self)
-    }
-}
-
-/// One more connection like the store's own (same timeouts, retries and certificates).
-async fn connect_one(
-    target: &RedisTarget,
-    feed: &[redis::Client],
-    ca_pem: Option<&[u8]>,
-) -> Result<Conn, StoreError> {
-    match target {
-        RedisTarget::Single(url) => {
-            let client = feed
-                .first()
-                .ok_or_else(|| StoreError::Unavailable(format!("{}: no client", redact(url))))?;
-            ConnectionManager::new_with_config(client.clone(), manager_config())
-                .await
-                .map(Conn::Single)
-                .map_err(|e| unavailable(&e))
-        }
-        RedisTarget::Cluster(seeds) => {
-            let mut builder = ClusterClient::builder(seeds.clone())
-                .connection_timeout(CONNECT_TIMEOUT)
-                .response_timeout(RESPONSE_TIMEOUT)
-                .retries(3)
-                .max_retry_wait(200);
-            if let Some(ca) = ca_pem {
-                builder = builder.certs(TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.to_vec()),
-                });
-            }
-            builder
-                .build()
-                .map_err(|e| unavailable(&e))?
-                .get_async_connection()
-                .await
-                .map(Conn::Cluster)
-                .map_err(|e| unavailable(&e))
-        }
-        // Each pooled connection follows the sentinels' primary like the store's own does.
-        RedisTarget::Sentinel(s) => super::sentinel::SentinelConn::connect(s)
-            .await
-            .map(Conn::Sentinel),
     }
 }
