@@ -212,14 +212,7 @@ async fn flood_h1(gw: &Gateway, key: &Key, ip: &str, n: usize) -> (usize, usize)
 /// `n` wrong-secret requests from `ip` at once, as streams of ONE h2c connection.
 async fn flood_h2(gw: &Gateway, key: &Key, ip: &str, n: usize) -> (usize, usize) {
     use http_body_util::{BodyExt, Full};
-    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let sender = support::h2c_connect(gw.proxy).await;
     let sends = (0..n).map(|_| {
         let mut sender = sender.clone();
         let mut req = http::Request::post(format!("http://{}/v1/payments", gw.proxy))

@@ -289,14 +289,7 @@ async fn h2c_sender(
 ) -> hyper::client::conn::http2::SendRequest<
     http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
 > {
-    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let sender = support::h2c_connect(gw.proxy).await;
     sender
 }
 

@@ -404,14 +404,7 @@ async fn drive_error_paths(rust_log: &'static str) -> String {
     assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
 
     // HTTP/2 bodies that do not match their content-length.
-    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let sender = support::h2c_connect(gw.proxy).await;
     for (declared, body) in [("5", &b"0123456789"[..]), ("50", &b"0123456789"[..])] {
         let mut req = http::Request::post(format!("http://{}{public}", gw.proxy))
             .header("content-length", declared)

@@ -241,26 +241,7 @@ impl RedisServer {
     /// Runs a command through a raw RESP exchange (no redis-cli needed) and returns the reply.
     /// Plaintext servers only.
     pub fn cli(&self, args: &[&str]) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.write_all(req.as_bytes()).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut out = Vec::new();
-        // Read until the peer pauses: enough for the small replies tests inspect.
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        resp_exchange(self.port, None, args)
     }
 }
 
