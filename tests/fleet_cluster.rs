@@ -20,6 +20,10 @@ use support::{now, v1_headers, Echo, Gateway, Key, Options};
 
 const TARGET: &str = "/v1/payments";
 
+/// The fleet tests run one at a time: each starts up to nine Redis nodes and four gateways,
+/// and their figures mean little while another one shares the machine.
+static ONE_FLEET_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How much the test does: CI's smoke or the long run.
 struct Scale {
     revocations: usize,
@@ -28,6 +32,9 @@ struct Scale {
     /// saturated, so revocation times measure propagation rather than queueing.
     task_rate: u32,
     limit_secs: u64,
+    /// Per second: well below what the load offers, so it is saturated throughout.
+    key_limit: u32,
+    owner_limit: u32,
 }
 
 fn scale() -> Scale {
@@ -37,6 +44,8 @@ fn scale() -> Scale {
             load_tasks: 8,
             task_rate: 250,
             limit_secs: 20,
+            key_limit: 50,
+            owner_limit: 60,
         }
     } else {
         // CI runs debug binaries on 2 cores: a lighter load.
@@ -45,6 +54,8 @@ fn scale() -> Scale {
             load_tasks: 4,
             task_rate: 50,
             limit_secs: 5,
+            key_limit: 20,
+            owner_limit: 25,
         }
     }
 }
@@ -238,9 +249,10 @@ fn fleet_options(echo: &Echo, cluster: &RedisCluster, store_more: &str) -> Optio
         "[store]\nkind = \"redis\"\nurl = \"{}\"\n{store_more}",
         cluster.url()
     ));
-    opts.routes.push_str(
-        "\n[[owners]]\nname = \"fleet-owner\"\nrate_limits = [{ name = \"owner\", limit = 60, window = \"1s\" }]\n",
-    );
+    opts.routes.push_str(&format!(
+        "\n[[owners]]\nname = \"fleet-owner\"\nrate_limits = [{{ name = \"owner\", limit = {}, window = \"1s\" }}]\n",
+        scale().owner_limit
+    ));
     opts
 }
 
@@ -257,6 +269,7 @@ async fn start_fleet(echo: &Echo, cluster: &RedisCluster, store_more: &str) -> V
 
 /// The whole failover story on one cluster, as the issue counts it.
 async fn master_kill_under_load(store_more: &str, replicated: bool) {
+    let _alone = ONE_FLEET_AT_A_TIME.lock().await;
     let scale = scale();
     // "replicated" needs a replica left after the failover: two per master.
     let cluster = RedisCluster::start_with_replicas(if replicated { 2 } else { 1 }, 1000);
@@ -412,6 +425,7 @@ fn off_bound(admitted: usize, limit: f64, window: f64, elapsed: f64) -> (f64, f6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_hold_across_four_gateways_on_a_cluster() {
+    let _alone = ONE_FLEET_AT_A_TIME.lock().await;
     let scale = scale();
     let cluster = RedisCluster::start_with_replicas(1, 1000);
     let echo = Echo::start().await;
@@ -420,7 +434,7 @@ async fn limits_hold_across_four_gateways_on_a_cluster() {
     let limited = gws[0]
         .mint(json!({
             "name": "limited",
-            "rate_limits": [{"name": "key", "limit": 50, "window": "1s"}],
+            "rate_limits": [{"name": "key", "limit": scale.key_limit, "window": "1s"}],
         }))
         .await;
     let owned: Vec<Key> = futures_util::future::join_all(
@@ -455,8 +469,13 @@ async fn limits_hold_across_four_gateways_on_a_cluster() {
     let mut failures = Vec::new();
     let seen = echo.seen();
     for (name, shots, limit, owner) in [
-        ("key", &key_shots, 50.0, "acme"),
-        ("owner", &owner_shots, 60.0, "fleet-owner"),
+        ("key", &key_shots, f64::from(scale.key_limit), "acme"),
+        (
+            "owner",
+            &owner_shots,
+            f64::from(scale.owner_limit),
+            "fleet-owner",
+        ),
     ] {
         let shots = shots.lock().unwrap();
         let admitted = shots.iter().filter(|s| s.status == 200).count();
