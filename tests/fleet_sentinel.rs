@@ -312,8 +312,9 @@ fn promotion_and_switches(
 type Shot = (Instant, usize, u16, Vec<(String, String)>);
 
 /// `SENTINEL FAILOVER` under signed load while an admin revokes a fresh key every 200 ms for
-/// about 13 s (past the old primary's demotion, about 8 s in): every revocation answered 200 holds after the failover (record and both
-/// gateways), and with `replicated` no request accepted during the failover is accepted again.
+/// about 13 s (past the old primary's demotion, about 8 s in): every revocation answered 200
+/// holds after the failover (record and both gateways), and with `replicated` no request
+/// accepted during the failover is accepted again.
 async fn planned_failover_keeps_acknowledged_writes(more: &str, replicated: bool, guard: bool) {
     let test_started = Instant::now();
     let set = SentinelSet::start();
