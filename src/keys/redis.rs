@@ -591,9 +591,19 @@ impl RedisStore {
     /// The connection for an admin write: with `nonce_durability = "replicated"` one of the
     /// nonce pool's, which a `WAIT` after the write may hold (durability.rs).
     fn admin_conn(&self) -> breaker::Guarded<Conn> {
-        match &self.nonces {
+        match self.admin_durability() {
             Some(pool) => pool.next_conn(),
             None => self.conn(),
+        }
+    }
+
+    /// The pool whose `WAIT` makes an admin write durable. Not on a cluster yet: a bare `WAIT`
+    /// there goes to every master, and any master without a replica would refuse every admin
+    /// write; it needs routing to the `{kg}` slot's master.
+    fn admin_durability(&self) -> Option<&durability::NoncePool> {
+        match self.conn {
+            Conn::Cluster(_) => None,
+            _ => self.nonces.as_ref(),
         }
     }
 
@@ -860,7 +870,7 @@ impl SigningKeyStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        if let Some(pool) = &self.nonces {
+        if let Some(pool) = self.admin_durability() {
             pool.acknowledged(&mut conn, "signing keys").await?;
         }
         match outcome.as_str() {
@@ -929,7 +939,7 @@ impl KeyStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        if let Some(pool) = &self.nonces {
+        if let Some(pool) = self.admin_durability() {
             pool.acknowledged(&mut conn, "key record").await?;
         }
         match outcome.as_str() {

@@ -11,7 +11,7 @@
 //! bare `WAIT` — routed to every master, minimum taken — would not be the nonce's master).
 //!
 //! Admin writes (the key-record script, the signing-keys save) go through the same pool when
-//! "replicated" is set, followed by `WAIT` on the connection that wrote: `WAIT` counts only
+//! "replicated" is set (single server and Sentinel; not yet on a cluster), followed by `WAIT` on the connection that wrote: `WAIT` counts only
 //! the writes its own connection sent, and on the store's main connection it would hold every
 //! key lookup behind it for up to `replication_timeout`. No acknowledgement in time:
 //! `store_unavailable` (the write may have landed; the admin API's writes are safe to retry).
@@ -58,8 +58,7 @@ impl NoncePool {
     }
 
     /// `WAIT 1 <timeout>` on `conn`, after `what` was written on it: a replica holds it, or
-    /// `store_unavailable`. On a cluster a bare `WAIT` goes to every master (minimum taken),
-    /// the one that took the write among them.
+    /// `store_unavailable`. Single server and Sentinel only (`RedisStore::admin_durability`).
     pub(super) async fn acknowledged(
         &self,
         conn: &mut Guarded<Conn>,
