@@ -588,6 +588,25 @@ impl RedisStore {
         }
     }
 
+    /// The connection for an admin write: with `nonce_durability = "replicated"` one of the
+    /// nonce pool's, which a `WAIT` after the write may hold (durability.rs).
+    fn admin_conn(&self) -> breaker::Guarded<Conn> {
+        match self.admin_durability() {
+            Some(pool) => pool.next_conn(),
+            None => self.conn(),
+        }
+    }
+
+    /// The pool whose `WAIT` makes an admin write durable. Not on a cluster yet: a bare `WAIT`
+    /// there goes to every master, and any master without a replica would refuse every admin
+    /// write; it needs routing to the `{kg}` slot's master.
+    fn admin_durability(&self) -> Option<&durability::NoncePool> {
+        match self.conn {
+            Conn::Cluster(_) => None,
+            _ => self.nonces.as_ref(),
+        }
+    }
+
     /// One record with its usage counters, in one round trip: by id (`how = "id"`) or through
     /// an index key below `{kg}:` (`how = "index"`, e.g. `pk:<public key>`).
     async fn lookup(&self, how: &str, what: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -842,14 +861,18 @@ impl SigningKeyStore for RedisStore {
     }
 
     async fn save_signing_keys(&self, doc: &Versioned) -> Result<(), StoreError> {
+        let mut conn = self.admin_conn();
         let outcome: String = self
             .signing_keys
             .key(SIGNING_KEYS)
             .arg(doc.version)
             .arg(doc.body.as_slice())
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
+        if let Some(pool) = self.admin_durability() {
+            pool.acknowledged(&mut conn, "signing keys").await?;
+        }
         match outcome.as_str() {
             "ok" => Ok(()),
             "version_conflict" => Err(StoreError::VersionConflict),
@@ -911,10 +934,14 @@ impl KeyStore for RedisStore {
                 inv.arg(0).arg("0");
             }
         }
+        let mut conn = self.admin_conn();
         let outcome: String = inv
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
+        if let Some(pool) = self.admin_durability() {
+            pool.acknowledged(&mut conn, "key record").await?;
+        }
         match outcome.as_str() {
             "ok" => Ok(true),
             "absent" => Ok(false),

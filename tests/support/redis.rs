@@ -662,7 +662,7 @@ fn start_sentinel(
 }
 
 /// A raw RESP exchange: `AUTH password` first when given, then `args`; the replies as text.
-fn resp_exchange(port: u16, password: Option<&str>, args: &[&str]) -> String {
+pub fn resp_exchange(port: u16, password: Option<&str>, args: &[&str]) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();

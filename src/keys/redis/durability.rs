@@ -9,6 +9,12 @@
 //! connections, [`POOL_SIZE`] of them, taken in turn. On a cluster the pipeline goes where its
 //! first command's key lives (redis-rs routes a pipeline by its first keyed command, and a
 //! bare `WAIT` — routed to every master, minimum taken — would not be the nonce's master).
+//!
+//! Admin writes (the key-record script, the signing-keys save) go through the same pool when
+//! "replicated" is set (single server and Sentinel; not yet on a cluster), followed by `WAIT` on the connection that wrote: `WAIT` counts only
+//! the writes its own connection sent, and on the store's main connection it would hold every
+//! key lookup behind it for up to `replication_timeout`. No acknowledgement in time:
+//! `store_unavailable` (the write may have landed; the admin API's writes are safe to retry).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,6 +51,38 @@ pub(super) struct NoncePool {
 }
 
 impl NoncePool {
+    /// The next pool connection, for a write that [`Self::acknowledged`] then waits on.
+    pub(super) fn next_conn(&self) -> Guarded<Conn> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+
+    /// `WAIT 1 <timeout>` on `conn`, after `what` was written on it: a replica holds it, or
+    /// `store_unavailable`. Single server and Sentinel only (`RedisStore::admin_durability`).
+    pub(super) async fn acknowledged(
+        &self,
+        conn: &mut Guarded<Conn>,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        let timeout_ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let acknowledged: u64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(timeout_ms)
+            .query_async(conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if acknowledged < 1 {
+            return Err(StoreError::Unavailable(format!(
+                "no replica acknowledged the {what} within {:?} \
+                 (store.nonce_durability = \"replicated\"); it may have been written",
+                self.timeout
+            )));
+        }
+        Ok(())
+    }
+
     /// Records `key` (`SET NX PX ttl_ms`) and waits for one replica. `Ok(false)`: already used.
     pub(super) async fn use_nonce(&self, key: &str, ttl_ms: u64) -> Result<bool, StoreError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();

@@ -2,9 +2,17 @@
 //!
 //! keygate asks the sentinels (`SENTINEL GET-MASTER-ADDR-BY-NAME`) for the primary, connects to
 //! it and checks with `ROLE` that it is a master before sending it anything. One background
-//! task re-resolves when woken — by a `+switch-master` notification of any sentinel, by a call
-//! that failed on the connection or got `READONLY` (a demoted primary), and every few seconds
-//! as a safety net — and swaps the connection every call uses. A call never retries on another
+//! task re-resolves when woken — by a `+promoted-slave` or `+switch-master` notification of any
+//! sentinel, by a call that failed on the connection or got `READONLY` (a demoted primary) or
+//! `NOREPLICAS` (a primary whose replica left it: `min-replicas-to-write`), and every few
+//! seconds as a safety net — and swaps the connection every call uses.
+//!
+//! Sentinel publishes `+switch-master` (and names the new primary in
+//! `GET-MASTER-ADDR-BY-NAME`) only at the end of a failover, seconds after it promoted the
+//! replica; writes the old primary takes in between are lost when it is reset from the new one.
+//! So a `+promoted-slave` for this master switches at once to the promoted node (once its
+//! `ROLE` says master), and a primary reached that way is kept while it answers as a master
+//! even though the sentinels do not name it yet. A call never retries on another
 //! node itself: a write sent before a connection broke may have been applied, and repeating a
 //! nonce `SET NX` would refuse a valid request as a replay. It fails with `store_unavailable`;
 //! the calls after the switch go to the new primary.
@@ -146,6 +154,8 @@ struct Primary {
     /// For the change feed's subscriptions.
     client: redis::Client,
     conn: MultiplexedConnection,
+    /// Reached through `+promoted-slave`, before the sentinels name it.
+    promoted: bool,
 }
 
 struct Shared {
@@ -157,6 +167,8 @@ struct Shared {
     /// A sentinel announced a switch: also cuts short the resolver's backoff (failed calls,
     /// which come by the thousand during an outage, do not).
     announced: Notify,
+    /// The node a `+promoted-slave` for this master named, tried first by the next resolution.
+    promoted: std::sync::Mutex<Option<(String, u16)>>,
     /// Counts switches to another primary; the change feed resubscribes when it moves.
     switches: watch::Sender<u64>,
 }
@@ -186,6 +198,7 @@ impl SentinelConn {
             primary: ArcSwap::from_pointee(primary),
             wake: Notify::new(),
             announced: Notify::new(),
+            promoted: std::sync::Mutex::new(None),
             switches,
         }));
         tokio::spawn(conn.clone().resolver());
@@ -194,10 +207,15 @@ impl SentinelConn {
     }
 
     /// Whether `outcome` says the primary may have moved: the connection failed, or the node
-    /// answered `READONLY` (it is a replica now). Wakes the resolver if so.
+    /// answered `READONLY` (it is a replica now) or `NOREPLICAS` (its replica left it, as when
+    /// a failover promoted that replica). Wakes the resolver if so.
     fn check<T>(&self, outcome: &redis::RedisResult<T>, value: impl Fn(&T) -> bool) {
         let moved = match outcome {
-            Err(e) => e.kind() == redis::ErrorKind::ReadOnly || !is_reply_error(e),
+            Err(e) => {
+                e.kind() == redis::ErrorKind::ReadOnly
+                    || e.code() == Some("NOREPLICAS")
+                    || !is_reply_error(e)
+            }
             Ok(v) => value(v),
         };
         if moved {
@@ -236,14 +254,37 @@ impl SentinelConn {
         }
     }
 
-    /// Keeps the current primary when the sentinels still name it and it answers `ROLE` as a
+    /// Switches to the node a `+promoted-slave` named if it answers `ROLE` as a master. Else
+    /// keeps the current primary when the sentinels still name it (or it was reached through a
+    /// promotion the sentinels have not finished announcing) and it answers `ROLE` as a
     /// master; otherwise resolves and switches.
     async fn refresh(&self) -> Result<(), String> {
         let current = self.0.primary.load_full();
+        let hint = self
+            .0
+            .promoted
+            .lock()
+            .map(|mut h| h.take())
+            .unwrap_or_default();
+        if let Some((host, port)) = hint {
+            if host != current.host || port != current.port {
+                match connect_first_master(&[(host.clone(), port)], &self.0.passwords).await {
+                    Ok(mut next) => {
+                        next.promoted = true;
+                        self.switch(&current, next);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(promoted = %format!("{host}:{port}"), error = %e, "Redis Sentinel: the promoted replica is not a master yet; asking the sentinels");
+                    }
+                }
+            }
+        }
         let named = ask_sentinels(&self.0.target, &self.0.passwords).await?;
-        if named
-            .iter()
-            .any(|(h, p)| *h == current.host && *p == current.port)
+        if current.promoted
+            || named
+                .iter()
+                .any(|(h, p)| *h == current.host && *p == current.port)
         {
             let mut conn = current.conn.clone();
             if is_master(&mut conn).await.unwrap_or(false) {
@@ -255,19 +296,24 @@ impl SentinelConn {
             // The sentinel asked may lag a failover the others have seen.
             Err(_) => resolve(&self.0.target, &self.0.passwords).await?,
         };
+        self.switch(&current, next);
+        Ok(())
+    }
+
+    fn switch(&self, current: &Primary, next: Primary) {
         let (from, to) = (
             format!("{}:{}", current.host, current.port),
             format!("{}:{}", next.host, next.port),
         );
+        let promoted = next.promoted;
         self.0.primary.store(Arc::new(next));
         self.0.switches.send_modify(|n| *n += 1);
-        tracing::warn!(master = %self.0.target.master, %from, %to, "Redis Sentinel: switched to the new primary");
-        Ok(())
+        tracing::warn!(master = %self.0.target.master, %from, %to, promoted, "Redis Sentinel: switched to the new primary");
     }
 
-    /// Subscribes to `+switch-master` on one sentinel at a time, for as long as the store
-    /// lives, and wakes the resolver on each notification for this master — and on each
-    /// (re)subscription, for any it missed while unsubscribed.
+    /// Subscribes to `+promoted-slave` and `+switch-master` on one sentinel at a time, for as
+    /// long as the store lives, and wakes the resolver on each notification for this master —
+    /// and on each (re)subscription, for any it missed while unsubscribed.
     async fn follow_switches(self) {
         use futures_util::StreamExt;
         let mut backoff = Duration::from_millis(100);
@@ -279,9 +325,12 @@ impl SentinelConn {
                 let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
                     .await
                     .map_err(|_| timed_out())??;
-                tokio::time::timeout(RESPONSE_TIMEOUT, pubsub.subscribe("+switch-master"))
-                    .await
-                    .map_err(|_| timed_out())??;
+                tokio::time::timeout(
+                    RESPONSE_TIMEOUT,
+                    pubsub.subscribe(&["+switch-master", "+promoted-slave"]),
+                )
+                .await
+                .map_err(|_| timed_out())??;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             match subscribed.await {
@@ -291,11 +340,25 @@ impl SentinelConn {
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let payload: String = msg.get_payload().unwrap_or_default();
-                        // "<master name> <old ip> <old port> <new ip> <new port>"
-                        if payload.split_whitespace().next() == Some(&self.0.target.master) {
-                            tracing::info!(%payload, "Redis Sentinel: +switch-master");
-                            self.0.announced.notify_one();
+                        let channel = msg.get_channel_name();
+                        let promoted = if channel == "+promoted-slave" {
+                            match promoted_replica(&payload, &self.0.target.master) {
+                                Some(addr) => Some(addr),
+                                None => continue,
+                            }
+                        } else if payload.split_whitespace().next() == Some(&self.0.target.master) {
+                            // "<master name> <old ip> <old port> <new ip> <new port>"
+                            None
+                        } else {
+                            continue;
+                        };
+                        tracing::info!(%payload, %channel, "Redis Sentinel: failover notification");
+                        if let Some(addr) = promoted {
+                            if let Ok(mut hint) = self.0.promoted.lock() {
+                                *hint = Some(addr);
+                            }
                         }
+                        self.0.announced.notify_one();
                     }
                     tracing::warn!(sentinel = %format!("{host}:{port}"), "lost the sentinel's notifications; trying the next sentinel");
                 }
@@ -390,8 +453,21 @@ fn is_reply_error(e: &redis::RedisError) -> bool {
     !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
 }
 
+/// The address in a `+promoted-slave` payload for `master`:
+/// `slave <name> <ip> <port> @ <master> <master ip> <master port>`.
+fn promoted_replica(payload: &str, master: &str) -> Option<(String, u16)> {
+    let fields: Vec<&str> = payload.split_whitespace().collect();
+    match fields.as_slice() {
+        ["slave", _, ip, port, "@", name, ..] if *name == master => {
+            Some(((*ip).to_owned(), port.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// A reply that says the node is no (writable) primary any more.
 fn is_readonly(v: &Value) -> bool {
-    matches!(v, Value::ServerError(e) if e.code() == "READONLY")
+    matches!(v, Value::ServerError(e) if e.code() == "READONLY" || e.code() == "NOREPLICAS")
 }
 
 impl ConnectionLike for SentinelConn {
@@ -520,6 +596,7 @@ async fn connect_first_master(
                     port: *port,
                     client,
                     conn,
+                    promoted: false,
                 })
             }
             Ok((_, _, false)) => {
@@ -561,5 +638,23 @@ mod tests {
             );
         }
         assert!(SentinelTarget::parse_addresses(&[]).is_err());
+    }
+
+    #[test]
+    fn a_promotion_is_read_for_its_own_master_only() {
+        let payload = "slave 127.0.0.1:6380 127.0.0.1 6380 @ kg 127.0.0.1 6379";
+        assert_eq!(
+            promoted_replica(payload, "kg"),
+            Some(("127.0.0.1".into(), 6380))
+        );
+        assert_eq!(promoted_replica(payload, "other"), None);
+        assert_eq!(
+            promoted_replica("sentinel x 127.0.0.1 26379 @ kg 127.0.0.1 6379", "kg"),
+            None
+        );
+        assert_eq!(
+            promoted_replica("slave x 127.0.0.1 notaport @ kg h 1", "kg"),
+            None
+        );
     }
 }
